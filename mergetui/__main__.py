@@ -1,0 +1,5 @@
+"""Allow ``python -m mergetui``."""
+
+from mergetui.cli import main
+
+main()

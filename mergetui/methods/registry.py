@@ -1,0 +1,290 @@
+"""The one place where merge methods are declared.
+
+Each :class:`MethodSpec` lists the method's parameters (type, range, default, scope, one-line help), what
+it needs as inputs, and where its tensor kernel lives. The recipe validator, the CLI help, the model card
+and the TUI forms are all generated from this table, so adding a method means adding a kernel module and
+one entry here — nothing in the validator or the executor changes.
+
+This module must stay importable without torch: the CLI and the TUI read it at start-up. Kernels are
+referenced by ``"module:function"`` and imported only when a merge runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+Scope = Literal["global", "model"]
+
+
+class _Required:
+    """Sentinel default for parameters the user must give."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One parameter of a merge method.
+
+    ``scope="global"`` parameters live in ``[merge.parameters]``; ``scope="model"`` ones live beside each
+    ``[[models]]`` entry, and a value in ``[merge.parameters]`` is the default for every model.
+    """
+
+    name: str
+    kind: type
+    help: str
+    scope: Scope = "global"
+    default: Any = REQUIRED
+    minimum: float | None = None
+    maximum: float | None = None
+    min_inclusive: bool = True
+    max_inclusive: bool = True
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def range_text(self) -> str:
+        """The accepted range in interval notation, e.g. ``(0, 1]``; empty when unbounded."""
+        if self.kind is bool or (self.minimum is None and self.maximum is None):
+            return ""
+        low = "-inf" if self.minimum is None else _fmt(self.minimum)
+        high = "inf" if self.maximum is None else _fmt(self.maximum)
+        left = "[" if self.min_inclusive and self.minimum is not None else "("
+        right = "]" if self.max_inclusive and self.maximum is not None else ")"
+        return f"{left}{low}, {high}{right}"
+
+    def coerce(self, value: Any) -> tuple[Any, str | None]:
+        """Return ``(value, None)`` converted to this parameter's type, or ``(None, problem)``."""
+        if self.kind is bool:
+            if isinstance(value, bool):
+                return value, None
+            return None, f"must be true or false, not {value!r}"
+        if self.kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                return None, f"must be a number, not {value!r}"
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                return None, f"must be a whole number, not {value!r}"
+            number = self.kind(value)
+            if isinstance(number, float) and not math.isfinite(number):
+                return None, f"must be a finite number, not {value!r}"
+            if not self._in_range(number):
+                return None, f"must be in {self.range_text()}, not {value!r}"
+            return number, None
+        raise TypeError(f"unsupported parameter kind {self.kind!r}")  # a registry bug
+
+    def _in_range(self, number: float) -> bool:
+        if self.minimum is not None and (
+            number < self.minimum or (number == self.minimum and not self.min_inclusive)
+        ):
+            return False
+        return not (
+            self.maximum is not None
+            and (number > self.maximum or (number == self.maximum and not self.max_inclusive))
+        )
+
+
+def _fmt(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else str(number)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A merge method: what it takes, what it needs, and where its kernel lives.
+
+    ``needs_base``: the base takes part in the math (task vectors are ``model - base``). Methods that do
+    not need it still accept a base, which then only supplies the architecture reference, config and
+    tokenizer.
+    ``work_buffers``: how many float32 temporaries of one tensor's size the kernel holds at its peak,
+    beyond its inputs; the planner uses it for the memory estimate.
+    """
+
+    name: str
+    summary: str
+    when_to_use: str
+    kernel: str
+    params: tuple[ParamSpec, ...] = ()
+    needs_base: bool = False
+    min_models: int = 1
+    max_models: int | None = None
+    randomized: bool = False
+    work_buffers: int = 1
+    notes: tuple[str, ...] = field(default=())
+
+    def param(self, name: str) -> ParamSpec | None:
+        return next((p for p in self.params if p.name == name), None)
+
+    @property
+    def global_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if p.scope == "global")
+
+    @property
+    def model_params(self) -> tuple[ParamSpec, ...]:
+        return tuple(p for p in self.params if p.scope == "model")
+
+    def model_count_text(self) -> str:
+        if self.max_models == self.min_models:
+            return f"exactly {self.min_models}"
+        if self.max_models is None:
+            return f"at least {self.min_models}"
+        return f"{self.min_models} to {self.max_models}"
+
+    def load_kernel(self) -> Callable[..., Any]:
+        """Import and return the tensor kernel (this is where torch gets imported)."""
+        module_name, _, function_name = self.kernel.partition(":")
+        return getattr(importlib.import_module(module_name), function_name)
+
+
+# --- shared parameter declarations ---------------------------------------------------------------
+
+_WEIGHT = ParamSpec(
+    "weight",
+    float,
+    "how much this model contributes (relative when normalize is on)",
+    scope="model",
+)
+_DENSITY = ParamSpec(
+    "density",
+    float,
+    "fraction of this model's task vector to keep",
+    scope="model",
+    default=1.0,
+    minimum=0.0,
+    maximum=1.0,
+    min_inclusive=False,
+)
+_LAMBDA = ParamSpec(
+    "lambda",
+    float,
+    "scale applied to the merged task vector before adding it to the base",
+    default=1.0,
+)
+
+
+def _normalize(default: bool) -> ParamSpec:
+    return ParamSpec(
+        "normalize",
+        bool,
+        "divide by the sum of the weights (per element where signs were elected)",
+        default=default,
+    )
+
+
+def _rescale(default: bool) -> ParamSpec:
+    return ParamSpec(
+        "rescale",
+        bool,
+        "after dropping, rescale each task vector to its original L1 norm",
+        default=default,
+    )
+
+
+_TA_KERNELS = "mergetui.methods.task_arithmetic"
+
+METHODS: dict[str, MethodSpec] = {
+    spec.name: spec
+    for spec in (
+        MethodSpec(
+            name="linear",
+            summary="Weighted average of the models' weights.",
+            when_to_use="Models fine-tuned from one base on similar data; the simplest, safest merge.",
+            kernel="mergetui.methods.linear:linear",
+            params=(_WEIGHT, _normalize(True)),
+            min_models=1,
+            work_buffers=1,
+            notes=("The base, if given, is not averaged: list it under [[models]] to include it.",),
+        ),
+        MethodSpec(
+            name="slerp",
+            summary="Spherical interpolation between the base and one other model.",
+            when_to_use="Blending exactly two models while keeping weight norms; t picks the mix.",
+            kernel="mergetui.methods.slerp:slerp",
+            params=(
+                ParamSpec(
+                    "t",
+                    float,
+                    "interpolation factor: 0 gives the base, 1 gives the other model",
+                    minimum=0.0,
+                    maximum=1.0,
+                ),
+            ),
+            needs_base=True,
+            min_models=1,
+            max_models=1,
+            work_buffers=2,
+        ),
+        MethodSpec(
+            name="task_arithmetic",
+            summary="Add the weighted sum of task vectors (model - base) to the base.",
+            when_to_use="Combining skills of several fine-tunes of one base, or subtracting one.",
+            kernel=f"{_TA_KERNELS}:task_arithmetic",
+            params=(_WEIGHT, _normalize(False), _LAMBDA),
+            needs_base=True,
+            work_buffers=2,
+        ),
+        MethodSpec(
+            name="ties",
+            summary="Trim each task vector to its largest entries, elect signs, merge the agreeing.",
+            when_to_use="Several fine-tunes whose task vectors interfere; reduces sign conflicts.",
+            kernel=f"{_TA_KERNELS}:ties",
+            params=(_WEIGHT, _DENSITY, _normalize(True), _LAMBDA),
+            needs_base=True,
+            work_buffers=4,
+        ),
+        MethodSpec(
+            name="dare_ties",
+            summary="Randomly drop task-vector entries (DARE), rescale, then elect signs (TIES).",
+            when_to_use="Many fine-tunes with redundant deltas; sparsifies without ranking.",
+            kernel=f"{_TA_KERNELS}:dare_ties",
+            params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
+            needs_base=True,
+            randomized=True,
+            work_buffers=4,
+        ),
+        MethodSpec(
+            name="dare_linear",
+            summary="Randomly drop task-vector entries (DARE), rescale, and add them up.",
+            when_to_use="Like task_arithmetic, with sparsified task vectors to reduce interference.",
+            kernel=f"{_TA_KERNELS}:dare_linear",
+            params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
+            needs_base=True,
+            randomized=True,
+            work_buffers=3,
+        ),
+        MethodSpec(
+            name="passthrough",
+            summary="Copy one model's tensors unchanged (optionally scaled).",
+            when_to_use="Re-saving a model in another dtype or shard size, or folding in a LoRA.",
+            kernel="mergetui.methods.passthrough:passthrough",
+            params=(
+                ParamSpec(
+                    "scale",
+                    float,
+                    "multiply every tensor by this factor",
+                    scope="model",
+                    default=1.0,
+                ),
+            ),
+            min_models=1,
+            max_models=1,
+            work_buffers=0,
+        ),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec | None:
+    """The spec for ``name``, or None if there is no such method."""
+    return METHODS.get(name)
+
+
+def method_names() -> list[str]:
+    return list(METHODS)
