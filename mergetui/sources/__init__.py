@@ -1,0 +1,1 @@
+"""Model sources: references, checkpoints opened from headers, LoRA adapters, Hub resolution."""

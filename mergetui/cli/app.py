@@ -1,0 +1,236 @@
+"""The ``mergetui`` command. Each command is a few lines over the engine: parse, call, render.
+
+Exit codes: 0 done, 2 invalid recipe or incompatible models, 1 merge failure, 130 interrupted.
+Heavy modules (torch, transformers, the engine) are imported inside the commands, so that
+``mergetui --help`` starts instantly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+
+from mergetui import __version__
+from mergetui.errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_MERGE_FAILED, MergeTuiError
+from mergetui.logs import setup_logging
+from mergetui.methods.registry import METHODS, get_method
+
+log = logging.getLogger("mergetui.cli")
+app = typer.Typer(
+    name="mergetui",
+    help="Merge fine-tuned language models from validated TOML recipes.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+console = Console(highlight=False)
+err_console = Console(stderr=True, highlight=False)
+_LOG_PATH: Path | None = None
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (lines).")]
+
+
+def _fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
+    if as_json:
+        print(json.dumps({"event": "error", "message": message, "exit_code": code}), flush=True)
+    err_console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    if code == EXIT_MERGE_FAILED and _LOG_PATH is not None:
+        err_console.print(f"details: {_LOG_PATH}")
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _guard(as_json: bool = False) -> Iterator[None]:
+    """Map every failure to a one-line message, the log file and the documented exit code."""
+    try:
+        yield
+    except MergeTuiError as exc:
+        log.error("%s", exc, exc_info=exc.exit_code == EXIT_MERGE_FAILED)
+        _fail(str(exc), exc.exit_code, as_json=as_json)
+    except KeyboardInterrupt:
+        log.warning("interrupted")
+        _fail("interrupted", EXIT_INTERRUPTED, as_json=as_json)
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        log.exception("unexpected error")
+        _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_MERGE_FAILED, as_json=as_json)
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"mergetui {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Merge fine-tuned language models from validated TOML recipes."""
+
+
+def _load(recipe: Path, output: Path | None = None, device: str | None = None) -> Any:
+    from mergetui.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    changes: dict[str, Any] = {}
+    if output is not None:
+        changes["output_path"] = str(output.expanduser().resolve())
+    if device is not None:
+        changes["device"] = device
+    return dataclasses.replace(loaded, **changes) if changes else loaded
+
+
+@app.command()
+def check(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
+    """Check a recipe and its models' compatibility from headers only; no weight is read."""
+    from mergetui.cli.render import render_report
+    from mergetui.engine.plan import build_plan
+    from mergetui.engine.report import plan_report
+
+    with _guard(as_json):
+        plan = build_plan(_load(recipe))
+        try:
+            report = plan_report(plan)
+        finally:
+            plan.close()
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        render_report(console, report)
+    raise typer.Exit(0 if report["ok"] else EXIT_INVALID)
+
+
+@app.command()
+def run(
+    recipe: RecipeArg,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    as_json: JsonOpt = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate, check and print the plan; read no weight.")
+    ] = False,
+    device: Annotated[
+        str | None, typer.Option(help="Override merge.device (auto, cpu, cuda, cuda:N).")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Override output.path.")
+    ] = None,
+) -> None:
+    """Run a merge recipe headlessly (for scripts and batch jobs)."""
+    with _guard(as_json):
+        _execute(_load(recipe, output, device), force=force, as_json=as_json, dry_run=dry_run)
+
+
+def _execute(recipe: Any, *, force: bool, as_json: bool = False, dry_run: bool = False) -> Any:
+    """Plan, check and run one recipe with progress output; returns the MergeResult."""
+    from mergetui.cli.render import ProgressView, render_report
+    from mergetui.engine.executor import check_output_location, run_merge
+    from mergetui.engine.plan import build_plan
+    from mergetui.engine.report import plan_report
+    from mergetui.units import format_bytes, format_duration
+
+    plan = build_plan(recipe)
+    report = plan_report(plan)
+    if dry_run or plan.errors:
+        plan.close()
+        if as_json:
+            print(json.dumps({"event": "plan", **report}), flush=True)
+        else:
+            render_report(console, report)
+        raise typer.Exit(0 if report["ok"] else EXIT_INVALID)
+    try:
+        check_output_location(plan, force)
+    except BaseException:
+        plan.close()
+        raise
+    for problem in plan.warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {problem.message}", soft_wrap=True)
+    if as_json:
+        return run_merge(plan, force=force, on_event=lambda e: print(e.to_json(), flush=True))
+    console.print(f"merging {len(plan.tensors)} tensors with {plan.method.name} on "
+                  f"{plan.device} → {plan.recipe.output_dir}")
+    with ProgressView(console) as view:
+        result = run_merge(plan, force=force, on_event=view.update)
+    rate = result.bytes_read / result.elapsed_s if result.elapsed_s else 0.0
+    console.print(
+        f"[green]done[/green] in {format_duration(result.elapsed_s)}: read "
+        f"{format_bytes(result.bytes_read)} ({rate / 1e6:.0f} MB/s), wrote "
+        f"{format_bytes(result.bytes_written)}, peak RSS {format_bytes(result.peak_rss_bytes)}"
+    )
+    console.print(f"output: {result.output_dir}")
+    return result
+
+
+@app.command()
+def methods(
+    name: Annotated[str | None, typer.Argument(help="Show only this method.")] = None,
+) -> None:
+    """List the merge methods and their parameters."""
+    from mergetui.cli.render import render_methods
+
+    spec = None
+    if name is not None:
+        spec = get_method(name)
+        if spec is None:
+            _fail(f"unknown method {name!r}; choose one of {', '.join(METHODS)}", EXIT_INVALID)
+    render_methods(console, spec)
+
+
+@app.command()
+def demo(
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where the demo models, recipe and output go.")
+    ] = Path("mergetui-demo"),
+    force: Annotated[bool, typer.Option("--force", help="Rebuild the demo from scratch.")] = False,
+) -> None:
+    """Build small demo models locally (no network) and merge them with the bundled recipe."""
+    from mergetui.demo import DEMO_RECIPE, build_demo_models, bundled_recipe_text, generate
+    from mergetui.recipe import load_recipe
+
+    with _guard():
+        root = directory.expanduser().resolve()
+        console.print(f"building demo models in {root / 'models'} (cached after the first run)")
+        build_demo_models(root, force=force)
+        recipe_path = root / DEMO_RECIPE
+        if force or not recipe_path.is_file():
+            recipe_path.write_text(bundled_recipe_text(), encoding="utf-8")
+        console.print(f"recipe: {recipe_path}")
+        result = _execute(load_recipe(recipe_path), force=True)
+        sample = generate(result.output_dir, "12+7=")
+    console.print(f"the merged model loads and generates: '12+7=' → {sample!r}")
+    console.print("load it in Python with:\n  from transformers import AutoModelForCausalLM\n"
+                  f"  model = AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r})",
+                  soft_wrap=True)
+    console.print(f"replay or tweak the merge with: mergetui run {recipe_path}", soft_wrap=True)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """SIGTERM behaves like Ctrl-C: the merge stops and removes its partial output."""
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    """Console-script entry point."""
+    global _LOG_PATH
+    _LOG_PATH = setup_logging()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except KeyboardInterrupt:  # raised outside a guarded block
+        err_console.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)

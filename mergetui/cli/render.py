@@ -1,0 +1,136 @@
+"""Rich rendering of plans, method help and live merge progress for the terminal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from mergetui.engine.progress import ProgressEvent
+from mergetui.methods.registry import METHODS, MethodSpec
+from mergetui.units import format_bytes, format_count, format_duration
+
+
+def render_report(console: Console, report: dict[str, Any]) -> None:
+    """The compatibility table, the problems and the estimates."""
+    table = Table(title=f"{report['method']} merge → {report['output']}", title_justify="left")
+    for column in ("role", "model", "architecture", "type", "layers", "hidden", "vocab", "dtype",
+                   "params", "size"):
+        table.add_column(column, overflow="fold")
+    for row in report["models"]:
+        model = row["model"] + (f"\n+ LoRA {row['lora']}" if row["lora"] else "")
+        table.add_row(
+            row["role"], model, row["architecture"], row["model_type"], str(row["layers"]),
+            str(row["hidden_size"]), str(row["vocab_size"]), row["dtype"],
+            format_count(row["parameters"]), format_bytes(row["size_on_disk"]),
+        )
+    console.print(table)
+    for problem in report["problems"]:
+        style = "bold red" if problem["severity"] == "error" else "yellow"
+        console.print(Text(f"{problem['severity']}: ", style=style) + Text(problem["message"]))
+    est = report.get("estimates") or {}
+    if est:
+        free = est["disk_free_bytes"]
+        lines = [
+            f"output: {report['tensors']} tensors, {format_bytes(est['output_bytes'])} as "
+            f"{report['output_dtype']} (disk free: {format_bytes(free) if free is not None else '?'})",
+            f"reads: {format_bytes(est['input_bytes'])}",
+            f"peak memory on {report['device']}: RAM ≈ {format_bytes(est['peak_ram_bytes'])}"
+            + (f", VRAM ≈ {format_bytes(est['peak_vram_bytes'])}"
+               if est["peak_vram_bytes"] is not None else "")
+            + f" (largest working set: {est['largest_tensor']})",
+        ]
+        for line in lines:
+            console.print(line)
+    verdict = "[green]compatible[/green]" if report["ok"] else "[bold red]cannot merge[/bold red]"
+    console.print(verdict)
+
+
+def render_methods(console: Console, only: MethodSpec | None = None) -> None:
+    """Every method (or one) with its parameters, straight from the registry."""
+    for spec in [only] if only else METHODS.values():
+        console.print(f"[bold]{spec.name}[/bold] — {escape(spec.summary)}")
+        lines = [f"  when: {spec.when_to_use}"]
+        needs = "merge.base + " if spec.needs_base else ""
+        lines.append(f"  models: {needs}{spec.model_count_text()} under [[models]]"
+                     + ("; randomised (uses merge.seed)" if spec.randomized else ""))
+        for param in spec.params:
+            default = "required" if param.required else f"default {param.default!r}"
+            where = "per model" if param.scope == "model" else "[merge.parameters]"
+            rng = f" in {param.range_text()}" if param.range_text() else ""
+            lines.append(f"  - {param.name} ({param.kind.__name__}{rng}, {default}, {where}): "
+                         f"{param.help}")
+        lines += [f"  note: {note}" for note in spec.notes]
+        console.print(escape("\n".join(lines)) + "\n", soft_wrap=True)
+
+
+class _Throughput(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        rate = task.fields.get("rate", 0.0)
+        return Text(f"{rate / 1e6:.0f} MB/s", style="cyan")
+
+
+class _Eta(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"ETA {format_duration(task.fields.get('eta'))}", style="magenta")
+
+
+class _Memory(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        text = f"RAM {format_bytes(task.fields.get('rss', 0))}"
+        gpu = task.fields.get("gpu")
+        if gpu is not None:
+            text += f" VRAM {format_bytes(gpu)}"
+        return Text(text, style="green")
+
+
+class ProgressView:
+    """A rich progress bar fed by engine events."""
+
+    def __init__(self, console: Console) -> None:
+        self.progress = Progress(
+            BarColumn(bar_width=24),
+            MofNCompleteColumn(),
+            _Throughput(),
+            TimeElapsedColumn(),
+            _Eta(),
+            _Memory(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.progress.add_task("merge", total=None, rate=0.0, eta=None, rss=0, gpu=None,
+                                           name="")
+
+    def __enter__(self) -> ProgressView:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, event: ProgressEvent) -> None:
+        if event.event in ("plan", "tensor"):
+            self.progress.update(
+                self.task,
+                total=event.tensors_total,
+                completed=event.tensors_done,
+                rate=event.throughput_bytes_s,
+                eta=event.eta_s,
+                rss=event.rss_bytes,
+                gpu=event.gpu_bytes,
+                name=event.tensor_name[-48:],
+            )
+        elif event.event == "phase":
+            self.progress.update(self.task, name=event.message)

@@ -1,0 +1,367 @@
+"""Run a planned merge: stream tensors through the kernel into shards, then publish atomically.
+
+Three stages overlap so that disk and CPU/GPU stay busy together:
+
+    reader thread ──(≤2 tensors' inputs)──▶ compute (caller's thread) ──(≤2 outputs)──▶ writer thread
+
+Each queue holds at most two items, so memory is bounded by a few times the largest tensor's working
+set, never by the model size. The output is built in a hidden sibling folder
+(``.NAME.mergetui-partial-PID``) and renamed into place only when everything, support files included,
+is written; any error, Ctrl-C or cancel request removes that folder. Sources are only ever opened for
+reading, and an output folder that overlaps a source is refused up front.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergetui.engine.outputs import write_support_files
+from mergetui.engine.plan import MergePlan, PlannedTensor
+from mergetui.engine.progress import (
+    ProgressCallback,
+    ProgressEvent,
+    current_rss,
+    gpu_memory,
+    peak_rss,
+)
+from mergetui.engine.writer import OutputTensor, ShardedWriter
+from mergetui.errors import CompatibilityError, MergeCancelled, MergeFailed, MergeTuiError, OutputError
+from mergetui.methods.inputs import TensorInputs
+
+if TYPE_CHECKING:
+    import torch
+
+_QUEUE_DEPTH = 2
+_POLL_S = 0.2
+_DONE = object()
+
+
+@dataclass
+class MergeResult:
+    output_dir: Path
+    files: list[Path]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    elapsed_s: float
+    peak_rss_bytes: int
+    gpu_peak_bytes: int | None
+
+
+def check_output_location(plan: MergePlan, force: bool) -> None:
+    """Refuse outputs that exist (without ``force``), overlap a source, or cannot be written."""
+    out = plan.recipe.output_dir.resolve()
+    for source in plan.sources:
+        folders = [source.checkpoint.directory.resolve()]
+        if source.lora is not None:
+            folders.append(source.lora.directory.resolve())
+        for folder in folders:
+            if out == folder or out in folder.parents or folder in out.parents:
+                raise OutputError(
+                    f"output.path {out} overlaps the source {source.label} at {folder}; sources are "
+                    "never written to — choose another output.path"
+                )
+    if out.exists():
+        if not force:
+            raise OutputError(f"output {out} already exists; pass --force to replace it (the old "
+                              "one is removed only after the new one is complete)")
+        if not out.is_dir():
+            raise OutputError(f"output {out} exists and is not a folder; remove it or change "
+                              "output.path")
+    parent = out.parent
+    probe = parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write the output under {probe}: permission denied; choose a "
+                          "writable output.path")
+
+
+def run_merge(
+    plan: MergePlan,
+    *,
+    force: bool = False,
+    on_event: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+) -> MergeResult:
+    """Execute ``plan`` and publish the output folder; raise a :class:`MergeTuiError` on failure."""
+    if plan.errors:
+        raise CompatibilityError(
+            "the models cannot be merged:\n" + "\n".join(f"  - {p.message}" for p in plan.errors)
+        )
+    check_output_location(plan, force)
+    out = plan.recipe.output_dir.resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.mergetui-partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir()
+    emit = on_event or (lambda event: None)
+    cancel = cancel or threading.Event()
+    run = _Run(plan, partial, emit, cancel)
+    try:
+        files = run.stream()
+        emit(run.event("phase", message="writing config, tokenizer and model card"))
+        files += write_support_files(plan, partial)
+        _publish(partial, out)
+    except KeyboardInterrupt:
+        _discard(partial)
+        emit(run.event("cancelled", message="interrupted; partial output removed"))
+        raise MergeCancelled(f"merge interrupted; the partial output was removed and {out} was "
+                             "left as it was") from None
+    except MergeCancelled:
+        _discard(partial)
+        emit(run.event("cancelled", message="cancelled; partial output removed"))
+        raise
+    except MergeTuiError as exc:
+        _discard(partial)
+        emit(run.event("error", message=str(exc)))
+        raise
+    except Exception as exc:
+        _discard(partial)
+        where = f" at tensor {run.current}" if run.current else ""
+        emit(run.event("error", message=f"{type(exc).__name__}: {exc}"))
+        raise MergeFailed(f"merge failed{where}: {type(exc).__name__}: {exc}; the partial output "
+                          "was removed") from exc
+    finally:
+        plan.close()
+    files = [out / f.name for f in files]
+    result = MergeResult(
+        output_dir=out,
+        files=files,
+        tensors=len(plan.tensors),
+        bytes_read=run.bytes_read,
+        bytes_written=run.bytes_written,
+        elapsed_s=time.perf_counter() - run.started,
+        peak_rss_bytes=peak_rss(),
+        gpu_peak_bytes=gpu_memory(plan.device)[1],
+    )
+    emit(run.event("done", message=str(out)))
+    return result
+
+
+def _publish(partial: Path, out: Path) -> None:
+    """Move the finished folder into place; an old output is removed only after the new one is in."""
+    if out.exists():
+        old = out.parent / f".{out.name}.mergetui-old-{os.getpid()}"
+        os.rename(out, old)
+        os.rename(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(partial, out)
+
+
+def _discard(partial: Path) -> None:
+    shutil.rmtree(partial, ignore_errors=True)
+
+
+class _Run:
+    """State of one streaming run: the three stages and the counters behind progress events."""
+
+    def __init__(
+        self,
+        plan: MergePlan,
+        directory: Path,
+        emit: ProgressCallback,
+        cancel: threading.Event,
+    ) -> None:
+        self.plan = plan
+        self.directory = directory
+        self.emit = emit
+        self.cancel = cancel
+        self.started = time.perf_counter()
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.bytes_to_read = sum(t.bytes_in for t in plan.tensors)
+        self.done = 0
+        self.current = ""
+        self.kernel: Callable[[TensorInputs], Any] = plan.method.load_kernel()
+        method = plan.method
+        self.math_roles = [s.role for s in plan.sources if s.role != "base" or method.needs_base]
+        self.by_role = {s.role: s for s in plan.sources}
+        self.model_params = [dict(e.parameters) for e in plan.recipe.models]
+
+    def event(self, kind: str, message: str = "") -> ProgressEvent:
+        elapsed = time.perf_counter() - self.started
+        throughput = self.bytes_read / elapsed if elapsed > 0 else 0.0
+        remaining = self.bytes_to_read - self.bytes_read
+        eta = remaining / throughput if throughput > 0 and self.done else None
+        gpu_now, gpu_peak = gpu_memory(self.plan.device)
+        return ProgressEvent(
+            event=kind,
+            tensors_done=self.done,
+            tensors_total=len(self.plan.tensors),
+            tensor_name=self.current,
+            bytes_read=self.bytes_read,
+            bytes_to_read=self.bytes_to_read,
+            bytes_written=self.bytes_written,
+            elapsed_s=round(elapsed, 3),
+            throughput_bytes_s=round(throughput, 1),
+            eta_s=None if eta is None else round(eta, 1),
+            rss_bytes=current_rss(),
+            peak_rss_bytes=peak_rss(),
+            gpu_bytes=gpu_now,
+            gpu_peak_bytes=gpu_peak,
+            message=message,
+        )
+
+    # -- stage 1: reading ----------------------------------------------------------------------
+    def _read_inputs(self, tensor: PlannedTensor) -> dict[str, torch.Tensor]:
+        roles = list(self.math_roles)
+        if not tensor.merge and self.plan.reference.role not in roles:
+            roles.insert(0, self.plan.reference.role)
+        return {role: self.by_role[role].checkpoint.read(tensor.name) for role in roles}
+
+    def _reader(self, out_queue: queue.Queue[Any]) -> None:
+        try:
+            for tensor in self.plan.tensors:
+                if self.cancel.is_set():
+                    return
+                _put(out_queue, (tensor, self._read_inputs(tensor)), self.cancel)
+            _put(out_queue, _DONE, self.cancel)
+        except BaseException as exc:  # handed to the compute stage, which re-raises it
+            _put(out_queue, exc, self.cancel)
+
+    # -- stage 3: writing ----------------------------------------------------------------------
+    def _writer(self, writer: ShardedWriter, in_queue: queue.Queue[Any], errors: list[BaseException],
+                files: list[Path]) -> None:
+        try:
+            for item in _drain(in_queue, self.cancel):
+                name, data = item
+                writer.write(name, data)
+                self.bytes_written = writer.bytes_written
+            files.extend(writer.close())
+        except BaseException as exc:
+            errors.append(exc)
+            self.cancel.set()
+        finally:
+            writer.abort()
+
+    # -- stage 2: computing (the caller's thread) ----------------------------------------------
+    def stream(self) -> list[Path]:
+        import torch
+
+        plan = self.plan
+        outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors]
+        writer = ShardedWriter(self.directory, outputs, plan.recipe.shard_size)
+        read_queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        write_queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        writer_errors: list[BaseException] = []
+        files: list[Path] = []
+        stop = self.cancel
+        reader = threading.Thread(target=self._reader, args=(read_queue,), name="mergetui-reader",
+                                  daemon=True)
+        writer_thread = threading.Thread(
+            target=self._writer, args=(writer, write_queue, writer_errors, files),
+            name="mergetui-writer", daemon=True,
+        )
+        self.emit(self.event("plan", message=f"{plan.method.name} on {plan.device}"))
+        reader.start()
+        writer_thread.start()
+        finished = False
+        try:
+            with torch.inference_mode():
+                for item in _drain(read_queue, stop):
+                    if isinstance(item, BaseException):
+                        raise item
+                    tensor, raw = item
+                    self.current = tensor.name
+                    self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
+                    result = self._compute(tensor, raw)
+                    del raw
+                    _put(write_queue, (tensor.name, result), stop)
+                    del result
+                    self.done += 1
+                    self.emit(self.event("tensor"))
+            if writer_errors:
+                raise writer_errors[0]
+            if stop.is_set():
+                raise MergeCancelled("merge cancelled; the partial output was removed")
+            _put(write_queue, _DONE, stop)
+            finished = True
+        finally:
+            if not finished:
+                stop.set()
+            writer_thread.join()
+            reader.join(timeout=5)
+        if writer_errors:
+            raise writer_errors[0]
+        if stop.is_set():
+            raise MergeCancelled("merge cancelled; the partial output was removed")
+        self.current = ""
+        return files
+
+    def _compute(self, tensor: PlannedTensor, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch
+
+        plan = self.plan
+        if not tensor.merge:
+            reference = raw[plan.reference.role]
+            for role, other in raw.items():
+                if not torch.equal(other, reference):
+                    raise MergeFailed(
+                        f"tensor {tensor.name} ({tensor.dtype}) differs between "
+                        f"{plan.reference.label} and {self.by_role[role].label}; integer tensors "
+                        "cannot be merged — make them identical or drop that model"
+                    )
+            return reference
+        device = plan.device
+        base = None
+        if plan.method.needs_base:
+            base = raw["base"].to(device=device, dtype=torch.float32)
+        models = []
+        for role in self.math_roles:
+            if role == "base":
+                continue
+            value = raw[role].to(device=device, dtype=torch.float32)
+            lora = self.by_role[role].lora
+            if lora is not None:
+                value = lora.apply(tensor.name, value)
+            models.append(value)
+        inputs = TensorInputs(
+            name=tensor.name,
+            base=base,
+            models=models,
+            model_params=self.model_params,
+            params=dict(plan.recipe.parameters),
+            seed=plan.recipe.seed,
+        )
+        result = self.kernel(inputs)
+        del inputs, base, models
+        if not bool(torch.isfinite(result).all()):
+            raise MergeFailed(
+                f"tensor {tensor.name} has NaN or infinite values after the {plan.method.name} "
+                "merge; check the inputs (a corrupt source?) and the parameters (huge weights?)"
+            )
+        return result.to(dtype=getattr(torch, tensor.dtype)).cpu()
+
+
+def _put(target: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
+    """Put with a timeout loop, so a cancelled or failed run never deadlocks on a full queue."""
+    while True:
+        try:
+            target.put(item, timeout=_POLL_S)
+            return
+        except queue.Full:
+            if stop.is_set():
+                return
+
+
+def _drain(source: queue.Queue[Any], stop: threading.Event) -> Iterator[Any]:
+    """Items until the end marker; returns early when ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            item = source.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+        if item is _DONE:
+            return
+        yield item

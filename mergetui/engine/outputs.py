@@ -1,0 +1,111 @@
+"""Everything in the output folder besides the weights: config, tokenizer, model card, recipe."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergetui import __version__
+from mergetui.recipe.toml_io import recipe_to_toml
+
+if TYPE_CHECKING:
+    from mergetui.engine.plan import MergePlan
+
+#: Files copied from the model chosen by ``merge.tokenizer`` when present.
+SUPPORT_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+RECIPE_FILE = "mergetui.toml"
+
+
+def write_support_files(plan: MergePlan, directory: Path) -> list[Path]:
+    """Write config.json (dtype updated), tokenizer files, the model card and the recipe copy."""
+    written = []
+    config = dict(plan.files_from.checkpoint.config)
+    dtype_keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
+    for key in dtype_keys:
+        config[key] = plan.out_dtype
+    config_path = directory / "config.json"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    written.append(config_path)
+    source_dir = plan.files_from.checkpoint.directory
+    for name in SUPPORT_FILES:
+        source = source_dir / name
+        if source.is_file():
+            shutil.copyfile(source, directory / name)
+            written.append(directory / name)
+    recipe_path = directory / RECIPE_FILE
+    recipe_path.write_text(recipe_to_toml(plan.recipe, absolute_paths=True), encoding="utf-8")
+    written.append(recipe_path)
+    card_path = directory / "README.md"
+    card_path.write_text(model_card(plan), encoding="utf-8")
+    written.append(card_path)
+    return written
+
+
+def model_card(plan: MergePlan) -> str:
+    """A Hugging Face model card: YAML front matter, what was merged and how, and the recipe."""
+    recipe = plan.recipe
+    hub_refs = [s.ref.repo_id for s in plan.sources if s.ref.repo_id]
+    front = ["---"]
+    if hub_refs:
+        front.append("base_model:")
+        front += [f"- {ref}" for ref in dict.fromkeys(hub_refs)]
+    front += ["library_name: transformers", "tags:", "- merge", "- mergetui",
+              f"- {recipe.method}", "---", ""]
+    lines = [
+        f"# Merged model ({recipe.method})",
+        "",
+        f"This model was made with mergetui {__version__} using the **{recipe.method}** method: "
+        f"{plan.method.summary}",
+        "",
+        "## Sources",
+        "",
+        "| role | model | LoRA | parameters |",
+        "| --- | --- | --- | --- |",
+    ]
+    for source in plan.sources:
+        params = ""
+        lora = ""
+        if source.role != "base":
+            entry = recipe.models[int(source.role.split("[")[1].rstrip("]"))]
+            params = ", ".join(f"{k} = {v}" for k, v in entry.parameters.items())
+            lora = entry.lora or ""
+        lines.append(f"| {source.role} | `{source.ref.text}` | {lora} | {params} |")
+    global_params = ", ".join(f"{k} = {v}" for k, v in recipe.parameters.items()) or "none"
+    lines += [
+        "",
+        "## How it was merged",
+        "",
+        f"- method parameters: {global_params}",
+        f"- output dtype: {plan.out_dtype}; all merge arithmetic was done in float32",
+        f"- config, tokenizer and chat template from: `{plan.files_from.ref.text}`",
+    ]
+    if plan.method.randomized:
+        lines.append(f"- seed: {recipe.seed} (each tensor's random mask is derived from the seed and "
+                     "the tensor name, so the result is reproducible on any device)")
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        "Replay with `mergetui run mergetui.toml` (the same recipe is saved next to the weights):",
+        "",
+        "```toml",
+        recipe_to_toml(recipe).rstrip(),
+        "```",
+        "",
+    ]
+    return "\n".join(front + lines)

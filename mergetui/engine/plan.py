@@ -1,0 +1,343 @@
+"""Plan a merge from headers alone: open every source, check compatibility, lay out the output.
+
+Everything the user needs to decide whether to start is computed here without reading a weight: the
+per-model summary, every problem (architecture, tensor sets, shapes, vocabularies, LoRA targets), the
+output layout, and estimates of output size, free disk space and peak memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mergetui.errors import MergeTuiError
+from mergetui.methods.registry import MethodSpec, get_method
+from mergetui.recipe.schema import Recipe
+from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint
+from mergetui.sources.checkpoint import open_checkpoint as _open_checkpoint
+from mergetui.sources.lora import LoraAdapter, open_lora
+from mergetui.sources.refs import ModelRef, parse_ref
+from mergetui.sources.resolve import resolve_dir
+
+#: Resident memory of a process that has imported torch and transformers' safetensors stack.
+BASELINE_RSS = 450 * 1024**2
+_VOCAB_TENSOR_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
+
+
+@dataclass
+class Problem:
+    """Something wrong with the inputs. Errors block the merge; warnings are shown."""
+
+    severity: str  # "error" | "warning"
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.severity}: {self.message}"
+
+
+@dataclass
+class Source:
+    """One input model as the plan sees it. ``role`` is ``base`` or ``models[i]``."""
+
+    role: str
+    ref: ModelRef
+    checkpoint: Checkpoint
+    lora: LoraAdapter | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.role} ({self.ref.text})"
+
+
+@dataclass
+class PlannedTensor:
+    """One output tensor: merged from float inputs, or copied from the reference when not float."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    merge: bool
+    bytes_in: int
+    bytes_out: int
+
+
+@dataclass
+class Estimates:
+    output_bytes: int
+    input_bytes: int
+    disk_free_bytes: int | None
+    peak_ram_bytes: int
+    peak_vram_bytes: int | None
+    largest_tensor: str
+
+
+@dataclass
+class MergePlan:
+    recipe: Recipe
+    method: MethodSpec
+    sources: list[Source]
+    reference: Source  # decides the tensor set and the order
+    files_from: Source  # config, tokenizer and chat template come from here
+    tensors: list[PlannedTensor]
+    out_dtype: str
+    device: str
+    problems: list[Problem] = field(default_factory=list)
+    estimates: Estimates | None = None
+
+    @property
+    def base(self) -> Source | None:
+        return next((s for s in self.sources if s.role == "base"), None)
+
+    @property
+    def models(self) -> list[Source]:
+        return [s for s in self.sources if s.role != "base"]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    def close(self) -> None:
+        for source in self.sources:
+            source.checkpoint.close()
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is visible, else ``cpu``. Imports torch only for auto/cuda."""
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise MergeTuiError(f"merge.device is {requested!r} but no CUDA device is available; "
+                            'use device = "cpu" or "auto"')
+    return requested
+
+
+def open_sources(recipe: Recipe) -> list[Source]:
+    """Resolve and open every model of the recipe from its headers (no weights read)."""
+    sources: list[Source] = []
+    try:
+        if recipe.base:
+            ref = parse_ref(recipe.base, recipe.base_dir)
+            sources.append(Source("base", ref, _open_checkpoint(resolve_dir(ref), f"base ({ref})")))
+        for index, entry in enumerate(recipe.models):
+            role = f"models[{index}]"
+            ref = parse_ref(entry.model, recipe.base_dir)
+            checkpoint = _open_checkpoint(resolve_dir(ref), f"{role} ({ref})")
+            lora = None
+            if entry.lora:
+                lora_ref = parse_ref(entry.lora, recipe.base_dir)
+                lora = open_lora(resolve_dir(lora_ref), f"{role}.lora ({lora_ref})")
+            sources.append(Source(role, ref, checkpoint, lora))
+    except BaseException:
+        for source in sources:
+            source.checkpoint.close()
+        raise
+    return sources
+
+
+def build_plan(recipe: Recipe, *, device: str | None = None) -> MergePlan:
+    """Open the sources and build the plan; problems are collected in ``plan.problems``."""
+    method = get_method(recipe.method)
+    assert method is not None  # guaranteed by recipe validation
+    sources = open_sources(recipe)
+    math_sources = [s for s in sources if s.role != "base" or method.needs_base]
+    reference = sources[0]
+    files_from = reference
+    if recipe.tokenizer != "base":
+        index = [e.model for e in recipe.models].index(recipe.tokenizer)
+        files_from = next(s for s in sources if s.role == f"models[{index}]")
+    problems = check_compatibility(sources)
+    out_dtype = recipe.dtype or reference.checkpoint.storage_dtype
+    if out_dtype not in ("float32", "float16", "bfloat16"):
+        out_dtype = "float32"
+    tensors = _layout(reference, math_sources, out_dtype)
+    plan = MergePlan(
+        recipe=recipe,
+        method=method,
+        sources=sources,
+        reference=reference,
+        files_from=files_from,
+        tensors=tensors,
+        out_dtype=out_dtype,
+        device=device or resolve_device(recipe.device),
+        problems=problems,
+    )
+    plan.estimates = estimate(plan)
+    if plan.estimates.disk_free_bytes is not None and (
+        plan.estimates.output_bytes > plan.estimates.disk_free_bytes
+    ):
+        plan.problems.append(Problem(
+            "error",
+            f"not enough disk space for the output: it needs about "
+            f"{plan.estimates.output_bytes / 1e9:.2f} GB, {recipe.output_dir.parent} has "
+            f"{plan.estimates.disk_free_bytes / 1e9:.2f} GB free; free space or change output.path",
+        ))
+    return plan
+
+
+def _layout(reference: Source, math_sources: list[Source], out_dtype: str) -> list[PlannedTensor]:
+    """Output tensors in the reference's on-disk order, so reads are sequential."""
+    specs = sorted(reference.checkpoint.tensors.values(), key=lambda s: (str(s.file), s.offset, s.name))
+    out_size = SAFETENSORS_DTYPES[TORCH_TO_SAFETENSORS[out_dtype]][1]
+    planned = []
+    for spec in specs:
+        bytes_in = 0
+        for source in math_sources:
+            other = source.checkpoint.tensors.get(spec.name)
+            bytes_in += other.nbytes if other is not None else 0
+        if spec.is_float:
+            planned.append(PlannedTensor(spec.name, spec.shape, out_dtype, True, bytes_in,
+                                         spec.numel * out_size))
+        else:
+            planned.append(PlannedTensor(spec.name, spec.shape, spec.dtype, False, bytes_in,
+                                         spec.nbytes))
+    return planned
+
+
+def _is_vocab_tensor(name: str) -> bool:
+    return any(hint in name for hint in _VOCAB_TENSOR_HINTS)
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def check_compatibility(sources: list[Source]) -> list[Problem]:
+    """Every reason these models cannot be merged, from config.json and headers only."""
+    problems: list[Problem] = []
+    reference = sources[0]
+    ref_ckpt = reference.checkpoint
+    for source in sources[1:]:
+        ckpt = source.checkpoint
+        if ckpt.architecture != ref_ckpt.architecture or ckpt.model_type != ref_ckpt.model_type:
+            problems.append(Problem(
+                "error",
+                f"different architectures: {reference.label} is {ref_ckpt.architecture} "
+                f"({ref_ckpt.model_type}), {source.label} is {ckpt.architecture} ({ckpt.model_type}); "
+                "only fine-tunes of one base model can be merged",
+            ))
+            continue
+        ref_layers = ref_ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
+        layers = ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
+        if ref_layers != layers:
+            problems.append(Problem(
+                "error",
+                f"different depth: {reference.label} has {ref_layers} layers, {source.label} has "
+                f"{layers}; layer-stacking merges are not supported, pick models of one base",
+            ))
+        missing = [n for n in ref_ckpt.tensors if n not in ckpt.tensors]
+        extra = [n for n in ckpt.tensors if n not in ref_ckpt.tensors]
+        if missing:
+            problems.append(Problem(
+                "error",
+                f"{source.label} lacks {len(missing)} tensor(s) that {reference.label} has: "
+                f"{_names(missing)}",
+            ))
+        if extra:
+            problems.append(Problem(
+                "error",
+                f"{source.label} has {len(extra)} tensor(s) that {reference.label} lacks: "
+                f"{_names(extra)}",
+            ))
+        vocab_shapes = []
+        for name, spec in ref_ckpt.tensors.items():
+            other = ckpt.tensors.get(name)
+            if other is None or other.shape == spec.shape:
+                continue
+            if _is_vocab_tensor(name) and other.shape[1:] == spec.shape[1:]:
+                vocab_shapes.append(name)
+                continue
+            problems.append(Problem(
+                "error",
+                f"shape mismatch in {name}: {reference.label} has {list(spec.shape)}, "
+                f"{source.label} has {list(other.shape)}",
+            ))
+        ref_vocab = ref_ckpt.config_value("vocab_size")
+        vocab = ckpt.config_value("vocab_size")
+        if vocab_shapes or (ref_vocab != vocab and ref_vocab is not None and vocab is not None):
+            problems.append(Problem(
+                "error",
+                f"vocabulary size mismatch: {reference.label} has {ref_vocab} tokens, {source.label} "
+                f"has {vocab} ({_names(vocab_shapes) or 'config.json'} differ). Rows of different "
+                "vocabularies cannot be averaged. Fix: merge only models that share the base's "
+                "tokenizer, or resize the model's embeddings to the base's vocabulary "
+                "(model.resize_token_embeddings) and re-save it, if its added tokens are not needed",
+            ))
+        if ref_ckpt.config.get("auto_map") or ckpt.config.get("auto_map"):
+            problems.append(Problem(
+                "warning",
+                f"{source.label if ckpt.config.get('auto_map') else reference.label} uses custom code "
+                "(auto_map in config.json); mergetui merges its weights but never runs that code, "
+                "and loading the output will need trust_remote_code",
+            ))
+    for source in sources:
+        if source.lora is None:
+            continue
+        for text in source.lora.check_against(source.checkpoint):
+            problems.append(Problem("error", f"LoRA adapter {source.lora.label} {text}"))
+        adapter_base = source.lora.base_model_name
+        if adapter_base and not _same_model(adapter_base, source):
+            problems.append(Problem(
+                "warning",
+                f"LoRA adapter {source.lora.label} was trained on {adapter_base!r}, applied here to "
+                f"{source.ref.text!r}; shapes match, so it is applied — check that this is intended",
+            ))
+    return problems
+
+
+def _same_model(adapter_base: str, source: Source) -> bool:
+    if source.ref.repo_id is not None:
+        return adapter_base == source.ref.repo_id
+    try:
+        return Path(adapter_base).expanduser().resolve() == source.checkpoint.directory.resolve()
+    except OSError:
+        return False
+
+
+def estimate(plan: MergePlan) -> Estimates:
+    """Output size, free disk and peak memory for the chosen device.
+
+    Peak memory is the largest tensor's working set: its raw inputs twice (the one being merged and
+    the one prefetched), float32 copies of every input plus the method's work buffers, and the output
+    tensor twice (being written and queued), on top of the process baseline.
+    """
+    math_inputs = sum(1 for s in plan.sources if s.role != "base" or plan.method.needs_base)
+    peak_working = 0
+    peak_device = 0
+    largest = ""
+    for tensor in plan.tensors:
+        numel = 1
+        for dim in tensor.shape:
+            numel *= dim
+        float_set = numel * 4 * (math_inputs + plan.method.work_buffers) if tensor.merge else 0
+        host = 2 * tensor.bytes_in + 2 * tensor.bytes_out
+        on_cpu = plan.device == "cpu"
+        working = host + (float_set if on_cpu else 0)
+        if working > peak_working:
+            peak_working, largest = working, tensor.name
+        peak_device = max(peak_device, float_set)
+    output_dir = plan.recipe.output_dir
+    probe = output_dir
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        free = None
+    return Estimates(
+        output_bytes=sum(t.bytes_out for t in plan.tensors),
+        input_bytes=sum(t.bytes_in for t in plan.tensors),
+        disk_free_bytes=free,
+        peak_ram_bytes=BASELINE_RSS + peak_working,
+        peak_vram_bytes=None if plan.device == "cpu" else peak_device,
+        largest_tensor=largest,
+    )

@@ -1,0 +1,38 @@
+"""Where mergetui writes its log, so that no error detail is ever lost.
+
+The log lives in ``$MERGETUI_LOG_DIR`` or ``$XDG_STATE_HOME/mergetui`` (``~/.local/state/mergetui``);
+the CLI prints a one-line summary of an error and the path of this file for the full detail.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+LOG_NAME = "mergetui.log"
+
+
+def log_dir() -> Path:
+    explicit = os.environ.get("MERGETUI_LOG_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "mergetui"
+
+
+def setup_logging(level: int = logging.INFO) -> Path | None:
+    """Send the ``mergetui`` logger to the log file; returns its path (None if it cannot be written)."""
+    path = log_dir() / LOG_NAME
+    logger = logging.getLogger("mergetui")
+    logger.setLevel(level)
+    if any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(path, encoding="utf-8")
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger.addHandler(handler)
+    return path

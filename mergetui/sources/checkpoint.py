@@ -1,0 +1,339 @@
+"""Checkpoints on disk: tensor names, shapes and dtypes from headers; tensors read one at a time.
+
+Headers come first: opening a checkpoint reads ``config.json``, the shard index and each safetensors
+header (a few KB), never a weight. The compatibility check and the merge plan are built from that.
+
+Tensors are then read with positioned reads (``os.pread``) into fresh buffers rather than through a
+memory map: a mapped file's touched pages count towards the process's resident memory until they are
+evicted, which would make peak RSS grow with the model size. With plain reads the process holds only
+the tensors it is working on, and the OS page cache (not counted as RSS) does the caching.
+
+PyTorch ``.bin`` checkpoints are loaded with ``torch.load(weights_only=True, mmap=True)``: no
+arbitrary code is unpickled and weights are paged in lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergetui.errors import SourceError
+
+if TYPE_CHECKING:
+    import torch
+
+#: safetensors dtype code → (torch dtype name, bytes per element)
+SAFETENSORS_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1),
+    "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
+FLOAT_DTYPES = {"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"}
+TORCH_TO_SAFETENSORS = {name: code for code, (name, _) in SAFETENSORS_DTYPES.items()}
+_MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a header says about one tensor: enough to plan without reading it."""
+
+    name: str
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    file: Path
+    offset: int = 0  # absolute byte offset in ``file`` (safetensors only)
+    nbytes: int = 0
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_DTYPES
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
+    """Parse one safetensors file's header and check it against the file size.
+
+    Returns the tensor specs and the ``__metadata__`` table. A truncated or corrupt file is reported
+    here, naming the file, before any weight is read.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise SourceError(f"{path}: not a safetensors file (only {size} bytes); re-download it")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
+                raise SourceError(
+                    f"{path}: corrupt or truncated safetensors file (header length {header_len} "
+                    f"does not fit in {size} bytes); re-download or re-save it"
+                )
+            raw = handle.read(header_len)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: corrupt safetensors header ({exc}); re-download or re-save it") from exc
+    if not isinstance(header, dict):
+        raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start = 8 + header_len
+    specs: dict[str, TensorSpec] = {}
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            code = entry["dtype"]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SourceError(f"{path}: corrupt header entry for tensor {name!r}") from exc
+        if code not in SAFETENSORS_DTYPES:
+            raise SourceError(f"{path}: tensor {name!r} has unsupported dtype {code}")
+        dtype, itemsize = SAFETENSORS_DTYPES[code]
+        spec = TensorSpec(name, dtype, shape, path, data_start + begin, end - begin)
+        if end < begin or spec.nbytes != spec.numel * itemsize:
+            raise SourceError(
+                f"{path}: corrupt header: tensor {name!r} of shape {list(shape)} {dtype} "
+                f"should take {spec.numel * itemsize} bytes, header says {end - begin}"
+            )
+        specs[name] = spec
+        data_end = max(data_end, end)
+    if data_start + data_end > size:
+        raise SourceError(
+            f"{path}: truncated: the header describes {data_start + data_end} bytes but the file "
+            f"has {size}; the download or copy was cut short — re-download it"
+        )
+    return specs, metadata
+
+
+@dataclass
+class Checkpoint:
+    """A model directory opened from its headers.
+
+    ``label`` is how messages name the model (the reference from the recipe).
+    """
+
+    label: str
+    directory: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorSpec]
+    weight_files: list[Path]
+    format: str  # "safetensors" or "bin"
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _bin_state: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
+
+    # -- summaries from headers -----------------------------------------------------------------
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        return archs[0] if archs else "?"
+
+    @property
+    def model_type(self) -> str:
+        return str(self.config.get("model_type", "?"))
+
+    @property
+    def parameter_count(self) -> int:
+        return sum(spec.numel for spec in self.tensors.values())
+
+    @property
+    def size_on_disk(self) -> int:
+        return sum(path.stat().st_size for path in self.weight_files)
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype of most floating-point parameters (by element count)."""
+        counts: dict[str, int] = {}
+        for spec in self.tensors.values():
+            if spec.is_float:
+                counts[spec.dtype] = counts.get(spec.dtype, 0) + spec.numel
+        if not counts:
+            return str(self.config.get("dtype") or self.config.get("torch_dtype") or "float32")
+        return max(counts, key=counts.__getitem__)
+
+    def config_value(self, *keys: str) -> Any:
+        """The first of ``keys`` found in config.json (or its ``text_config``), else None."""
+        for source in (self.config, self.config.get("text_config") or {}):
+            for key in keys:
+                if key in source:
+                    return source[key]
+        return None
+
+    # -- reading ---------------------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into a new CPU tensor in its storage dtype."""
+        import torch
+
+        spec = self.tensors[name]
+        if self.format == "bin":
+            state = self._bin_state.get(spec.file)
+            if state is None:
+                state = self._bin_state[spec.file] = _load_bin(spec.file)
+            return state[name].clone()
+        dtype = getattr(torch, spec.dtype)
+        if spec.nbytes == 0:
+            return torch.empty(spec.shape, dtype=dtype)
+        buffer = bytearray(spec.nbytes)
+        fd = self._fds.get(spec.file)
+        if fd is None:
+            fd = self._fds[spec.file] = os.open(spec.file, os.O_RDONLY)
+        view = memoryview(buffer)
+        done = 0
+        while done < spec.nbytes:
+            count = os.preadv(fd, [view[done:]], spec.offset + done)
+            if count <= 0:
+                raise SourceError(f"{spec.file}: unexpected end of file while reading {name!r}")
+            done += count
+        return torch.frombuffer(buffer, dtype=dtype).reshape(spec.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        self._bin_state.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _load_bin(path: Path) -> dict[str, Any]:
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise SourceError(
+            f"{path}: cannot load this PyTorch checkpoint safely ({exc}); mergetui only loads plain "
+            "tensors (weights_only=True) — convert it to safetensors"
+        ) from exc
+    if not isinstance(state, dict):
+        raise SourceError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def read_config(directory: Path, label: str) -> dict[str, Any]:
+    """config.json as a dict, with errors that name the model and the fix."""
+    path = directory / "config.json"
+    if not path.is_file():
+        raise SourceError(
+            f"{label}: no config.json in {directory}; point to a Hugging Face model folder "
+            "(saved with save_pretrained)"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read config.json: {exc}") from exc
+    if not isinstance(config, dict):
+        raise SourceError(f"{path}: config.json is not a JSON object")
+    return config
+
+
+def _read_index(index_path: Path, label: str) -> dict[str, str]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise SourceError(f"{index_path}: unreadable shard index ({exc}); re-download it") from exc
+    if not isinstance(weight_map, dict):
+        raise SourceError(f"{index_path}: weight_map is not a JSON object")
+    return weight_map
+
+
+def open_checkpoint(directory: Path, label: str | None = None) -> Checkpoint:
+    """Open a model folder from its headers (config.json, index, safetensors headers)."""
+    label = label or str(directory)
+    if not directory.exists():
+        raise SourceError(f"{label}: model folder not found: {directory}; check the path")
+    if not directory.is_dir():
+        raise SourceError(f"{label}: {directory} is a file; point to the model's folder instead")
+    config = read_config(directory, label)
+
+    st_index = directory / "model.safetensors.index.json"
+    single = directory / "model.safetensors"
+    bin_index = directory / "pytorch_model.bin.index.json"
+    single_bin = directory / "pytorch_model.bin"
+    if st_index.is_file() or single.is_file():
+        return _open_safetensors(directory, label, config, st_index if st_index.is_file() else None)
+    if bin_index.is_file() or single_bin.is_file():
+        return _open_bin(directory, label, config, bin_index if bin_index.is_file() else None)
+    raise SourceError(
+        f"{label}: no weights in {directory} (looked for model.safetensors, "
+        "model.safetensors.index.json, pytorch_model.bin); is the download complete?"
+    )
+
+
+def _shard_files(directory: Path, label: str, index: Path | None, default: str) -> tuple[
+    list[Path], dict[str, str] | None
+]:
+    if index is None:
+        return [directory / default], None
+    weight_map = _read_index(index, label)
+    files = [directory / name for name in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SourceError(
+            f"{label}: {index.name} lists shard(s) missing from {directory}: {', '.join(missing)}; "
+            "the download is incomplete"
+        )
+    return files, weight_map
+
+
+def _open_safetensors(
+    directory: Path, label: str, config: dict[str, Any], index: Path | None
+) -> Checkpoint:
+    files, weight_map = _shard_files(directory, label, index, "model.safetensors")
+    tensors: dict[str, TensorSpec] = {}
+    for file in files:
+        specs, _ = read_safetensors_header(file)
+        for name, spec in specs.items():
+            if name in tensors:
+                raise SourceError(f"{label}: tensor {name!r} appears in two shards ({file.name} and "
+                                  f"{tensors[name].file.name})")
+            tensors[name] = spec
+    if weight_map is not None:
+        for name, file_name in weight_map.items():
+            spec = tensors.get(name)
+            if spec is None or spec.file.name != file_name:
+                raise SourceError(f"{label}: the shard index maps {name!r} to {file_name}, but that "
+                                  "file does not hold it; re-download the model")
+    return Checkpoint(label, directory, config, tensors, files, "safetensors")
+
+
+def _open_bin(directory: Path, label: str, config: dict[str, Any], index: Path | None) -> Checkpoint:
+    files, _ = _shard_files(directory, label, index, "pytorch_model.bin")
+    tensors: dict[str, TensorSpec] = {}
+    checkpoint = Checkpoint(label, directory, config, tensors, files, "bin")
+    for file in files:
+        state = checkpoint._bin_state[file] = _load_bin(file)
+        for name, value in state.items():
+            if not hasattr(value, "shape"):
+                continue
+            dtype = str(value.dtype).removeprefix("torch.")
+            nbytes = value.numel() * value.element_size()
+            tensors[name] = TensorSpec(name, dtype, tuple(value.shape), file, 0, nbytes)
+    return checkpoint

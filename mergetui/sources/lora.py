@@ -1,0 +1,217 @@
+"""PEFT LoRA adapters, folded into a model tensor by tensor while streaming.
+
+For each target tensor W the adapter adds ``scale · B @ A`` (transposed for embeddings and
+``fan_in_fan_out`` layers), where ``scale = lora_alpha / r`` (``/ sqrt(r)`` with rsLoRA), with per-module
+``rank_pattern``/``alpha_pattern`` overrides as PEFT applies them. Tensors the adapter saved whole
+(``modules_to_save``, resized embeddings) replace the model's. Only the adapter's small tensors are read
+up front; the model's own tensors stream as usual, so no merged copy of the model is ever materialised.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mergetui.errors import SourceError
+from mergetui.sources.checkpoint import TensorSpec, _load_bin, read_safetensors_header
+
+if TYPE_CHECKING:
+    import torch
+
+    from mergetui.sources.checkpoint import Checkpoint
+
+_PREFIX = "base_model.model."
+_PIECES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "B_bias",
+    ".lora_embedding_A": "A",
+    ".lora_embedding_B": "B",
+    ".base_layer.weight": "replace_weight",
+    ".base_layer.bias": "replace_bias",
+}
+
+
+@dataclass
+class LoraTarget:
+    """The adapter's contribution to one module (``module`` is e.g. ``model.layers.0.self_attn.q_proj``)."""
+
+    module: str
+    scale: float
+    embedding: bool = False
+    pieces: dict[str, str] = field(default_factory=dict)  # piece kind → adapter tensor name
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter folder opened from its config and header; tensors are read on demand."""
+
+    label: str
+    directory: Path
+    config: dict[str, Any]
+    tensors: dict[str, TensorSpec]
+    targets: dict[str, LoraTarget]  # keyed by module name
+    replacements: dict[str, str]  # model tensor name → adapter tensor name (saved whole)
+    _state: dict[str, Any] | None = None
+
+    @property
+    def base_model_name(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def affected_tensors(self) -> dict[str, str]:
+        """Model tensor name → what the adapter does to it ("lora" or "replaced")."""
+        affected = {name: "replaced" for name in self.replacements}
+        for target in self.targets.values():
+            if "A" in target.pieces:
+                affected.setdefault(f"{target.module}.weight", "lora")
+            if "B_bias" in target.pieces:
+                affected.setdefault(f"{target.module}.bias", "lora")
+        return affected
+
+    def check_against(self, model: Checkpoint) -> list[str]:
+        """Problems applying this adapter to ``model``: missing target tensors, shape mismatches."""
+        problems = []
+        for module, target in self.targets.items():
+            weight = model.tensors.get(f"{module}.weight")
+            if weight is None:
+                problems.append(f"targets {module}.weight, which {model.label} does not have")
+                continue
+            if "A" not in target.pieces or "B" not in target.pieces:
+                if "replace_weight" not in target.pieces:
+                    problems.append(f"has only half of the LoRA pair for {module}")
+                continue
+            a_shape = self.tensors[target.pieces["A"]].shape
+            b_shape = self.tensors[target.pieces["B"]].shape
+            expected = _delta_shape(target, a_shape, b_shape, self.config)
+            if tuple(weight.shape) != expected:
+                problems.append(
+                    f"LoRA for {module}.weight gives a delta of shape {list(expected)} but "
+                    f"{model.label} has {list(weight.shape)}: the adapter was trained on another base"
+                )
+        for name, source in self.replacements.items():
+            weight = model.tensors.get(name)
+            if weight is None:
+                problems.append(f"saves {name} whole, but {model.label} has no such tensor")
+            elif tuple(weight.shape) != self.tensors[source].shape:
+                problems.append(
+                    f"saves {name} with shape {list(self.tensors[source].shape)}, "
+                    f"{model.label} has {list(weight.shape)}"
+                )
+        return problems
+
+    def _read(self, name: str) -> torch.Tensor:
+        import torch
+
+        spec = self.tensors[name]
+        if self._state is not None:
+            return self._state[name].to(torch.float32)
+        from safetensors import safe_open
+
+        with safe_open(str(spec.file), framework="pt") as handle:
+            return handle.get_tensor(name).to(torch.float32)
+
+    def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Return ``tensor`` (float32, model tensor ``name``) with the adapter folded in."""
+        replacement = self.replacements.get(name)
+        if replacement is not None:
+            tensor = self._read(replacement).to(tensor.device)
+        module, _, leaf = name.rpartition(".")
+        target = self.targets.get(module)
+        if target is None:
+            return tensor
+        if leaf == "weight" and "A" in target.pieces and "B" in target.pieces:
+            a = self._read(target.pieces["A"]).to(tensor.device)
+            b = self._read(target.pieces["B"]).to(tensor.device)
+            delta = b @ a
+            if target.embedding or self.config.get("fan_in_fan_out", False):
+                delta = delta.T
+            tensor = tensor.add_(delta, alpha=target.scale)
+        elif leaf == "bias" and "B_bias" in target.pieces:
+            bias = self._read(target.pieces["B_bias"]).to(tensor.device)
+            tensor = tensor.add_(bias, alpha=target.scale)
+        return tensor
+
+
+def _delta_shape(
+    target: LoraTarget, a_shape: tuple[int, ...], b_shape: tuple[int, ...], config: dict[str, Any]
+) -> tuple[int, ...]:
+    shape = (b_shape[0], a_shape[-1])
+    if target.embedding or config.get("fan_in_fan_out", False):
+        shape = (shape[1], shape[0])
+    return shape
+
+
+def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rule: a pattern key matches a module name that ends with it at a dot boundary."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def open_lora(directory: Path, label: str | None = None) -> LoraAdapter:
+    """Open a PEFT LoRA adapter folder from its config and tensor header."""
+    label = label or str(directory)
+    config_path = directory / "adapter_config.json"
+    if not directory.is_dir():
+        raise SourceError(f"LoRA adapter {label}: folder not found: {directory}")
+    if not config_path.is_file():
+        raise SourceError(f"LoRA adapter {label}: no adapter_config.json in {directory}; "
+                          "point `lora` to a folder saved by PEFT's save_pretrained")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{config_path}: cannot read: {exc}") from exc
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise SourceError(f"LoRA adapter {label}: peft_type is {peft_type}; only LORA adapters can "
+                          "be folded in")
+    if config.get("use_dora"):
+        raise SourceError(f"LoRA adapter {label}: DoRA adapters (use_dora=true) are not supported "
+                          "yet; merge it with PEFT's merge_and_unload and use the result as a model")
+
+    st_file = directory / "adapter_model.safetensors"
+    bin_file = directory / "adapter_model.bin"
+    state = None
+    if st_file.is_file():
+        tensors, _ = read_safetensors_header(st_file)
+    elif bin_file.is_file():
+        state = _load_bin(bin_file)
+        tensors = {
+            name: TensorSpec(name, str(v.dtype).removeprefix("torch."), tuple(v.shape), bin_file)
+            for name, v in state.items()
+        }
+    else:
+        raise SourceError(f"LoRA adapter {label}: no adapter_model.safetensors in {directory}")
+
+    default_r = int(config.get("r", 8))
+    default_alpha = float(config.get("lora_alpha", default_r))
+    targets: dict[str, LoraTarget] = {}
+    replacements: dict[str, str] = {}
+    for name in tensors:
+        if "lora_magnitude_vector" in name:
+            raise SourceError(f"LoRA adapter {label}: {name} is a DoRA magnitude; not supported")
+        short = name.removeprefix(_PREFIX)
+        for suffix, kind in _PIECES.items():
+            if short.endswith(suffix):
+                module = short[: -len(suffix)]
+                break
+        else:
+            replacements[short] = name  # saved whole (modules_to_save)
+            continue
+        if kind.startswith("replace_"):
+            replacements[f"{module}.{kind.removeprefix('replace_')}"] = name
+        target = targets.get(module)
+        if target is None:
+            r = int(_pattern_value(config.get("rank_pattern") or {}, module, default_r))
+            alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, default_alpha))
+            scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+            target = targets[module] = LoraTarget(module, scale)
+        target.pieces[kind] = name
+        if "embedding" in name:
+            target.embedding = True
+    return LoraAdapter(label, directory, config, tensors, targets, replacements, state)
