@@ -33,7 +33,13 @@ from mergetui.engine.progress import (
     peak_rss,
 )
 from mergetui.engine.writer import OutputTensor, ShardedWriter
-from mergetui.errors import CompatibilityError, MergeCancelled, MergeFailed, MergeTuiError, OutputError
+from mergetui.errors import (
+    CompatibilityError,
+    MergeCancelled,
+    MergeFailed,
+    MergeTuiError,
+    OutputError,
+)
 from mergetui.methods.inputs import TensorInputs
 
 if TYPE_CHECKING:
@@ -121,16 +127,12 @@ def run_merge(
         _discard(partial)
         emit(run.event("cancelled", message="cancelled; partial output removed"))
         raise
-    except MergeTuiError as exc:
-        _discard(partial)
-        emit(run.event("error", message=str(exc)))
-        raise
     except Exception as exc:
         _discard(partial)
-        where = f" at tensor {run.current}" if run.current else ""
         emit(run.event("error", message=f"{type(exc).__name__}: {exc}"))
-        raise MergeFailed(f"merge failed{where}: {type(exc).__name__}: {exc}; the partial output "
-                          "was removed") from exc
+        where = f" at tensor {run.current}" if run.current else ""
+        detail = str(exc) if isinstance(exc, MergeTuiError) else f"{type(exc).__name__}: {exc}"
+        raise MergeFailed(f"merge failed{where}: {detail}; the partial output was removed") from exc
     finally:
         plan.close()
     files = [out / f.name for f in files]

@@ -1,0 +1,100 @@
+"""Real tiny Hugging Face models for the tests, built once per session with save_pretrained.
+
+Fine-tunes are the base plus seeded task vectors, so merges have real, checkable structure.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+TINY_LLAMA = dict(
+    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+
+def save_llama(directory: Path, seed: int, dtype: str = "bfloat16", **overrides: object) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**TINY_LLAMA, **overrides}))
+    model.to(getattr(torch, dtype)).save_pretrained(directory)
+    return directory
+
+
+def save_qwen2(directory: Path, seed: int) -> Path:
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(Qwen2Config(**TINY_LLAMA))
+    model.to(torch.bfloat16).save_pretrained(directory)
+    return directory
+
+
+def save_finetune(base: Path, directory: Path, seed: int, scale: float = 0.05,
+                  max_shard_size: str | None = None) -> Path:
+    """Base + a seeded dense task vector, saved like a real fine-tune."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=generator) * scale
+            param.add_(noise.to(param.dtype))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(directory, **kwargs)
+    return directory
+
+
+def tree_digest(directory: Path) -> dict[str, str]:
+    """sha256 of every file under ``directory``: proof that sources were not touched."""
+    return {
+        str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(directory.rglob("*")) if path.is_file()
+    }
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The session's model zoo (read-only for tests: copy before modifying)."""
+    from mergetui.demo import save_char_tokenizer
+
+    root = tmp_path_factory.mktemp("models")
+    zoo: dict[str, Path] = {}
+    zoo["base"] = save_llama(root / "base", seed=0)
+    save_char_tokenizer(zoo["base"])
+    zoo["ft_a"] = save_finetune(zoo["base"], root / "ft_a", seed=1)
+    zoo["ft_b"] = save_finetune(zoo["base"], root / "ft_b", seed=2, max_shard_size="20KB")
+    zoo["ft_c"] = save_finetune(zoo["base"], root / "ft_c", seed=3)
+    zoo["qwen2"] = save_qwen2(root / "qwen2", seed=4)
+    zoo["big_vocab"] = save_llama(root / "big_vocab", seed=5, vocab_size=72)
+    zoo["wide"] = save_llama(root / "wide", seed=6, intermediate_size=96)
+    return zoo
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[..., Path]:
+    """Write a recipe TOML into the test's folder and return its path."""
+
+    def write(text: str, name: str = "recipe.toml") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return path
+
+    return write
