@@ -19,9 +19,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 TINY_LLAMA = dict(
-    vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
 )
 
 
@@ -45,8 +52,9 @@ def save_qwen2(directory: Path, seed: int) -> Path:
     return directory
 
 
-def save_finetune(base: Path, directory: Path, seed: int, scale: float = 0.05,
-                  max_shard_size: str | None = None) -> Path:
+def save_finetune(
+    base: Path, directory: Path, seed: int, scale: float = 0.05, max_shard_size: str | None = None
+) -> Path:
     """Base + a seeded dense task vector, saved like a real fine-tune."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -66,7 +74,8 @@ def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory``: proof that sources were not touched."""
     return {
         str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(directory.rglob("*")) if path.is_file()
+        for path in sorted(directory.rglob("*"))
+        if path.is_file()
     }
 
 

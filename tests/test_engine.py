@@ -19,8 +19,15 @@ from mergetui.recipe import parse_recipe
 from mergetui.recipe.schema import Recipe
 
 
-def recipe_for(tmp_path: Path, method: str, base: Path | None, models: list[tuple[Path, str]],
-               params: str = "", extra_merge: str = "", shard_size: str = "2GB") -> Recipe:
+def recipe_for(
+    tmp_path: Path,
+    method: str,
+    base: Path | None,
+    models: list[tuple[Path, str]],
+    params: str = "",
+    extra_merge: str = "",
+    shard_size: str = "2GB",
+) -> Recipe:
     entries = "\n".join(f'[[models]]\nmodel = "{path}"\n{opts}\n' for path, opts in models)
     base_line = f'base = "{base}"' if base else ""
     text = f"""
@@ -34,7 +41,7 @@ device = "cpu"
 {params}
 {entries}
 [output]
-path = "{tmp_path / 'out'}"
+path = "{tmp_path / "out"}"
 shard_size = "{shard_size}"
 """
     return parse_recipe(text, base_dir=tmp_path)
@@ -61,9 +68,15 @@ def generate(directory: Path) -> list[int]:
     return out[0, 4:].tolist()
 
 
-def test_linear_merge_is_the_weighted_mean_and_loads(tmp_path: Path, models: dict[str, Path]) -> None:
-    recipe = recipe_for(tmp_path, "linear", None,
-                        [(models["ft_a"], "weight = 1.0"), (models["ft_b"], "weight = 3.0")])
+def test_linear_merge_is_the_weighted_mean_and_loads(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    recipe = recipe_for(
+        tmp_path,
+        "linear",
+        None,
+        [(models["ft_a"], "weight = 1.0"), (models["ft_b"], "weight = 3.0")],
+    )
     out = merge(recipe)
     a, b, merged = weights(models["ft_a"]), weights(models["ft_b"]), weights(out)
     assert set(merged) == set(a)
@@ -75,12 +88,15 @@ def test_linear_merge_is_the_weighted_mean_and_loads(tmp_path: Path, models: dic
     assert len(tokens) == 6 and tokens == generate(out)  # greedy is deterministic
 
 
-@pytest.mark.parametrize("method,params,model_opts", [
-    ("task_arithmetic", "", "weight = 0.5"),
-    ("ties", "", "weight = 0.5\ndensity = 0.4"),
-    ("dare_ties", "", "weight = 0.5\ndensity = 0.6"),
-    ("dare_linear", "", "weight = 0.5\ndensity = 0.6"),
-])
+@pytest.mark.parametrize(
+    "method,params,model_opts",
+    [
+        ("task_arithmetic", "", "weight = 0.5"),
+        ("ties", "", "weight = 0.5\ndensity = 0.4"),
+        ("dare_ties", "", "weight = 0.5\ndensity = 0.6"),
+        ("dare_linear", "", "weight = 0.5\ndensity = 0.6"),
+    ],
+)
 def test_task_vector_methods_merge_three_models(
     tmp_path: Path, models: dict[str, Path], method: str, params: str, model_opts: str
 ) -> None:
@@ -106,15 +122,25 @@ def test_engine_matches_kernel_on_each_tensor(tmp_path: Path, models: dict[str, 
     out = weights(merge(recipe))
     base, a, c = weights(models["base"]), weights(models["ft_a"]), weights(models["ft_c"])
     for name in base:
-        inputs = TensorInputs(name, base[name].float(), [a[name].float(), c[name].float()],
-                              [{"weight": 0.7, "density": 0.3}, {"weight": 0.3, "density": 0.5}],
-                              {"normalize": True, "lambda": 1.0})
+        inputs = TensorInputs(
+            name,
+            base[name].float(),
+            [a[name].float(), c[name].float()],
+            [{"weight": 0.7, "density": 0.3}, {"weight": 0.3, "density": 0.5}],
+            {"normalize": True, "lambda": 1.0},
+        )
         assert torch.equal(out[name], ties(inputs).to(torch.bfloat16)), name
 
 
 def test_slerp_endpoints_and_float32_output(tmp_path: Path, models: dict[str, Path]) -> None:
-    recipe = recipe_for(tmp_path, "slerp", models["base"], [(models["ft_a"], "")], "t = 0.0",
-                        extra_merge='dtype = "float32"')
+    recipe = recipe_for(
+        tmp_path,
+        "slerp",
+        models["base"],
+        [(models["ft_a"], "")],
+        "t = 0.0",
+        extra_merge='dtype = "float32"',
+    )
     merged, base = weights(merge(recipe)), weights(models["base"])
     for name, tensor in merged.items():
         assert tensor.dtype == torch.float32
@@ -140,9 +166,16 @@ def test_sharded_output_has_index_and_loads(tmp_path: Path, models: dict[str, Pa
 def test_tokenizer_config_and_generation_config_are_carried(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
-    recipe = recipe_for(tmp_path, "task_arithmetic", models["base"], [(models["ft_a"], "weight = 1")])
+    recipe = recipe_for(
+        tmp_path, "task_arithmetic", models["base"], [(models["ft_a"], "weight = 1")]
+    )
     out = merge(recipe)
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "config.json",
+    ):
         assert (out / name).is_file(), name
     from transformers import AutoTokenizer
 
@@ -153,7 +186,9 @@ def test_qwen2_models_merge(tmp_path: Path, models: dict[str, Path]) -> None:
     from conftest import save_finetune
 
     qwen_ft = save_finetune(models["qwen2"], tmp_path / "qwen_ft", seed=9)
-    out = merge(recipe_for(tmp_path, "ties", models["qwen2"], [(qwen_ft, "weight = 1\ndensity = 0.5")]))
+    out = merge(
+        recipe_for(tmp_path, "ties", models["qwen2"], [(qwen_ft, "weight = 1\ndensity = 0.5")])
+    )
     assert json.loads((out / "config.json").read_text())["model_type"] == "qwen2"
     assert len(generate(out)) == 6
 
@@ -174,9 +209,16 @@ def test_lora_adapter_is_folded_in_like_peft(tmp_path: Path, models: dict[str, P
 
     torch.manual_seed(0)
     base_model = AutoModelForCausalLM.from_pretrained(models["ft_a"], dtype=torch.float32)
-    peft_model = get_peft_model(base_model, LoraConfig(
-        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-        rank_pattern={"down_proj": 2}, alpha_pattern={"down_proj": 4}))
+    peft_model = get_peft_model(
+        base_model,
+        LoraConfig(
+            r=4,
+            lora_alpha=16,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            rank_pattern={"down_proj": 2},
+            alpha_pattern={"down_proj": 4},
+        ),
+    )
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
@@ -184,9 +226,15 @@ def test_lora_adapter_is_folded_in_like_peft(tmp_path: Path, models: dict[str, P
     peft_model.save_pretrained(tmp_path / "adapter")
     expected = peft_model.merge_and_unload().state_dict()
 
-    out = merge(recipe_for(tmp_path, "passthrough", None,
-                           [(models["ft_a"], f'lora = "{tmp_path / "adapter"}"')],
-                           extra_merge='dtype = "float32"'))
+    out = merge(
+        recipe_for(
+            tmp_path,
+            "passthrough",
+            None,
+            [(models["ft_a"], f'lora = "{tmp_path / "adapter"}"')],
+            extra_merge='dtype = "float32"',
+        )
+    )
     merged = weights(out)
     changed = 0
     for name, tensor in merged.items():
@@ -195,44 +243,69 @@ def test_lora_adapter_is_folded_in_like_peft(tmp_path: Path, models: dict[str, P
     assert changed == 2 * 3  # q, v, down in two layers
 
 
-def test_lora_for_another_base_is_rejected_before_reading(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_lora_for_another_base_is_rejected_before_reading(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     wide = AutoModelForCausalLM.from_pretrained(models["wide"], dtype=torch.float32)
-    get_peft_model(wide, LoraConfig(r=2, target_modules=["down_proj"])).save_pretrained(tmp_path / "ad")
-    plan = build_plan(recipe_for(tmp_path, "passthrough", None,
-                                 [(models["ft_a"], f'lora = "{tmp_path / "ad"}"')]))
+    get_peft_model(wide, LoraConfig(r=2, target_modules=["down_proj"])).save_pretrained(
+        tmp_path / "ad"
+    )
+    plan = build_plan(
+        recipe_for(tmp_path, "passthrough", None, [(models["ft_a"], f'lora = "{tmp_path / "ad"}"')])
+    )
     assert any("down_proj" in p.message and "another base" in p.message for p in plan.errors)
     plan.close()
 
 
 def test_different_architectures_are_reported(tmp_path: Path, models: dict[str, Path]) -> None:
-    plan = build_plan(recipe_for(tmp_path, "linear", None,
-                                 [(models["base"], "weight = 1"), (models["qwen2"], "weight = 1")]))
-    assert any("different architectures" in p.message and "Qwen2ForCausalLM" in p.message
-               for p in plan.errors)
+    plan = build_plan(
+        recipe_for(
+            tmp_path,
+            "linear",
+            None,
+            [(models["base"], "weight = 1"), (models["qwen2"], "weight = 1")],
+        )
+    )
+    assert any(
+        "different architectures" in p.message and "Qwen2ForCausalLM" in p.message
+        for p in plan.errors
+    )
     with pytest.raises(CompatibilityError):
         run_merge(plan)
     assert not (tmp_path / "out").exists()
 
 
 def test_vocab_mismatch_names_models_and_fix(tmp_path: Path, models: dict[str, Path]) -> None:
-    plan = build_plan(recipe_for(tmp_path, "ties", models["base"],
-                                 [(models["big_vocab"], "weight = 1")]))
+    plan = build_plan(
+        recipe_for(tmp_path, "ties", models["base"], [(models["big_vocab"], "weight = 1")])
+    )
     messages = [p.message for p in plan.errors]
     plan.close()
-    assert any("vocabulary size mismatch" in m and "64" in m and "72" in m
-               and "resize_token_embeddings" in m for m in messages), messages
+    assert any(
+        "vocabulary size mismatch" in m
+        and "64" in m
+        and "72" in m
+        and "resize_token_embeddings" in m
+        for m in messages
+    ), messages
     assert not any(m.startswith("shape mismatch in model.embed_tokens") for m in messages)
 
 
-def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path: Path, models: dict[str, Path]) -> None:
-    plan = build_plan(recipe_for(tmp_path, "ties", models["base"], [(models["wide"], "weight = 1")]))
+def test_shape_mismatch_names_tensor_and_both_shapes(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    plan = build_plan(
+        recipe_for(tmp_path, "ties", models["base"], [(models["wide"], "weight = 1")])
+    )
     messages = [p.message for p in plan.errors]
     plan.close()
-    assert any("model.layers.0.mlp.down_proj.weight" in m and "[32, 64]" in m and "[32, 96]" in m
-               for m in messages), messages
+    assert any(
+        "model.layers.0.mlp.down_proj.weight" in m and "[32, 64]" in m and "[32, 96]" in m
+        for m in messages
+    ), messages
 
 
 def test_missing_and_extra_tensors_are_reported(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -265,7 +338,9 @@ def test_corrupt_safetensors_is_named_before_any_output(
     shutil.copytree(models["ft_a"], broken)
     file = broken / "model.safetensors"
     data = file.read_bytes()
-    file.write_bytes(data[: len(data) - 100] if damage == "truncate" else data[:8] + b"{not json" + data[17:])
+    file.write_bytes(
+        data[: len(data) - 100] if damage == "truncate" else data[:8] + b"{not json" + data[17:]
+    )
     with pytest.raises(SourceError, match=r"model\.safetensors.*(truncated|corrupt)"):
         build_plan(recipe_for(tmp_path, "linear", None, [(broken, "weight = 1")]))
     assert not (tmp_path / "out").exists()
@@ -313,8 +388,12 @@ def test_output_inside_a_source_is_refused(tmp_path: Path, models: dict[str, Pat
 def test_cancelled_merge_leaves_nothing_and_sources_untouched(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
-    recipe = recipe_for(tmp_path, "ties", models["base"],
-                        [(models["ft_a"], "weight = 1"), (models["ft_b"], "weight = 1")])
+    recipe = recipe_for(
+        tmp_path,
+        "ties",
+        models["base"],
+        [(models["ft_a"], "weight = 1"), (models["ft_b"], "weight = 1")],
+    )
     before = {k: tree_digest(models[k]) for k in ("base", "ft_a", "ft_b")}
     cancel = threading.Event()
     seen: list[int] = []
@@ -336,8 +415,11 @@ def test_failure_mid_merge_removes_partial_output(tmp_path: Path, models: dict[s
     """A source that breaks after planning (disk error, file replaced) fails cleanly."""
     victim = tmp_path / "victim"
     shutil.copytree(models["ft_a"], victim)
-    plan = build_plan(recipe_for(tmp_path, "linear", None,
-                                 [(victim, "weight = 1"), (models["ft_c"], "weight = 1")]))
+    plan = build_plan(
+        recipe_for(
+            tmp_path, "linear", None, [(victim, "weight = 1"), (models["ft_c"], "weight = 1")]
+        )
+    )
     data = (victim / "model.safetensors").read_bytes()
     (victim / "model.safetensors").write_bytes(data[: len(data) // 2])
     from mergetui.errors import MergeFailed
@@ -350,20 +432,29 @@ def test_failure_mid_merge_removes_partial_output(tmp_path: Path, models: dict[s
 
 def test_dare_is_bit_reproducible_across_runs(tmp_path: Path, models: dict[str, Path]) -> None:
     sources = [(models["ft_a"], "weight = 0.5\ndensity = 0.3"), (models["ft_b"], "weight = 0.5")]
-    first = weights(merge(recipe_for(tmp_path, "dare_ties", models["base"], sources, "density = 0.5")))
+    first = weights(
+        merge(recipe_for(tmp_path, "dare_ties", models["base"], sources, "density = 0.5"))
+    )
     torch.set_num_threads(1)
     try:
         shutil.rmtree(tmp_path / "out")
-        second = weights(merge(recipe_for(tmp_path, "dare_ties", models["base"], sources,
-                                          "density = 0.5")))
+        second = weights(
+            merge(recipe_for(tmp_path, "dare_ties", models["base"], sources, "density = 0.5"))
+        )
     finally:
         torch.set_num_threads(2)
     assert all(torch.equal(first[n], second[n]) for n in first)
 
 
 def test_dry_run_plan_estimates(tmp_path: Path, models: dict[str, Path]) -> None:
-    plan = build_plan(recipe_for(tmp_path, "ties", models["base"],
-                                 [(models["ft_a"], "weight = 1"), (models["ft_b"], "weight = 1")]))
+    plan = build_plan(
+        recipe_for(
+            tmp_path,
+            "ties",
+            models["base"],
+            [(models["ft_a"], "weight = 1"), (models["ft_b"], "weight = 1")],
+        )
+    )
     est = plan.estimates
     plan.close()
     assert est is not None

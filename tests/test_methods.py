@@ -287,6 +287,8 @@ def slerp_pair(
         return v0, -2.0 * v0 + 1e-3 * noise
     if relation == "zero_base":  # a zero norm is replaced by 1, so cos θ = 0
         return torch.zeros(shape), noise
+    if relation == "tiny_base":  # parallel, but a norm ≤ 1e-8 is replaced by 1, so cos θ ≈ 0
+        return 1e-10 * noise, noise
     if relation in THRESHOLD_COSINES:  # an exact cosine close to the 0.9995 threshold
         return v0, with_cosine(v0, noise, THRESHOLD_COSINES[relation])
     raise AssertionError(relation)
@@ -322,6 +324,7 @@ SLERP_RELATIONS = [
     "parallel",
     "antiparallel",
     "zero_base",
+    "tiny_base",
     *THRESHOLD_COSINES,
 ]
 #: Near θ = π (and below the lerp threshold) SLERP is ill-conditioned: the coefficients are
@@ -578,6 +581,18 @@ def test_ties_drops_disagreeing_entries() -> None:
     # sums: 4 (+), 1 (+), -3 (-), 0 (+, nobody agrees so the divisor is 1), 0 (+: a zero sum
     # counts as positive, so only model_a's +1.5 survives)
     torch.testing.assert_close(result, torch.tensor([2.0, 2.0, -1.5, 0.0, 1.5]))
+
+
+def test_ties_zero_divisor_is_replaced_by_one() -> None:
+    """Opposite weights can make the agreeing weights sum to 0 where the sum is not 0: the note
+    replaces such a divisor by 1 rather than dividing by zero."""
+    base = torch.zeros(2)
+    models = [torch.tensor([1.0, 2.0]), torch.tensor([-1.0, 1.0])]
+    params = {"normalize": True, "lambda": 1.0}
+    result = run_kernel(ties, base, models, weight_params([1.0, -1.0], [1.0, 1.0]), params)
+    # element 0: weighted deltas +1 and +1 both agree, divisor 1 + (-1) = 0 -> 1, so 2
+    # element 1: weighted deltas +2 and -1, majority +, only the first agrees: 2 / 1
+    torch.testing.assert_close(result, torch.tensor([2.0, 2.0]))
 
 
 def test_ties_weights_before_sign_election() -> None:

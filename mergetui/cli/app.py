@@ -162,8 +162,10 @@ def _execute(recipe: Any, *, force: bool, as_json: bool = False, dry_run: bool =
         err_console.print(f"[yellow]warning:[/yellow] {problem.message}", soft_wrap=True)
     if as_json:
         return run_merge(plan, force=force, on_event=lambda e: print(e.to_json(), flush=True))
-    console.print(f"merging {len(plan.tensors)} tensors with {plan.method.name} on "
-                  f"{plan.device} → {plan.recipe.output_dir}")
+    console.print(
+        f"merging {len(plan.tensors)} tensors with {plan.method.name} on "
+        f"{plan.device} → {plan.recipe.output_dir}"
+    )
     with ProgressView(console) as view:
         result = run_merge(plan, force=force, on_event=view.update)
     rate = result.bytes_read / result.elapsed_s if result.elapsed_s else 0.0
@@ -213,9 +215,11 @@ def demo(
         result = _execute(load_recipe(recipe_path), force=True)
         sample = generate(result.output_dir, "12+7=")
     console.print(f"the merged model loads and generates: '12+7=' → {sample!r}")
-    console.print("load it in Python with:\n  from transformers import AutoModelForCausalLM\n"
-                  f"  model = AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r})",
-                  soft_wrap=True)
+    console.print(
+        "load it in Python with:\n  from transformers import AutoModelForCausalLM\n"
+        f"  model = AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r})",
+        soft_wrap=True,
+    )
     console.print(f"replay or tweak the merge with: mergetui run {recipe_path}", soft_wrap=True)
 
 

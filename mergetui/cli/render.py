@@ -12,7 +12,6 @@ from rich.progress import (
     Progress,
     ProgressColumn,
     Task,
-    TextColumn,
     TimeElapsedColumn,
 )
 from rich.table import Table
@@ -26,15 +25,32 @@ from mergetui.units import format_bytes, format_count, format_duration
 def render_report(console: Console, report: dict[str, Any]) -> None:
     """The compatibility table, the problems and the estimates."""
     table = Table(title=f"{report['method']} merge → {report['output']}", title_justify="left")
-    for column in ("role", "model", "architecture", "type", "layers", "hidden", "vocab", "dtype",
-                   "params", "size"):
+    for column in (
+        "role",
+        "model",
+        "architecture",
+        "type",
+        "layers",
+        "hidden",
+        "vocab",
+        "dtype",
+        "params",
+        "size",
+    ):
         table.add_column(column, overflow="fold")
     for row in report["models"]:
         model = row["model"] + (f"\n+ LoRA {row['lora']}" if row["lora"] else "")
         table.add_row(
-            row["role"], model, row["architecture"], row["model_type"], str(row["layers"]),
-            str(row["hidden_size"]), str(row["vocab_size"]), row["dtype"],
-            format_count(row["parameters"]), format_bytes(row["size_on_disk"]),
+            row["role"],
+            model,
+            row["architecture"],
+            row["model_type"],
+            str(row["layers"]),
+            str(row["hidden_size"]),
+            str(row["vocab_size"]),
+            row["dtype"],
+            format_count(row["parameters"]),
+            format_bytes(row["size_on_disk"]),
         )
     console.print(table)
     for problem in report["problems"]:
@@ -48,8 +64,11 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
             f"{report['output_dtype']} (disk free: {format_bytes(free) if free is not None else '?'})",
             f"reads: {format_bytes(est['input_bytes'])}",
             f"peak memory on {report['device']}: RAM ≈ {format_bytes(est['peak_ram_bytes'])}"
-            + (f", VRAM ≈ {format_bytes(est['peak_vram_bytes'])}"
-               if est["peak_vram_bytes"] is not None else "")
+            + (
+                f", VRAM ≈ {format_bytes(est['peak_vram_bytes'])}"
+                if est["peak_vram_bytes"] is not None
+                else ""
+            )
             + f" (largest working set: {est['largest_tensor']})",
         ]
         for line in lines:
@@ -64,14 +83,17 @@ def render_methods(console: Console, only: MethodSpec | None = None) -> None:
         console.print(f"[bold]{spec.name}[/bold] — {escape(spec.summary)}")
         lines = [f"  when: {spec.when_to_use}"]
         needs = "merge.base + " if spec.needs_base else ""
-        lines.append(f"  models: {needs}{spec.model_count_text()} under [[models]]"
-                     + ("; randomised (uses merge.seed)" if spec.randomized else ""))
+        lines.append(
+            f"  models: {needs}{spec.model_count_text()} under [[models]]"
+            + ("; randomised (uses merge.seed)" if spec.randomized else "")
+        )
         for param in spec.params:
             default = "required" if param.required else f"default {param.default!r}"
             where = "per model" if param.scope == "model" else "[merge.parameters]"
             rng = f" in {param.range_text()}" if param.range_text() else ""
-            lines.append(f"  - {param.name} ({param.kind.__name__}{rng}, {default}, {where}): "
-                         f"{param.help}")
+            lines.append(
+                f"  - {param.name} ({param.kind.__name__}{rng}, {default}, {where}): {param.help}"
+            )
         lines += [f"  note: {note}" for note in spec.notes]
         console.print(escape("\n".join(lines)) + "\n", soft_wrap=True)
 
@@ -110,8 +132,9 @@ class ProgressView:
             console=console,
             transient=False,
         )
-        self.task = self.progress.add_task("merge", total=None, rate=0.0, eta=None, rss=0, gpu=None,
-                                           name="")
+        self.task = self.progress.add_task(
+            "merge", total=None, rate=0.0, eta=None, rss=0, gpu=None, name=""
+        )
 
     def __enter__(self) -> ProgressView:
         self.progress.start()

@@ -77,18 +77,23 @@ def check_output_location(plan: MergePlan, force: bool) -> None:
                 )
     if out.exists():
         if not force:
-            raise OutputError(f"output {out} already exists; pass --force to replace it (the old "
-                              "one is removed only after the new one is complete)")
+            raise OutputError(
+                f"output {out} already exists; pass --force to replace it (the old "
+                "one is removed only after the new one is complete)"
+            )
         if not out.is_dir():
-            raise OutputError(f"output {out} exists and is not a folder; remove it or change "
-                              "output.path")
+            raise OutputError(
+                f"output {out} exists and is not a folder; remove it or change output.path"
+            )
     parent = out.parent
     probe = parent
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the output under {probe}: permission denied; choose a "
-                          "writable output.path")
+        raise OutputError(
+            f"cannot write the output under {probe}: permission denied; choose a "
+            "writable output.path"
+        )
 
 
 def run_merge(
@@ -121,8 +126,9 @@ def run_merge(
     except KeyboardInterrupt:
         _discard(partial)
         emit(run.event("cancelled", message="interrupted; partial output removed"))
-        raise MergeCancelled(f"merge interrupted; the partial output was removed and {out} was "
-                             "left as it was") from None
+        raise MergeCancelled(
+            f"merge interrupted; the partial output was removed and {out} was left as it was"
+        ) from None
     except MergeCancelled:
         _discard(partial)
         emit(run.event("cancelled", message="cancelled; partial output removed"))
@@ -233,8 +239,13 @@ class _Run:
             _put(out_queue, exc, self.cancel)
 
     # -- stage 3: writing ----------------------------------------------------------------------
-    def _writer(self, writer: ShardedWriter, in_queue: queue.Queue[Any], errors: list[BaseException],
-                files: list[Path]) -> None:
+    def _writer(
+        self,
+        writer: ShardedWriter,
+        in_queue: queue.Queue[Any],
+        errors: list[BaseException],
+        files: list[Path],
+    ) -> None:
         try:
             for item in _drain(in_queue, self.cancel):
                 name, data = item
@@ -259,11 +270,14 @@ class _Run:
         writer_errors: list[BaseException] = []
         files: list[Path] = []
         stop = self.cancel
-        reader = threading.Thread(target=self._reader, args=(read_queue,), name="mergetui-reader",
-                                  daemon=True)
+        reader = threading.Thread(
+            target=self._reader, args=(read_queue,), name="mergetui-reader", daemon=True
+        )
         writer_thread = threading.Thread(
-            target=self._writer, args=(writer, write_queue, writer_errors, files),
-            name="mergetui-writer", daemon=True,
+            target=self._writer,
+            args=(writer, write_queue, writer_errors, files),
+            name="mergetui-writer",
+            daemon=True,
         )
         self.emit(self.event("plan", message=f"{plan.method.name} on {plan.device}"))
         reader.start()

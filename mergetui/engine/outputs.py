@@ -64,8 +64,15 @@ def model_card(plan: MergePlan) -> str:
     if hub_refs:
         front.append("base_model:")
         front += [f"- {ref}" for ref in dict.fromkeys(hub_refs)]
-    front += ["library_name: transformers", "tags:", "- merge", "- mergetui",
-              f"- {recipe.method}", "---", ""]
+    front += [
+        "library_name: transformers",
+        "tags:",
+        "- merge",
+        "- mergetui",
+        f"- {recipe.method}",
+        "---",
+        "",
+    ]
     lines = [
         f"# Merged model ({recipe.method})",
         "",
@@ -95,8 +102,10 @@ def model_card(plan: MergePlan) -> str:
         f"- config, tokenizer and chat template from: `{plan.files_from.ref.text}`",
     ]
     if plan.method.randomized:
-        lines.append(f"- seed: {recipe.seed} (each tensor's random mask is derived from the seed and "
-                     "the tensor name, so the result is reproducible on any device)")
+        lines.append(
+            f"- seed: {recipe.seed} (each tensor's random mask is derived from the seed and "
+            "the tensor name, so the result is reproducible on any device)"
+        )
     lines += [
         "",
         "## Recipe",

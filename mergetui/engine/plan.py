@@ -115,8 +115,10 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise MergeTuiError(f"merge.device is {requested!r} but no CUDA device is available; "
-                            'use device = "cpu" or "auto"')
+        raise MergeTuiError(
+            f"merge.device is {requested!r} but no CUDA device is available; "
+            'use device = "cpu" or "auto"'
+        )
     return requested
 
 
@@ -174,18 +176,22 @@ def build_plan(recipe: Recipe, *, device: str | None = None) -> MergePlan:
     if plan.estimates.disk_free_bytes is not None and (
         plan.estimates.output_bytes > plan.estimates.disk_free_bytes
     ):
-        plan.problems.append(Problem(
-            "error",
-            f"not enough disk space for the output: it needs about "
-            f"{plan.estimates.output_bytes / 1e9:.2f} GB, {recipe.output_dir.parent} has "
-            f"{plan.estimates.disk_free_bytes / 1e9:.2f} GB free; free space or change output.path",
-        ))
+        plan.problems.append(
+            Problem(
+                "error",
+                f"not enough disk space for the output: it needs about "
+                f"{plan.estimates.output_bytes / 1e9:.2f} GB, {recipe.output_dir.parent} has "
+                f"{plan.estimates.disk_free_bytes / 1e9:.2f} GB free; free space or change output.path",
+            )
+        )
     return plan
 
 
 def _layout(reference: Source, math_sources: list[Source], out_dtype: str) -> list[PlannedTensor]:
     """Output tensors in the reference's on-disk order, so reads are sequential."""
-    specs = sorted(reference.checkpoint.tensors.values(), key=lambda s: (str(s.file), s.offset, s.name))
+    specs = sorted(
+        reference.checkpoint.tensors.values(), key=lambda s: (str(s.file), s.offset, s.name)
+    )
     out_size = SAFETENSORS_DTYPES[TORCH_TO_SAFETENSORS[out_dtype]][1]
     planned = []
     for spec in specs:
@@ -194,11 +200,15 @@ def _layout(reference: Source, math_sources: list[Source], out_dtype: str) -> li
             other = source.checkpoint.tensors.get(spec.name)
             bytes_in += other.nbytes if other is not None else 0
         if spec.is_float:
-            planned.append(PlannedTensor(spec.name, spec.shape, out_dtype, True, bytes_in,
-                                         spec.numel * out_size))
+            planned.append(
+                PlannedTensor(
+                    spec.name, spec.shape, out_dtype, True, bytes_in, spec.numel * out_size
+                )
+            )
         else:
-            planned.append(PlannedTensor(spec.name, spec.shape, spec.dtype, False, bytes_in,
-                                         spec.nbytes))
+            planned.append(
+                PlannedTensor(spec.name, spec.shape, spec.dtype, False, bytes_in, spec.nbytes)
+            )
     return planned
 
 
@@ -219,35 +229,43 @@ def check_compatibility(sources: list[Source]) -> list[Problem]:
     for source in sources[1:]:
         ckpt = source.checkpoint
         if ckpt.architecture != ref_ckpt.architecture or ckpt.model_type != ref_ckpt.model_type:
-            problems.append(Problem(
-                "error",
-                f"different architectures: {reference.label} is {ref_ckpt.architecture} "
-                f"({ref_ckpt.model_type}), {source.label} is {ckpt.architecture} ({ckpt.model_type}); "
-                "only fine-tunes of one base model can be merged",
-            ))
+            problems.append(
+                Problem(
+                    "error",
+                    f"different architectures: {reference.label} is {ref_ckpt.architecture} "
+                    f"({ref_ckpt.model_type}), {source.label} is {ckpt.architecture} ({ckpt.model_type}); "
+                    "only fine-tunes of one base model can be merged",
+                )
+            )
             continue
         ref_layers = ref_ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
         layers = ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
         if ref_layers != layers:
-            problems.append(Problem(
-                "error",
-                f"different depth: {reference.label} has {ref_layers} layers, {source.label} has "
-                f"{layers}; layer-stacking merges are not supported, pick models of one base",
-            ))
+            problems.append(
+                Problem(
+                    "error",
+                    f"different depth: {reference.label} has {ref_layers} layers, {source.label} has "
+                    f"{layers}; layer-stacking merges are not supported, pick models of one base",
+                )
+            )
         missing = [n for n in ref_ckpt.tensors if n not in ckpt.tensors]
         extra = [n for n in ckpt.tensors if n not in ref_ckpt.tensors]
         if missing:
-            problems.append(Problem(
-                "error",
-                f"{source.label} lacks {len(missing)} tensor(s) that {reference.label} has: "
-                f"{_names(missing)}",
-            ))
+            problems.append(
+                Problem(
+                    "error",
+                    f"{source.label} lacks {len(missing)} tensor(s) that {reference.label} has: "
+                    f"{_names(missing)}",
+                )
+            )
         if extra:
-            problems.append(Problem(
-                "error",
-                f"{source.label} has {len(extra)} tensor(s) that {reference.label} lacks: "
-                f"{_names(extra)}",
-            ))
+            problems.append(
+                Problem(
+                    "error",
+                    f"{source.label} has {len(extra)} tensor(s) that {reference.label} lacks: "
+                    f"{_names(extra)}",
+                )
+            )
         vocab_shapes = []
         for name, spec in ref_ckpt.tensors.items():
             other = ckpt.tensors.get(name)
@@ -256,29 +274,35 @@ def check_compatibility(sources: list[Source]) -> list[Problem]:
             if _is_vocab_tensor(name) and other.shape[1:] == spec.shape[1:]:
                 vocab_shapes.append(name)
                 continue
-            problems.append(Problem(
-                "error",
-                f"shape mismatch in {name}: {reference.label} has {list(spec.shape)}, "
-                f"{source.label} has {list(other.shape)}",
-            ))
+            problems.append(
+                Problem(
+                    "error",
+                    f"shape mismatch in {name}: {reference.label} has {list(spec.shape)}, "
+                    f"{source.label} has {list(other.shape)}",
+                )
+            )
         ref_vocab = ref_ckpt.config_value("vocab_size")
         vocab = ckpt.config_value("vocab_size")
         if vocab_shapes or (ref_vocab != vocab and ref_vocab is not None and vocab is not None):
-            problems.append(Problem(
-                "error",
-                f"vocabulary size mismatch: {reference.label} has {ref_vocab} tokens, {source.label} "
-                f"has {vocab} ({_names(vocab_shapes) or 'config.json'} differ). Rows of different "
-                "vocabularies cannot be averaged. Fix: merge only models that share the base's "
-                "tokenizer, or resize the model's embeddings to the base's vocabulary "
-                "(model.resize_token_embeddings) and re-save it, if its added tokens are not needed",
-            ))
+            problems.append(
+                Problem(
+                    "error",
+                    f"vocabulary size mismatch: {reference.label} has {ref_vocab} tokens, {source.label} "
+                    f"has {vocab} ({_names(vocab_shapes) or 'config.json'} differ). Rows of different "
+                    "vocabularies cannot be averaged. Fix: merge only models that share the base's "
+                    "tokenizer, or resize the model's embeddings to the base's vocabulary "
+                    "(model.resize_token_embeddings) and re-save it, if its added tokens are not needed",
+                )
+            )
         if ref_ckpt.config.get("auto_map") or ckpt.config.get("auto_map"):
-            problems.append(Problem(
-                "warning",
-                f"{source.label if ckpt.config.get('auto_map') else reference.label} uses custom code "
-                "(auto_map in config.json); mergetui merges its weights but never runs that code, "
-                "and loading the output will need trust_remote_code",
-            ))
+            problems.append(
+                Problem(
+                    "warning",
+                    f"{source.label if ckpt.config.get('auto_map') else reference.label} uses custom code "
+                    "(auto_map in config.json); mergetui merges its weights but never runs that code, "
+                    "and loading the output will need trust_remote_code",
+                )
+            )
     for source in sources:
         if source.lora is None:
             continue
@@ -286,11 +310,13 @@ def check_compatibility(sources: list[Source]) -> list[Problem]:
             problems.append(Problem("error", f"LoRA adapter {source.lora.label} {text}"))
         adapter_base = source.lora.base_model_name
         if adapter_base and not _same_model(adapter_base, source):
-            problems.append(Problem(
-                "warning",
-                f"LoRA adapter {source.lora.label} was trained on {adapter_base!r}, applied here to "
-                f"{source.ref.text!r}; shapes match, so it is applied — check that this is intended",
-            ))
+            problems.append(
+                Problem(
+                    "warning",
+                    f"LoRA adapter {source.lora.label} was trained on {adapter_base!r}, applied here to "
+                    f"{source.ref.text!r}; shapes match, so it is applied — check that this is intended",
+                )
+            )
     return problems
 
 

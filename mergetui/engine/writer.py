@@ -104,7 +104,11 @@ class ShardedWriter:
             self._next_shard()
         expected = self.shards[self._shard_index][self._position]
         actual_dtype = str(tensor.dtype).removeprefix("torch.")
-        if expected.name != name or tuple(tensor.shape) != expected.shape or actual_dtype != expected.dtype:
+        if (
+            expected.name != name
+            or tuple(tensor.shape) != expected.shape
+            or actual_dtype != expected.dtype
+        ):
             raise RuntimeError(
                 f"writer: expected {expected.name} {list(expected.shape)} {expected.dtype}, got "
                 f"{name} {list(tensor.shape)} {actual_dtype}"
@@ -130,8 +134,11 @@ class ShardedWriter:
             raise RuntimeError(f"writer: {written} of {planned} planned tensors were written")
         files = [self.directory / name for name in self.names]
         if len(self.shards) > 1:
-            weight_map = {t.name: file for file, shard in zip(self.names, self.shards, strict=True)
-                          for t in shard}
+            weight_map = {
+                t.name: file
+                for file, shard in zip(self.names, self.shards, strict=True)
+                for t in shard
+            }
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
             files.append(self.directory / INDEX_NAME)

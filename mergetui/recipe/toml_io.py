@@ -16,12 +16,16 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 
-def parse_recipe(text: str, *, base_dir: Path | None = None, source_file: str | None = None) -> Recipe:
+def parse_recipe(
+    text: str, *, base_dir: Path | None = None, source_file: str | None = None
+) -> Recipe:
     """Parse and validate recipe TOML text."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise RecipeError([f"not valid TOML: {exc}; fix the syntax at that line"], source_file) from exc
+        raise RecipeError(
+            [f"not valid TOML: {exc}; fix the syntax at that line"], source_file
+        ) from exc
     return validate_recipe_data(data, base_dir=base_dir, source_file=source_file)
 
 
@@ -67,8 +71,9 @@ def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str,
             item["lora"] = ref(entry.lora)
         item.update(entry.parameters)
         models.append(item)
-    output: dict[str, Any] = {"path": str(recipe.output_dir.resolve()) if absolute_paths
-                              else recipe.output_path}
+    output: dict[str, Any] = {
+        "path": str(recipe.output_dir.resolve()) if absolute_paths else recipe.output_path
+    }
     if recipe.shard_size != DEFAULT_SHARD_SIZE:
         output["shard_size"] = recipe.shard_size
     return {"version": recipe.version, "merge": merge, "models": models, "output": output}

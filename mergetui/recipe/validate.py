@@ -82,8 +82,11 @@ def validate_recipe_data(
             out.add(_unknown_key("", key, TOP_KEYS))
 
     version = data.get("version", RECIPE_VERSION)
-    if version != RECIPE_VERSION:
-        out.add(f"version: this mergetui reads recipe version {RECIPE_VERSION}, not {version!r}")
+    if isinstance(version, bool) or version != RECIPE_VERSION:
+        out.add(
+            f"version: this mergetui reads recipe version {RECIPE_VERSION}, not {version!r}; "
+            f"set version = {RECIPE_VERSION}"
+        )
 
     merge = out.table(data, "merge", "")
     if merge is None:
@@ -115,8 +118,10 @@ def validate_recipe_data(
 
     dtype = out.string(merge, "dtype", "merge.")
     if dtype is not None and dtype not in DTYPES:
-        out.add(f"merge.dtype: {dtype!r} is not supported{did_you_mean(dtype, DTYPES)}; use one of "
-                f"{', '.join(DTYPES)} (or leave it out to keep the base's dtype)")
+        out.add(
+            f"merge.dtype: {dtype!r} is not supported{did_you_mean(dtype, DTYPES)}; use one of "
+            f"{', '.join(DTYPES)} (or leave it out to keep the base's dtype)"
+        )
 
     seed = merge.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -125,7 +130,7 @@ def validate_recipe_data(
 
     device = out.string(merge, "device", "merge.") or "auto"
     if not _DEVICE_RE.match(device):
-        out.add(f"merge.device: {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+        out.add(f"merge.device: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
     tokenizer = out.string(merge, "tokenizer", "merge.") or "base"
 
@@ -133,13 +138,15 @@ def validate_recipe_data(
     global_params = _validate_global_params(out, spec, global_raw)
 
     models = _validate_models(out, spec, data, global_raw, base)
-    if spec is not None and models is not None:
+    if spec is not None and models:  # an empty list was already reported
         _check_model_count(out, spec, len(models))
         _check_weight_sum(out, spec, global_params, models)
     if tokenizer != "base" and models is not None and tokenizer not in [m.model for m in models]:
         choices = ["base"] + [m.model for m in models]
-        out.add(f"merge.tokenizer: {tokenizer!r} is neither \"base\" nor a model of this recipe"
-                f"{did_you_mean(tokenizer, choices)}; use \"base\" or one of the [[models]] `model` values")
+        out.add(
+            f'merge.tokenizer: {tokenizer!r} is neither "base" nor a model of this recipe'
+            f'{did_you_mean(tokenizer, choices)}; use "base" or one of the [[models]] `model` values'
+        )
 
     output = out.table(data, "output", "")
     output_path = None
@@ -158,7 +165,7 @@ def validate_recipe_data(
             try:
                 shard_size = parse_size(output["shard_size"])
             except ValueError as exc:
-                out.add(f"output.shard_size: {exc}")
+                out.add(f'output.shard_size: {exc}; e.g. shard_size = "2GB"')
 
     if out.problems:
         raise RecipeError(out.problems, source_file)
@@ -185,10 +192,14 @@ def _param_problem(where: str, spec: MethodSpec, name: str) -> str:
     owners = _other_methods_with(name, spec.name)
     names = [p.name for p in spec.params]
     if owners:
-        return (f"{where}{name}: the {spec.name} method takes no `{name}` (it belongs to "
-                f"{', '.join(owners)}); {spec.name} takes: {', '.join(names) or 'no parameters'}")
-    return (f"{where}{name}: unknown parameter{did_you_mean(name, names)}; {spec.name} takes: "
-            f"{', '.join(names) or 'no parameters'}")
+        return (
+            f"{where}{name}: the {spec.name} method takes no `{name}` (it belongs to "
+            f"{', '.join(owners)}); {spec.name} takes: {', '.join(names) or 'no parameters'}"
+        )
+    return (
+        f"{where}{name}: unknown parameter{did_you_mean(name, names)}; {spec.name} takes: "
+        f"{', '.join(names) or 'no parameters'}"
+    )
 
 
 def _coerce(out: _Collector, where: str, param: ParamSpec, value: Any) -> Any:
@@ -217,8 +228,11 @@ def _validate_global_params(
         if param.name in params:
             continue
         if param.required:
-            out.add(f"merge.parameters.{param.name}: required by {spec.name} ({param.help}); add "
-                    f"{param.name} = ... {param.range_text()} under [merge.parameters]".rstrip())
+            in_range = f" (in {param.range_text()})" if param.range_text() else ""
+            out.add(
+                f"merge.parameters.{param.name}: required by {spec.name} ({param.help}); add "
+                f"{param.name} = ...{in_range} under [merge.parameters]"
+            )
         else:
             params[param.name] = param.default
     return params
@@ -233,7 +247,9 @@ def _validate_models(
 ) -> list[ModelEntry] | None:
     raw_models = data.get("models")
     if raw_models is None:
-        out.add('models: missing; add one [[models]] table per model, with model = "path/or/org-name"')
+        out.add(
+            'models: missing; add one [[models]] table per model, with model = "path/or/org-name"'
+        )
         return None
     if not isinstance(raw_models, list) or not all(isinstance(m, dict) for m in raw_models):
         out.add("models: must be an array of tables ([[models]] entries)")
@@ -260,8 +276,10 @@ def _validate_models(
                 else:
                     out.add(_unknown_key(where, key, allowed))
             elif param.scope == "global":
-                out.add(f"{where}{key}: `{key}` is method-wide, not per model; move it to "
-                        "[merge.parameters]")
+                out.add(
+                    f"{where}{key}: `{key}` is method-wide, not per model; move it to "
+                    "[merge.parameters]"
+                )
             else:
                 params[key] = _coerce(out, where, param, value)
         if spec is not None:
@@ -272,13 +290,17 @@ def _validate_models(
                     converted, problem = param.coerce(global_raw[param.name])
                     params[param.name] = converted if problem is None else None
                 elif param.required:
-                    out.add(f"{where}{param.name}: required by {spec.name} ({param.help}); add "
-                            f"{param.name} = ... to this model or to [merge.parameters]")
+                    out.add(
+                        f"{where}{param.name}: required by {spec.name} ({param.help}); add "
+                        f"{param.name} = ... to this model or to [merge.parameters]"
+                    )
                 else:
                     params[param.name] = param.default
             if spec.needs_base and base is not None and model == base and lora is None:
-                out.add(f"{where}model: this is the base model itself, whose task vector is zero; "
-                        "remove it from [[models]] (the base is set by merge.base)")
+                out.add(
+                    f"{where}model: this is the base model itself, whose task vector is zero; "
+                    "remove it from [[models]] (the base is set by merge.base)"
+                )
         if model is not None:
             entries.append(ModelEntry(model=model, lora=lora, parameters=params))
     if not raw_models:
@@ -291,8 +313,11 @@ def _check_model_count(out: _Collector, spec: MethodSpec, count: int) -> None:
     too_many = spec.max_models is not None and count > spec.max_models
     if too_few or too_many:
         besides = " besides merge.base" if spec.needs_base else ""
-        out.add(f"models: {spec.name} takes {spec.model_count_text()} [[models]] "
-                f"entr{'y' if spec.max_models == 1 else 'ies'}{besides}, got {count}")
+        fix = "remove the extra entries" if too_many else "add [[models]] entries"
+        out.add(
+            f"models: {spec.name} takes {spec.model_count_text()} [[models]] "
+            f"entr{'y' if spec.max_models == 1 else 'ies'}{besides}, got {count}; {fix}"
+        )
 
 
 def _check_weight_sum(
@@ -304,6 +329,8 @@ def _check_weight_sum(
     if any(w is None for w in weights):
         return
     if abs(sum(weights)) < 1e-8:
-        out.add(f"models: the weights sum to 0 and normalize is on, which would divide by zero; "
-                f"change a weight or set normalize = false under [merge.parameters] "
-                f"(weights: {', '.join(str(w) for w in weights)})")
+        out.add(
+            f"models: the weights sum to 0 and normalize is on, which would divide by zero; "
+            f"change a weight or set normalize = false under [merge.parameters] "
+            f"(weights: {', '.join(str(w) for w in weights)})"
+        )

@@ -80,7 +80,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str
         with path.open("rb") as handle:
             prefix = handle.read(8)
             if len(prefix) < 8:
-                raise SourceError(f"{path}: not a safetensors file (only {size} bytes); re-download it")
+                raise SourceError(
+                    f"{path}: not a safetensors file (only {size} bytes); re-download it"
+                )
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
                 raise SourceError(
@@ -93,7 +95,9 @@ def read_safetensors_header(path: Path) -> tuple[dict[str, TensorSpec], dict[str
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: corrupt safetensors header ({exc}); re-download or re-save it") from exc
+        raise SourceError(
+            f"{path}: corrupt safetensors header ({exc}); re-download or re-save it"
+        ) from exc
     if not isinstance(header, dict):
         raise SourceError(f"{path}: corrupt safetensors header (not a JSON object)")
     metadata = header.pop("__metadata__", None) or {}
@@ -287,9 +291,9 @@ def open_checkpoint(directory: Path, label: str | None = None) -> Checkpoint:
     )
 
 
-def _shard_files(directory: Path, label: str, index: Path | None, default: str) -> tuple[
-    list[Path], dict[str, str] | None
-]:
+def _shard_files(
+    directory: Path, label: str, index: Path | None, default: str
+) -> tuple[list[Path], dict[str, str] | None]:
     if index is None:
         return [directory / default], None
     weight_map = _read_index(index, label)
@@ -312,19 +316,25 @@ def _open_safetensors(
         specs, _ = read_safetensors_header(file)
         for name, spec in specs.items():
             if name in tensors:
-                raise SourceError(f"{label}: tensor {name!r} appears in two shards ({file.name} and "
-                                  f"{tensors[name].file.name})")
+                raise SourceError(
+                    f"{label}: tensor {name!r} appears in two shards ({file.name} and "
+                    f"{tensors[name].file.name})"
+                )
             tensors[name] = spec
     if weight_map is not None:
         for name, file_name in weight_map.items():
             spec = tensors.get(name)
             if spec is None or spec.file.name != file_name:
-                raise SourceError(f"{label}: the shard index maps {name!r} to {file_name}, but that "
-                                  "file does not hold it; re-download the model")
+                raise SourceError(
+                    f"{label}: the shard index maps {name!r} to {file_name}, but that "
+                    "file does not hold it; re-download the model"
+                )
     return Checkpoint(label, directory, config, tensors, files, "safetensors")
 
 
-def _open_bin(directory: Path, label: str, config: dict[str, Any], index: Path | None) -> Checkpoint:
+def _open_bin(
+    directory: Path, label: str, config: dict[str, Any], index: Path | None
+) -> Checkpoint:
     files, _ = _shard_files(directory, label, index, "pytorch_model.bin")
     tensors: dict[str, TensorSpec] = {}
     checkpoint = Checkpoint(label, directory, config, tensors, files, "bin")

@@ -145,6 +145,14 @@ def _delta_shape(
     return shape
 
 
+def _split_piece(short_name: str) -> tuple[str, str] | None:
+    """``(module, piece kind)`` for a LoRA tensor name, None for a tensor saved whole."""
+    for suffix, kind in _PIECES.items():
+        if short_name.endswith(suffix):
+            return short_name[: -len(suffix)], kind
+    return None
+
+
 def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rule: a pattern key matches a module name that ends with it at a dot boundary."""
     for key, value in patterns.items():
@@ -160,19 +168,24 @@ def open_lora(directory: Path, label: str | None = None) -> LoraAdapter:
     if not directory.is_dir():
         raise SourceError(f"LoRA adapter {label}: folder not found: {directory}")
     if not config_path.is_file():
-        raise SourceError(f"LoRA adapter {label}: no adapter_config.json in {directory}; "
-                          "point `lora` to a folder saved by PEFT's save_pretrained")
+        raise SourceError(
+            f"LoRA adapter {label}: no adapter_config.json in {directory}; "
+            "point `lora` to a folder saved by PEFT's save_pretrained"
+        )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SourceError(f"{config_path}: cannot read: {exc}") from exc
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise SourceError(f"LoRA adapter {label}: peft_type is {peft_type}; only LORA adapters can "
-                          "be folded in")
+        raise SourceError(
+            f"LoRA adapter {label}: peft_type is {peft_type}; only LORA adapters can be folded in"
+        )
     if config.get("use_dora"):
-        raise SourceError(f"LoRA adapter {label}: DoRA adapters (use_dora=true) are not supported "
-                          "yet; merge it with PEFT's merge_and_unload and use the result as a model")
+        raise SourceError(
+            f"LoRA adapter {label}: DoRA adapters (use_dora=true) are not supported "
+            "yet; merge it with PEFT's merge_and_unload and use the result as a model"
+        )
 
     st_file = directory / "adapter_model.safetensors"
     bin_file = directory / "adapter_model.bin"
@@ -196,13 +209,11 @@ def open_lora(directory: Path, label: str | None = None) -> LoraAdapter:
         if "lora_magnitude_vector" in name:
             raise SourceError(f"LoRA adapter {label}: {name} is a DoRA magnitude; not supported")
         short = name.removeprefix(_PREFIX)
-        for suffix, kind in _PIECES.items():
-            if short.endswith(suffix):
-                module = short[: -len(suffix)]
-                break
-        else:
+        piece = _split_piece(short)
+        if piece is None:
             replacements[short] = name  # saved whole (modules_to_save)
             continue
+        module, kind = piece
         if kind.startswith("replace_"):
             replacements[f"{module}.{kind.removeprefix('replace_')}"] = name
         target = targets.get(module)

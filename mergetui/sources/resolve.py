@@ -44,7 +44,9 @@ def resolve_dir(ref: ModelRef) -> Path:
     name = f"{ref.repo_id}@{ref.revision}" if ref.revision else ref.repo_id
     try:
         folder = Path(
-            snapshot_download(ref.repo_id, revision=ref.revision, allow_patterns=MODEL_FILE_PATTERNS)
+            snapshot_download(
+                ref.repo_id, revision=ref.revision, allow_patterns=MODEL_FILE_PATTERNS
+            )
         )
         if not any(folder.glob("*.safetensors")):
             folder = Path(
@@ -55,17 +57,24 @@ def resolve_dir(ref: ModelRef) -> Path:
                 )
             )
     except GatedRepoError as exc:
-        raise SourceError(f"{name}: this repo is gated or private; log in with `hf auth login` or "
-                          "set HF_TOKEN") from exc
+        raise SourceError(
+            f"{name}: this repo is gated or private; log in with `hf auth login` or set HF_TOKEN"
+        ) from exc
     except RevisionNotFoundError as exc:
         raise SourceError(f"{name}: revision {ref.revision!r} not found on the Hub") from exc
     except RepositoryNotFoundError as exc:
-        raise SourceError(f"{name}: no such model on the Hub (or it is private: log in with "
-                          "`hf auth login` or set HF_TOKEN)") from exc
+        raise SourceError(
+            f"{name}: no such model on the Hub (or it is private: log in with "
+            "`hf auth login` or set HF_TOKEN)"
+        ) from exc
     except LocalEntryNotFoundError as exc:
-        fetch = f"hf download {ref.repo_id}" + (f" --revision {ref.revision}" if ref.revision else "")
-        raise SourceError(f"model {name} is not in the cache and the Hub cannot be reached (offline?); "
-                          f"run `{fetch}` where the Hub is reachable") from exc
+        fetch = f"hf download {ref.repo_id}" + (
+            f" --revision {ref.revision}" if ref.revision else ""
+        )
+        raise SourceError(
+            f"model {name} is not in the cache and the Hub cannot be reached (offline?); "
+            f"run `{fetch}` where the Hub is reachable"
+        ) from exc
     except OSError as exc:
         raise SourceError(f"{name}: download failed: {exc}") from exc
     return folder

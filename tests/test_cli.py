@@ -1,0 +1,243 @@
+"""The `mergetui` command as a user runs it: real subprocesses, exit codes, output, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import tree_digest
+
+EXE = [sys.executable, "-m", "mergetui"]
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*EXE, *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=240,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+
+
+def ties_recipe(models: dict[str, Path], out: Path, **extra: str) -> str:
+    return f"""
+version = 1
+[merge]
+method = "ties"
+base = "{models["base"]}"
+device = "cpu"
+[merge.parameters]
+density = 0.5
+[[models]]
+model = "{models["ft_a"]}"
+weight = 0.5
+[[models]]
+model = "{extra.get("second", models["ft_b"])}"
+weight = 0.5
+[output]
+path = "{out}"
+"""
+
+
+def test_help_is_fast_and_imports_no_torch() -> None:
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from mergetui.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "assert 'run' in result.output and 'check' in result.output\n"
+        "heavy = [m for m in ('torch', 'transformers', 'textual', 'safetensors') if m in sys.modules]\n"
+        "print(','.join(heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == ""
+
+
+def test_run_json_lines_and_exit_zero(
+    tmp_path: Path, models: dict[str, Path], write_recipe: Callable[..., Path]
+) -> None:
+    recipe = write_recipe(ties_recipe(models, tmp_path / "merged"))
+    result = run_cli("run", str(recipe), "--json")
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "plan" and kinds[-1] == "done"
+    tensor_events = [e for e in events if e["event"] == "tensor"]
+    assert tensor_events[-1]["tensors_done"] == tensor_events[-1]["tensors_total"] == 21
+    last = tensor_events[-1]
+    assert last["bytes_read"] == last["bytes_to_read"] > 0 and last["peak_rss_bytes"] > 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_run_human_output_and_replay_of_saved_recipe(
+    tmp_path: Path, models: dict[str, Path], write_recipe: Callable[..., Path]
+) -> None:
+    recipe = write_recipe(ties_recipe(models, tmp_path / "merged"))
+    first = run_cli("run", str(recipe))
+    assert first.returncode == 0, first.stderr
+    assert "done" in first.stdout and str(tmp_path / "merged") in first.stdout
+    saved = tmp_path / "merged" / "mergetui.toml"
+    again = run_cli("run", str(saved), "--output", str(tmp_path / "replayed"), cwd=Path("/"))
+    assert again.returncode == 0, again.stderr
+    a = (tmp_path / "merged" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "replayed" / "model.safetensors").read_bytes()
+
+
+def test_invalid_recipe_exits_2_and_creates_nothing(
+    tmp_path: Path, models: dict[str, Path], write_recipe: Callable[..., Path]
+) -> None:
+    text = ties_recipe(models, tmp_path / "merged").replace("density = 0.5", "densty = 0.5")
+    recipe = write_recipe(text)
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 2
+    assert "recipe.toml" in result.stderr and "merge.parameters.densty" in result.stderr
+    assert "did you mean `density`" in result.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_incompatible_models_exit_2(
+    tmp_path: Path, models: dict[str, Path], write_recipe: Callable[..., Path]
+) -> None:
+    recipe = write_recipe(ties_recipe(models, tmp_path / "merged", second=str(models["qwen2"])))
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 2
+    assert "different architectures" in result.stdout + result.stderr
+    assert not (tmp_path / "merged").exists()
+
+
+def test_existing_output_exit_2_without_force(
+    tmp_path: Path, models: dict[str, Path], write_recipe: Callable[..., Path]
+) -> None:
+    (tmp_path / "merged").mkdir()
+    recipe = write_recipe(ties_recipe(models, tmp_path / "merged"))
+    result = run_cli("run", str(recipe))
+    assert result.returncode == 2 and "--force" in result.stderr
+    assert run_cli("run", str(recipe), "--force").returncode == 0
+
+
+def test_check_table_and_dry_run_read_no_weights(
+    tmp_path: Path, models: dict[str, Path], write_recipe: Callable[..., Path]
+) -> None:
+    """The data region of a model is destroyed, its header kept: check and dry-run still pass."""
+    import shutil
+
+    hollow = tmp_path / "hollow"
+    shutil.copytree(models["ft_b"], hollow)
+    for shard in hollow.glob("*.safetensors"):
+        data = bytearray(shard.read_bytes())
+        header_end = 8 + int.from_bytes(data[:8], "little")
+        data[header_end:] = b"\xff" * (len(data) - header_end)
+        shard.write_bytes(bytes(data))
+    recipe = write_recipe(ties_recipe(models, tmp_path / "merged", second=str(hollow)))
+    check = run_cli("check", str(recipe))
+    assert check.returncode == 0, check.stderr
+    for text in ("LlamaForCausalLM", "llama", "bfloat16", "compatible", "peak memory"):
+        assert text in check.stdout
+    dry = run_cli("run", str(recipe), "--dry-run", "--json")
+    assert dry.returncode == 0, dry.stderr
+    plan = json.loads(dry.stdout)
+    assert plan["ok"] and len(plan["models"]) == 3 and plan["estimates"]["output_bytes"] > 0
+    assert not (tmp_path / "merged").exists()
+
+
+def _big_model(directory: Path, tensors: int, seed: int) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    directory.mkdir()
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "num_hidden_layers": tensors,
+        "vocab_size": 128,
+        "hidden_size": 1024,
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    generator = torch.Generator().manual_seed(seed)
+    state = {
+        f"model.layers.{i}.mlp.weight": torch.randn(256, 1024, generator=generator)
+        for i in range(tensors)
+    }
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupted_run_exits_130_and_leaves_nothing(
+    tmp_path: Path, write_recipe: Callable[..., Path], sig: signal.Signals
+) -> None:
+    a = _big_model(tmp_path / "a", 96, seed=1)
+    b = _big_model(tmp_path / "b", 96, seed=2)
+    before = tree_digest(a), tree_digest(b)
+    recipe = write_recipe(f"""
+[merge]
+method = "linear"
+device = "cpu"
+[[models]]
+model = "{a}"
+weight = 1
+[[models]]
+model = "{b}"
+weight = 2
+[output]
+path = "{tmp_path / "out"}"
+shard_size = "20MB"
+""")
+    process = subprocess.Popen(
+        [*EXE, "run", str(recipe), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    for line in process.stdout:
+        if json.loads(line)["event"] == "tensor":
+            process.send_signal(sig)
+            break
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert '"event":"cancelled"' in stdout
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert (tree_digest(a), tree_digest(b)) == before
+
+
+def test_methods_lists_registry() -> None:
+    result = run_cli("methods")
+    assert result.returncode == 0
+    for name in (
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "passthrough",
+    ):
+        assert name in result.stdout
+    assert "density (float in (0, 1]" in result.stdout
+
+
+def test_demo_builds_merges_and_generates(tmp_path: Path) -> None:
+    started = time.perf_counter()
+    result = run_cli("demo", "--dir", str(tmp_path / "demo"))
+    assert result.returncode == 0, result.stderr
+    assert "loads and generates" in result.stdout
+    merged = tmp_path / "demo" / "merged"
+    assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
+    assert time.perf_counter() - started < 120
+    second = run_cli("demo", "--dir", str(tmp_path / "demo"))  # cached models, output replaced
+    assert second.returncode == 0, second.stderr
