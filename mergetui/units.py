@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {
@@ -56,7 +57,7 @@ def format_bytes(count: float) -> str:
 
 
 def format_count(count: float) -> str:
-    """Format a parameter count, e.g. ``1.2B`` or ``350M``."""
+    """Format a parameter count, e.g. ``1.2B`` or ``350.0M``."""
     for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if count >= size:
             return f"{count / size:.1f}{unit}"
@@ -65,9 +66,9 @@ def format_count(count: float) -> str:
 
 def format_duration(seconds: float | None) -> str:
     """Format seconds as ``1h02m``, ``3m05s`` or ``12.3s``; ``--`` when unknown."""
-    if seconds is None or seconds != seconds or seconds < 0:
+    if seconds is None or not math.isfinite(seconds) or seconds < 0:
         return "--"
-    if seconds < 60:
+    if round(seconds, 1) < 60:
         return f"{seconds:.1f}s"
     minutes, secs = divmod(int(round(seconds)), 60)
     if minutes < 60:
