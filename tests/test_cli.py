@@ -241,3 +241,54 @@ def test_demo_builds_merges_and_generates(tmp_path: Path) -> None:
     assert time.perf_counter() - started < 120
     second = run_cli("demo", "--dir", str(tmp_path / "demo"))  # cached models, output replaced
     assert second.returncode == 0, second.stderr
+
+
+def _fill_hub_cache(hf_home: Path, repo_id: str, source: Path) -> None:
+    """Lay out a model in the standard HF cache, as `hf download` would have left it."""
+    import shutil
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(source, repo / "snapshots" / commit)
+
+
+def test_hub_ids_resolve_offline_from_the_cache(
+    tmp_path: Path, models: dict[str, Path], write_recipe: Callable[..., Path]
+) -> None:
+    hf_home = tmp_path / "hf"
+    _fill_hub_cache(hf_home, "acme/tiny-base", models["base"])
+    _fill_hub_cache(hf_home, "acme/tiny-ft", models["ft_a"])
+    recipe = write_recipe(f"""
+[merge]
+method = "task_arithmetic"
+base = "acme/tiny-base"
+device = "cpu"
+[[models]]
+model = "acme/tiny-ft@main"
+weight = 1.0
+[[models]]
+model = "acme/not-downloaded"
+weight = 1.0
+[output]
+path = "{tmp_path / "out"}"
+""")
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HF_TOKEN", None)
+    missing = subprocess.run(
+        [*EXE, "run", str(recipe)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert missing.returncode == 2
+    assert "acme/not-downloaded is not in the cache" in missing.stderr
+    assert "hf download acme/not-downloaded" in missing.stderr
+    recipe.write_text(
+        recipe.read_text().replace('[[models]]\nmodel = "acme/not-downloaded"\nweight = 1.0\n', "")
+    )
+    ok = subprocess.run(
+        [*EXE, "run", str(recipe)], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert ok.returncode == 0, ok.stderr
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "- acme/tiny-base" in card and "- acme/tiny-ft" in card
