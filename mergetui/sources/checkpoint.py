@@ -192,7 +192,7 @@ class Checkpoint:
         if self.format == "bin":
             state = self._bin_state.get(spec.file)
             if state is None:
-                state = self._bin_state[spec.file] = _load_bin(spec.file)
+                state = self._bin_state[spec.file] = load_bin_state(spec.file)
             return state[name].clone()
         dtype = getattr(torch, spec.dtype)
         if spec.nbytes == 0:
@@ -223,7 +223,7 @@ class Checkpoint:
         self.close()
 
 
-def _load_bin(path: Path) -> dict[str, Any]:
+def load_bin_state(path: Path) -> dict[str, Any]:
     import pickle
 
     import torch
@@ -240,21 +240,26 @@ def _load_bin(path: Path) -> dict[str, Any]:
     return state
 
 
+def read_json_object(path: Path, missing: str) -> dict[str, Any]:
+    """A JSON object from ``path``; ``missing`` is the whole error message when the file is absent."""
+    if not path.is_file():
+        raise SourceError(missing)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(f"{path}: cannot read {path.name}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SourceError(f"{path}: {path.name} is not a JSON object")
+    return data
+
+
 def read_config(directory: Path, label: str) -> dict[str, Any]:
     """config.json as a dict, with errors that name the model and the fix."""
-    path = directory / "config.json"
-    if not path.is_file():
-        raise SourceError(
-            f"{label}: no config.json in {directory}; point to a Hugging Face model folder "
-            "(saved with save_pretrained)"
-        )
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{path}: cannot read config.json: {exc}") from exc
-    if not isinstance(config, dict):
-        raise SourceError(f"{path}: config.json is not a JSON object")
-    return config
+    return read_json_object(
+        directory / "config.json",
+        f"{label}: no config.json in {directory}; point to a Hugging Face model folder "
+        "(saved with save_pretrained)",
+    )
 
 
 def _read_index(index_path: Path, label: str) -> dict[str, str]:
@@ -339,7 +344,7 @@ def _open_bin(
     tensors: dict[str, TensorSpec] = {}
     checkpoint = Checkpoint(label, directory, config, tensors, files, "bin")
     for file in files:
-        state = checkpoint._bin_state[file] = _load_bin(file)
+        state = checkpoint._bin_state[file] = load_bin_state(file)
         for name, value in state.items():
             if not hasattr(value, "shape"):
                 continue

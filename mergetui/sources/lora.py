@@ -9,7 +9,6 @@ up front; the model's own tensors stream as usual, so no merged copy of the mode
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -17,7 +16,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergetui.errors import SourceError
-from mergetui.sources.checkpoint import TensorSpec, _load_bin, read_safetensors_header
+from mergetui.sources.checkpoint import (
+    TensorSpec,
+    load_bin_state,
+    read_json_object,
+    read_safetensors_header,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -167,15 +171,11 @@ def open_lora(directory: Path, label: str | None = None) -> LoraAdapter:
     config_path = directory / "adapter_config.json"
     if not directory.is_dir():
         raise SourceError(f"LoRA adapter {label}: folder not found: {directory}")
-    if not config_path.is_file():
-        raise SourceError(
-            f"LoRA adapter {label}: no adapter_config.json in {directory}; "
-            "point `lora` to a folder saved by PEFT's save_pretrained"
-        )
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SourceError(f"{config_path}: cannot read: {exc}") from exc
+    config = read_json_object(
+        config_path,
+        f"LoRA adapter {label}: no adapter_config.json in {directory}; "
+        "point `lora` to a folder saved by PEFT's save_pretrained",
+    )
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise SourceError(
@@ -193,7 +193,7 @@ def open_lora(directory: Path, label: str | None = None) -> LoraAdapter:
     if st_file.is_file():
         tensors, _ = read_safetensors_header(st_file)
     elif bin_file.is_file():
-        state = _load_bin(bin_file)
+        state = load_bin_state(bin_file)
         tensors = {
             name: TensorSpec(name, str(v.dtype).removeprefix("torch."), tuple(v.shape), bin_file)
             for name, v in state.items()
