@@ -40,12 +40,13 @@ from mergetui.errors import (
     MergeTuiError,
     OutputError,
 )
-from mergetui.methods.inputs import TensorInputs
+from mergetui.methods.inputs import TensorInputs, Workspace
 
 if TYPE_CHECKING:
     import torch
 
-_QUEUE_DEPTH = 2
+_READ_AHEAD = 1  # tensors read ahead of the one being merged
+_WRITE_BEHIND = 2  # merged tensors waiting for the writer
 _POLL_S = 0.2
 _DONE = object()
 
@@ -196,6 +197,21 @@ class _Run:
         self.math_roles = [s.role for s in plan.sources if s.role != "base" or method.needs_base]
         self.by_role = {s.role: s for s in plan.sources}
         self.model_params = [dict(e.parameters) for e in plan.recipe.models]
+        self.workspace = Workspace()
+        self.read_roles = list(self.math_roles)
+        if plan.reference.role not in self.read_roles:
+            self.read_roles.insert(0, plan.reference.role)
+        # Raw read buffers, reused: one set being merged, one being filled ahead of it.
+        self.free_slots: queue.Queue[dict[str, bytearray]] = queue.Queue()
+        largest = {
+            role: max(
+                (self.by_role[role].checkpoint.tensors[t.name].nbytes for t in plan.tensors),
+                default=0,
+            )
+            for role in self.read_roles
+        }
+        for _ in range(_READ_AHEAD + 1):
+            self.free_slots.put({role: bytearray(size) for role, size in largest.items()})
 
     def event(self, kind: str, message: str = "") -> ProgressEvent:
         elapsed = time.perf_counter() - self.started
@@ -222,18 +238,21 @@ class _Run:
         )
 
     # -- stage 1: reading ----------------------------------------------------------------------
-    def _read_inputs(self, tensor: PlannedTensor) -> dict[str, torch.Tensor]:
-        roles = list(self.math_roles)
-        if not tensor.merge and self.plan.reference.role not in roles:
-            roles.insert(0, self.plan.reference.role)
-        return {role: self.by_role[role].checkpoint.read(tensor.name) for role in roles}
+    def _read_inputs(
+        self, tensor: PlannedTensor, slot: dict[str, bytearray]
+    ) -> dict[str, torch.Tensor]:
+        roles = self.math_roles if tensor.merge else self.read_roles
+        return {
+            role: self.by_role[role].checkpoint.read(tensor.name, into=slot[role]) for role in roles
+        }
 
     def _reader(self, out_queue: queue.Queue[Any]) -> None:
         try:
             for tensor in self.plan.tensors:
-                if self.cancel.is_set():
+                slot = _get(self.free_slots, self.cancel)
+                if slot is None:
                     return
-                _put(out_queue, (tensor, self._read_inputs(tensor)), self.cancel)
+                _put(out_queue, (tensor, self._read_inputs(tensor, slot), slot), self.cancel)
             _put(out_queue, _DONE, self.cancel)
         except BaseException as exc:  # handed to the compute stage, which re-raises it
             _put(out_queue, exc, self.cancel)
@@ -265,8 +284,8 @@ class _Run:
         plan = self.plan
         outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors]
         writer = ShardedWriter(self.directory, outputs, plan.recipe.shard_size)
-        read_queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
-        write_queue: queue.Queue[Any] = queue.Queue(maxsize=_QUEUE_DEPTH)
+        read_queue: queue.Queue[Any] = queue.Queue(maxsize=_READ_AHEAD)
+        write_queue: queue.Queue[Any] = queue.Queue(maxsize=_WRITE_BEHIND)
         writer_errors: list[BaseException] = []
         files: list[Path] = []
         stop = self.cancel
@@ -288,11 +307,11 @@ class _Run:
                 for item in _drain(read_queue, stop):
                     if isinstance(item, BaseException):
                         raise item
-                    tensor, raw = item
+                    tensor, raw, slot = item
                     self.current = tensor.name
                     self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
-                    result = self._compute(tensor, raw)
-                    del raw
+                    result = self._compute(tensor, raw, slot)
+                    del raw, item
                     _put(write_queue, (tensor.name, result), stop)
                     del result
                     self.done += 1
@@ -315,7 +334,10 @@ class _Run:
         self.current = ""
         return files
 
-    def _compute(self, tensor: PlannedTensor, raw: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _compute(
+        self, tensor: PlannedTensor, raw: dict[str, torch.Tensor], slot: dict[str, bytearray]
+    ) -> torch.Tensor:
+        """Merge one tensor; hands the read slot back as soon as its bytes are converted."""
         import torch
 
         plan = self.plan
@@ -328,20 +350,28 @@ class _Run:
                         f"{plan.reference.label} and {self.by_role[role].label}; integer tensors "
                         "cannot be merged — make them identical or drop that model"
                     )
-            return reference
+            copied = reference.clone()
+            self.free_slots.put(slot)
+            return copied
         device = plan.device
-        base = None
-        if plan.method.needs_base:
-            base = raw["base"].to(device=device, dtype=torch.float32)
+        workspace = self.workspace
+
+        def as_float(role: str) -> torch.Tensor:
+            value = raw[role]
+            return workspace.take(value.shape, device).copy_(value)
+
+        base = as_float("base") if plan.method.needs_base else None
         models = []
         for role in self.math_roles:
             if role == "base":
                 continue
-            value = raw[role].to(device=device, dtype=torch.float32)
+            value = as_float(role)
             lora = self.by_role[role].lora
             if lora is not None:
                 value = lora.apply(tensor.name, value)
             models.append(value)
+        raw.clear()
+        self.free_slots.put(slot)
         inputs = TensorInputs(
             name=tensor.name,
             base=base,
@@ -349,15 +379,42 @@ class _Run:
             model_params=self.model_params,
             params=dict(plan.recipe.parameters),
             seed=plan.recipe.seed,
+            workspace=workspace,
         )
         result = self.kernel(inputs)
         del inputs, base, models
-        if not bool(torch.isfinite(result).all()):
+        if not _all_finite(result):
             raise MergeFailed(
                 f"tensor {tensor.name} has NaN or infinite values after the {plan.method.name} "
                 "merge; check the inputs (a corrupt source?) and the parameters (huge weights?)"
             )
-        return result.to(dtype=getattr(torch, tensor.dtype)).cpu()
+        # A copy in every case: the result may live in a workspace buffer reused by the next tensor.
+        output = result.to(dtype=getattr(torch, tensor.dtype), device="cpu", copy=True)
+        del result
+        workspace.reset()
+        return output
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Cheap first: a float32 sum is finite unless some entry is not (or the sum overflows, which a
+    full check then rules out)."""
+    import math
+
+    import torch
+
+    if math.isfinite(float(tensor.sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
+def _get(source: queue.Queue[Any], stop: threading.Event) -> Any:
+    """Get with a timeout loop; None once ``stop`` is set."""
+    while not stop.is_set():
+        try:
+            return source.get(timeout=_POLL_S)
+        except queue.Empty:
+            continue
+    return None
 
 
 def _put(target: queue.Queue[Any], item: Any, stop: threading.Event) -> None:
