@@ -6,7 +6,7 @@ arithmetic) and without importing any helper from the kernels, so that a kernel 
 reference cannot share a bug. The only shared piece is
 :func:`mergetui.methods.inputs.tensor_generator`, because the DARE masking contract is
 defined in terms of it: the mask of model ``i`` is
-``torch.rand(shape, generator=tensor_generator(seed, name, i)) < density``.
+``torch.rand(numel, generator=tensor_generator(seed, name, i)) < density``, reshaped.
 """
 
 from __future__ import annotations
@@ -166,9 +166,10 @@ def reference_magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.T
 def reference_dare_mask(
     shape: tuple[int, ...], density: float, seed: int, name: str, model_index: int
 ) -> torch.Tensor:
-    """The documented DARE masking contract: Bernoulli(density) from the per-tensor generator."""
+    """The documented DARE masking contract: Bernoulli(density) from the per-tensor generator's
+    flat uniform stream (the kernel draws it in chunks; the stream is the same)."""
     g = tensor_generator(seed, name, model_index)
-    return torch.rand(shape, generator=g) < density
+    return (torch.rand(math.prod(shape), generator=g) < density).reshape(shape)
 
 
 def reference_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -914,3 +915,43 @@ def test_registry_import_does_not_import_torch(module: str) -> None:
     )
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout.strip() == "False"
+
+
+def test_dare_mask_follows_the_flat_stream_on_large_multi_chunk_tensors() -> None:
+    """Chunked drawing must equal the documented flat stream, also past one chunk and in 2-D."""
+    from mergetui.methods.task_arithmetic import CHUNK
+
+    shape = (3, CHUNK // 2 + 5)  # 1.5 chunks and a ragged tail
+    delta = torch.ones(shape)
+    pruned = random_drop_(delta, 0.4, False, tensor_generator(7, "w", 0))
+    assert torch.equal(pruned != 0, reference_dare_mask(shape, 0.4, 7, "w", 0))
+
+
+def test_magnitude_prune_is_exact_across_chunks_with_ties() -> None:
+    """Ties at the threshold spread over several chunks are kept lowest index first, exactly k."""
+    from mergetui.methods.task_arithmetic import CHUNK
+
+    g = torch.Generator().manual_seed(3)
+    delta = torch.randint(-3, 4, (2 * CHUNK + 17,), generator=g).float()
+    keep = max(1, int(0.37 * delta.numel()))
+    pruned = magnitude_prune_(delta.clone(), 0.37)
+    assert int((pruned != 0).sum()) == keep
+    order = torch.sort(
+        delta.abs(), descending=True, stable=True
+    ).indices  # ties: lowest index first
+    expected = torch.zeros_like(delta)
+    expected[order[:keep]] = delta[order[:keep]]
+    assert torch.equal(pruned, expected)
+
+
+def test_workspace_reuses_buffers_after_reset() -> None:
+    from mergetui.methods.inputs import Workspace
+
+    workspace = Workspace()
+    first = workspace.take((4, 8))
+    second = workspace.take((16,))
+    assert first.data_ptr() != second.data_ptr()
+    workspace.reset()
+    again = [workspace.take((2, 8)), workspace.take((4, 4))]
+    assert {t.data_ptr() for t in again} == {first.data_ptr(), second.data_ptr()}
+    assert workspace.take((40,)).numel() == 40  # larger than any free buffer: a new one

@@ -2,10 +2,12 @@
 
 Three stages overlap so that disk and CPU/GPU stay busy together:
 
-    reader thread ──(≤2 tensors' inputs)──▶ compute (caller's thread) ──(≤2 outputs)──▶ writer thread
+    prefetch thread ──(page cache)──▶ merge (caller's thread) ──(≤1 output)──▶ writer thread
 
-Each queue holds at most two items, so memory is bounded by a few times the largest tensor's working
-set, never by the model size. The output is built in a hidden sibling folder
+The prefetcher reads the next tensor's bytes into the OS page cache (not into this process), the merge
+thread converts each input slice by slice straight into reused float32 buffers and runs the kernel,
+and the writer appends the result to its shard. Memory is the largest tensor's float32 working set
+plus one or two outputs, never a multiple of the model size. The output is built in a hidden sibling folder
 (``.NAME.mergetui-partial-PID``) and renamed into place only when everything, support files included,
 is written; any error, Ctrl-C or cancel request removes that folder. Sources are only ever opened for
 reading, and an output folder that overlaps a source is refused up front.
@@ -13,6 +15,7 @@ reading, and an output folder that overlaps a source is refused up front.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import shutil
@@ -45,10 +48,12 @@ from mergetui.methods.inputs import TensorInputs, Workspace
 if TYPE_CHECKING:
     import torch
 
-_READ_AHEAD = 1  # tensors read ahead of the one being merged
-_WRITE_BEHIND = 2  # merged tensors waiting for the writer
+_PREFETCH_AHEAD = 1  # tensors pulled into the page cache ahead of the one being merged
+_WRITE_BEHIND = 1  # merged tensors waiting for the writer
+_STAGING_BYTES = 8 << 20  # slice size when converting stored bytes to float32
 _POLL_S = 0.2
 _DONE = object()
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -201,17 +206,8 @@ class _Run:
         self.read_roles = list(self.math_roles)
         if plan.reference.role not in self.read_roles:
             self.read_roles.insert(0, plan.reference.role)
-        # Raw read buffers, reused: one set being merged, one being filled ahead of it.
-        self.free_slots: queue.Queue[dict[str, bytearray]] = queue.Queue()
-        largest = {
-            role: max(
-                (self.by_role[role].checkpoint.tensors[t.name].nbytes for t in plan.tensors),
-                default=0,
-            )
-            for role in self.read_roles
-        }
-        for _ in range(_READ_AHEAD + 1):
-            self.free_slots.put({role: bytearray(size) for role, size in largest.items()})
+        self.staging = bytearray(_STAGING_BYTES)
+        self.started_tensor = threading.Semaphore(_PREFETCH_AHEAD + 1)
 
     def event(self, kind: str, message: str = "") -> ProgressEvent:
         elapsed = time.perf_counter() - self.started
@@ -237,25 +233,25 @@ class _Run:
             message=message,
         )
 
-    # -- stage 1: reading ----------------------------------------------------------------------
-    def _read_inputs(
-        self, tensor: PlannedTensor, slot: dict[str, bytearray]
-    ) -> dict[str, torch.Tensor]:
-        roles = self.math_roles if tensor.merge else self.read_roles
-        return {
-            role: self.by_role[role].checkpoint.read(tensor.name, into=slot[role]) for role in roles
-        }
+    # -- stage 1: prefetching -------------------------------------------------------------------
+    def _roles_for(self, tensor: PlannedTensor) -> list[str]:
+        return self.math_roles if tensor.merge else self.read_roles
 
-    def _reader(self, out_queue: queue.Queue[Any]) -> None:
-        try:
-            for tensor in self.plan.tensors:
-                slot = _get(self.free_slots, self.cancel)
-                if slot is None:
+    def _prefetcher(self) -> None:
+        """Keep the next tensor's bytes in the page cache. Only a hint: a read error here is left
+        for the merge thread's own read of the same bytes to report, with its full context."""
+        scratch = bytearray(_STAGING_BYTES)
+        for tensor in self.plan.tensors:
+            while not self.started_tensor.acquire(timeout=_POLL_S):
+                if self.cancel.is_set():
                     return
-                _put(out_queue, (tensor, self._read_inputs(tensor, slot), slot), self.cancel)
-            _put(out_queue, _DONE, self.cancel)
-        except BaseException as exc:  # handed to the compute stage, which re-raises it
-            _put(out_queue, exc, self.cancel)
+            if self.cancel.is_set():
+                return
+            for role in self._roles_for(tensor):
+                try:
+                    self.by_role[role].checkpoint.prefetch(tensor.name, scratch)
+                except (OSError, MergeTuiError):
+                    log.debug("prefetch of %s failed; the merge read will report it", tensor.name)
 
     # -- stage 3: writing ----------------------------------------------------------------------
     def _writer(
@@ -284,13 +280,12 @@ class _Run:
         plan = self.plan
         outputs = [OutputTensor(t.name, t.dtype, t.shape) for t in plan.tensors]
         writer = ShardedWriter(self.directory, outputs, plan.recipe.shard_size)
-        read_queue: queue.Queue[Any] = queue.Queue(maxsize=_READ_AHEAD)
         write_queue: queue.Queue[Any] = queue.Queue(maxsize=_WRITE_BEHIND)
         writer_errors: list[BaseException] = []
         files: list[Path] = []
         stop = self.cancel
-        reader = threading.Thread(
-            target=self._reader, args=(read_queue,), name="mergetui-reader", daemon=True
+        prefetcher = threading.Thread(
+            target=self._prefetcher, name="mergetui-prefetch", daemon=True
         )
         writer_thread = threading.Thread(
             target=self._writer,
@@ -299,19 +294,17 @@ class _Run:
             daemon=True,
         )
         self.emit(self.event("plan", message=f"{plan.method.name} on {plan.device}"))
-        reader.start()
+        prefetcher.start()
         writer_thread.start()
         finished = False
         try:
             with torch.inference_mode():
-                for item in _drain(read_queue, stop):
-                    if isinstance(item, BaseException):
-                        raise item
-                    tensor, raw, slot = item
+                for tensor in plan.tensors:
+                    if stop.is_set() or writer_errors:
+                        break
+                    self.started_tensor.release()
                     self.current = tensor.name
-                    self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
-                    result = self._compute(tensor, raw, slot)
-                    del raw, item
+                    result = self._compute(tensor)
                     _put(write_queue, (tensor.name, result), stop)
                     del result
                     self.done += 1
@@ -326,7 +319,7 @@ class _Run:
             if not finished:
                 stop.set()
             writer_thread.join()
-            reader.join(timeout=5)
+            prefetcher.join(timeout=5)
         if writer_errors:
             raise writer_errors[0]
         if stop.is_set():
@@ -334,14 +327,16 @@ class _Run:
         self.current = ""
         return files
 
-    def _compute(
-        self, tensor: PlannedTensor, raw: dict[str, torch.Tensor], slot: dict[str, bytearray]
-    ) -> torch.Tensor:
-        """Merge one tensor; hands the read slot back as soon as its bytes are converted."""
+    def _compute(self, tensor: PlannedTensor) -> torch.Tensor:
+        """Read, merge and convert one tensor."""
         import torch
 
         plan = self.plan
         if not tensor.merge:
+            raw = {
+                role: self.by_role[role].checkpoint.read(tensor.name) for role in self.read_roles
+            }
+            self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
             reference = raw[plan.reference.role]
             for role, other in raw.items():
                 if not torch.equal(other, reference):
@@ -350,15 +345,14 @@ class _Run:
                         f"{plan.reference.label} and {self.by_role[role].label}; integer tensors "
                         "cannot be merged — make them identical or drop that model"
                     )
-            copied = reference.clone()
-            self.free_slots.put(slot)
-            return copied
-        device = plan.device
+            return reference
         workspace = self.workspace
 
         def as_float(role: str) -> torch.Tensor:
-            value = raw[role]
-            return workspace.take(value.shape, device).copy_(value)
+            buffer = workspace.take(tensor.shape, plan.device)
+            checkpoint = self.by_role[role].checkpoint
+            self.bytes_read += checkpoint.read_into(tensor.name, buffer, self.staging)
+            return buffer
 
         base = as_float("base") if plan.method.needs_base else None
         models = []
@@ -370,8 +364,6 @@ class _Run:
             if lora is not None:
                 value = lora.apply(tensor.name, value)
             models.append(value)
-        raw.clear()
-        self.free_slots.put(slot)
         inputs = TensorInputs(
             name=tensor.name,
             base=base,
@@ -405,16 +397,6 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     if math.isfinite(float(tensor.sum())):
         return True
     return bool(torch.isfinite(tensor).all())
-
-
-def _get(source: queue.Queue[Any], stop: threading.Event) -> Any:
-    """Get with a timeout loop; None once ``stop`` is set."""
-    while not stop.is_set():
-        try:
-            return source.get(timeout=_POLL_S)
-        except queue.Empty:
-            continue
-    return None
 
 
 def _put(target: queue.Queue[Any], item: Any, stop: threading.Event) -> None:

@@ -67,10 +67,10 @@ class Workspace:
         import torch
 
         numel = math.prod(shape)
-        fits = [b for b in self._free if b.numel() >= numel and b.device == torch.device(device)]
-        if fits:
-            buffer = min(fits, key=torch.Tensor.numel)
-            self._free.remove(buffer)
+        wanted = torch.device(device)
+        fits = [i for i, b in enumerate(self._free) if b.numel() >= numel and b.device == wanted]
+        if fits:  # the smallest buffer that fits (by index: tensors do not compare with ==)
+            buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
         else:
             buffer = torch.empty(numel, dtype=torch.float32, device=device)
         self._used.append(buffer)

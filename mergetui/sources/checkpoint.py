@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,6 +145,7 @@ class Checkpoint:
     weight_files: list[Path]
     format: str  # "safetensors" or "bin"
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bin_state: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     # -- summaries from headers -----------------------------------------------------------------
@@ -184,13 +186,8 @@ class Checkpoint:
         return None
 
     # -- reading ---------------------------------------------------------------------------------
-    def read(self, name: str, into: bytearray | None = None) -> torch.Tensor:
-        """Read one tensor into a CPU tensor in its storage dtype.
-
-        With ``into`` (at least the tensor's size) the bytes land in that reusable buffer and the
-        returned tensor is a view of it: fresh memory costs a page fault per 4 KiB, which on large
-        tensors takes longer than the read itself.
-        """
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into a new CPU tensor in its storage dtype."""
         import torch
 
         spec = self.tensors[name]
@@ -202,18 +199,53 @@ class Checkpoint:
         dtype = getattr(torch, spec.dtype)
         if spec.nbytes == 0:
             return torch.empty(spec.shape, dtype=dtype)
-        buffer = into if into is not None and len(into) >= spec.nbytes else bytearray(spec.nbytes)
-        fd = self._fds.get(spec.file)
-        if fd is None:
-            fd = self._fds[spec.file] = os.open(spec.file, os.O_RDONLY)
-        view = memoryview(buffer)[: spec.nbytes]
-        done = 0
-        while done < spec.nbytes:
-            count = os.preadv(fd, [view[done:]], spec.offset + done)
-            if count <= 0:
-                raise SourceError(f"{spec.file}: unexpected end of file while reading {name!r}")
-            done += count
+        view = memoryview(bytearray(spec.nbytes))
+        _pread_exactly(self._fd(spec.file), view, spec.offset, spec.file, name)
         return torch.frombuffer(view, dtype=dtype).reshape(spec.shape)
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:  # the prefetcher and the merge read from separate threads
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            return fd
+
+    def read_into(self, name: str, out: torch.Tensor, staging: bytearray) -> int:
+        """Read tensor ``name`` into ``out`` (any dtype and device, same element count), converting
+        through ``staging`` one slice at a time; returns the bytes read.
+
+        Only ``len(staging)`` bytes of the stored dtype are ever held, so no full-size copy of the
+        tensor in its storage dtype exists next to the converted one.
+        """
+        import torch
+
+        spec = self.tensors[name]
+        flat = out.view(-1)
+        if self.format == "bin" or spec.nbytes == 0:
+            flat.copy_(self.read(name).reshape(-1))
+            return spec.nbytes
+        dtype = getattr(torch, spec.dtype)
+        itemsize = spec.nbytes // max(spec.numel, 1)
+        per_slice = max(1, len(staging) // itemsize)
+        fd = self._fd(spec.file)
+        view = memoryview(staging)
+        for start in range(0, spec.numel, per_slice):
+            count = min(per_slice, spec.numel - start)
+            nbytes = count * itemsize
+            _pread_exactly(fd, view[:nbytes], spec.offset + start * itemsize, spec.file, name)
+            flat[start : start + count].copy_(torch.frombuffer(view[:nbytes], dtype=dtype))
+        return spec.nbytes
+
+    def prefetch(self, name: str, scratch: bytearray) -> None:
+        """Pull a tensor's bytes into the OS page cache (read and discard), ahead of its use."""
+        spec = self.tensors[name]
+        if self.format == "bin" or spec.nbytes == 0:
+            return
+        fd = self._fd(spec.file)
+        view = memoryview(scratch)
+        for start in range(0, spec.nbytes, len(scratch)):
+            count = min(len(scratch), spec.nbytes - start)
+            _pread_exactly(fd, view[:count], spec.offset + start, spec.file, name)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -226,6 +258,15 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:
+    done = 0
+    while done < len(view):
+        count = os.preadv(fd, [view[done:]], offset + done)
+        if count <= 0:
+            raise SourceError(f"{path}: unexpected end of file while reading {name!r}")
+        done += count
 
 
 def load_bin_state(path: Path) -> dict[str, Any]:
