@@ -361,28 +361,33 @@ class Floor:
         return self.read_s + self.write_s
 
 
-def measure_floor(inputs: Sequence[Path], output_bytes: int, scratch: Path, mode: str) -> Floor:
-    """The I/O floor in the same cache state the merges get.
+def measure_floor(
+    inputs: Sequence[Path], output_bytes: int, scratch: Path, mode: str, repeats: int = 3
+) -> Floor:
+    """The I/O floor in the same cache state the merges get; best of ``repeats``.
 
-    The write is not fsynced, like safetensors' own writer, so both floor and tools leave dirty
-    pages to the kernel; the untimed ``os.sync`` before each run keeps one run's write-back out of
-    the next.
+    A floor is a best case, hence the minimum: one slow repeat (write-back of an earlier file,
+    a neighbour on the disk) says nothing about what the hardware can do. The write is not
+    fsynced, like safetensors' own writer, so both floor and tools leave dirty pages to the
+    kernel; the untimed ``os.sync`` before each run keeps one run's write-back out of the next.
     """
-    prepare_cache(mode, inputs)
-    start = time.perf_counter()
-    read = read_files(inputs)
-    read_s = time.perf_counter() - start
     scratch.mkdir(parents=True, exist_ok=True)
     target = scratch / "floor-write.bin"
     block = memoryview(os.urandom(CHUNK))
-    start = time.perf_counter()
-    with open(target, "wb", buffering=0) as handle:
-        left = output_bytes
-        while left > 0:
-            left -= handle.write(block[: min(left, CHUNK)])
-    write_s = time.perf_counter() - start
-    target.unlink()
-    os.sync()
+    read, read_s, write_s = 0, math.inf, math.inf
+    for _ in range(repeats):
+        prepare_cache(mode, inputs)
+        start = time.perf_counter()
+        read = read_files(inputs)
+        read_s = min(read_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        with open(target, "wb", buffering=0) as handle:
+            left = output_bytes
+            while left > 0:
+                left -= handle.write(block[: min(left, CHUNK)])
+        write_s = min(write_s, time.perf_counter() - start)
+        target.unlink()
+        os.sync()
     return Floor(input_bytes=read, output_bytes=output_bytes, read_s=read_s, write_s=write_s)
 
 
@@ -821,8 +826,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     mergetui_cmd = shlex.split(args.mergetui_cmd)
     run_mergetui = not args.skip_mergetui
     if run_mergetui and not shutil.which(mergetui_cmd[0]):
-        print(f"error: {mergetui_cmd[0]!r} not found; pass --mergetui-cmd or --skip-mergetui")
-        return 2
+        # Not on PATH: the venv running this script (python -m venv ... && pip install -e .) is
+        # the usual place for a development install.
+        beside = Path(sys.executable).parent / mergetui_cmd[0]
+        if mergetui_cmd[0] != "mergetui" or not beside.is_file():
+            print(f"error: {mergetui_cmd[0]!r} not found; pass --mergetui-cmd or --skip-mergetui")
+            return 2
+        mergetui_cmd[0] = str(beside)
     mergekit_cmd: list[str] | None = None
     if args.mergekit_venv:
         binary = args.mergekit_venv / "bin" / "mergekit-yaml"
@@ -879,7 +889,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 *shlex.split(args.mergetui_args),
             ]
         if mergekit_cmd:
-            # --out-shard-size counts parameters: 1B bf16 parameters = mergetui's 2GB shards.
+            # --out-shard-size: its help says parameters, but mergekit's TensorWriter compares it
+            # with numel * element_size, i.e. bytes; "2B" = 2e9 bytes = mergetui's "2GB".
             commands["mergekit"] = [
                 *mergekit_cmd,
                 str(config),
@@ -887,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "--random-seed",
                 "0",
                 "--out-shard-size",
-                "1B",
+                "2B",
                 *shlex.split(args.mergekit_args),
             ]
         for repeat in range(args.repeats):
