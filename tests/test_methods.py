@@ -955,3 +955,23 @@ def test_workspace_reuses_buffers_after_reset() -> None:
     again = [workspace.take((2, 8)), workspace.take((4, 4))]
     assert {t.data_ptr() for t in again} == {first.data_ptr(), second.data_ptr()}
     assert workspace.take((40,)).numel() == 40  # larger than any free buffer: a new one
+
+
+@pytest.mark.parametrize("layout", ["normal", "bf16_ties", "sample_misleads"])
+@pytest.mark.parametrize("density", [0.01, 0.5, 0.93])
+def test_kth_largest_magnitude_matches_kthvalue(layout: str, density: float) -> None:
+    """The radix selection is exact, including when the strided sample points at a wrong bucket."""
+    from mergetui.methods.task_arithmetic import kth_largest_magnitude
+
+    g = torch.Generator().manual_seed(11)
+    count = (1 << 20) + 12_345
+    values = torch.randn(count, generator=g)
+    if layout == "bf16_ties":
+        values = values.bfloat16().float() - torch.randn(count, generator=g).bfloat16().float()
+    elif layout == "sample_misleads":
+        values[::16] *= 1000.0  # every sampled entry is huge, the rest are not
+    k = max(1, int(density * count))
+    threshold, greater = kth_largest_magnitude(values, k)
+    expected = torch.kthvalue(values.abs(), count - k + 1).values
+    assert threshold.item() == expected.item()
+    assert greater == int((values.abs() > expected).sum())

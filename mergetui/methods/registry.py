@@ -103,8 +103,9 @@ class MethodSpec:
     ``needs_base``: the base takes part in the math (task vectors are ``model - base``). Methods that do
     not need it still accept a base, which then only supplies the architecture reference, config and
     tokenizer.
-    ``work_buffers``: how many float32 temporaries of one tensor's size the kernel holds at its peak,
-    beyond its inputs; the planner uses it for the memory estimate.
+    ``work_buffers``: how many float32 temporaries of one tensor's full size the kernel holds at its
+    peak beyond its inputs (chunked temporaries do not count); the planner uses it for the memory
+    estimate. The built-in kernels work in place and in chunks, so theirs is 0.
     """
 
     name: str
@@ -116,7 +117,7 @@ class MethodSpec:
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False
-    work_buffers: int = 1
+    work_buffers: int = 0
     notes: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> ParamSpec | None:
@@ -199,7 +200,6 @@ METHODS: dict[str, MethodSpec] = {
             kernel="mergetui.methods.linear:linear",
             params=(_WEIGHT, _normalize(True)),
             min_models=1,
-            work_buffers=1,
             notes=("The base, if given, is not averaged: list it under [[models]] to include it.",),
         ),
         MethodSpec(
@@ -219,7 +219,6 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             min_models=1,
             max_models=1,
-            work_buffers=2,
         ),
         MethodSpec(
             name="task_arithmetic",
@@ -228,7 +227,6 @@ METHODS: dict[str, MethodSpec] = {
             kernel=f"{_TA_KERNELS}:task_arithmetic",
             params=(_WEIGHT, _normalize(False), _LAMBDA),
             needs_base=True,
-            work_buffers=2,
         ),
         MethodSpec(
             name="ties",
@@ -237,7 +235,6 @@ METHODS: dict[str, MethodSpec] = {
             kernel=f"{_TA_KERNELS}:ties",
             params=(_WEIGHT, _DENSITY, _normalize(True), _LAMBDA),
             needs_base=True,
-            work_buffers=4,
         ),
         MethodSpec(
             name="dare_ties",
@@ -247,7 +244,6 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
-            work_buffers=4,
         ),
         MethodSpec(
             name="dare_linear",
@@ -257,7 +253,6 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
-            work_buffers=3,
         ),
         MethodSpec(
             name="passthrough",
@@ -275,7 +270,6 @@ METHODS: dict[str, MethodSpec] = {
             ),
             min_models=1,
             max_models=1,
-            work_buffers=0,
         ),
     )
 }

@@ -60,30 +60,70 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.view(-1)
 
 
+def _magnitude_bits(chunk: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of |x| as int32: for non-negative floats it orders like the values."""
+    return chunk.view(torch.int32).bitwise_and(0x7FFFFFFF)
+
+
+_RADIX = 1 << 16
+_SAMPLE_STEP = 16
+
+
+def _from_top(counts: torch.Tensor, k: int, offset: int = 0) -> tuple[int, int]:
+    """For a histogram, the bin holding the k-th largest entry (counting ``offset`` entries known
+    to lie above every bin) and how many entries lie strictly above that bin."""
+    at_or_above = counts.flip(0).cumsum(0).flip(0) + offset
+    index = int(torch.nonzero(at_or_above >= k).max())
+    above = int(at_or_above[index + 1]) if index + 1 < counts.numel() else offset
+    return index, above
+
+
+def _bucket_pass(flat: torch.Tensor, high: int) -> tuple[int, torch.Tensor]:
+    """Entries whose top 16 bits exceed ``high``, and a histogram of the low 16 bits of those
+    whose top 16 bits equal it."""
+    above = 0
+    low_counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
+    for chunk in _chunks(flat):
+        bits = _magnitude_bits(chunk)
+        top = bits.bitwise_right_shift(16)
+        above += int((top > high).sum())
+        low_counts += torch.bincount(bits[top == high].bitwise_and_(0xFFFF), minlength=_RADIX)
+    return above, low_counts
+
+
 def kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     """The k-th largest |x| of a flat float32 tensor, and how many |x| are strictly larger.
 
-    A radix pre-selection on the top 16 bits of the float bit pattern (monotonic for non-negative
-    floats) is accumulated chunk by chunk; it narrows the search to one histogram bucket, about 1/128
-    of an octave wide, and an exact ``kthvalue`` runs on that bucket's entries alone. Same answer as
-    ``kthvalue`` on the whole tensor, in two cache-friendly passes instead of a full-size copy and a
-    selection over it.
+    An exact radix selection on the bit pattern of |x|, which orders like the values for
+    non-negative floats. The top 16 bits of the answer are guessed from a 1-in-16 sample (or found
+    from a full histogram on small tensors); one chunked pass then counts the entries above that
+    bucket and histograms the low 16 bits of the entries in it, which pins down the exact value.
+    A wrong guess is detected by the counts and redone from the full histogram, so the result is
+    always exact: same answer as ``kthvalue`` on the whole tensor, without a sort or a full copy.
     """
-    counts = torch.zeros(1 << 15, dtype=torch.int64, device=flat.device)
+    count = flat.numel()
+    if count >= 64 * _SAMPLE_STEP * 1024:
+        sample = _magnitude_bits(flat[::_SAMPLE_STEP].contiguous()).bitwise_right_shift_(16)
+        high, _ = _from_top(torch.bincount(sample, minlength=_RADIX), -(-k // _SAMPLE_STEP))
+        above, low_counts = _bucket_pass(flat, high)
+        if above < k <= above + int(low_counts.sum()):
+            return _pattern(high, above, low_counts, k, flat.device)
+    high_counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
     for chunk in _chunks(flat):
-        high = chunk.abs().view(torch.int32) >> 16
-        counts += torch.bincount(high, minlength=1 << 15)
-    at_or_above = counts.flip(0).cumsum(0).flip(0)
-    bucket = int(torch.nonzero(at_or_above >= k).max())
-    above = int(at_or_above[bucket + 1]) if bucket + 1 < at_or_above.numel() else 0
-    parts = []
-    for chunk in _chunks(flat):
-        magnitude = chunk.abs()
-        parts.append(magnitude[(magnitude.view(torch.int32) >> 16) == bucket])
-    candidates = torch.cat(parts)
-    threshold = torch.kthvalue(candidates.cpu(), candidates.numel() - (k - above) + 1).values
-    threshold = threshold.to(flat.device)
-    return threshold, above + int((candidates > threshold).sum())
+        high_counts += torch.bincount(
+            _magnitude_bits(chunk).bitwise_right_shift_(16), minlength=_RADIX
+        )
+    high, _ = _from_top(high_counts, k)
+    above, low_counts = _bucket_pass(flat, high)
+    return _pattern(high, above, low_counts, k, flat.device)
+
+
+def _pattern(
+    high: int, above: int, low_counts: torch.Tensor, k: int, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    low, greater = _from_top(low_counts, k, offset=above)
+    pattern = torch.tensor([(high << 16) | low], dtype=torch.int32)
+    return pattern.view(torch.float32)[0].to(device), greater
 
 
 def magnitude_prune_(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -103,9 +143,13 @@ def magnitude_prune_(delta: torch.Tensor, density: float) -> torch.Tensor:
         magnitude = chunk.abs()
         keep = magnitude > threshold
         if ties_to_keep > 0:
-            tied = torch.nonzero(magnitude == threshold).reshape(-1)[:ties_to_keep]
-            keep[tied] = True
-            ties_to_keep -= tied.numel()
+            tied = magnitude == threshold
+            tied_count = int(tied.sum())
+            if tied_count <= ties_to_keep:
+                keep |= tied
+            else:  # the quota runs out in this chunk: the first ones, by index
+                keep[torch.nonzero(tied).reshape(-1)[:ties_to_keep]] = True
+            ties_to_keep -= min(tied_count, ties_to_keep)
         chunk.mul_(keep)
     return delta
 
