@@ -86,7 +86,7 @@ def _bucket_pass(flat: torch.Tensor, high: int) -> tuple[int, torch.Tensor]:
     for chunk in _chunks(flat):
         bits = _magnitude_bits(chunk)
         top = bits.bitwise_right_shift(16)
-        above += int((top > high).sum())
+        above += int(torch.count_nonzero(top > high))
         low_counts += torch.bincount(bits[top == high].bitwise_and_(0xFFFF), minlength=_RADIX)
     return above, low_counts
 
@@ -141,16 +141,17 @@ def magnitude_prune_(delta: torch.Tensor, density: float) -> torch.Tensor:
     ties_to_keep = keep_count - greater
     for chunk in _chunks(flat):
         magnitude = chunk.abs()
-        keep = magnitude > threshold
-        if ties_to_keep > 0:
-            tied = magnitude == threshold
-            tied_count = int(tied.sum())
-            if tied_count <= ties_to_keep:
-                keep |= tied
-            else:  # the quota runs out in this chunk: the first ones, by index
-                keep[torch.nonzero(tied).reshape(-1)[:ties_to_keep]] = True
-            ties_to_keep -= min(tied_count, ties_to_keep)
-        chunk.mul_(keep)
+        if ties_to_keep <= 0:
+            chunk.masked_fill_(magnitude <= threshold, 0.0)
+            continue
+        tied = magnitude == threshold
+        tied_count = int(torch.count_nonzero(tied))
+        drop = magnitude < threshold
+        if tied_count > ties_to_keep:  # the quota runs out in this chunk: keep the first ones
+            tied[torch.nonzero(tied).reshape(-1)[:ties_to_keep]] = False
+            drop |= tied
+        ties_to_keep -= min(tied_count, ties_to_keep)
+        chunk.masked_fill_(drop, 0.0)
     return delta
 
 
@@ -228,10 +229,11 @@ def _elect_chunk(parts: list[torch.Tensor], weights: list[float], normalize: boo
         sign.add_(part)
     sign.ge_(0).mul_(2).sub_(1)
     divisor = torch.zeros_like(sign) if normalize else None
+    agrees = torch.empty_like(sign) if normalize else None
     for part, weight in zip(parts, weights, strict=True):
         part.mul_(sign).clamp_(min=0)
         if divisor is not None:
-            divisor.add_(torch.sign(part), alpha=weight)
+            divisor.add_(torch.sign(part, out=agrees), alpha=weight)
     mixed = parts[0]
     for part in parts[1:]:
         mixed.add_(part)
