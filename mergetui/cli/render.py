@@ -22,36 +22,39 @@ from mergetui.methods.registry import METHODS, MethodSpec
 from mergetui.units import format_bytes, format_count, format_duration
 
 
+def _short(reference: str, width: int = 28) -> str:
+    """A long local path as its last two parts, so the table fits a narrow terminal."""
+    if len(reference) <= width or "/" not in reference:
+        return reference
+    return "…/" + "/".join(reference.rstrip("/").split("/")[-2:])
+
+
 def render_report(console: Console, report: dict[str, Any]) -> None:
     """The compatibility table, the problems and the estimates."""
+    # One column per model: at 80 columns, eight attributes side by side do not fit, four models do.
     table = Table(title=f"{report['method']} merge → {report['output']}", title_justify="left")
-    for column in (
-        "role",
-        "model",
-        "architecture",
-        "type",
-        "layers",
-        "hidden",
-        "vocab",
-        "dtype",
-        "params",
-        "size",
-    ):
-        table.add_column(column, overflow="fold")
+    table.add_column("", style="bold", no_wrap=True)
     for row in report["models"]:
-        model = row["model"] + (f"\n+ LoRA {row['lora']}" if row["lora"] else "")
-        table.add_row(
-            row["role"],
-            model,
-            row["architecture"],
-            row["model_type"],
-            str(row["layers"]),
-            str(row["hidden_size"]),
-            str(row["vocab_size"]),
-            row["dtype"],
-            format_count(row["parameters"]),
-            format_bytes(row["size_on_disk"]),
-        )
+        table.add_column(row["role"], overflow="fold")
+    rows = report["models"]
+    attributes = [
+        ("model", [_short(r["model"]) for r in rows]),
+        ("architecture", [r["architecture"] for r in rows]),
+        ("model_type", [r["model_type"] for r in rows]),
+        ("layers", [str(r["layers"]) for r in rows]),
+        ("hidden size", [str(r["hidden_size"]) for r in rows]),
+        ("vocab size", [str(r["vocab_size"]) for r in rows]),
+        ("dtype", [r["dtype"] for r in rows]),
+        ("parameters", [format_count(r["parameters"]) for r in rows]),
+        ("size on disk", [format_bytes(r["size_on_disk"]) for r in rows]),
+    ]
+    if any(r["lora"] for r in rows):
+        attributes.insert(1, ("LoRA", [_short(r["lora"]) if r["lora"] else "" for r in rows]))
+    must_match = {"architecture", "model_type", "layers", "hidden size", "vocab size"}
+    for label, values in attributes:
+        if label in must_match:  # highlight what differs from the first model
+            values = [v if v == values[0] else f"[bold red]{v}[/bold red]" for v in values]
+        table.add_row(label, *values)
     console.print(table)
     for problem in report["problems"]:
         style = "bold red" if problem["severity"] == "error" else "yellow"
