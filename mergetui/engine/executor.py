@@ -118,12 +118,11 @@ def run_merge(
     out = plan.recipe.output_dir.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.mergetui-partial-{os.getpid()}"
+    emit = on_event or (lambda event: None)
+    run = _Run(plan, partial, emit, cancel or threading.Event())
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
-    emit = on_event or (lambda event: None)
-    cancel = cancel or threading.Event()
-    run = _Run(plan, partial, emit, cancel)
     try:
         files = run.stream()
         emit(run.event("phase", message="writing config, tokenizer and model card"))
