@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from mergetui.methods.compiled import accelerated, compiled_kernel
 from mergetui.methods.inputs import TensorInputs, tensor_generator
 
 #: Elements per chunk for temporaries (4 MiB of float32).
@@ -78,17 +79,27 @@ def _from_top(counts: torch.Tensor, k: int, offset: int = 0) -> tuple[int, int]:
     return index, above
 
 
+def _bucket_keys(chunk: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For one chunk: how many |x| have top 16 bits above ``high``, and per entry the low 16 bits
+    where the top 16 bits equal ``high`` (``_RADIX`` elsewhere, a bin that is dropped)."""
+    bits = chunk.view(torch.int32).bitwise_and(0x7FFFFFFF)
+    top = bits.bitwise_right_shift(16)
+    keys = torch.where(top == high, bits.bitwise_and(0xFFFF), _RADIX)
+    return (top > high).sum(), keys
+
+
 def _bucket_pass(flat: torch.Tensor, high: int) -> tuple[int, torch.Tensor]:
     """Entries whose top 16 bits exceed ``high``, and a histogram of the low 16 bits of those
     whose top 16 bits equal it."""
-    above = 0
-    low_counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
+    keys_of = accelerated(_bucket_keys, flat)
+    high_t = torch.tensor(high, dtype=torch.int32, device=flat.device)
+    above = torch.zeros((), dtype=torch.int64, device=flat.device)
+    low_counts = torch.zeros(_RADIX + 1, dtype=torch.int64, device=flat.device)
     for chunk in _chunks(flat):
-        bits = _magnitude_bits(chunk)
-        top = bits.bitwise_right_shift(16)
-        above += int(torch.count_nonzero(top > high))
-        low_counts += torch.bincount(bits[top == high].bitwise_and_(0xFFFF), minlength=_RADIX)
-    return above, low_counts
+        chunk_above, keys = keys_of(chunk, high_t)
+        above += chunk_above
+        low_counts += torch.bincount(keys.reshape(-1), minlength=_RADIX + 1)
+    return int(above), low_counts[:_RADIX]
 
 
 def kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
@@ -188,19 +199,24 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
     weights = [float(w) for w in inputs.per_model("weight")]
     params = inputs.params
     deltas = inputs.models
+    densities = [float(p.get("density", 1.0)) for p in inputs.model_params]
     for index, delta in enumerate(deltas):
         delta.sub_(base)
-        density = float(inputs.model_params[index].get("density", 1.0))
-        if sparsify == "magnitude":
-            magnitude_prune_(delta, density)
-        elif sparsify == "random":
+        if sparsify == "random":
             generator = tensor_generator(inputs.seed, inputs.name, index)
-            random_drop_(delta, density, bool(params.get("rescale", True)), generator)
-        if weights[index] != 1.0:
-            delta.mul_(weights[index])
+            random_drop_(delta, densities[index], bool(params.get("rescale", True)), generator)
 
     normalize = bool(params.get("normalize", False))
     scale = float(params.get("lambda", 1.0))
+    if sign_election and compiled_kernel(_fused_elect_chunk, base) is not None:
+        pruning = densities if sparsify == "magnitude" else [1.0] * len(deltas)
+        return _merge_fused(base, deltas, pruning, weights, normalize, scale)
+
+    for index, delta in enumerate(deltas):
+        if sparsify == "magnitude":
+            magnitude_prune_(delta, densities[index])
+        if weights[index] != 1.0:
+            delta.mul_(weights[index])
     flats = [_flat(d) for d in deltas]
     if not sign_election:
         mixed = flats[0]
@@ -209,11 +225,102 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
         weight_sum = sum(weights)
         if normalize:
             mixed.div_(weight_sum if abs(weight_sum) >= _WEIGHT_SUM_EPS else 1.0)
-        return base.add_(mixed.view_as(base), alpha=scale)
+        if scale != 1.0:
+            mixed.mul_(scale)
+        return base.add_(mixed.view_as(base))
     chunked = [_chunks(flat) for flat in flats]
     for base_chunk, parts in zip(_chunks(_flat(base)), zip(*chunked, strict=True), strict=True):
-        base_chunk.add_(_elect_chunk(list(parts), weights, normalize), alpha=scale)
+        mixed = _elect_chunk(list(parts), weights, normalize)
+        # λ·mixed, then the add: the same two roundings as the fused path (add_ with alpha differs).
+        base_chunk.add_(mixed.mul_(scale) if scale != 1.0 else mixed)
     return base
+
+
+def _tie_cutoff(flat: torch.Tensor, threshold: torch.Tensor, ties_to_keep: int) -> int:
+    """The index before which entries equal to the threshold are kept (lowest index first)."""
+    if ties_to_keep <= 0:
+        return 0
+    for start, chunk in zip(range(0, flat.numel(), CHUNK), _chunks(flat), strict=True):
+        tied = chunk.abs() == threshold
+        count = int(torch.count_nonzero(tied))
+        if count >= ties_to_keep:
+            return start + int(torch.nonzero(tied).reshape(-1)[ties_to_keep - 1]) + 1
+        ties_to_keep -= count
+    return flat.numel()
+
+
+def _merge_fused(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    densities: list[float],
+    weights: list[float],
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """Prune, weight and elect in one compiled pass per chunk (TIES and DARE-TIES on the CPU)."""
+    thresholds, cutoffs = [], []
+    for delta, density in zip(deltas, densities, strict=True):
+        flat = _flat(delta)
+        if density >= 1.0:
+            thresholds.append(-1.0)  # |d| > -1 always: keep everything
+            cutoffs.append(0)
+            continue
+        keep_count = max(1, int(density * flat.numel()))
+        threshold, greater = kth_largest_magnitude(flat, keep_count)
+        thresholds.append(float(threshold))
+        cutoffs.append(_tie_cutoff(flat, threshold, keep_count - greater))
+    device = base.device
+    threshold_t = torch.tensor(thresholds, dtype=torch.float32, device=device)
+    cutoff_t = torch.tensor(cutoffs, dtype=torch.int64, device=device)
+    weight_t = torch.tensor(weights, dtype=torch.float32, device=device)
+    scale_t = torch.tensor(scale, dtype=torch.float32, device=device)
+    fused = accelerated(_fused_elect_chunk, base)
+    chunked = [_chunks(_flat(d)) for d in deltas]
+    starts = range(0, base.numel(), CHUNK)
+    for start, base_chunk, parts in zip(
+        starts, _chunks(_flat(base)), zip(*chunked, strict=True), strict=True
+    ):
+        offset = torch.tensor(start, dtype=torch.int64, device=device)
+        base_chunk.copy_(
+            fused(base_chunk, threshold_t, cutoff_t, weight_t, offset, scale_t, normalize, *parts)
+        )
+    return base
+
+
+def _fused_elect_chunk(
+    base: torch.Tensor,
+    thresholds: torch.Tensor,
+    cutoffs: torch.Tensor,
+    weights: torch.Tensor,
+    offset: torch.Tensor,
+    scale: torch.Tensor,
+    normalize: bool,
+    *deltas: torch.Tensor,
+) -> torch.Tensor:
+    """One chunk of TIES/DARE-TIES as pure element-wise ops, for the compiler to fuse.
+
+    Same float32 operations in the same order as the op-by-op path (prune, weight, sign sum,
+    agreeing sum, weight divisor, λ), so both give identical results; the tests check that.
+    """
+    index = offset + torch.arange(base.shape[0], device=base.device)
+    values = []
+    for j, delta in enumerate(deltas):
+        magnitude = delta.abs()
+        keep = (magnitude > thresholds[j]) | ((magnitude == thresholds[j]) & (index < cutoffs[j]))
+        values.append(torch.where(keep, delta * weights[j], 0.0))
+    total = values[0]
+    for value in values[1:]:
+        total = total + value
+    positive = total >= 0
+    mixed = torch.zeros_like(base)
+    divisor = torch.zeros_like(base)
+    for j, value in enumerate(values):
+        agree = torch.where(positive, value > 0, value < 0)
+        mixed = mixed + torch.where(agree, value, 0.0)
+        divisor = divisor + torch.where(agree, weights[j], 0.0)
+    if normalize:
+        mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
+    return base + scale * mixed
 
 
 def _elect_chunk(parts: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
