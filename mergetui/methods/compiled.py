@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Below this many elements a tensor merges faster op by op than it takes to load a compiled kernel.
-MIN_ELEMENTS = 1 << 22
+MIN_ELEMENTS = 1 << 20
 _compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
 _disabled: list[str] = []
 
