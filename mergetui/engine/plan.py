@@ -7,11 +7,13 @@ output layout, and estimates of output size, free disk space and peak memory.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergetui.errors import MergeTuiError
+from mergetui.methods.compiled import MIN_ELEMENTS
 from mergetui.methods.registry import MethodSpec, get_method
 from mergetui.recipe.schema import Recipe
 from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint
@@ -24,6 +26,8 @@ from mergetui.sources.resolve import resolve_dir
 BASELINE_RSS = 240 * 1024**2
 #: Staging and prefetch buffers plus the kernels' chunked temporaries.
 FIXED_WORKING_BYTES = 48 * 1024**2
+#: What torch.compile's machinery adds when large tensors are merged with compiled kernels on CPU.
+COMPILER_RSS = 160 * 1024**2
 _VOCAB_TENSOR_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
 
 
@@ -354,6 +358,8 @@ def estimate(plan: MergePlan) -> Estimates:
             largest = tensor.name
         peak_host = max(peak_host, host)
         peak_device = max(peak_device, float_set)
+    largest_numel = max((math.prod(t.shape) for t in plan.tensors if t.merge), default=0)
+    compiler = COMPILER_RSS if on_cpu and largest_numel >= MIN_ELEMENTS else 0
     output_dir = plan.recipe.output_dir
     probe = output_dir
     while not probe.exists() and probe != probe.parent:
@@ -366,7 +372,7 @@ def estimate(plan: MergePlan) -> Estimates:
         output_bytes=sum(t.bytes_out for t in plan.tensors),
         input_bytes=sum(t.bytes_in for t in plan.tensors),
         disk_free_bytes=free,
-        peak_ram_bytes=BASELINE_RSS + FIXED_WORKING_BYTES + peak_host,
+        peak_ram_bytes=BASELINE_RSS + FIXED_WORKING_BYTES + peak_host + compiler,
         peak_vram_bytes=None if on_cpu else peak_device + FIXED_WORKING_BYTES,
         largest_tensor=largest,
     )
