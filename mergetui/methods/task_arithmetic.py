@@ -82,7 +82,7 @@ def _from_top(counts: torch.Tensor, k: int, offset: int = 0) -> tuple[int, int]:
 def _bucket_keys(chunk: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For one chunk: how many |x| have top 16 bits above ``high``, and per entry the low 16 bits
     where the top 16 bits equal ``high`` (``_RADIX`` elsewhere, a bin that is dropped)."""
-    bits = chunk.view(torch.int32).bitwise_and(0x7FFFFFFF)
+    bits = _magnitude_bits(chunk)
     top = bits.bitwise_right_shift(16)
     keys = torch.where(top == high, bits.bitwise_and(0xFFFF), _RADIX)
     return (top > high).sum(), keys
