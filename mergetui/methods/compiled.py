@@ -1,7 +1,7 @@
 """Optional ``torch.compile`` for element-wise kernels on the CPU.
 
 Op by op, a TIES chunk reads and writes every element some thirty times; compiled, the same ops run as
-one fused, vectorised loop, about twenty times faster. Compiling needs a C++ compiler and takes a few
+one fused, vectorised loop, about ten times faster. Compiling needs a C++ compiler and takes a few
 seconds the first time (inductor caches the result on disk), so it is used only for tensors large
 enough to pay for it, and any failure falls back to the op-by-op kernels for the rest of the run.
 
