@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergetui.engine.outputs import write_support_files
-from mergetui.engine.plan import MergePlan, PlannedTensor
+from mergetui.engine.plan import MergePlan, PlannedTensor, existing_ancestor
 from mergetui.engine.progress import (
     ProgressCallback,
     ProgressEvent,
@@ -91,10 +91,7 @@ def check_output_location(plan: MergePlan, force: bool) -> None:
             raise OutputError(
                 f"output {out} exists and is not a folder; remove it or change output.path"
             )
-    parent = out.parent
-    probe = parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = existing_ancestor(out.parent)
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(
             f"cannot write the output under {probe}: permission denied; choose a "
@@ -197,8 +194,7 @@ class _Run:
         self.done = 0
         self.current = ""
         self.kernel: Callable[[TensorInputs], Any] = plan.method.load_kernel()
-        method = plan.method
-        self.math_roles = [s.role for s in plan.sources if s.role != "base" or method.needs_base]
+        self.math_roles = [s.role for s in plan.math_sources]
         self.by_role = {s.role: s for s in plan.sources}
         self.model_params = [dict(e.parameters) for e in plan.recipe.models]
         self.workspace = Workspace()
@@ -265,7 +261,8 @@ class _Run:
                 name, data = item
                 writer.write(name, data)
                 self.bytes_written = writer.bytes_written
-            files.extend(writer.close())
+            if not self.cancel.is_set():  # the end marker arrived: every tensor is in
+                files.extend(writer.close())
         except BaseException as exc:
             errors.append(exc)
             self.cancel.set()
@@ -295,11 +292,10 @@ class _Run:
         self.emit(self.event("plan", message=f"{plan.method.name} on {plan.device}"))
         prefetcher.start()
         writer_thread.start()
-        finished = False
         try:
             with torch.inference_mode():
                 for tensor in plan.tensors:
-                    if stop.is_set() or writer_errors:
+                    if stop.is_set():  # cancelled, or the writer failed (it sets stop)
                         break
                     self.started_tensor.release()
                     self.current = tensor.name
@@ -308,15 +304,11 @@ class _Run:
                     del result
                     self.done += 1
                     self.emit(self.event("tensor"))
-            if writer_errors:
-                raise writer_errors[0]
-            if stop.is_set():
-                raise MergeCancelled("merge cancelled; the partial output was removed")
             _put(write_queue, _DONE, stop)
-            finished = True
+        except BaseException:
+            stop.set()  # lets the writer and the prefetcher end
+            raise
         finally:
-            if not finished:
-                stop.set()
             writer_thread.join()
             prefetcher.join(timeout=5)
         if writer_errors:

@@ -92,12 +92,9 @@ class MergePlan:
     estimates: Estimates | None = None
 
     @property
-    def base(self) -> Source | None:
-        return next((s for s in self.sources if s.role == "base"), None)
-
-    @property
-    def models(self) -> list[Source]:
-        return [s for s in self.sources if s.role != "base"]
+    def math_sources(self) -> list[Source]:
+        """The sources the kernel reads: every model, and the base when the method uses it."""
+        return [s for s in self.sources if s.role != "base" or self.method.needs_base]
 
     @property
     def errors(self) -> list[Problem]:
@@ -110,6 +107,8 @@ class MergePlan:
     def close(self) -> None:
         for source in self.sources:
             source.checkpoint.close()
+            if source.lora is not None:
+                source.lora.close()
 
 
 def resolve_device(requested: str) -> str:
@@ -156,7 +155,6 @@ def build_plan(recipe: Recipe, *, device: str | None = None) -> MergePlan:
     method = get_method(recipe.method)
     assert method is not None  # guaranteed by recipe validation
     sources = open_sources(recipe)
-    math_sources = [s for s in sources if s.role != "base" or method.needs_base]
     reference = sources[0]
     files_from = reference
     if recipe.tokenizer != "base":
@@ -166,18 +164,18 @@ def build_plan(recipe: Recipe, *, device: str | None = None) -> MergePlan:
     out_dtype = recipe.dtype or reference.checkpoint.storage_dtype
     if out_dtype not in ("float32", "float16", "bfloat16"):
         out_dtype = "float32"
-    tensors = _layout(reference, math_sources, out_dtype)
     plan = MergePlan(
         recipe=recipe,
         method=method,
         sources=sources,
         reference=reference,
         files_from=files_from,
-        tensors=tensors,
+        tensors=[],
         out_dtype=out_dtype,
         device=device or resolve_device(recipe.device),
         problems=problems,
     )
+    plan.tensors = _layout(reference, plan.math_sources, out_dtype)
     plan.estimates = estimate(plan)
     if plan.estimates.disk_free_bytes is not None and (
         plan.estimates.output_bytes > plan.estimates.disk_free_bytes
@@ -335,6 +333,13 @@ def _same_model(adapter_base: str, source: Source) -> bool:
         return False
 
 
+def existing_ancestor(path: Path) -> Path:
+    """``path`` itself if it exists, else its nearest existing parent (where it would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def estimate(plan: MergePlan) -> Estimates:
     """Output size, free disk and peak memory for the chosen device.
 
@@ -343,29 +348,24 @@ def estimate(plan: MergePlan) -> Estimates:
     times on the host (being converted, queued and written), on top of the process baseline and the
     fixed staging buffers. It is an upper bound: the bench measures 5-20% below it.
     """
-    math_inputs = sum(1 for s in plan.sources if s.role != "base" or plan.method.needs_base)
+    math_inputs = len(plan.math_sources)
     on_cpu = plan.device == "cpu"
     peak_host = 0
     peak_device = 0
     largest = ""
+    largest_numel = 0
     for tensor in plan.tensors:
-        numel = 1
-        for dim in tensor.shape:
-            numel *= dim
-        float_set = numel * 4 * (math_inputs + plan.method.work_buffers) if tensor.merge else 0
+        numel = math.prod(tensor.shape) if tensor.merge else 0
+        largest_numel = max(largest_numel, numel)
+        float_set = numel * 4 * (math_inputs + plan.method.work_buffers)
         host = 3 * tensor.bytes_out + (float_set if on_cpu else 0)
         if host + float_set > peak_host + peak_device:
             largest = tensor.name
         peak_host = max(peak_host, host)
         peak_device = max(peak_device, float_set)
-    largest_numel = max((math.prod(t.shape) for t in plan.tensors if t.merge), default=0)
     compiler = COMPILER_RSS if on_cpu and largest_numel >= MIN_ELEMENTS else 0
-    output_dir = plan.recipe.output_dir
-    probe = output_dir
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
     try:
-        free = shutil.disk_usage(probe).free
+        free = shutil.disk_usage(existing_ancestor(plan.recipe.output_dir)).free
     except OSError:
         free = None
     return Estimates(

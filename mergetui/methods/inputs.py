@@ -31,14 +31,6 @@ class TensorInputs:
     seed: int = 0
     workspace: Workspace | None = None
 
-    def empty_like(self, tensor: torch.Tensor) -> torch.Tensor:
-        """An uninitialised float32 buffer shaped like ``tensor``, from the workspace when given."""
-        if self.workspace is not None:
-            return self.workspace.take(tensor.shape, tensor.device)
-        import torch
-
-        return torch.empty_like(tensor, dtype=torch.float32)
-
     def per_model(self, key: str) -> list[Any]:
         return [p[key] for p in self.model_params]
 

@@ -188,7 +188,6 @@ class Checkpoint:
     # -- reading ---------------------------------------------------------------------------------
     def read(self, name: str) -> torch.Tensor:
         """Read one tensor into a new CPU tensor in its storage dtype."""
-        import torch
 
         spec = self.tensors[name]
         if self.format == "bin":
@@ -196,12 +195,7 @@ class Checkpoint:
             if state is None:
                 state = self._bin_state[spec.file] = load_bin_state(spec.file)
             return state[name].clone()
-        dtype = getattr(torch, spec.dtype)
-        if spec.nbytes == 0:
-            return torch.empty(spec.shape, dtype=dtype)
-        view = memoryview(bytearray(spec.nbytes))
-        _pread_exactly(self._fd(spec.file), view, spec.offset, spec.file, name)
-        return torch.frombuffer(view, dtype=dtype).reshape(spec.shape)
+        return read_spec(spec, self._fd(spec.file))
 
     def _fd(self, path: Path) -> int:
         with self._lock:  # the prefetcher and the merge read from separate threads
@@ -258,6 +252,18 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_spec(spec: TensorSpec, fd: int) -> torch.Tensor:
+    """Read the safetensors tensor ``spec`` from the open file ``fd`` into a new CPU tensor."""
+    import torch
+
+    dtype = getattr(torch, spec.dtype)
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=dtype)
+    view = memoryview(bytearray(spec.nbytes))
+    _pread_exactly(fd, view, spec.offset, spec.file, spec.name)
+    return torch.frombuffer(view, dtype=dtype).reshape(spec.shape)
 
 
 def _pread_exactly(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:

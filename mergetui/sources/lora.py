@@ -10,6 +10,7 @@ up front; the model's own tensors stream as usual, so no merged copy of the mode
 from __future__ import annotations
 
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from mergetui.sources.checkpoint import (
     load_bin_state,
     read_json_object,
     read_safetensors_header,
+    read_spec,
 )
 
 if TYPE_CHECKING:
@@ -61,20 +63,11 @@ class LoraAdapter:
     targets: dict[str, LoraTarget]  # keyed by module name
     replacements: dict[str, str]  # model tensor name → adapter tensor name (saved whole)
     _state: dict[str, Any] | None = None
+    _fd: int | None = None
 
     @property
     def base_model_name(self) -> str | None:
         return self.config.get("base_model_name_or_path")
-
-    def affected_tensors(self) -> dict[str, str]:
-        """Model tensor name → what the adapter does to it ("lora" or "replaced")."""
-        affected = {name: "replaced" for name in self.replacements}
-        for target in self.targets.values():
-            if "A" in target.pieces:
-                affected.setdefault(f"{target.module}.weight", "lora")
-            if "B_bias" in target.pieces:
-                affected.setdefault(f"{target.module}.bias", "lora")
-        return affected
 
     def check_against(self, model: Checkpoint) -> list[str]:
         """Problems applying this adapter to ``model``: missing target tensors, shape mismatches."""
@@ -110,13 +103,17 @@ class LoraAdapter:
     def _read(self, name: str) -> torch.Tensor:
         import torch
 
-        spec = self.tensors[name]
         if self._state is not None:
             return self._state[name].to(torch.float32)
-        from safetensors import safe_open
+        spec = self.tensors[name]
+        if self._fd is None:  # one open file for the whole merge, read by offset from the header
+            self._fd = os.open(spec.file, os.O_RDONLY)
+        return read_spec(spec, self._fd).to(torch.float32)
 
-        with safe_open(str(spec.file), framework="pt") as handle:
-            return handle.get_tensor(name).to(torch.float32)
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Return ``tensor`` (float32, model tensor ``name``) with the adapter folded in."""

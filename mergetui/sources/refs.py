@@ -18,10 +18,6 @@ class ModelRef:
     repo_id: str | None = None
     revision: str | None = None
 
-    @property
-    def is_hub(self) -> bool:
-        return self.repo_id is not None
-
     def __str__(self) -> str:
         return self.text
 
