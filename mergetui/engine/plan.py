@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mergetui.errors import MergeTuiError
-from mergetui.methods.compiled import MIN_ELEMENTS
 from mergetui.methods.registry import MethodSpec, get_method
 from mergetui.recipe.schema import Recipe
 from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint
@@ -26,8 +25,6 @@ from mergetui.sources.resolve import resolve_dir
 BASELINE_RSS = 240 * 1024**2
 #: Staging and prefetch buffers plus the kernels' chunked temporaries.
 FIXED_WORKING_BYTES = 48 * 1024**2
-#: What torch.compile's machinery adds when large tensors are merged with compiled kernels on CPU.
-COMPILER_RSS = 160 * 1024**2
 _VOCAB_TENSOR_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
 
 
@@ -353,17 +350,14 @@ def estimate(plan: MergePlan) -> Estimates:
     peak_host = 0
     peak_device = 0
     largest = ""
-    largest_numel = 0
     for tensor in plan.tensors:
         numel = math.prod(tensor.shape) if tensor.merge else 0
-        largest_numel = max(largest_numel, numel)
         float_set = numel * 4 * (math_inputs + plan.method.work_buffers)
         host = 3 * tensor.bytes_out + (float_set if on_cpu else 0)
         if host + float_set > peak_host + peak_device:
             largest = tensor.name
         peak_host = max(peak_host, host)
         peak_device = max(peak_device, float_set)
-    compiler = COMPILER_RSS if on_cpu and largest_numel >= MIN_ELEMENTS else 0
     try:
         free = shutil.disk_usage(existing_ancestor(plan.recipe.output_dir)).free
     except OSError:
@@ -372,7 +366,7 @@ def estimate(plan: MergePlan) -> Estimates:
         output_bytes=sum(t.bytes_out for t in plan.tensors),
         input_bytes=sum(t.bytes_in for t in plan.tensors),
         disk_free_bytes=free,
-        peak_ram_bytes=BASELINE_RSS + FIXED_WORKING_BYTES + peak_host + compiler,
+        peak_ram_bytes=BASELINE_RSS + FIXED_WORKING_BYTES + peak_host,
         peak_vram_bytes=None if on_cpu else peak_device + FIXED_WORKING_BYTES,
         largest_tensor=largest,
     )

@@ -18,9 +18,12 @@ MiB whatever the tensor size, and the temporaries stay in the CPU cache.
 
 from __future__ import annotations
 
+import ctypes
+from typing import Any
+
 import torch
 
-from mergetui.methods.compiled import accelerated, compiled_kernel
+from mergetui.methods import native
 from mergetui.methods.inputs import TensorInputs, tensor_generator
 
 #: Elements per chunk for temporaries (4 MiB of float32).
@@ -91,12 +94,11 @@ def _bucket_keys(chunk: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor,
 def _bucket_pass(flat: torch.Tensor, high: int) -> tuple[int, torch.Tensor]:
     """Entries whose top 16 bits exceed ``high``, and a histogram of the low 16 bits of those
     whose top 16 bits equal it."""
-    keys_of = accelerated(_bucket_keys, flat)
     high_t = torch.tensor(high, dtype=torch.int32, device=flat.device)
     above = torch.zeros((), dtype=torch.int64, device=flat.device)
     low_counts = torch.zeros(_RADIX + 1, dtype=torch.int64, device=flat.device)
     for chunk in _chunks(flat):
-        chunk_above, keys = keys_of(chunk, high_t)
+        chunk_above, keys = _bucket_keys(chunk, high_t)
         above += chunk_above
         low_counts += torch.bincount(keys.reshape(-1), minlength=_RADIX + 1)
     return int(above), low_counts[:_RADIX]
@@ -200,18 +202,17 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
     params = inputs.params
     deltas = inputs.models
     densities = [float(p.get("density", 1.0)) for p in inputs.model_params]
+    normalize = bool(params.get("normalize", False))
+    scale = float(params.get("lambda", 1.0))
+    library = native.available_for(base) if sign_election else None
+    if library is not None:
+        return _merge_native(library, inputs, sparsify, weights, densities, normalize, scale)
+
     for index, delta in enumerate(deltas):
         delta.sub_(base)
         if sparsify == "random":
             generator = tensor_generator(inputs.seed, inputs.name, index)
             random_drop_(delta, densities[index], bool(params.get("rescale", True)), generator)
-
-    normalize = bool(params.get("normalize", False))
-    scale = float(params.get("lambda", 1.0))
-    if sign_election and compiled_kernel(_fused_elect_chunk, base) is not None:
-        pruning = densities if sparsify == "magnitude" else [1.0] * len(deltas)
-        return _merge_fused(base, deltas, pruning, weights, normalize, scale)
-
     for index, delta in enumerate(deltas):
         if sparsify == "magnitude":
             magnitude_prune_(delta, densities[index])
@@ -234,93 +235,6 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
         # λ·mixed, then the add: the same two roundings as the fused path (add_ with alpha differs).
         base_chunk.add_(mixed.mul_(scale) if scale != 1.0 else mixed)
     return base
-
-
-def _tie_cutoff(flat: torch.Tensor, threshold: torch.Tensor, ties_to_keep: int) -> int:
-    """The index before which entries equal to the threshold are kept (lowest index first)."""
-    if ties_to_keep <= 0:
-        return 0
-    for start, chunk in zip(range(0, flat.numel(), CHUNK), _chunks(flat), strict=True):
-        tied = chunk.abs() == threshold
-        count = int(torch.count_nonzero(tied))
-        if count >= ties_to_keep:
-            return start + int(torch.nonzero(tied).reshape(-1)[ties_to_keep - 1]) + 1
-        ties_to_keep -= count
-    return flat.numel()
-
-
-def _merge_fused(
-    base: torch.Tensor,
-    deltas: list[torch.Tensor],
-    densities: list[float],
-    weights: list[float],
-    normalize: bool,
-    scale: float,
-) -> torch.Tensor:
-    """Prune, weight and elect in one compiled pass per chunk (TIES and DARE-TIES on the CPU)."""
-    thresholds, cutoffs = [], []
-    for delta, density in zip(deltas, densities, strict=True):
-        flat = _flat(delta)
-        if density >= 1.0:
-            thresholds.append(-1.0)  # |d| > -1 always: keep everything
-            cutoffs.append(0)
-            continue
-        keep_count = max(1, int(density * flat.numel()))
-        threshold, greater = kth_largest_magnitude(flat, keep_count)
-        thresholds.append(float(threshold))
-        cutoffs.append(_tie_cutoff(flat, threshold, keep_count - greater))
-    device = base.device
-    threshold_t = torch.tensor(thresholds, dtype=torch.float32, device=device)
-    cutoff_t = torch.tensor(cutoffs, dtype=torch.int64, device=device)
-    weight_t = torch.tensor(weights, dtype=torch.float32, device=device)
-    scale_t = torch.tensor(scale, dtype=torch.float32, device=device)
-    fused = accelerated(_fused_elect_chunk, base)
-    chunked = [_chunks(_flat(d)) for d in deltas]
-    starts = range(0, base.numel(), CHUNK)
-    for start, base_chunk, parts in zip(
-        starts, _chunks(_flat(base)), zip(*chunked, strict=True), strict=True
-    ):
-        offset = torch.tensor(start, dtype=torch.int64, device=device)
-        base_chunk.copy_(
-            fused(base_chunk, threshold_t, cutoff_t, weight_t, offset, scale_t, normalize, *parts)
-        )
-    return base
-
-
-def _fused_elect_chunk(
-    base: torch.Tensor,
-    thresholds: torch.Tensor,
-    cutoffs: torch.Tensor,
-    weights: torch.Tensor,
-    offset: torch.Tensor,
-    scale: torch.Tensor,
-    normalize: bool,
-    *deltas: torch.Tensor,
-) -> torch.Tensor:
-    """One chunk of TIES/DARE-TIES as pure element-wise ops, for the compiler to fuse.
-
-    Same float32 operations in the same order as the op-by-op path (prune, weight, sign sum,
-    agreeing sum, weight divisor, λ), so both give identical results; the tests check that.
-    """
-    index = offset + torch.arange(base.shape[0], device=base.device)
-    values = []
-    for j, delta in enumerate(deltas):
-        magnitude = delta.abs()
-        keep = (magnitude > thresholds[j]) | ((magnitude == thresholds[j]) & (index < cutoffs[j]))
-        values.append(torch.where(keep, delta * weights[j], 0.0))
-    total = values[0]
-    for value in values[1:]:
-        total = total + value
-    positive = total >= 0
-    mixed = torch.zeros_like(base)
-    divisor = torch.zeros_like(base)
-    for j, value in enumerate(values):
-        agree = torch.where(positive, value > 0, value < 0)
-        mixed = mixed + torch.where(agree, value, 0.0)
-        divisor = divisor + torch.where(agree, weights[j], 0.0)
-    if normalize:
-        mixed = mixed / torch.where(divisor == 0, 1.0, divisor)
-    return base + scale * mixed
 
 
 def _elect_chunk(parts: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
@@ -348,3 +262,98 @@ def _elect_chunk(parts: list[torch.Tensor], weights: list[float], normalize: boo
     if divisor is not None:
         mixed.div_(divisor.masked_fill_(divisor == 0, 1.0))
     return mixed
+
+
+def _merge_native(
+    library: Any,
+    inputs: TensorInputs,
+    sparsify: str | None,
+    weights: list[float],
+    densities: list[float],
+    normalize: bool,
+    scale: float,
+) -> torch.Tensor:
+    """TIES and DARE-TIES with the fused C loops (:mod:`mergetui.methods.native`), on all cores.
+
+    Per task vector: one pass subtracts the base and samples the magnitude histogram, one pass
+    counts around the sampled bucket (the exact radix selection of :func:`kth_largest_magnitude`),
+    a partial pass finds where the tied entries stop being kept; then one pass over all of them
+    prunes, weights, elects and adds to the base. Same bits as the op-by-op path.
+    """
+    base = _flat(inputs.require_base())
+    count = base.numel()
+    step = _SAMPLE_STEP if count >= 64 * _SAMPLE_STEP * 1024 else 1
+    patterns, cutoffs = [], []
+    for index, delta in enumerate(inputs.models):
+        flat = _flat(delta)
+
+        def subtract(start: int, end: int, flat: torch.Tensor = flat) -> torch.Tensor:
+            histogram = torch.zeros(_RADIX, dtype=torch.int64)
+            library.mt_subtract_and_sample(
+                flat.data_ptr(), base.data_ptr(), start, end, step, histogram.data_ptr()
+            )
+            return histogram
+
+        sample = torch.stack(native.parallel(subtract, count)).sum(0)
+        density = densities[index]
+        if sparsify == "random":
+            generator = tensor_generator(inputs.seed, inputs.name, index)
+            random_drop_(delta, density, bool(inputs.params.get("rescale", True)), generator)
+        if sparsify != "magnitude" or density >= 1.0:
+            patterns.append(0)  # |d| >= 0 always, and every tie is before the cutoff: keep all
+            cutoffs.append(count)
+            continue
+        keep_count = max(1, int(density * count))
+        pattern, greater = _native_kth(library, flat, keep_count, sample, step)
+        patterns.append(pattern)
+        cutoffs.append(
+            library.mt_tie_cutoff(flat.data_ptr(), 0, count, pattern, keep_count - greater)
+        )
+
+    deltas = native.pointer_array([_flat(d) for d in inputs.models])
+    models = len(inputs.models)
+    pattern_array = (ctypes.c_uint32 * models)(*patterns)
+    cutoff_array = (ctypes.c_int64 * models)(*cutoffs)
+    weight_array = (ctypes.c_float * models)(*weights)
+    native.parallel(
+        lambda start, end: library.mt_ties_elect(
+            base.data_ptr(), deltas, models, start, end, pattern_array, cutoff_array,
+            weight_array, int(normalize), scale,
+        ),
+        count,
+    )  # fmt: skip
+    return inputs.require_base()
+
+
+def _native_kth(
+    library: Any, flat: torch.Tensor, k: int, sample: torch.Tensor, step: int
+) -> tuple[int, int]:
+    """The bit pattern of the k-th largest |x| and how many |x| are strictly larger, from the
+    sampled top-16-bit histogram (exact when ``step`` is 1); a wrong guess is redone in full."""
+    count = flat.numel()
+
+    def bucket(high: int) -> tuple[int, torch.Tensor]:
+        def piece(start: int, end: int) -> tuple[int, torch.Tensor]:
+            above = ctypes.c_int64(0)
+            low = torch.zeros(_RADIX, dtype=torch.int64)
+            library.mt_bucket(
+                flat.data_ptr(), start, end, high, ctypes.addressof(above), low.data_ptr()
+            )
+            return above.value, low
+
+        parts = native.parallel(piece, count)
+        return sum(a for a, _ in parts), torch.stack([low for _, low in parts]).sum(0)
+
+    high, _ = _from_top(sample, -(-k // step))
+    above, low_counts = bucket(high)
+    if not above < k <= above + int(low_counts.sum()):
+
+        def top(start: int, end: int) -> torch.Tensor:
+            histogram = torch.zeros(_RADIX, dtype=torch.int64)
+            library.mt_top_histogram(flat.data_ptr(), start, end, histogram.data_ptr())
+            return histogram
+
+        high, _ = _from_top(torch.stack(native.parallel(top, count)).sum(0), k)
+        above, low_counts = bucket(high)
+    low, greater = _from_top(low_counts, k, offset=above)
+    return (high << 16) | low, greater
