@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from mergetui.methods import native
+from mergetui.methods import native, task_arithmetic
 from mergetui.methods.inputs import TensorInputs
 from mergetui.methods.task_arithmetic import CHUNK, dare_ties, ties
 
@@ -121,3 +121,28 @@ def test_the_library_is_cached_by_source_and_flags(
     monkeypatch.setattr(native, "_state", {})
     assert native.library() is not None
     assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+def test_native_path_matches_on_continuous_float32_task_vectors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fp32 deltas almost never repeat a value: the sample's guess misses and the radix pass runs."""
+    g = torch.Generator().manual_seed(8)
+    numel = 2 * CHUNK + 333
+    base = torch.randn(numel, generator=g)
+    models = [base + 0.01 * torch.randn(numel, generator=g) for _ in range(3)]
+    params = [{"weight": 0.5, "density": d} for d in (0.1, 0.5, 0.9)]
+    inputs = TensorInputs("w", base, models, params, {"normalize": True})
+    eager, fused = _both(monkeypatch, ties, inputs)
+    assert torch.equal(fused, eager)
+
+
+@pytest.mark.parametrize("guess", [0, 0x3F800000, 0x7F7FFFFF])
+def test_a_wrong_guess_still_gives_the_exact_answer(
+    monkeypatch: pytest.MonkeyPatch, guess: int
+) -> None:
+    """Whatever the sample suggests (here: forced far off), the selection ends up exact."""
+    inputs = _inputs(seed=6, numel=CHUNK + 5, models=2, density=0.4)
+    monkeypatch.setattr(task_arithmetic, "_kth_largest_bits", lambda bits, k: guess)
+    eager, fused = _both(monkeypatch, ties, inputs)
+    assert torch.equal(fused, eager)

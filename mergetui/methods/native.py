@@ -88,8 +88,9 @@ def _build() -> ctypes.CDLL:
 def _declare(library: ctypes.CDLL) -> None:
     signatures: dict[str, tuple[Any, list[Any]]] = {
         "mt_subtract_and_sample": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR]),
+        "mt_count_pattern": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_top_histogram": (None, [_PTR, _I64, _I64, _PTR]),
-        "mt_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR, _PTR]),
+        "mt_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_count_equal": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32]),
         "mt_tie_cutoff": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32, _I64]),
         "mt_ties_elect": (

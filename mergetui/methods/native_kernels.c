@@ -15,7 +15,7 @@
 #include <string.h>
 
 #define RADIX 65536
-#define BLOCK 1024
+#define BLOCK 1024 /* elements per block of the fused loops: a few KiB per input, in L1 */
 
 /* |x| as its bit pattern: for non-negative floats it orders like the values. */
 static inline uint32_t magnitude_bits(float x) {
@@ -24,13 +24,27 @@ static inline uint32_t magnitude_bits(float x) {
     return bits & 0x7fffffffu;
 }
 
-/* delta[i] -= base[i] on [start, end), and count the top 16 magnitude bits of every `step`-th
- * element (counted from 0, so that any split of the range samples the same elements). */
+/* delta[i] -= base[i] on [start, end), and the magnitude bits of every `step`-th element (counted
+ * from 0, so that any split of the range samples the same elements) into sample[i / step]. */
 void mt_subtract_and_sample(float *restrict delta, const float *restrict base, int64_t start,
-                            int64_t end, int64_t step, int64_t *restrict histogram) {
+                            int64_t end, int64_t step, uint32_t *restrict sample) {
     for (int64_t i = start; i < end; i++) delta[i] -= base[i];
-    int64_t first = (start + step - 1) / step * step;
-    for (int64_t i = first; i < end; i += step) histogram[magnitude_bits(delta[i]) >> 16]++;
+    const int64_t first = (start + step - 1) / step * step;
+    for (int64_t i = first; i < end; i += step) sample[i / step] = magnitude_bits(delta[i]);
+}
+
+/* On [start, end): how many magnitudes have a bit pattern above `pattern` and how many equal it
+ * (added to counts[0] and counts[1]). */
+void mt_count_pattern(const float *restrict values, int64_t start, int64_t end, uint32_t pattern,
+                      int64_t *restrict counts) {
+    int64_t above = 0, same = 0;
+    for (int64_t i = start; i < end; i++) {
+        const uint32_t bits = magnitude_bits(values[i]);
+        above += bits > pattern;
+        same += bits == pattern;
+    }
+    counts[0] += above;
+    counts[1] += same;
 }
 
 /* Histogram of the top 16 magnitude bits on [start, end). */
@@ -39,18 +53,28 @@ void mt_top_histogram(const float *restrict values, int64_t start, int64_t end,
     for (int64_t i = start; i < end; i++) histogram[magnitude_bits(values[i]) >> 16]++;
 }
 
-/* On [start, end): how many magnitudes have top 16 bits above `high` (added to *above), and a
- * histogram of the low 16 bits of those whose top 16 bits equal it. */
+/* On [start, end): a histogram of the low 16 bits of the magnitudes whose top 16 bits equal
+ * `high` (counts[0..RADIX-1]), and how many have top 16 bits above it (added to counts[RADIX]). Few entries fall in one bucket
+ * (a fraction of a percent), so runs of 64 are counted with vector code and only runs that hold
+ * one are walked to update the histogram. */
 void mt_bucket(const float *restrict values, int64_t start, int64_t end, uint32_t high,
-               int64_t *restrict above, int64_t *restrict low_histogram) {
+               int64_t *restrict counts) {
     int64_t count = 0;
-    for (int64_t i = start; i < end; i++) {
-        uint32_t bits = magnitude_bits(values[i]);
-        uint32_t top = bits >> 16;
-        count += top > high;
-        if (top == high) low_histogram[bits & 0xffffu]++;
+    for (int64_t run = start; run < end; run += 64) {
+        const int64_t stop = end - run < 64 ? end : run + 64;
+        uint32_t inside = 0;
+        for (int64_t i = run; i < stop; i++) {
+            const uint32_t top = magnitude_bits(values[i]) >> 16;
+            count += top > high;
+            inside += top == high;
+        }
+        if (inside == 0) continue;
+        for (int64_t i = run; i < stop; i++) {
+            const uint32_t bits = magnitude_bits(values[i]);
+            if (bits >> 16 == high) counts[bits & 0xffffu]++;
+        }
     }
-    *above += count;
+    counts[RADIX] += count;
 }
 
 /* How many magnitudes on [start, end) have exactly the bit pattern `pattern`. */
@@ -62,14 +86,32 @@ int64_t mt_count_equal(const float *restrict values, int64_t start, int64_t end,
 }
 
 /* The index just after the `wanted`-th magnitude equal to `pattern` at or after `start` (end when
- * there are fewer): entries tied at the TIES threshold are kept lowest index first. */
+ * there are fewer): entries tied at the TIES threshold are kept lowest index first. Whole blocks
+ * are counted with the vectorised loop; only the block where the count runs out is walked. */
 int64_t mt_tie_cutoff(const float *restrict values, int64_t start, int64_t end, uint32_t pattern,
                       int64_t wanted) {
     if (wanted <= 0) return start;
-    for (int64_t i = start; i < end; i++) {
-        if (magnitude_bits(values[i]) == pattern && --wanted == 0) return i + 1;
+    for (int64_t block = start; block < end; block += BLOCK) {
+        const int64_t stop = end - block < BLOCK ? end : block + BLOCK;
+        const int64_t here = mt_count_equal(values, block, stop, pattern);
+        if (here < wanted) {
+            wanted -= here;
+            continue;
+        }
+        for (int64_t i = block; i < stop; i++) {
+            if (magnitude_bits(values[i]) == pattern && --wanted == 0) return i + 1;
+        }
     }
     return end;
+}
+
+/* x where mask is all ones, +0.0 where it is zero: a select the compiler turns into a vector AND. */
+static inline float masked(float x, uint32_t mask) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits &= mask;
+    memcpy(&x, &bits, sizeof x);
+    return x;
 }
 
 /* TIES sign election on [start, end) for `models` task vectors, result into base:
@@ -77,44 +119,60 @@ int64_t mt_tie_cutoff(const float *restrict values, int64_t start, int64_t end, 
  *   cutoff), else 0; s = sign(sum_j v_j) with 0 counting as +; agreeing entries (v_j * s > 0) are
  *   summed, divided (normalize) by the sum of the agreeing models' weights (1 where none agrees),
  *   times lambda, plus base.
- * The deltas are overwritten with v_j (the caller owns them). */
-void mt_ties_elect(float *restrict base, float *const *deltas, int32_t models, int64_t start,
+ * The deltas are only read. Written without branches in the
+ * inner loops (masks instead of conditionals) so that they vectorise. */
+void mt_ties_elect(float *restrict base, const float *const *deltas, int32_t models, int64_t start,
                    int64_t end, const uint32_t *thresholds, const int64_t *cutoffs,
                    const float *weights, int32_t normalize, float scale) {
     float total[BLOCK], mixed[BLOCK], divisor[BLOCK];
+    float values[models][BLOCK]; /* models * 4 KiB: the kept, weighted entries of this block */
     for (int64_t block = start; block < end; block += BLOCK) {
-        int64_t count = end - block < BLOCK ? end - block : BLOCK;
+        const int64_t count = end - block < BLOCK ? end - block : BLOCK;
         for (int32_t j = 0; j < models; j++) {
-            float *restrict d = deltas[j] + block;
+            const float *restrict d = deltas[j] + block;
+            float *restrict v = values[j];
             const uint32_t threshold = thresholds[j];
             const int64_t cutoff = cutoffs[j] - block;
             const float weight = weights[j];
             for (int64_t i = 0; i < count; i++) {
-                uint32_t bits = magnitude_bits(d[i]);
-                int keep = bits > threshold || (bits == threshold && i < cutoff);
-                float value = keep ? d[i] * weight : 0.0f;
-                d[i] = value;
-                total[i] = j == 0 ? value : total[i] + value;
+                const uint32_t bits = magnitude_bits(d[i]);
+                const uint32_t keep = (uint32_t)(bits > threshold) |
+                                      ((uint32_t)(bits == threshold) & (uint32_t)(i < cutoff));
+                v[i] = masked(d[i] * weight, 0u - keep);
             }
+        }
+        {
+            const float *restrict v = values[0];
+            for (int64_t i = 0; i < count; i++) total[i] = v[i];
+        }
+        for (int32_t j = 1; j < models; j++) {
+            const float *restrict v = values[j];
+            for (int64_t i = 0; i < count; i++) total[i] = total[i] + v[i];
         }
         for (int64_t i = 0; i < count; i++) {
             mixed[i] = 0.0f;
             divisor[i] = 0.0f;
         }
         for (int32_t j = 0; j < models; j++) {
-            const float *restrict d = deltas[j] + block;
+            const float *restrict v = values[j];
             const float weight = weights[j];
             for (int64_t i = 0; i < count; i++) {
-                int agree = total[i] >= 0.0f ? d[i] > 0.0f : d[i] < 0.0f;
-                mixed[i] += agree ? d[i] : 0.0f;
-                divisor[i] += agree ? weight : 0.0f;
+                const uint32_t positive = (uint32_t)(total[i] >= 0.0f);
+                const uint32_t agree = (positive & (uint32_t)(v[i] > 0.0f)) |
+                                       ((positive ^ 1u) & (uint32_t)(v[i] < 0.0f));
+                mixed[i] = mixed[i] + masked(v[i], 0u - agree);
+                divisor[i] = divisor[i] + masked(weight, 0u - agree);
             }
         }
         float *restrict out = base + block;
-        for (int64_t i = 0; i < count; i++) {
-            float value = mixed[i];
-            if (normalize) value = value / (divisor[i] == 0.0f ? 1.0f : divisor[i]);
-            out[i] = out[i] + scale * value;
+        if (normalize) {
+            for (int64_t i = 0; i < count; i++) {
+                const uint32_t none = (uint32_t)(divisor[i] == 0.0f);
+                const float safe = masked(divisor[i], none - 1u) + masked(1.0f, 0u - none);
+                out[i] = out[i] + scale * (mixed[i] / safe);
+            }
+        } else {
+            for (int64_t i = 0; i < count; i++) out[i] = out[i] + scale * mixed[i];
         }
     }
 }

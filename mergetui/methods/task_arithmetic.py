@@ -275,26 +275,24 @@ def _merge_native(
 ) -> torch.Tensor:
     """TIES and DARE-TIES with the fused C loops (:mod:`mergetui.methods.native`), on all cores.
 
-    Per task vector: one pass subtracts the base and samples the magnitude histogram, one pass
-    counts around the sampled bucket (the exact radix selection of :func:`kth_largest_magnitude`),
-    a partial pass finds where the tied entries stop being kept; then one pass over all of them
-    prunes, weights, elects and adds to the base. Same bits as the op-by-op path.
+    Per task vector: one pass subtracts the base and keeps a 1-in-16 sample of magnitudes, one
+    pass counts the entries above and at the sample's k-th magnitude (:func:`_native_kth`), a
+    partial pass finds where tied entries stop being kept; then one pass over all of them prunes,
+    weights, elects and adds to the base. Same bits as the op-by-op path.
     """
     base = _flat(inputs.require_base())
     count = base.numel()
     step = _SAMPLE_STEP if count >= 64 * _SAMPLE_STEP * 1024 else 1
+    sample = torch.empty(-(-count // step), dtype=torch.int32)
     patterns, cutoffs = [], []
     for index, delta in enumerate(inputs.models):
         flat = _flat(delta)
-
-        def subtract(start: int, end: int, flat: torch.Tensor = flat) -> torch.Tensor:
-            histogram = torch.zeros(_RADIX, dtype=torch.int64)
-            library.mt_subtract_and_sample(
-                flat.data_ptr(), base.data_ptr(), start, end, step, histogram.data_ptr()
-            )
-            return histogram
-
-        sample = torch.stack(native.parallel(subtract, count)).sum(0)
+        native.parallel(
+            lambda start, end, flat=flat: library.mt_subtract_and_sample(
+                flat.data_ptr(), base.data_ptr(), start, end, step, sample.data_ptr()
+            ),
+            count,
+        )
         density = densities[index]
         if sparsify == "random":
             generator = tensor_generator(inputs.seed, inputs.name, index)
@@ -325,35 +323,51 @@ def _merge_native(
     return inputs.require_base()
 
 
+def _kth_largest_bits(bits: torch.Tensor, k: int) -> int:
+    """The k-th largest of non-negative int32 values, by a two-level 16-bit radix selection."""
+    high, above = _from_top(torch.bincount(bits >> 16, minlength=_RADIX), k)
+    in_bucket = bits[(bits >> 16) == high] & 0xFFFF
+    low, _ = _from_top(torch.bincount(in_bucket, minlength=_RADIX), k, offset=above)
+    return (high << 16) | low
+
+
 def _native_kth(
     library: Any, flat: torch.Tensor, k: int, sample: torch.Tensor, step: int
 ) -> tuple[int, int]:
-    """The bit pattern of the k-th largest |x| and how many |x| are strictly larger, from the
-    sampled top-16-bit histogram (exact when ``step`` is 1); a wrong guess is redone in full."""
+    """The bit pattern of the k-th largest |x| and how many |x| are strictly larger.
+
+    The guess is the sample's own k/step-th largest magnitude. One vector pass counts the entries
+    above and equal to it; when k falls among the equal ones the guess is the answer. That is the
+    usual case for bf16 and fp16 checkpoints, whose task vectors take few distinct values, and
+    always the case for small tensors, whose "sample" is every entry. Otherwise a radix pass over
+    the guess's 16-bit bucket finds it or, when the bucket was wrong too, a full histogram picks
+    the right bucket first. The answer is exact in every case.
+    """
     count = flat.numel()
 
+    def counted(function: str, size: int, *arguments: Any) -> torch.Tensor:
+        """The int64 counts a C counting pass adds up, run on every core and summed."""
+
+        def piece(start: int, end: int) -> torch.Tensor:
+            counts = torch.zeros(size, dtype=torch.int64)
+            getattr(library, function)(flat.data_ptr(), start, end, *arguments, counts.data_ptr())
+            return counts
+
+        return torch.stack(native.parallel(piece, count)).sum(0)
+
+    guess = _kth_largest_bits(sample, -(-k // step))
+    greater, equal = counted("mt_count_pattern", 2, guess).tolist()
+    if greater < k <= greater + equal:
+        return guess, greater
+
     def bucket(high: int) -> tuple[int, torch.Tensor]:
-        def piece(start: int, end: int) -> tuple[int, torch.Tensor]:
-            above = ctypes.c_int64(0)
-            low = torch.zeros(_RADIX, dtype=torch.int64)
-            library.mt_bucket(
-                flat.data_ptr(), start, end, high, ctypes.addressof(above), low.data_ptr()
-            )
-            return above.value, low
+        counts = counted("mt_bucket", _RADIX + 1, high)
+        return int(counts[_RADIX]), counts[:_RADIX]
 
-        parts = native.parallel(piece, count)
-        return sum(a for a, _ in parts), torch.stack([low for _, low in parts]).sum(0)
-
-    high, _ = _from_top(sample, -(-k // step))
+    high = guess >> 16
     above, low_counts = bucket(high)
     if not above < k <= above + int(low_counts.sum()):
-
-        def top(start: int, end: int) -> torch.Tensor:
-            histogram = torch.zeros(_RADIX, dtype=torch.int64)
-            library.mt_top_histogram(flat.data_ptr(), start, end, histogram.data_ptr())
-            return histogram
-
-        high, _ = _from_top(torch.stack(native.parallel(top, count)).sum(0), k)
+        high, _ = _from_top(counted("mt_top_histogram", _RADIX), k)
         above, low_counts = bucket(high)
     low, greater = _from_top(low_counts, k, offset=above)
     return (high << 16) | low, greater
