@@ -944,19 +944,6 @@ def test_magnitude_prune_is_exact_across_chunks_with_ties() -> None:
     assert torch.equal(pruned, expected)
 
 
-def test_workspace_reuses_buffers_after_reset() -> None:
-    from mergetui.methods.inputs import Workspace
-
-    workspace = Workspace()
-    first = workspace.take((4, 8))
-    second = workspace.take((16,))
-    assert first.data_ptr() != second.data_ptr()
-    workspace.reset()
-    again = [workspace.take((2, 8)), workspace.take((4, 4))]
-    assert {t.data_ptr() for t in again} == {first.data_ptr(), second.data_ptr()}
-    assert workspace.take((40,)).numel() == 40  # larger than any free buffer: a new one
-
-
 @pytest.mark.parametrize("layout", ["normal", "bf16_ties", "sample_misleads"])
 @pytest.mark.parametrize("density", [0.01, 0.5, 0.93])
 def test_kth_largest_magnitude_matches_kthvalue(layout: str, density: float) -> None:

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from mergetui.methods import native, task_arithmetic
+from mergetui.methods import native
 from mergetui.methods.inputs import TensorInputs
 from mergetui.methods.task_arithmetic import CHUNK, dare_ties, ties
 
@@ -143,6 +143,20 @@ def test_a_wrong_guess_still_gives_the_exact_answer(
 ) -> None:
     """Whatever the sample suggests (here: forced far off), the selection ends up exact."""
     inputs = _inputs(seed=6, numel=CHUNK + 5, models=2, density=0.4)
-    monkeypatch.setattr(task_arithmetic, "_kth_largest_bits", lambda bits, k: guess)
+    monkeypatch.setattr(native, "_state", {"library": _GuessingLibrary(native.library(), guess)})
     eager, fused = _both(monkeypatch, ties, inputs)
     assert torch.equal(fused, eager)
+
+
+class _GuessingLibrary:
+    """The real library, except that the sample's k-th magnitude is replaced by a fixed guess."""
+
+    def __init__(self, library: object, guess: int) -> None:
+        self._library = library
+        self._guess = guess
+
+    def mt_kth_largest_bits(self, *arguments: object) -> int:
+        return self._guess
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._library, name)

@@ -2,15 +2,16 @@
 
 Three stages overlap so that disk and CPU/GPU stay busy together:
 
-    prefetch thread ──(page cache)──▶ merge (caller's thread) ──(≤1 output)──▶ writer thread
+    loader thread ──(≤1 tensor ahead)──▶ merge (caller's thread) ──(≤1 output)──▶ writer thread
 
-The prefetcher reads the next tensor's bytes into the OS page cache (not into this process), the merge
-thread converts each input slice by slice straight into reused float32 buffers and runs the kernel,
-and the writer appends the result to its shard. Memory is the largest tensor's float32 working set
-plus one or two outputs, never a multiple of the model size. The output is built in a hidden sibling folder
-(``.NAME.mergetui-partial-PID``) and renamed into place only when everything, support files included,
-is written; any error, Ctrl-C or cancel request removes that folder. Sources are only ever opened for
-reading, and an output folder that overlaps a source is refused up front.
+The loader reads the next tensor's inputs with positioned reads and converts them slice by slice into
+reused float32 buffers (applying LoRA adapters), while the merge thread runs the kernel on the
+current one and the writer appends the previous result to its shard. Memory is about the largest
+tensor's float32 working set (the loader does not read ahead past a budget of that plus a margin)
+plus one or two outputs, never a multiple of the model size. The output is built in a hidden sibling
+folder (``.NAME.mergetui-partial-PID``) and renamed into place only when everything, support files
+included, is written; any error, Ctrl-C or cancel request removes that folder. Sources are only ever
+opened for reading, and an output folder that overlaps a source is refused up front.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergetui.engine.buffers import BufferPool
 from mergetui.engine.outputs import write_support_files
 from mergetui.engine.plan import MergePlan, PlannedTensor, existing_ancestor
 from mergetui.engine.progress import (
@@ -43,12 +45,13 @@ from mergetui.errors import (
     MergeTuiError,
     OutputError,
 )
-from mergetui.methods.inputs import TensorInputs, Workspace
+from mergetui.methods.inputs import TensorInputs
 
 if TYPE_CHECKING:
     import torch
 
-_PREFETCH_AHEAD = 1  # tensors pulled into the page cache ahead of the one being merged
+_LOAD_AHEAD = 1  # loaded tensors waiting for the merge thread
+_READ_AHEAD_MARGIN = 256 << 20  # the loader may hold this much beyond the largest working set
 _WRITE_BEHIND = 1  # merged tensors waiting for the writer
 _STAGING_BYTES = 8 << 20  # slice size when converting stored bytes to float32
 _POLL_S = 0.2
@@ -197,12 +200,13 @@ class _Run:
         self.math_roles = [s.role for s in plan.math_sources]
         self.by_role = {s.role: s for s in plan.sources}
         self.model_params = [dict(e.parameters) for e in plan.recipe.models]
-        self.workspace = Workspace()
         self.read_roles = list(self.math_roles)
         if plan.reference.role not in self.read_roles:
             self.read_roles.insert(0, plan.reference.role)
-        self.staging = bytearray(_STAGING_BYTES)
-        self.started_tensor = threading.Semaphore(_PREFETCH_AHEAD + 1)
+        largest = (
+            max((t.numel for t in plan.tensors if t.merge), default=0) * 4 * len(self.math_roles)
+        )
+        self.buffers = BufferPool(largest + _READ_AHEAD_MARGIN)
 
     def event(self, kind: str, message: str = "") -> ProgressEvent:
         elapsed = time.perf_counter() - self.started
@@ -228,25 +232,53 @@ class _Run:
             message=message,
         )
 
-    # -- stage 1: prefetching -------------------------------------------------------------------
-    def _roles_for(self, tensor: PlannedTensor) -> list[str]:
-        return self.math_roles if tensor.merge else self.read_roles
+    # -- stage 1: loading ---------------------------------------------------------------------
+    def _loader(self, out_queue: queue.Queue[Any]) -> None:
+        """Load every tensor in plan order; an error goes down the queue to the merge thread, which
+        reports it with its context."""
+        import torch
 
-    def _prefetcher(self) -> None:
-        """Keep the next tensor's bytes in the page cache. Only a hint: a read error here is left
-        for the merge thread's own read of the same bytes to report, with its full context."""
-        scratch = bytearray(_STAGING_BYTES)
-        for tensor in self.plan.tensors:
-            while not self.started_tensor.acquire(timeout=_POLL_S):
-                if self.cancel.is_set():
-                    return
-            if self.cancel.is_set():
-                return
-            for role in self._roles_for(tensor):
-                try:
-                    self.by_role[role].checkpoint.prefetch(tensor.name, scratch)
-                except (OSError, MergeTuiError):
-                    log.debug("prefetch of %s failed; the merge read will report it", tensor.name)
+        staging = bytearray(_STAGING_BYTES)
+        name = ""
+        try:
+            with torch.inference_mode():  # thread-local: buffers are shared with the merge thread
+                for tensor in self.plan.tensors:
+                    name = tensor.name
+                    loaded = self._load(tensor, staging)
+                    if loaded is None:  # stopped while waiting for buffer budget
+                        return
+                    _put(out_queue, loaded, self.cancel)
+                    if self.cancel.is_set():
+                        return
+            _put(out_queue, _DONE, self.cancel)
+        except BaseException as exc:
+            _put(out_queue, _LoadFailed(name, exc), self.cancel)
+
+    def _load(self, tensor: PlannedTensor, staging: bytearray) -> _Loaded | None:
+        """Read one tensor's inputs: raw for a copied (integer) tensor, else float32 buffers."""
+        if not tensor.merge:
+            raw = {
+                role: self.by_role[role].checkpoint.read(tensor.name) for role in self.read_roles
+            }
+            self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
+            return _Loaded(tensor, raw=raw)
+        plan = self.plan
+        nbytes = tensor.numel * 4 * len(self.math_roles)
+        if not self.buffers.reserve(nbytes, self.cancel):
+            return None
+        loaded = _Loaded(tensor, reserved_bytes=nbytes)
+        for role in self.math_roles:
+            buffer = self.buffers.take(tensor.shape, plan.device)
+            loaded.buffers.append(buffer)
+            checkpoint = self.by_role[role].checkpoint
+            self.bytes_read += checkpoint.read_into(tensor.name, buffer, staging)
+            lora = self.by_role[role].lora
+            value = buffer if lora is None else lora.apply(tensor.name, buffer)
+            if role == "base":
+                loaded.base = value
+            else:
+                loaded.models.append(value)
+        return loaded
 
     # -- stage 3: writing ----------------------------------------------------------------------
     def _writer(
@@ -280,8 +312,9 @@ class _Run:
         writer_errors: list[BaseException] = []
         files: list[Path] = []
         stop = self.cancel
-        prefetcher = threading.Thread(
-            target=self._prefetcher, name="mergetui-prefetch", daemon=True
+        load_queue: queue.Queue[Any] = queue.Queue(maxsize=_LOAD_AHEAD)
+        loader = threading.Thread(
+            target=self._loader, args=(load_queue,), name="mergetui-loader", daemon=True
         )
         writer_thread = threading.Thread(
             target=self._writer,
@@ -290,18 +323,19 @@ class _Run:
             daemon=True,
         )
         self.emit(self.event("plan", message=f"{plan.method.name} on {plan.device}"))
-        prefetcher.start()
+        loader.start()
         writer_thread.start()
         try:
             with torch.inference_mode():
-                for tensor in plan.tensors:
-                    if stop.is_set():  # cancelled, or the writer failed (it sets stop)
-                        break
-                    self.started_tensor.release()
-                    self.current = tensor.name
-                    result = self._compute(tensor)
-                    _put(write_queue, (tensor.name, result), stop)
-                    del result
+                # _drain ends early when stop is set: cancelled, or the writer failed (it sets stop)
+                for loaded in _drain(load_queue, stop):
+                    if isinstance(loaded, _LoadFailed):
+                        self.current = loaded.name
+                        raise loaded.error
+                    self.current = loaded.tensor.name
+                    result = self._compute(loaded)
+                    _put(write_queue, (loaded.tensor.name, result), stop)
+                    del result, loaded
                     self.done += 1
                     self.emit(self.event("tensor"))
             _put(write_queue, _DONE, stop)
@@ -310,7 +344,8 @@ class _Run:
             raise
         finally:
             writer_thread.join()
-            prefetcher.join(timeout=5)
+            loader.join()
+            self.buffers.clear()
         if writer_errors:
             raise writer_errors[0]
         if stop.is_set():
@@ -318,18 +353,15 @@ class _Run:
         self.current = ""
         return files
 
-    def _compute(self, tensor: PlannedTensor) -> torch.Tensor:
-        """Read, merge and convert one tensor."""
+    def _compute(self, loaded: _Loaded) -> torch.Tensor:
+        """Merge and convert one loaded tensor."""
         import torch
 
         plan = self.plan
-        if not tensor.merge:
-            raw = {
-                role: self.by_role[role].checkpoint.read(tensor.name) for role in self.read_roles
-            }
-            self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
-            reference = raw[plan.reference.role]
-            for role, other in raw.items():
+        tensor = loaded.tensor
+        if loaded.raw is not None:
+            reference = loaded.raw[plan.reference.role]
+            for role, other in loaded.raw.items():
                 if not torch.equal(other, reference):
                     raise MergeFailed(
                         f"tensor {tensor.name} ({tensor.dtype}) differs between "
@@ -337,45 +369,47 @@ class _Run:
                         "cannot be merged — make them identical or drop that model"
                     )
             return reference
-        workspace = self.workspace
-
-        def as_float(role: str) -> torch.Tensor:
-            buffer = workspace.take(tensor.shape, plan.device)
-            checkpoint = self.by_role[role].checkpoint
-            self.bytes_read += checkpoint.read_into(tensor.name, buffer, self.staging)
-            return buffer
-
-        base = as_float("base") if plan.method.needs_base else None
-        models = []
-        for role in self.math_roles:
-            if role == "base":
-                continue
-            value = as_float(role)
-            lora = self.by_role[role].lora
-            if lora is not None:
-                value = lora.apply(tensor.name, value)
-            models.append(value)
         inputs = TensorInputs(
             name=tensor.name,
-            base=base,
-            models=models,
+            base=loaded.base,
+            models=loaded.models,
             model_params=self.model_params,
             params=dict(plan.recipe.parameters),
             seed=plan.recipe.seed,
-            workspace=workspace,
         )
         result = self.kernel(inputs)
-        del inputs, base, models
+        del inputs
         if not _all_finite(result):
             raise MergeFailed(
                 f"tensor {tensor.name} has NaN or infinite values after the {plan.method.name} "
                 "merge; check the inputs (a corrupt source?) and the parameters (huge weights?)"
             )
-        # A copy in every case: the result may live in a workspace buffer reused by the next tensor.
+        # A copy in every case: the result may live in a buffer the loader reuses next.
         output = result.to(dtype=getattr(torch, tensor.dtype), device="cpu", copy=True)
         del result
-        workspace.reset()
+        self.buffers.release(loaded.buffers, loaded.reserved_bytes)
+        loaded.buffers.clear()
+        loaded.base = None
+        loaded.models.clear()
         return output
+
+
+@dataclass
+class _Loaded:
+    """One tensor's inputs, as the loader hands them to the merge thread."""
+
+    tensor: PlannedTensor
+    raw: dict[str, torch.Tensor] | None = None
+    base: torch.Tensor | None = None
+    models: list[torch.Tensor] = field(default_factory=list)
+    buffers: list[torch.Tensor] = field(default_factory=list)
+    reserved_bytes: int = 0
+
+
+@dataclass
+class _LoadFailed:
+    name: str
+    error: BaseException
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -64,6 +64,10 @@ class PlannedTensor:
     bytes_in: int
     bytes_out: int
 
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
 
 @dataclass
 class Estimates:
@@ -351,7 +355,7 @@ def estimate(plan: MergePlan) -> Estimates:
     peak_device = 0
     largest = ""
     for tensor in plan.tensors:
-        numel = math.prod(tensor.shape) if tensor.merge else 0
+        numel = tensor.numel if tensor.merge else 0
         float_set = numel * 4 * (math_inputs + plan.method.work_buffers)
         host = 3 * tensor.bytes_out + (float_set if on_cpu else 0)
         if host + float_set > peak_host + peak_device:

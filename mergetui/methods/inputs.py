@@ -29,7 +29,6 @@ class TensorInputs:
     model_params: list[dict[str, Any]] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
-    workspace: Workspace | None = None
 
     def per_model(self, key: str) -> list[Any]:
         return [p[key] for p in self.model_params]
@@ -38,44 +37,6 @@ class TensorInputs:
         if self.base is None:
             raise ValueError(f"{self.name}: this method needs a base tensor")
         return self.base
-
-
-class Workspace:
-    """Float32 buffers reused from one tensor to the next.
-
-    Fresh memory is paid for with a page fault per 4 KiB on first touch, which for large tensors costs
-    several times more than the arithmetic done on it. The executor takes every float32 buffer of a
-    tensor's merge from here and calls :meth:`reset` when the tensor is done, so after the first large
-    tensor the merge runs without allocating.
-    """
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-        self._used: list[torch.Tensor] = []
-
-    def take(self, shape: Any, device: Any = "cpu") -> torch.Tensor:
-        import math
-
-        import torch
-
-        numel = math.prod(shape)
-        wanted = torch.device(device)
-        fits = [i for i, b in enumerate(self._free) if b.numel() >= numel and b.device == wanted]
-        if fits:  # the smallest buffer that fits (by index: tensors do not compare with ==)
-            buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
-        else:
-            buffer = torch.empty(numel, dtype=torch.float32, device=device)
-        self._used.append(buffer)
-        return buffer[:numel].view(shape)
-
-    def reset(self) -> None:
-        """Every buffer handed out is free again (the caller no longer uses them)."""
-        self._free.extend(self._used)
-        self._used.clear()
-
-    def clear(self) -> None:
-        self._free.clear()
-        self._used.clear()
 
 
 def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:

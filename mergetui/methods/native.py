@@ -7,8 +7,8 @@ never see a half-written file. Building takes well under a second; loading it af
 ``dlopen``. When there is no compiler, or the build fails, mergetui logs why once and merges with the
 op-by-op torch kernels, which give the same bits, only slower.
 
-``MERGETUI_NATIVE``: ``auto`` (default: use the C loops for CPU tensors of at least ``MIN_ELEMENTS``),
-``1`` (whatever the size: the tests use it) or ``0`` (never).
+``MERGETUI_NATIVE``: ``1`` (default: use the C loops for every float32 CPU tensor) or ``0`` (never:
+the op-by-op torch kernels, which the tests compare against).
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Below this many elements the torch ops are as fast and the thread hand-off is not worth it.
-MIN_ELEMENTS = 1 << 16
 #: Ranges handed to the threads are multiples of this many elements (whole cache lines and blocks).
 _ALIGN = 4096
 _SOURCE = Path(__file__).with_name("native_kernels.c")
@@ -46,7 +44,7 @@ _state: dict[str, Any] = {}
 
 
 def _mode() -> str:
-    return os.environ.get("MERGETUI_NATIVE", "auto").strip().lower()
+    return os.environ.get("MERGETUI_NATIVE", "1").strip().lower()
 
 
 def cache_dir() -> Path:
@@ -88,6 +86,7 @@ def _build() -> ctypes.CDLL:
 def _declare(library: ctypes.CDLL) -> None:
     signatures: dict[str, tuple[Any, list[Any]]] = {
         "mt_subtract_and_sample": (None, [_PTR, _PTR, _I64, _I64, _I64, _PTR]),
+        "mt_kth_largest_bits": (_I64, [_PTR, _I64, _I64]),
         "mt_count_pattern": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_top_histogram": (None, [_PTR, _I64, _I64, _PTR]),
         "mt_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
@@ -126,11 +125,15 @@ def available_for(like: torch.Tensor) -> ctypes.CDLL | None:
     mode = _mode()
     if mode in ("0", "off", "false", "no") or like.device.type != "cpu":
         return None
-    if like.dtype.is_floating_point is False or like.element_size() != 4:
-        return None
-    if mode == "auto" and like.numel() < MIN_ELEMENTS:
+    if like.dtype != _float32():
         return None
     return library()
+
+
+def _float32() -> Any:
+    import torch
+
+    return torch.float32
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -12,6 +12,7 @@
  * results are bit-identical, which the tests check.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define RADIX 65536
@@ -45,6 +46,39 @@ void mt_count_pattern(const float *restrict values, int64_t start, int64_t end, 
     }
     counts[0] += above;
     counts[1] += same;
+}
+
+/* The bin holding the k-th largest entry of a histogram whose `offset` entries lie above every
+ * bin, and (in *above) how many entries lie above that bin. */
+static int64_t bin_from_top(const int64_t *histogram, int64_t k, int64_t offset, int64_t *above) {
+    int64_t seen = offset;
+    for (int64_t bin = RADIX - 1; bin > 0; bin--) {
+        if (seen + histogram[bin] >= k) {
+            *above = seen;
+            return bin;
+        }
+        seen += histogram[bin];
+    }
+    *above = seen;
+    return 0;
+}
+
+/* The k-th largest (1 <= k <= n) of n values below 2^31, by a two-level 16-bit radix selection:
+ * used on the 1-in-16 sample of magnitude bits. Returns -1 when out of memory. */
+int64_t mt_kth_largest_bits(const uint32_t *restrict bits, int64_t n, int64_t k) {
+    int64_t *histogram = calloc(RADIX, sizeof *histogram);
+    if (histogram == NULL) return -1;
+    for (int64_t i = 0; i < n; i++) histogram[bits[i] >> 16]++;
+    int64_t above = 0;
+    const uint32_t high = (uint32_t)bin_from_top(histogram, k, 0, &above);
+    memset(histogram, 0, RADIX * sizeof *histogram);
+    for (int64_t i = 0; i < n; i++) {
+        if (bits[i] >> 16 == high) histogram[bits[i] & 0xffffu]++;
+    }
+    int64_t unused = 0;
+    const uint32_t low = (uint32_t)bin_from_top(histogram, k, above, &unused);
+    free(histogram);
+    return (int64_t)((high << 16) | low);
 }
 
 /* Histogram of the top 16 magnitude bits on [start, end). */

@@ -323,14 +323,6 @@ def _merge_native(
     return inputs.require_base()
 
 
-def _kth_largest_bits(bits: torch.Tensor, k: int) -> int:
-    """The k-th largest of non-negative int32 values, by a two-level 16-bit radix selection."""
-    high, above = _from_top(torch.bincount(bits >> 16, minlength=_RADIX), k)
-    in_bucket = bits[(bits >> 16) == high] & 0xFFFF
-    low, _ = _from_top(torch.bincount(in_bucket, minlength=_RADIX), k, offset=above)
-    return (high << 16) | low
-
-
 def _native_kth(
     library: Any, flat: torch.Tensor, k: int, sample: torch.Tensor, step: int
 ) -> tuple[int, int]:
@@ -355,7 +347,9 @@ def _native_kth(
 
         return torch.stack(native.parallel(piece, count)).sum(0)
 
-    guess = _kth_largest_bits(sample, -(-k // step))
+    guess = library.mt_kth_largest_bits(sample.data_ptr(), sample.numel(), -(-k // step))
+    if guess < 0:
+        raise MemoryError("out of memory for a 512 KiB histogram")
     greater, equal = counted("mt_count_pattern", 2, guess).tolist()
     if greater < k <= greater + equal:
         return guess, greater

@@ -1,0 +1,71 @@
+"""Float32 input buffers shared by the loader thread and the merge thread, within a byte budget.
+
+Fresh memory is paid for with a page fault per 4 KiB on first touch, which for large tensors costs
+several times the arithmetic done on it, so buffers are reused from one tensor to the next. The
+loader takes a tensor's buffers while the previous tensor is still being merged; the budget stops it
+from reading ahead when that would hold more than the largest tensor's working set plus a margin, so
+peak memory still grows with the largest tensor, not with the model.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class BufferPool:
+    """Thread-safe pool of flat float32 buffers with a cap on the bytes handed out at once."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self._free: list[torch.Tensor] = []
+        self._lent_bytes = 0
+        self._changed = threading.Condition()
+
+    def reserve(self, nbytes: int, stop: threading.Event, poll_s: float = 0.2) -> bool:
+        """Wait until ``nbytes`` more fit in the budget (or nothing is lent: a single tensor may
+        exceed it), then count them as lent. False when ``stop`` was set while waiting."""
+        with self._changed:
+            while self._lent_bytes and self._lent_bytes + nbytes > self.budget_bytes:
+                if stop.is_set():
+                    return False
+                self._changed.wait(poll_s)
+            self._lent_bytes += nbytes
+            return True
+
+    def take(self, shape: Sequence[int], device: Any = "cpu") -> torch.Tensor:
+        """A float32 tensor of ``shape``: the smallest free buffer that fits, else a new one."""
+        import torch
+
+        numel = math.prod(shape)
+        wanted = torch.device(device)
+        with self._changed:
+            fits = [
+                i for i, b in enumerate(self._free) if b.numel() >= numel and b.device == wanted
+            ]
+            if fits:  # by index: tensors do not compare with ==
+                buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                return buffer[:numel].view(shape)
+        return torch.empty(numel, dtype=torch.float32, device=device).view(shape)
+
+    def release(self, buffers: Sequence[torch.Tensor], nbytes: int) -> None:
+        """Give buffers back (their whole storage) and free ``nbytes`` of the budget."""
+        import torch
+
+        with self._changed:
+            for buffer in buffers:
+                storage = buffer.untyped_storage()
+                whole = torch.empty(0, dtype=torch.float32, device=buffer.device)
+                whole.set_(storage, 0, (storage.nbytes() // 4,))
+                self._free.append(whole)
+            self._lent_bytes = max(0, self._lent_bytes - nbytes)
+            self._changed.notify_all()
+
+    def clear(self) -> None:
+        with self._changed:
+            self._free.clear()
