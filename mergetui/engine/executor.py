@@ -242,8 +242,11 @@ class _Run:
         name = ""
         try:
             with torch.inference_mode():  # thread-local: buffers are shared with the merge thread
-                for tensor in self.plan.tensors:
+                tensors = self.plan.tensors
+                for index, tensor in enumerate(tensors):
                     name = tensor.name
+                    if index + 1 < len(tensors):
+                        self._will_need(tensors[index + 1])
                     loaded = self._load(tensor, staging)
                     if loaded is None:  # stopped while waiting for buffer budget
                         return
@@ -253,6 +256,15 @@ class _Run:
             _put(out_queue, _DONE, self.cancel)
         except BaseException as exc:
             _put(out_queue, _LoadFailed(name, exc), self.cancel)
+
+    def _will_need(self, tensor: PlannedTensor) -> None:
+        """Start the disk reads of the tensor after the one being loaded (a hint; errors are left
+        for the real read to report with its context)."""
+        for role in self.math_roles if tensor.merge else self.read_roles:
+            try:
+                self.by_role[role].checkpoint.will_need(tensor.name)
+            except OSError:
+                log.debug("read-ahead hint for %s failed", tensor.name, exc_info=True)
 
     def _load(self, tensor: PlannedTensor, staging: bytearray) -> _Loaded | None:
         """Read one tensor's inputs: raw for a copied (integer) tensor, else float32 buffers."""
@@ -340,7 +352,7 @@ class _Run:
                     self.emit(self.event("tensor"))
             _put(write_queue, _DONE, stop)
         except BaseException:
-            stop.set()  # lets the writer and the prefetcher end
+            stop.set()  # lets the writer and the loader end
             raise
         finally:
             writer_thread.join()

@@ -23,7 +23,7 @@ from mergetui.sources.resolve import resolve_dir
 
 #: Resident memory of the merge process once torch and the engine are imported (measured: ~225 MiB).
 BASELINE_RSS = 240 * 1024**2
-#: Staging and prefetch buffers plus the kernels' chunked temporaries.
+#: Staging buffers, output conversions in flight and the kernels' temporaries.
 FIXED_WORKING_BYTES = 48 * 1024**2
 _VOCAB_TENSOR_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
 

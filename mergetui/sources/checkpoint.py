@@ -198,7 +198,7 @@ class Checkpoint:
         return read_spec(spec, self._fd(spec.file))
 
     def _fd(self, path: Path) -> int:
-        with self._lock:  # the prefetcher and the merge read from separate threads
+        with self._lock:  # the loader and the merge thread read from separate threads
             fd = self._fds.get(path)
             if fd is None:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
@@ -230,16 +230,14 @@ class Checkpoint:
             flat[start : start + count].copy_(torch.frombuffer(view[:nbytes], dtype=dtype))
         return spec.nbytes
 
-    def prefetch(self, name: str, scratch: bytearray) -> None:
-        """Pull a tensor's bytes into the OS page cache (read and discard), ahead of its use."""
+    def will_need(self, name: str) -> None:
+        """Ask the OS to start reading a tensor's bytes into the page cache in the background
+        (``POSIX_FADV_WILLNEED``), so that the read that follows finds them there. Only a hint:
+        a no-op where the OS lacks it."""
         spec = self.tensors[name]
-        if self.format == "bin" or spec.nbytes == 0:
+        if self.format == "bin" or spec.nbytes == 0 or not hasattr(os, "posix_fadvise"):
             return
-        fd = self._fd(spec.file)
-        view = memoryview(scratch)
-        for start in range(0, spec.nbytes, len(scratch)):
-            count = min(len(scratch), spec.nbytes - start)
-            _pread_exactly(fd, view[:count], spec.offset + start, spec.file, name)
+        os.posix_fadvise(self._fd(spec.file), spec.offset, spec.nbytes, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
         for fd in self._fds.values():
