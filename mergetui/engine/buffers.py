@@ -25,6 +25,7 @@ class BufferPool:
         self.budget_bytes = budget_bytes
         self._free: list[torch.Tensor] = []
         self._lent_bytes = 0
+        self._held_bytes = 0  # every buffer this pool made and still keeps or lends
         self._changed = threading.Condition()
 
     def reserve(self, nbytes: int, stop: threading.Event, poll_s: float = 0.2) -> bool:
@@ -39,18 +40,27 @@ class BufferPool:
             return True
 
     def take(self, shape: Sequence[int], device: Any = "cpu") -> torch.Tensor:
-        """A float32 tensor of ``shape``: the smallest free buffer that fits, else a new one."""
+        """A float32 tensor of ``shape``: the smallest free buffer that fits without wasting more
+        than half of it, else a new one (after dropping free buffers that would keep the pool above
+        its budget, largest first). A small tensor never settles in a large buffer, so the memory
+        the pool holds stays close to what it lends."""
         import torch
 
         numel = math.prod(shape)
         wanted = torch.device(device)
         with self._changed:
             fits = [
-                i for i, b in enumerate(self._free) if b.numel() >= numel and b.device == wanted
+                i
+                for i, b in enumerate(self._free)
+                if numel <= b.numel() <= 2 * numel and b.device == wanted
             ]
             if fits:  # by index: tensors do not compare with ==
                 buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
                 return buffer[:numel].view(shape)
+            self._free.sort(key=lambda b: b.numel())
+            while self._free and self._held_bytes + numel * 4 > self.budget_bytes:
+                self._held_bytes -= self._free.pop().numel() * 4
+            self._held_bytes += numel * 4
         return torch.empty(numel, dtype=torch.float32, device=device).view(shape)
 
     def release(self, buffers: Sequence[torch.Tensor], nbytes: int) -> None:
@@ -64,8 +74,12 @@ class BufferPool:
                 whole.set_(storage, 0, (storage.nbytes() // 4,))
                 self._free.append(whole)
             self._lent_bytes = max(0, self._lent_bytes - nbytes)
+            self._free.sort(key=lambda b: b.numel())
+            while self._free and self._held_bytes > self.budget_bytes:
+                self._held_bytes -= self._free.pop().numel() * 4
             self._changed.notify_all()
 
     def clear(self) -> None:
         with self._changed:
+            self._held_bytes -= sum(b.numel() * 4 for b in self._free)
             self._free.clear()

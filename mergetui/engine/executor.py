@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     import torch
 
 _LOAD_AHEAD = 1  # loaded tensors waiting for the merge thread
-_READ_AHEAD_MARGIN = 256 << 20  # the loader may hold this much beyond the largest working set
+_READ_AHEAD_MIN_MARGIN = 64 << 20  # the loader may hold max(this, a quarter of the largest
+# working set) beyond the largest working set
 _WRITE_BEHIND = 1  # merged tensors waiting for the writer
 _STAGING_BYTES = 8 << 20  # slice size when converting stored bytes to float32
 _POLL_S = 0.2
@@ -206,7 +207,7 @@ class _Run:
         largest = (
             max((t.numel for t in plan.tensors if t.merge), default=0) * 4 * len(self.math_roles)
         )
-        self.buffers = BufferPool(largest + _READ_AHEAD_MARGIN)
+        self.buffers = BufferPool(largest + max(_READ_AHEAD_MIN_MARGIN, largest // 4))
 
     def event(self, kind: str, message: str = "") -> ProgressEvent:
         elapsed = time.perf_counter() - self.started

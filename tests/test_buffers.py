@@ -1,0 +1,75 @@
+"""The loader's buffer pool: reuse, a cap on what it keeps, and read-ahead held back by the budget."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from mergetui.engine.buffers import BufferPool
+
+
+def test_released_buffers_are_reused_smallest_fit_first() -> None:
+    pool = BufferPool(budget_bytes=1 << 20)
+    small, large = pool.take((4, 8)), pool.take((64,))
+    pool.release([small, large], 0)
+    again = pool.take((2, 10))
+    assert again.data_ptr() == small.data_ptr()
+    assert pool.take((40,)).data_ptr() == large.data_ptr()
+    assert pool.take((8,)).data_ptr() not in {small.data_ptr(), large.data_ptr()}  # too small
+
+
+def test_the_pool_drops_free_buffers_rather_than_grow_past_its_budget() -> None:
+    pool = BufferPool(budget_bytes=1000 * 4)
+    first = pool.take((600,))
+    pool.release([first], 0)
+    second = pool.take((700,))  # does not fit the free 600: that one is dropped, not kept beside it
+    assert second.data_ptr() != first.data_ptr()
+    assert pool._held_bytes == 700 * 4
+    pool.release([second], 0)
+    assert pool.take((400,)).data_ptr() == second.data_ptr()
+
+
+def test_release_drops_free_buffers_beyond_the_budget() -> None:
+    pool = BufferPool(budget_bytes=1000 * 4)
+    stop = threading.Event()
+    assert pool.reserve(1500 * 4, stop)  # one oversized tensor is granted
+    buffers = [pool.take((750,)), pool.take((750,))]
+    pool.release(buffers, 1500 * 4)
+    assert pool._held_bytes <= 1000 * 4
+
+
+def test_reserve_blocks_until_enough_is_released() -> None:
+    pool = BufferPool(budget_bytes=100)
+    stop = threading.Event()
+    assert pool.reserve(80, stop)  # nothing lent yet: always granted
+    granted: list[float] = []
+
+    def second() -> None:
+        granted.append(time.perf_counter() if pool.reserve(50, stop, poll_s=0.01) else -1.0)
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    time.sleep(0.1)
+    assert not granted, "80 + 50 exceeds the budget of 100: the second reserve must wait"
+    released_at = time.perf_counter()
+    pool.release([], 80)
+    waiter.join(timeout=5)
+    assert granted and granted[0] >= released_at
+
+
+def test_reserve_returns_false_when_stopped_while_waiting() -> None:
+    pool = BufferPool(budget_bytes=100)
+    stop = threading.Event()
+    assert pool.reserve(90, stop)
+    result: list[bool] = []
+    waiter = threading.Thread(target=lambda: result.append(pool.reserve(50, stop, poll_s=0.01)))
+    waiter.start()
+    time.sleep(0.05)
+    stop.set()
+    waiter.join(timeout=5)
+    assert result == [False]
+
+
+def test_a_single_tensor_larger_than_the_budget_is_still_granted() -> None:
+    pool = BufferPool(budget_bytes=100)
+    assert pool.reserve(1000, threading.Event())
