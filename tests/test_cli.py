@@ -281,8 +281,8 @@ path = "{tmp_path / "out"}"
         [*EXE, "run", str(recipe)], capture_output=True, text=True, env=env, timeout=120
     )
     assert missing.returncode == 2
-    assert "acme/not-downloaded is not in the cache" in missing.stderr
-    assert "hf download acme/not-downloaded" in missing.stderr
+    assert "model acme/not-downloaded is not in the cache" in missing.stderr
+    assert "run `mergetui hub download acme/not-downloaded` where the Hub" in missing.stderr
     recipe.write_text(
         recipe.read_text().replace('[[models]]\nmodel = "acme/not-downloaded"\nweight = 1.0\n', "")
     )

@@ -9,23 +9,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
 from mergetui import __version__
-from mergetui.errors import EXIT_INTERRUPTED, EXIT_INVALID, EXIT_MERGE_FAILED, MergeTuiError
+from mergetui.cli.hub import hub_app
+from mergetui.cli.output import (
+    JsonOpt,
+    console,
+    err_console,
+    fail,
+    guard,
+    log_path,
+    print_download_event,
+)
+from mergetui.errors import EXIT_INTERRUPTED, EXIT_INVALID
 from mergetui.logs import setup_logging
 from mergetui.methods.registry import METHODS, get_method
 
-log = logging.getLogger("mergetui.cli")
 app = typer.Typer(
     name="mergetui",
     help="Merge fine-tuned language models from validated TOML recipes.",
@@ -34,39 +39,9 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
-_LOG_PATH: Path | None = None
+app.add_typer(hub_app, name="hub")
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (lines).")]
-
-
-def _fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
-    if as_json:
-        print(json.dumps({"event": "error", "message": message, "exit_code": code}), flush=True)
-    err_console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
-    if code == EXIT_MERGE_FAILED and _LOG_PATH is not None:
-        err_console.print(f"details: {_LOG_PATH}")
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _guard(as_json: bool = False) -> Iterator[None]:
-    """Map every failure to a one-line message, the log file and the documented exit code."""
-    try:
-        yield
-    except MergeTuiError as exc:
-        log.error("%s", exc, exc_info=exc.exit_code == EXIT_MERGE_FAILED)
-        _fail(str(exc), exc.exit_code, as_json=as_json)
-    except KeyboardInterrupt:
-        log.warning("interrupted")
-        _fail("interrupted", EXIT_INTERRUPTED, as_json=as_json)
-    except typer.Exit:
-        raise
-    except Exception as exc:
-        log.exception("unexpected error")
-        _fail(f"unexpected {type(exc).__name__}: {exc}", EXIT_MERGE_FAILED, as_json=as_json)
 
 
 def _version(value: bool) -> None:
@@ -103,8 +78,8 @@ def check(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
     from mergetui.engine.plan import build_plan
     from mergetui.engine.report import plan_report
 
-    with _guard(as_json):
-        plan = build_plan(_load(recipe))
+    with guard(as_json):
+        plan = build_plan(_load(recipe), fetch=False)
         try:
             report = plan_report(plan)
         finally:
@@ -132,19 +107,25 @@ def run(
     ] = None,
 ) -> None:
     """Run a merge recipe headlessly (for scripts and batch jobs)."""
-    with _guard(as_json):
+    with guard(as_json):
         _execute(_load(recipe, output, device), force=force, as_json=as_json, dry_run=dry_run)
 
 
 def _execute(recipe: Any, *, force: bool, as_json: bool = False, dry_run: bool = False) -> Any:
     """Plan, check and run one recipe with progress output; returns the MergeResult."""
-    from mergetui.cli.render import ProgressView, render_report
+    from mergetui.cli.render import DownloadView, ProgressView, render_report
     from mergetui.engine.executor import check_output_location, run_merge
     from mergetui.engine.plan import build_plan
     from mergetui.engine.report import plan_report
     from mergetui.units import format_bytes, format_duration
 
-    plan = build_plan(recipe)
+    if dry_run:
+        plan = build_plan(recipe, fetch=False)
+    elif as_json:
+        plan = build_plan(recipe, on_download=print_download_event)
+    else:
+        with DownloadView(console) as downloads:
+            plan = build_plan(recipe, on_download=downloads.update)
     report = plan_report(plan)
     if dry_run or plan.errors:
         plan.close()
@@ -189,7 +170,7 @@ def methods(
     if name is not None:
         spec = get_method(name)
         if spec is None:
-            _fail(f"unknown method {name!r}; choose one of {', '.join(METHODS)}", EXIT_INVALID)
+            fail(f"unknown method {name!r}; choose one of {', '.join(METHODS)}", EXIT_INVALID)
     render_methods(console, spec)
 
 
@@ -204,7 +185,7 @@ def demo(
     from mergetui.demo import DEMO_RECIPE, build_demo_models, bundled_recipe_text, generate
     from mergetui.recipe import load_recipe
 
-    with _guard():
+    with guard():
         root = directory.expanduser().resolve()
         console.print(f"building demo models in {root / 'models'} (cached after the first run)")
         build_demo_models(root, force=force)
@@ -230,8 +211,7 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    global _LOG_PATH
-    _LOG_PATH = setup_logging()
+    log_path[:] = [setup_logging()]
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

@@ -160,3 +160,43 @@ class ProgressView:
             )
         elif event.event == "phase":
             self.progress.update(self.task, name=event.message)
+
+
+class DownloadView:
+    """Byte progress bars for Hub downloads, one per model, shown only once a download starts
+    (a model found in the cache shows nothing)."""
+
+    def __init__(self, console: Console) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> DownloadView:
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.stop()
+
+    def update(self, progress: Any) -> None:
+        task = self._tasks.get(progress.repo_id)
+        if task is None:
+            task = self._tasks[progress.repo_id] = self._progress.add_task(
+                f"downloading {progress.repo_id}", total=progress.bytes_total
+            )
+        self._progress.update(task, completed=progress.bytes_done, total=progress.bytes_total)

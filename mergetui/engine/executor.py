@@ -115,6 +115,12 @@ def run_merge(
         raise CompatibilityError(
             "the models cannot be merged:\n" + "\n".join(f"  - {p.message}" for p in plan.errors)
         )
+    remote = [s.label for s in plan.sources if s.checkpoint.remote is not None]
+    if remote:
+        raise OutputError(
+            f"{', '.join(remote)} were checked from their headers on the Hub and are not "
+            "downloaded; build the plan with fetch=True to merge"
+        )
     check_output_location(plan, force)
     out = plan.recipe.output_dir.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,9 @@ from mergetui.errors import MergeTuiError
 from mergetui.methods.registry import MethodSpec, get_method
 from mergetui.recipe.schema import Recipe
 from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint
-from mergetui.sources.checkpoint import open_checkpoint as _open_checkpoint
 from mergetui.sources.lora import LoraAdapter, open_lora
 from mergetui.sources.refs import ModelRef, parse_ref
-from mergetui.sources.resolve import resolve_dir
+from mergetui.sources.resolve import DownloadCallback, open_model, resolve_dir
 
 #: Resident memory of the merge process once torch and the engine are imported (measured: ~225 MiB).
 BASELINE_RSS = 240 * 1024**2
@@ -128,21 +127,29 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
-def open_sources(recipe: Recipe) -> list[Source]:
-    """Resolve and open every model of the recipe from its headers (no weights read)."""
+def open_sources(
+    recipe: Recipe, *, fetch: bool = True, on_download: DownloadCallback | None = None
+) -> list[Source]:
+    """Resolve and open every model of the recipe from its headers (no weights read).
+
+    ``fetch``: download Hub models that are not in the cache (with progress to ``on_download``).
+    Without it, such models are opened from their config.json and safetensors headers on the Hub,
+    enough to check and plan; LoRA adapters are always fetched (they are small).
+    """
     sources: list[Source] = []
     try:
         if recipe.base:
             ref = parse_ref(recipe.base, recipe.base_dir)
-            sources.append(Source("base", ref, _open_checkpoint(resolve_dir(ref), f"base ({ref})")))
+            checkpoint = open_model(ref, f"base ({ref})", fetch=fetch, on_download=on_download)
+            sources.append(Source("base", ref, checkpoint))
         for index, entry in enumerate(recipe.models):
             role = f"models[{index}]"
             ref = parse_ref(entry.model, recipe.base_dir)
-            checkpoint = _open_checkpoint(resolve_dir(ref), f"{role} ({ref})")
+            checkpoint = open_model(ref, f"{role} ({ref})", fetch=fetch, on_download=on_download)
             lora = None
             if entry.lora:
                 lora_ref = parse_ref(entry.lora, recipe.base_dir)
-                lora = open_lora(resolve_dir(lora_ref), f"{role}.lora ({lora_ref})")
+                lora = open_lora(resolve_dir(lora_ref, on_download), f"{role}.lora ({lora_ref})")
             sources.append(Source(role, ref, checkpoint, lora))
     except BaseException:
         for source in sources:
@@ -151,11 +158,21 @@ def open_sources(recipe: Recipe) -> list[Source]:
     return sources
 
 
-def build_plan(recipe: Recipe, *, device: str | None = None) -> MergePlan:
-    """Open the sources and build the plan; problems are collected in ``plan.problems``."""
+def build_plan(
+    recipe: Recipe,
+    *,
+    device: str | None = None,
+    fetch: bool = True,
+    on_download: DownloadCallback | None = None,
+) -> MergePlan:
+    """Open the sources and build the plan; problems are collected in ``plan.problems``.
+
+    With ``fetch`` off (``check``, ``--dry-run``) no weight is downloaded: Hub models missing from
+    the cache are checked from their headers on the Hub, and such a plan cannot be run.
+    """
     method = get_method(recipe.method)
     assert method is not None  # guaranteed by recipe validation
-    sources = open_sources(recipe)
+    sources = open_sources(recipe, fetch=fetch, on_download=on_download)
     reference = sources[0]
     files_from = reference
     if recipe.tokenizer != "base":
@@ -253,6 +270,17 @@ def check_compatibility(sources: list[Source]) -> list[Problem]:
                     f"{layers}; layer-stacking merges are not supported, pick models of one base",
                 )
             )
+        if not (ckpt.shapes_known and ref_ckpt.shapes_known):
+            unknown = source if not ckpt.shapes_known else reference
+            problems.append(
+                Problem(
+                    "warning",
+                    f"{unknown.label} has only .bin weights on the Hub, whose shapes cannot be "
+                    "read without downloading them; tensor names and shapes will be checked "
+                    "when `mergetui run` has downloaded it",
+                )
+            )
+            continue
         missing = [n for n in ref_ckpt.tensors if n not in ckpt.tensors]
         extra = [n for n in ckpt.tensors if n not in ref_ckpt.tensors]
         if missing:

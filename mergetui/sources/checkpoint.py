@@ -144,6 +144,10 @@ class Checkpoint:
     tensors: dict[str, TensorSpec]
     weight_files: list[Path]
     format: str  # "safetensors" or "bin"
+    #: "org/name@commit" for a header-only view of a Hub model (checked, not merged), else None.
+    remote: str | None = None
+    #: Weight bytes when the files are not on this disk (from the Hub's listing).
+    size_hint: int | None = None
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _bin_state: dict[Path, dict[str, Any]] = field(default_factory=dict, repr=False)
@@ -164,7 +168,14 @@ class Checkpoint:
 
     @property
     def size_on_disk(self) -> int:
+        if self.remote is not None:
+            return self.size_hint or 0
         return sum(path.stat().st_size for path in self.weight_files)
+
+    @property
+    def shapes_known(self) -> bool:
+        """False for a remote model with only ``.bin`` weights: no header to read shapes from."""
+        return self.remote is None or self.format == "safetensors"
 
     @property
     def storage_dtype(self) -> str:

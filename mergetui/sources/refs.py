@@ -38,3 +38,11 @@ def parse_ref(text: str, base_dir: Path) -> ModelRef:
     if match:
         return ModelRef(text=text, repo_id=match.group("repo"), revision=match.group("rev"))
     return ModelRef(text=text, local_path=local)
+
+
+def parse_hub_id(text: str) -> ModelRef | None:
+    """``org/name[@rev]`` as a Hub reference, or None when ``text`` is not written like one."""
+    match = _HUB_ID_RE.match(text.strip())
+    if not match:
+        return None
+    return ModelRef(text=text, repo_id=match.group("repo"), revision=match.group("rev"))

@@ -1,0 +1,176 @@
+"""``mergetui hub``: search, inspect, list the cache and download, over :mod:`mergetui.sources.hub`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from mergetui.cli.output import JsonOpt, console, guard, print_download_event
+from mergetui.errors import SourceError
+from mergetui.units import format_bytes
+
+hub_app = typer.Typer(
+    help="Find, inspect and download models from the Hub (or the mirror in HF_ENDPOINT).",
+    no_args_is_help=True,
+)
+RepoArg = Annotated[str, typer.Argument(help="Model id: org/name or org/name@revision.")]
+
+
+def _hub_ref(text: str) -> Any:
+    from mergetui.sources.refs import parse_hub_id
+
+    ref = parse_hub_id(text)
+    if ref is None:
+        raise SourceError(f"{text!r} is not a Hub model id; write it as org/name or org/name@rev")
+    return ref
+
+
+def _count(value: int | None) -> str:
+    if value is None:
+        return "?"
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return str(value)
+
+
+@hub_app.command()
+def search(
+    query: Annotated[str, typer.Argument(help="Text to look for in model ids.")],
+    limit: Annotated[int, typer.Option(help="At most this many models.", min=1)] = 20,
+    as_json: JsonOpt = False,
+) -> None:
+    """Search models by id, most downloaded first."""
+    from mergetui.sources import hub
+
+    with guard(as_json):
+        hits = hub.search(query, limit)
+    if as_json:
+        print(json.dumps([dataclasses.asdict(h) for h in hits], indent=2))
+        return
+    if not hits:
+        console.print(f"no models match {query!r} at {hub.endpoint()}")
+        return
+    table = Table(title=f"{len(hits)} models matching {query!r} at {hub.endpoint()}")
+    for column in ("model", "task", "library", "parameters", "last modified", "downloads"):
+        table.add_column(
+            column, justify="right" if column in ("downloads", "parameters") else "left"
+        )
+    for hit in hits:
+        table.add_row(
+            hit.repo_id,
+            hit.pipeline_tag or "",
+            hit.library or "",
+            _count(hit.parameters),
+            (hit.last_modified or "")[:10],
+            _count(hit.downloads),
+        )
+    console.print(table)
+
+
+@hub_app.command()
+def info(repo: RepoArg, as_json: JsonOpt = False) -> None:
+    """A model's commit, files and sizes, architecture and weight format; no weight is fetched."""
+    from mergetui.sources import hub
+
+    with guard(as_json):
+        details = hub.repo_info(_hub_ref(repo))
+    summary = {
+        "repo_id": details.repo_id,
+        "revision": details.revision,
+        "commit": details.commit,
+        "architectures": details.architectures,
+        "model_type": details.model_type,
+        "weight_format": details.weight_format,
+        "weight_bytes": details.weight_bytes,
+        "is_adapter": details.is_adapter,
+        "adapter_base": details.adapter_base,
+        "needs_custom_code": details.needs_custom_code,
+        "files": [dataclasses.asdict(f) for f in details.files],
+        "needed_files": details.needed_files(),
+    }
+    if as_json:
+        print(json.dumps(summary, indent=2))
+        return
+    console.print(f"[bold]{details.repo_id}[/bold] @ {details.revision} → commit {details.commit}")
+    kind = "LoRA adapter" if details.is_adapter else ", ".join(details.architectures) or "?"
+    console.print(f"model: {kind} (model_type {details.model_type or '?'})")
+    if details.is_adapter:
+        console.print(f"adapter for base model: {details.adapter_base or '?'}")
+    size = format_bytes(details.weight_bytes) if details.weight_bytes is not None else "?"
+    console.print(f"weights: {details.weight_format or 'none'}, {size}")
+    if details.needs_custom_code:
+        console.print(
+            "[yellow]config.json names custom code (auto_map): mergetui never runs it "
+            "(no trust_remote_code); merging works only if transformers knows the architecture"
+        )
+    needed = set(details.needed_files())
+    table = Table(title="files (● = downloaded for a merge)")
+    table.add_column("")
+    table.add_column("file")
+    table.add_column("size", justify="right")
+    for file in details.files:
+        shown = format_bytes(file.size) if file.size is not None else "?"
+        table.add_row("●" if file.path in needed else "", file.path, shown)
+    console.print(table)
+
+
+@hub_app.command()
+def cached(as_json: JsonOpt = False) -> None:
+    """Models already in the local HF cache, and whether each can be merged offline."""
+    from mergetui.sources import hub
+
+    with guard(as_json):
+        models = hub.cached_models()
+    if as_json:
+        rows = [
+            {
+                **dataclasses.asdict(m),
+                "revisions": [
+                    {**dataclasses.asdict(r), "usable_offline": r.usable_offline}
+                    for r in m.revisions
+                ],
+            }
+            for m in models
+        ]
+        print(json.dumps(rows, indent=2))
+        return
+    if not models:
+        console.print("the HF cache holds no models")
+        return
+    table = Table(title="models in the local HF cache")
+    for column in ("model", "revision", "refs", "size", "offline"):
+        table.add_column(column, justify="right" if column == "size" else "left")
+    for model in models:
+        for revision in model.revisions:
+            table.add_row(
+                model.repo_id,
+                revision.commit[:12],
+                ", ".join(revision.refs),
+                format_bytes(revision.size_bytes),
+                "[green]usable[/green]" if revision.usable_offline else "incomplete",
+            )
+    console.print(table)
+
+
+@hub_app.command()
+def download(repo: RepoArg, as_json: JsonOpt = False) -> None:
+    """Download what a merge needs (config, tokenizer, safetensors) into the HF cache; resumes."""
+    from mergetui.cli.render import DownloadView
+    from mergetui.sources import hub
+
+    with guard(as_json):
+        ref = _hub_ref(repo)
+        if as_json:
+            folder = hub.download(ref, print_download_event)
+        else:
+            with DownloadView(console) as downloads:
+                folder = hub.download(ref, downloads.update)
+    if as_json:
+        print(json.dumps({"event": "done", "path": str(folder)}), flush=True)
+    else:
+        console.print(f"in the cache: {folder}")
