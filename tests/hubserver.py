@@ -8,7 +8,9 @@ HTTP server that:
   the Hub's JSON shape, so ``HfApi.list_models`` runs its real code path;
 - honours ``Range`` on file downloads (olah answers 200 with the whole file), as the Hub does, so
   resumed downloads and ranged header reads are exercised;
-- can stall one file after a number of bytes, so a test can kill a download half-way;
+- can stall one file after a number of bytes, so a test can kill a download half-way, or cut
+  the connection once, as a flaky network does;
+- can answer for chosen repos as the Hub does for gated repos without a token (401 GatedRepo);
 - records every request, so tests can check what the client asked for.
 
 Everything else is passed to olah unchanged. ``HF_ENDPOINT`` points at the front.
@@ -88,9 +90,12 @@ class HubServer:
         self.mirrors = root / "mirrors"
         self.meta: dict[str, RepoMeta] = {}
         self.requests: list[tuple[str, str, str | None]] = []
+        self.gated: set[str] = set()
         self.stall_file: str | None = None
         self.stall_after = 0
         self.release_stall = threading.Event()
+        self.cut_file: str | None = None  # cut the connection once, after cut_after bytes
+        self.cut_after = 0
         self._olah: subprocess.Popen[bytes] | None = None
         self._front: ThreadingHTTPServer | None = None
 
@@ -237,6 +242,11 @@ class _FrontHandler(BaseHTTPRequestHandler):
             ).encode()
             self._send(200, {"Content-Type": "application/json"}, body, method)
             return
+        gated = next((r for r in self.hub.gated if f"/{r}/" in parts.path + "/"), None)
+        if gated and "authorization" not in {k.lower() for k in self.headers}:
+            headers = {"X-Error-Code": "GatedRepo", "X-Error-Message": f"{gated} is gated"}
+            self._send(401, headers, b'{"error": "gated"}', method)
+            return
         upstream = http.client.HTTPConnection(*self.hub.olah_address, timeout=60)
         headers = {
             k: v
@@ -261,7 +271,12 @@ class _FrontHandler(BaseHTTPRequestHandler):
             total = end - start + 1
         stall = self.hub.stall_file
         if method == "GET" and stall and parts.path.endswith("/" + stall) and status == 200:
-            self._send_stalled(out_headers, body)
+            self._send_partial(out_headers, body, self.hub.stall_after, wait=True)
+            return
+        cut = self.hub.cut_file
+        if method == "GET" and cut and parts.path.endswith("/" + cut) and status == 200:
+            self.hub.cut_file = None  # once
+            self._send_partial(out_headers, body, self.hub.cut_after, wait=False)
             return
         self._send(status, out_headers, body, method, length=total)
 
@@ -281,15 +296,16 @@ class _FrontHandler(BaseHTTPRequestHandler):
         if method == "GET":
             self.wfile.write(body)
 
-    def _send_stalled(self, headers: dict[str, str], body: bytes) -> None:
-        """Send the first ``stall_after`` bytes, then hang until released, then drop the line."""
+    def _send_partial(self, headers: dict[str, str], body: bytes, count: int, wait: bool) -> None:
+        """Announce the whole body, send ``count`` bytes, (hang until released,) drop the line."""
         self.send_response(200)
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body[: self.hub.stall_after])
+        self.wfile.write(body[:count])
         self.wfile.flush()
-        self.hub.release_stall.wait(120)
+        if wait:
+            self.hub.release_stall.wait(120)
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)

@@ -111,7 +111,7 @@ def info(repo: RepoArg, as_json: JsonOpt = False) -> None:
     needed = set(details.needed_files())
     table = Table(title="files (● = downloaded for a merge)")
     table.add_column("")
-    table.add_column("file")
+    table.add_column("file", no_wrap=True)
     table.add_column("size", justify="right")
     for file in details.files:
         shown = format_bytes(file.size) if file.size is not None else "?"
@@ -143,7 +143,8 @@ def cached(as_json: JsonOpt = False) -> None:
         console.print("the HF cache holds no models")
         return
     table = Table(title="models in the local HF cache")
-    for column in ("model", "revision", "refs", "size", "offline"):
+    table.add_column("model", no_wrap=True)
+    for column in ("revision", "refs", "size", "offline"):
         table.add_column(column, justify="right" if column == "size" else "left")
     for model in models:
         for revision in model.revisions:

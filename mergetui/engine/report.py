@@ -21,7 +21,7 @@ class ModelRow:
     hidden_size: int | None
     vocab_size: int | None
     dtype: str
-    parameters: int
+    parameters: int | None
     size_on_disk: int
     format: str
 
@@ -38,7 +38,7 @@ def model_row(source: Source) -> ModelRow:
         hidden_size=ckpt.config_value("hidden_size", "n_embd", "d_model"),
         vocab_size=ckpt.config_value("vocab_size"),
         dtype=ckpt.storage_dtype,
-        parameters=ckpt.parameter_count,
+        parameters=ckpt.parameter_count if ckpt.shapes_known else None,
         size_on_disk=ckpt.size_on_disk,
         format=ckpt.format,
     )

@@ -338,7 +338,7 @@ def repo_info(ref: ModelRef) -> RepoInfo:
 def _model_info(api: Any, ref: ModelRef, revision: str) -> Any:
     """``model_info`` at ``revision``. Some mirrors answer "no such repo" for a missing revision:
     when the repo exists at main, the error says that the revision is what is missing."""
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     name = ref_name(ref)
     try:
@@ -350,7 +350,9 @@ def _model_info(api: Any, ref: ModelRef, revision: str) -> Any:
             with_retries(lambda: api.model_info(ref.repo_id, revision="main"), name)
         except RepositoryNotFoundError:
             raise
-        raise RevisionNotFoundError(f"revision {revision!r} not found") from None
+        raise SourceError(
+            f"{name}: revision {revision!r} not found; check the branch, tag or commit after '@'"
+        ) from None
 
 
 def _fetch_json(ref: ModelRef, commit: str, filename: str) -> dict[str, Any]:
