@@ -210,10 +210,28 @@ class HubServer:
                     "tags": meta.tags,
                     "createdAt": "2026-01-01T00:00:00.000Z",
                     "lastModified": "2026-01-01T00:00:00.000Z",
+                    **self._safetensors_summary(repo_id),
                 }
             )
         found.sort(key=lambda m: -int(m["downloads"]))
         return found[:limit]
+
+    def _safetensors_summary(self, repo_id: str) -> dict[str, Any]:
+        """The Hub's ``safetensors`` listing field: parameter counts from the files' headers."""
+        counts: dict[str, int] = {}
+        for path in (self.mirrors / "models" / repo_id).glob("*.safetensors"):
+            with path.open("rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size))
+            for name, entry in header.items():
+                if name != "__metadata__":
+                    count = 1
+                    for dim in entry["shape"]:
+                        count *= dim
+                    counts[entry["dtype"]] = counts.get(entry["dtype"], 0) + count
+        if not counts:
+            return {}
+        return {"safetensors": {"parameters": counts, "total": sum(counts.values())}}
 
 
 class _FrontHandler(BaseHTTPRequestHandler):

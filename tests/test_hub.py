@@ -148,17 +148,31 @@ def _cached_files(hf_home: Path) -> list[Path]:
     )
 
 
+def _numel(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # -- search ----------------------------------------------------------------------------------------
-def test_search_lists_matching_models_most_downloaded_first(cli: Callable[..., Any]) -> None:
+def test_search_lists_matching_models_most_downloaded_first(
+    cli: Callable[..., Any], models: dict[str, Path]
+) -> None:
+    from safetensors import safe_open
+
+    with safe_open(models["base"] / "model.safetensors", "pt") as weights:
+        parameters = sum(_numel(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118
     found = cli("hub", "search", "tiny", "--limit", "3", "--json")
     assert found.returncode == 0, found.stderr
     hits = json.loads(found.stdout)
     assert [h["repo_id"] for h in hits] == ["acme/tiny-base", "acme/tiny-code", "acme/tiny-math"]
     assert hits[0]["downloads"] == 500 and hits[0]["pipeline_tag"] == "text-generation"
+    assert hits[0]["parameters"] == parameters  # from the safetensors headers
     table = cli("hub", "search", "tiny-qwen")
     assert table.returncode == 0 and "acme/tiny-qwen" in table.stdout
     assert "no models match" in cli("hub", "search", "zzz-nothing").stdout
@@ -399,6 +413,9 @@ def test_check_reads_hub_headers_not_weights(
     assert dry.returncode == 0, dry.stdout + dry.stderr
     assert "shapes will be checked" in " ".join((dry.stdout + dry.stderr).split())
     assert not (tmp_path / "merged").exists()
+    custom = cli("check", str(_hub_recipe(tmp_path, "acme/tiny-code", "acme/tiny-custom")))
+    assert custom.returncode == 0
+    assert "names custom code (auto_map); mergetui never runs it" in " ".join(custom.stdout.split())
     assert not [p for p in _cached_files(hf_home) if p.suffix in (".safetensors", ".bin")]
 
 

@@ -246,6 +246,16 @@ def _names(names: list[str], limit: int = 5) -> str:
 def check_compatibility(sources: list[Source]) -> list[Problem]:
     """Every reason these models cannot be merged, from config.json and headers only."""
     problems: list[Problem] = []
+    for source in sources:
+        if source.checkpoint.config.get("auto_map"):
+            problems.append(
+                Problem(
+                    "warning",
+                    f"{source.label}: config.json names custom code (auto_map); mergetui never "
+                    "runs it (no trust_remote_code): the merge uses the weights as they are, and "
+                    "loading the output needs an architecture transformers knows",
+                )
+            )
     reference = sources[0]
     ref_ckpt = reference.checkpoint
     for source in sources[1:]:

@@ -53,6 +53,15 @@ BIN_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json", "adapter_m
 RETRIES = 4
 BACKOFF_S = 0.5
 _HEADER_PREFIX = 8
+#: The listing fields ``hub search`` shows (the Hub sends only what is asked for).
+_SEARCH_FIELDS: list[Any] = [
+    "downloads",
+    "lastModified",
+    "pipeline_tag",
+    "library_name",
+    "safetensors",
+    "tags",
+]
 _TRANSPORT_ERRORS = {"TransportError", "TimeoutException", "NetworkError", "ConnectError"}
 
 T = TypeVar("T")
@@ -189,7 +198,9 @@ def search(query: str, limit: int = 20) -> list[SearchHit]:
     from huggingface_hub import HfApi
 
     def call() -> list[Any]:
-        return list(HfApi().list_models(search=query, limit=limit, sort="downloads"))
+        return list(
+            HfApi().list_models(search=query, limit=limit, sort="downloads", expand=_SEARCH_FIELDS)
+        )
 
     with hub_errors(f"search {query!r}"):
         found = with_retries(call, f"search {query!r}")
