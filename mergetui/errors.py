@@ -41,6 +41,12 @@ class SourceError(MergeTuiError):
     exit_code = EXIT_INVALID
 
 
+class UsageError(MergeTuiError):
+    """Bad command-line input (prompts, task files, options), caught before any model loads."""
+
+    exit_code = EXIT_INVALID
+
+
 class CompatibilityError(MergeTuiError):
     """The models cannot be merged together (architecture, tensor names, shapes, vocabularies)."""
 

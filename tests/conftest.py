@@ -67,6 +67,9 @@ def save_finetune(
             param.add_(noise.to(param.dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(directory, **kwargs)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (base / name).is_file():  # a fine-tune ships its base's tokenizer, as real ones do
+            (directory / name).write_bytes((base / name).read_bytes())
     return directory
 
 

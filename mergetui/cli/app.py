@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from mergetui import __version__
+from mergetui.cli import evaluate as evaluate_commands
 from mergetui.cli.hub import hub_app
 from mergetui.cli.output import (
     JsonOpt,
@@ -40,6 +41,8 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(hub_app, name="hub")
+app.command("compare")(evaluate_commands.compare)
+app.command("eval")(evaluate_commands.evaluate)
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)]
 

@@ -1,0 +1,127 @@
+"""Loading models for generation and scoring, one at a time or all together, as memory allows."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mergetui.errors import SourceError
+from mergetui.sources.refs import parse_ref
+from mergetui.sources.resolve import resolve_dir
+
+log = logging.getLogger(__name__)
+#: Loaded weights take about their file size; activations, caches and the allocator add to it.
+_OVERHEAD = 1.3
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    path: Path
+    model: Any
+    tokenizer: Any
+    device: str
+    load_s: float
+
+
+def model_path(reference: str, base_dir: Path | None = None) -> Path:
+    """The local folder of a model named by path or Hub id (downloaded into the cache if needed)."""
+    ref = parse_ref(reference, base_dir or Path.cwd())
+    path = resolve_dir(ref)
+    if not (path / "config.json").is_file():
+        raise SourceError(f"{reference}: no config.json in {path}; is it a model folder?")
+    return path
+
+
+def weight_bytes(path: Path) -> int:
+    files = list(path.glob("*.safetensors")) or list(path.glob("*.bin"))
+    return sum(f.stat().st_size for f in files)
+
+
+def available_bytes(device: str) -> int:
+    """Free memory on ``device``: CUDA's free memory, or the host's available RAM."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def fit_together(paths: list[Path], device: str) -> bool:
+    """Whether every model fits on ``device`` at once (estimated from the weight files)."""
+    needed = sum(weight_bytes(p) for p in paths) * _OVERHEAD
+    return needed <= available_bytes(device)
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_model(name: str, path: Path, device: str) -> LoadedModel:
+    """A model and its tokenizer, in the checkpoint's dtype (float32 on CPU for speed and
+    precision), never running code from the repo (no ``trust_remote_code``)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{name}: cannot load its tokenizer from {path}: {exc}") from exc
+    dtype = torch.float32 if device == "cpu" else "auto"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{name}: cannot load the model from {path}: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(name, path, model, tokenizer, device, time.perf_counter() - started)
+
+
+@contextmanager
+def loaded_in_turn(
+    names: list[str], paths: list[Path], device: str
+) -> Iterator[Iterator[LoadedModel]]:
+    """Yield an iterator over the loaded models: all kept loaded when they fit together,
+    else each loaded in turn and released before the next (peak memory: one model)."""
+    together = fit_together(paths, device)
+    log.info("loading %d model(s) %s", len(paths), "together" if together else "one at a time")
+    cache: dict[int, LoadedModel] = {}
+
+    def each() -> Iterator[LoadedModel]:
+        for index, (name, path) in enumerate(zip(names, paths, strict=True)):
+            loaded = cache.get(index) or load_model(name, path, device)
+            if together:
+                cache[index] = loaded
+            yield loaded
+            if not together:
+                del loaded
+                _release(device)
+
+    try:
+        yield each()
+    finally:
+        cache.clear()
+        _release(device)
+
+
+def _release(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
