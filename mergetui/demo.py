@@ -1,19 +1,28 @@
-"""Small, deterministic demo models built locally, so the quickstart needs no network or download.
+"""Small demo models trained locally, so the quickstart needs no network or download.
 
-The demo is a tiny Llama-style base model with a character-level tokenizer and two "fine-tunes" of it:
-the base plus seeded task vectors — a dense, small one and a sparse, larger one per specialist, the
-shape of real fine-tuning deltas that TIES and DARE are designed for. Everything is seeded, so every
-machine builds byte-identical models, and they are cached in the demo folder after the first run.
+A tiny Llama-style base model with a character-level tokenizer learns two toy skills in their easy
+forms (one-digit addition, reversing 1–3 letters) and meets some hard examples; two specialists are
+then fine-tuned from it, at a low learning rate, on the hard form of one skill each (two-digit
+addition: "math"; reversing 4–6 letters: "code"). That is the regime where TIES and task
+arithmetic are known to work: small fine-tunes of one capable base. Training is seeded and runs on
+the CPU in a minute or two; the models are cached in the demo folder (retrained only when
+``DEMO_CONFIG`` changes). Held-out task files let ``mergetui eval`` show what a merge kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.resources
+import json
+import random
+import shutil
 import string
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 DEMO_RECIPE = "demo-ties.toml"
-MODEL_NAMES = ("base", "ft-code", "ft-math")
+MODEL_NAMES = ("base", "ft-math", "ft-code")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 VOCAB = list(SPECIAL_TOKENS) + list(string.ascii_lowercase + string.digits + " +-*/=().,:;\n")
 
@@ -46,46 +55,160 @@ def save_char_tokenizer(directory: Path) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def build_base(directory: Path, seed: int = 0) -> None:
-    """Save a tiny Llama-style base model with random (seeded) weights and the demo tokenizer."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+#: Everything that shapes the demo models; a change retrains them (the cache key hashes it).
+DEMO_CONFIG: dict[str, Any] = {
+    "model": {"hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3, "heads": 4},
+    # The base meets some hard examples, so it starts each skill partly learned (the regime where
+    # merging works: specialists are small, low-learning-rate fine-tunes of a capable base).
+    "base": {"steps": 1800, "lr": 1e-3, "hard_share": {"math": 0.2, "code": 0.05}, "seed": 1},
+    "specialist": {"steps": 300, "lr": 1e-4, "replay_share": 0.3},
+    "batch_size": 64,
+    "version": 2,
+}
+TASKS = ("math", "code")
+EVAL_ROWS = 100
+_LETTERS = string.ascii_lowercase
 
-    config = LlamaConfig(
+
+def task_example(task: str, rng: random.Random, hard: bool) -> tuple[str, str]:
+    """One prompt/answer pair of a toy skill.
+
+    ``math``: addition, one-digit operands when easy, two-digit when hard (``57+38=`` → ``95``).
+    ``code``: reverse a string, 1–3 letters when easy, 4–6 when hard (``r:abcd=`` → ``dcba``).
+    The base model learns the easy forms and meets a few hard ones; each specialist is fine-tuned on
+    the hard form of its own skill.
+    """
+    if task == "math":
+        low, high = (10, 99) if hard else (0, 9)
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        return f"{a}+{b}=", str(a + b)
+    length = rng.randint(4, 6) if hard else rng.randint(1, 3)
+    word = "".join(rng.choice(_LETTERS) for _ in range(length))
+    return f"r:{word}=", word[::-1]
+
+
+def eval_rows(task: str) -> list[dict[str, str]]:
+    """The held-out rows of a demo task file (never seen in training)."""
+    rng = random.Random(f"eval-{task}")
+    rows: dict[str, str] = {}
+    while len(rows) < EVAL_ROWS:
+        prompt, answer = task_example(task, rng, hard=True)
+        rows[prompt] = answer
+    return [{"prompt": p, "answer": a} for p, a in rows.items()]
+
+
+def task_file_text(task: str) -> str:
+    return "".join(json.dumps(row) + "\n" for row in eval_rows(task))
+
+
+def _model_config() -> Any:
+    from transformers import LlamaConfig
+
+    shape = DEMO_CONFIG["model"]
+    return LlamaConfig(
         vocab_size=len(VOCAB),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
+        hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        max_position_embeddings=64,
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=0,
         tie_word_embeddings=False,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(directory)
-    save_char_tokenizer(directory)
 
 
-def build_finetune(base_dir: Path, directory: Path, seed: int) -> None:
-    """Save ``base + task vector``: small dense noise plus a sparse set of larger changes."""
+def _train(
+    model: Any,
+    sample: Callable[[random.Random], tuple[str, str]],
+    steps: int,
+    lr: float,
+    seed: int,
+    on_step: Callable[[int, int], None] | None,
+) -> None:
+    """Next-token training on the answer part of each example (prompt tokens are context)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            scale = float(param.float().std()) if param.numel() > 1 else 0.02
-            dense = torch.randn(param.shape, generator=generator) * 0.02 * scale
-            sparse_mask = torch.rand(param.shape, generator=generator) < 0.05
-            sparse = torch.randn(param.shape, generator=generator) * 0.5 * scale * sparse_mask
-            param.add_((dense + sparse).to(param.dtype))
-    model.save_pretrained(directory)
-    save_char_tokenizer(directory)
+    stoi = {token: index for index, token in enumerate(VOCAB)}
+    held_out = {row["prompt"] for task in TASKS for row in eval_rows(task)}
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        batch = []
+        while len(batch) < DEMO_CONFIG["batch_size"]:
+            prompt, answer = sample(rng)
+            if prompt not in held_out:
+                batch.append(([stoi[c] for c in prompt], [stoi[c] for c in answer] + [2]))
+        width = max(len(p) + len(a) for p, a in batch)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        weight = torch.zeros((len(batch), width))
+        for row, (prompt_ids, answer_ids) in enumerate(batch):
+            sequence = prompt_ids + answer_ids
+            ids[row, : len(sequence)] = torch.tensor(sequence)
+            weight[row, len(prompt_ids) : len(sequence)] = 1.0
+        logits = model(input_ids=ids).logits[:, :-1]
+        losses = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none"
+        )
+        target_weight = weight[:, 1:].reshape(-1)
+        loss = (losses * target_weight).sum() / target_weight.sum()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if on_step is not None:
+            on_step(step + 1, steps)
+    model.eval()
+
+
+def train_demo_models(
+    folders: dict[str, Path], on_step: Callable[[str, int, int], None] | None = None
+) -> None:
+    """Train the base, then fine-tune one specialist per skill from it (seeded, on the CPU)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, 4)))
+    try:
+        base_settings, special = DEMO_CONFIG["base"], DEMO_CONFIG["specialist"]
+        torch.manual_seed(base_settings["seed"])
+        base = LlamaForCausalLM(_model_config())
+
+        def base_sample(rng: random.Random) -> tuple[str, str]:
+            task = rng.choice(TASKS)
+            return task_example(task, rng, hard=rng.random() < base_settings["hard_share"][task])
+
+        _train(base, base_sample, base_settings["steps"], base_settings["lr"], base_settings["seed"],
+               _reporter("base", on_step))  # fmt: skip
+        base.save_pretrained(folders["base"])
+        save_char_tokenizer(folders["base"])
+        for index, task in enumerate(TASKS):
+            name = f"ft-{task}"
+            model = LlamaForCausalLM.from_pretrained(folders["base"])
+
+            def sample(rng: random.Random, task: str = task) -> tuple[str, str]:
+                if rng.random() < special["replay_share"]:
+                    return task_example(rng.choice(TASKS), rng, hard=False)
+                return task_example(task, rng, hard=True)
+
+            _train(model, sample, special["steps"], special["lr"], 100 + index,
+                   _reporter(name, on_step))  # fmt: skip
+            model.save_pretrained(folders[name])
+            save_char_tokenizer(folders[name])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reporter(
+    name: str, on_step: Callable[[str, int, int], None] | None
+) -> Callable[[int, int], None] | None:
+    if on_step is None:
+        return None
+    return lambda done, total: on_step(name, done, total)
 
 
 def _quiet_transformers() -> None:
@@ -96,18 +219,37 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
-def build_demo_models(root: Path, force: bool = False) -> dict[str, Path]:
-    """Build (or reuse) the demo models under ``root/models``; returns name → folder."""
+def _cache_key() -> str:
+    return hashlib.blake2b(
+        json.dumps(DEMO_CONFIG, sort_keys=True).encode(), digest_size=6
+    ).hexdigest()
+
+
+def build_demo_models(
+    root: Path, force: bool = False, on_step: Callable[[str, int, int], None] | None = None
+) -> dict[str, Path]:
+    """Train (or reuse) the demo models under ``root/models``, and write the task files under
+    ``root/tasks``; returns name → folder. The models are retrained when DEMO_CONFIG changes."""
     _quiet_transformers()
     folders = {name: root / "models" / name for name in MODEL_NAMES}
-    for index, (name, folder) in enumerate(folders.items()):
-        if (folder / "config.json").is_file() and not force:
-            continue
-        folder.mkdir(parents=True, exist_ok=True)
-        if name == "base":
-            build_base(folder)
-        else:
-            build_finetune(folders["base"], folder, seed=1000 + index)
+    stamp = root / "models" / f".trained-{_cache_key()}"
+    if (
+        force
+        or not stamp.is_file()
+        or not all((f / "config.json").is_file() for f in folders.values())
+    ):
+        for folder in folders.values():
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+        for old in (root / "models").glob(".trained-*"):
+            old.unlink()
+        train_demo_models(folders, on_step)
+        stamp.write_text(json.dumps(DEMO_CONFIG, indent=2))
+    tasks = root / "tasks"
+    tasks.mkdir(parents=True, exist_ok=True)
+    for task in TASKS:
+        (tasks / f"{task}.jsonl").write_text(task_file_text(task), encoding="utf-8")
     return folders
 
 

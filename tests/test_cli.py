@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -231,16 +230,29 @@ def test_methods_lists_registry() -> None:
     assert "density (float in (0, 1]" in result.stdout
 
 
-def test_demo_builds_merges_and_generates(tmp_path: Path) -> None:
-    started = time.perf_counter()
-    result = run_cli("demo", "--dir", str(tmp_path / "demo"))
+def test_demo_trains_specialists_merges_and_scores_them(tmp_path: Path) -> None:
+    from mergetui.demo import TASKS, task_file_text
+
+    root = tmp_path / "demo"
+    result = run_cli("demo", "--dir", str(root))
     assert result.returncode == 0, result.stderr
-    assert "loads and generates" in result.stdout
-    merged = tmp_path / "demo" / "merged"
+    assert "retained by the merge" in result.stdout and "the merge kept" in result.stdout
+    merged = root / "merged"
     assert (merged / "model.safetensors").is_file() and (merged / "tokenizer.json").is_file()
-    assert time.perf_counter() - started < 120
-    second = run_cli("demo", "--dir", str(tmp_path / "demo"))  # cached models, output replaced
+    scores = json.loads((root / "eval.json").read_text())["scores"]
+    for task in TASKS:  # training worked: each specialist beats the base on its own skill
+        assert scores[f"ft-{task}"][task] > scores["base"][task] + 0.2, scores
+        shipped = Path(__file__).parents[1] / "recipes" / "demo-tasks" / f"{task}.jsonl"
+        assert (
+            (root / "tasks" / f"{task}.jsonl").read_text()
+            == shipped.read_text()
+            == task_file_text(task)
+        )
+    weights = root / "models" / "ft-math" / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    second = run_cli("demo", "--dir", str(root))  # cached models, output replaced
     assert second.returncode == 0, second.stderr
+    assert weights.stat().st_mtime_ns == stamp, "the cached models were retrained"
 
 
 def _fill_hub_cache(hf_home: Path, repo_id: str, source: Path) -> None:

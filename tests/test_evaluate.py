@@ -219,7 +219,7 @@ def test_eval_cli_with_a_recipe_reports_what_the_merge_kept(
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["merged"] == "merged" and report["parents"] == ["ft_a", "ft_c"]
-    assert report["models"][0] == "merged" and report["models"][1].startswith("base")
+    assert report["models"][0] == "merged" and report["models"][1] == "base"
     wiki = {m: report["scores"][m]["wiki"] for m in report["models"]}
     assert report["retained"]["wiki"] == pytest.approx(
         min(wiki["ft_a"], wiki["ft_c"]) / wiki["merged"]
@@ -240,3 +240,40 @@ def test_eval_cli_with_a_recipe_reports_what_the_merge_kept(
         "1",
     )
     assert table.returncode == 0 and "perplexity" in table.stdout
+
+
+def test_a_memorised_text_has_lower_perplexity_than_for_a_random_model(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    text = "the merge kept both skills.\n" * 3
+    random_model = load_model("random", models["base"], "cpu")
+    task = Task("memo", Path("memo.txt"), "perplexity", text=text)
+    before = score_task(random_model, task).value
+    ids = torch.tensor([random_model.tokenizer(text)["input_ids"]])
+    model = random_model.model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(tmp_path / "memorised")
+    random_model.tokenizer.save_pretrained(tmp_path / "memorised")
+    after = score_task(load_model("memorised", tmp_path / "memorised", "cpu"), task).value
+    assert after < before / 4, (before, after)
+
+
+def test_bad_inputs_get_clear_errors(tmp_path: Path, models: dict[str, Path]) -> None:
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    done = _run("compare", str(models["ft_a"]), "--prompt-file", str(empty))
+    assert done.returncode == 2 and "has no prompts" in done.stderr
+    no_tokenizer = _run("compare", str(models["qwen2"]), "-p", "hi", "--device", "cpu")
+    assert no_tokenizer.returncode == 2 and "cannot load its tokenizer" in no_tokenizer.stderr
+    missing = _run("eval", str(models["ft_a"]), "--task", f"x={tmp_path / 'missing.jsonl'}")
+    assert missing.returncode == 2 and "file not found" in missing.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "answer": "b"}\n{oops\n')
+    malformed = _run("eval", str(models["ft_a"]), "--task", f"x={bad}")
+    assert malformed.returncode == 2 and "bad.jsonl:2: not valid JSON" in malformed.stderr
+    assert "Traceback" not in no_tokenizer.stderr + malformed.stderr

@@ -184,27 +184,63 @@ def demo(
     ] = Path("mergetui-demo"),
     force: Annotated[bool, typer.Option("--force", help="Rebuild the demo from scratch.")] = False,
 ) -> None:
-    """Build small demo models locally (no network) and merge them with the bundled recipe."""
-    from mergetui.demo import DEMO_RECIPE, build_demo_models, bundled_recipe_text, generate
+    """Train small demo models locally (no network), merge them, and show what the merge kept."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from mergetui.cli.evaluate import render_eval
+    from mergetui.demo import DEMO_RECIPE, TASKS, build_demo_models, bundled_recipe_text
+    from mergetui.evaluate.evaluation import evaluate
+    from mergetui.evaluate.tasks import load_answer_task
     from mergetui.recipe import load_recipe
 
     with guard():
         root = directory.expanduser().resolve()
-        console.print(f"building demo models in {root / 'models'} (cached after the first run)")
-        build_demo_models(root, force=force)
+        console.print(
+            f"demo models in {root / 'models'}: a tiny base and two specialists trained on the CPU "
+            "(a minute or two the first time, then cached)"
+        )
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns, console=console, transient=True) as bars:
+            tasks: dict[str, Any] = {}
+
+            def show(name: str, done: int, total: int) -> None:
+                if name not in tasks:
+                    tasks[name] = bars.add_task(f"training {name}", total=total)
+                bars.update(tasks[name], completed=done)
+
+            folders = build_demo_models(root, force=force, on_step=show)
         recipe_path = root / DEMO_RECIPE
         if force or not recipe_path.is_file():
             recipe_path.write_text(bundled_recipe_text(), encoding="utf-8")
         console.print(f"recipe: {recipe_path}")
         result = _execute(load_recipe(recipe_path), force=True)
-        sample = generate(result.output_dir, "12+7=")
-    console.print(f"the merged model loads and generates: '12+7=' → {sample!r}")
+        console.print("scoring the base, both specialists and the merge on held-out task files…")
+        task_files = [load_answer_task(t, root / "tasks" / f"{t}.jsonl") for t in TASKS]
+        names = ["base", *[f"ft-{t}" for t in TASKS], "merged"]
+        paths = [folders["base"], *[folders[f"ft-{t}"] for t in TASKS], result.output_dir]
+        table = evaluate(
+            names,
+            paths,
+            task_files,
+            device="cpu",
+            merged="merged",
+            parents=[f"ft-{t}" for t in TASKS],
+            chat_template=False,
+        )
+    (root / "eval.json").write_text(json.dumps(table.to_dict(), indent=2), encoding="utf-8")
+    render_eval(table)
     console.print(
         "load it in Python with:\n  from transformers import AutoModelForCausalLM\n"
         f"  model = AutoModelForCausalLM.from_pretrained({str(result.output_dir)!r})",
         soft_wrap=True,
     )
     console.print(f"replay or tweak the merge with: mergetui run {recipe_path}", soft_wrap=True)
+    console.print(
+        f"score it again with: mergetui eval --recipe {result.output_dir / 'mergetui.toml'} "
+        + " ".join(f"--task {t}={root / 'tasks' / f'{t}.jsonl'}" for t in TASKS)
+        + " --no-chat-template",
+        soft_wrap=True,
+    )
 
 
 def _terminate(signum: int, frame: object) -> None:

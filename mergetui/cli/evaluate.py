@@ -39,7 +39,8 @@ def _models(
         names.append(merged)
         paths.append(model_path(str(loaded.output_dir)))
         if loaded.base:
-            names.append(f"base ({_short(loaded.base)})")
+            short = _short(loaded.base)
+            names.append("base" if short == "base" else f"base ({short})")
             paths.append(model_path(loaded.base, loaded.base_dir))
         for entry in loaded.models:
             name = _short(entry.model)
@@ -97,9 +98,12 @@ def compare(
         if prompt_file is not None:
             if not prompt_file.is_file():
                 raise UsageError(f"--prompt-file: not found: {prompt_file}")
-            prompts += [
+            from_file = [
                 p for p in prompt_file.read_text(encoding="utf-8").splitlines() if p.strip()
             ]
+            if not from_file:
+                raise UsageError(f"--prompt-file {prompt_file} has no prompts (one per line)")
+            prompts += from_file
         if not prompts:
             raise UsageError("give at least one --prompt or a --prompt-file")
         names, paths, _, _ = _models(models, recipe)
@@ -170,18 +174,20 @@ def evaluate(
                     f"--merged {merged!r} is not one of the models: {', '.join(names)}"
                 )
             merged_name, parents = short, [n for n in names if n != short]
-        table = run_eval(
-            names,
-            paths,
-            tasks,
-            device=resolve_device(device),
-            merged=merged_name,
-            parents=parents,
-            batch_size=batch_size,
-            limit=limit,
-            chat_template=not no_chat_template,
-            on_progress=None if (as_json or as_csv) else _progress_printer(),
-        )
+        quiet = as_json or as_csv
+        with _EvalProgress(enabled=not quiet) as progress:
+            table = run_eval(
+                names,
+                paths,
+                tasks,
+                device=resolve_device(device),
+                merged=merged_name,
+                parents=parents,
+                batch_size=batch_size,
+                limit=limit,
+                chat_template=not no_chat_template,
+                on_progress=progress.update if not quiet else None,
+            )
     if as_json:
         print(json.dumps(table.to_dict(), indent=2))
     elif as_csv:
@@ -190,12 +196,32 @@ def evaluate(
         render_eval(table)
 
 
-def _progress_printer() -> Any:
-    def show(model: str, task: str, done: int, total: int) -> None:
-        if done == total:
-            err_console.print(f"  {model} · {task}: {total} scored")
+class _EvalProgress:
+    """One progress bar per (model, task) while scoring, on stderr."""
 
-    return show
+    def __init__(self, enabled: bool) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        self.enabled = enabled
+        self._bars = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err_console
+        )
+        self._tasks: dict[tuple[str, str], Any] = {}
+
+    def __enter__(self) -> _EvalProgress:
+        if self.enabled:
+            self._bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bars.stop()
+
+    def update(self, model: str, task: str, done: int, total: int) -> None:
+        key = (model, task)
+        if key not in self._tasks:
+            self._tasks[key] = self._bars.add_task(f"{model} · {task}", total=total)
+        self._bars.update(self._tasks[key], completed=done)
 
 
 def render_eval(table: Any) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 #: Where this process logs (set by ``main``), named in failure messages.
 log_path: list[Path] = []
+_print_lock = threading.Lock()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON (lines).")]
 
@@ -52,6 +54,9 @@ def guard(as_json: bool = False) -> Iterator[None]:
 
 
 def print_download_event(progress: Any) -> None:
-    """A Hub download's progress as one JSON line (``--json``), like the merge's events."""
+    """A Hub download's progress as one JSON line (``--json``), like the merge's events. Files
+    download on several threads: the lock keeps each line whole."""
     event = {"event": "download", **dataclasses.asdict(progress), "eta_s": progress.eta_s}
-    print(json.dumps(event), flush=True)
+    line = json.dumps(event)
+    with _print_lock:
+        print(line, flush=True)

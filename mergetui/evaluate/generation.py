@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mergetui.errors import UsageError
 from mergetui.evaluate.models import LoadedModel
 
 
@@ -59,6 +60,8 @@ def generate(
 
     tokenizer, model = loaded.tokenizer, loaded.model
     ids = prompt_ids(loaded, prompt, settings.chat_template)
+    if not ids:
+        raise UsageError(f"{loaded.name}: the prompt {prompt!r} has no tokens")
     eos = _eos_ids(loaded)
     generator = torch.Generator().manual_seed(settings.seed)
     started = time.perf_counter()

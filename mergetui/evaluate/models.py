@@ -17,6 +17,7 @@ from mergetui.sources.resolve import resolve_dir
 log = logging.getLogger(__name__)
 #: Loaded weights take about their file size; activations, caches and the allocator add to it.
 _OVERHEAD = 1.3
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.*")
 
 
 @dataclass
@@ -76,6 +77,11 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
+    if not any(any(path.glob(pattern)) for pattern in _TOKENIZER_FILES):
+        raise SourceError(
+            f"{name}: cannot load its tokenizer: no tokenizer files in {path} (tokenizer.json, "
+            "tokenizer_config.json, tokenizer.model, vocab.*); save one with the model"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:

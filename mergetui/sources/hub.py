@@ -19,6 +19,7 @@ import fnmatch
 import json
 import logging
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -599,16 +600,19 @@ def download(ref: ModelRef, on_progress: Callable[[DownloadProgress], None] | No
     total = sum(sizes[f] for f in files)
     started = time.perf_counter()
     done = [0]
+    lock = threading.Lock()
 
     def report(advance: int) -> None:
-        done[0] += advance
-        if on_progress is not None:
-            on_progress(
-                DownloadProgress(
-                    info.repo_id, min(done[0], total), total, len(files),
-                    time.perf_counter() - started,
-                )
-            )  # fmt: skip
+        # huggingface_hub downloads files on several threads: one at a time, in order
+        with lock:
+            done[0] += advance
+            if on_progress is not None:
+                on_progress(
+                    DownloadProgress(
+                        info.repo_id, min(done[0], total), total, len(files),
+                        time.perf_counter() - started,
+                    )
+                )  # fmt: skip
 
     with hub_errors(name, ref):
         folder = Path(
