@@ -35,7 +35,8 @@ from mergetui.methods.registry import METHODS, get_method
 app = typer.Typer(
     name="mergetui",
     help="Merge fine-tuned language models from validated TOML recipes.",
-    no_args_is_help=True,
+    no_args_is_help=False,
+    invoke_without_command=True,
     add_completion=False,
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -55,11 +56,17 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    context: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
     ] = False,
 ) -> None:
-    """Merge fine-tuned language models from validated TOML recipes."""
+    """Merge fine-tuned language models from validated TOML recipes. With no command, open the
+    guided merge TUI."""
+    if context.invoked_subcommand is None:
+        from mergetui.tui.app import create_app
+
+        create_app().run()
 
 
 def _load(recipe: Path, output: Path | None = None, device: str | None = None) -> Any:

@@ -1,0 +1,95 @@
+"""The TUI's first steps, driven with Pilot on real tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+from textual.widgets import DataTable, Input, ListView, Static
+
+from mergetui.tui.app import create_app
+from mergetui.tui.screens.check import CheckScreen
+
+
+def test_the_app_starts_without_importing_torch_or_transformers(tmp_path: Path) -> None:
+    probe = (
+        "import asyncio, sys\n"
+        "from mergetui.tui.app import create_app\n"
+        "async def main():\n"
+        "    app = create_app()\n"
+        "    async with app.run_test() as pilot:\n"
+        "        await pilot.pause()\n"
+        "        heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]\n"
+        "        print('HEAVY', heavy)\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY ['huggingface_hub']" in done.stdout or "HEAVY []" in done.stdout, done.stdout
+    assert "'torch'" not in done.stdout and "'transformers'" not in done.stdout
+
+
+async def _choose(pilot: object, app: object, base: Path, models: list[Path]) -> None:
+    screen = app.screen  # type: ignore[attr-defined]
+    screen.query_one("#base", Input).value = str(base)
+    for model in models:  # keyboard first: type into the field and press Enter
+        field = screen.query_one("#model", Input)
+        field.focus()
+        field.value = str(model)
+        await pilot.press("enter")  # type: ignore[attr-defined]
+        await pilot.pause()  # type: ignore[attr-defined]
+
+
+async def _wait_for_check(pilot: object, app: object) -> str:
+    for _ in range(200):
+        await pilot.pause(0.05)  # type: ignore[attr-defined]
+        status = str(app.screen.query_one("#check-status", Static).render())  # type: ignore[attr-defined]
+        if "checking" not in status:
+            return status
+    raise AssertionError("the check never finished")
+
+
+def test_choose_models_and_see_them_compatible(tmp_path: Path, models: dict[str, Path]) -> None:
+    asyncio.run(_compatible_flow(tmp_path, models))
+
+
+async def _compatible_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    app = create_app(tmp_path)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
+        assert [m.model for m in app.draft.models] == [str(models["ft_a"]), str(models["ft_c"])]
+        assert len(app.screen.query_one("#chosen", ListView).children) == 2
+        await pilot.click("#next")
+        assert isinstance(app.screen, CheckScreen)
+        status = await _wait_for_check(pilot, app)
+        assert "compatible" in status and "not compatible" not in status
+        table = app.screen.query_one("#check-table", DataTable)
+        assert table.row_count >= 6 and len(table.columns) == 4
+        await pilot.press("escape")
+        assert not isinstance(app.screen, CheckScreen)
+
+
+def test_a_mismatched_model_is_explained(tmp_path: Path, models: dict[str, Path]) -> None:
+    asyncio.run(_mismatch_flow(tmp_path, models))
+
+
+async def _mismatch_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    app = create_app(tmp_path)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["qwen2"]])
+        await pilot.click("#remove")
+        await pilot.pause()
+        await pilot.click("#remove")
+        await pilot.pause()
+        assert app.draft.models == []
+        assert len(app.screen.query_one("#chosen", ListView).children) == 0
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["qwen2"]])
+        await pilot.click("#next")
+        status = await _wait_for_check(pilot, app)
+        assert "not compatible" in status, [m.model for m in app.draft.models]
+        problems = str(app.screen.query_one("#check-problems", Static).render())
+        assert "different architectures" in problems
