@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from textual.widgets import DataTable, Input, ListView, Static
+from textual.widgets import Button, DataTable, Input, ListView, Static
 
 from mergetui.tui.app import create_app
 from mergetui.tui.screens.check import CheckScreen
@@ -63,7 +63,8 @@ async def _compatible_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
         assert [m.model for m in app.draft.models] == [str(models["ft_a"]), str(models["ft_c"])]
         assert len(app.screen.query_one("#chosen", ListView).children) == 2
-        await pilot.click("#next")
+        app.screen.query_one("#next", Button).press()
+        await pilot.pause()
         assert isinstance(app.screen, CheckScreen)
         status = await _wait_for_check(pilot, app)
         assert "compatible" in status and "not compatible" not in status
@@ -81,15 +82,58 @@ async def _mismatch_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     app = create_app(tmp_path)
     async with app.run_test(size=(100, 36)) as pilot:
         await _choose(pilot, app, models["base"], [models["ft_a"], models["qwen2"]])
-        await pilot.click("#remove")
-        await pilot.pause()
-        await pilot.click("#remove")
-        await pilot.pause()
+        for _ in range(2):
+            app.screen.query_one("#remove", Button).press()
+            await pilot.pause()
         assert app.draft.models == []
         assert len(app.screen.query_one("#chosen", ListView).children) == 0
         await _choose(pilot, app, models["base"], [models["ft_a"], models["qwen2"]])
-        await pilot.click("#next")
+        app.screen.query_one("#next", Button).press()
+        await pilot.pause()
         status = await _wait_for_check(pilot, app)
         assert "not compatible" in status, [m.model for m in app.draft.models]
         problems = str(app.screen.query_one("#check-problems", Static).render())
         assert "different architectures" in problems
+
+
+def test_the_method_form_comes_from_the_registry_and_validates_as_you_type(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    asyncio.run(_method_flow(tmp_path, models))
+
+
+async def _method_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from textual.widgets import Select
+
+    from mergetui.methods.registry import get_method
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
+        app.action_method()
+        await pilot.pause()
+        screen = app.screen
+        ties = get_method("ties")
+        assert ties is not None
+        for param in ties.global_params:
+            assert screen.query_one(f"#g-{param.name}", Input)
+        for index in (0, 1):
+            for param in ties.model_params:
+                assert screen.query_one(f"#m{index}-{param.name}", Input)
+        problems = screen.query_one("#problems", Static)
+        assert "valid recipe" in str(problems.render())
+        density = screen.query_one("#m0-density", Input)
+        density.focus()
+        density.value = ""
+        await pilot.press("1", ".", "5")
+        await pilot.pause()
+        assert "models[0].density" in str(problems.render())
+        assert app.draft.models[0].parameters["density"] == 1.5
+        density.value = "0.5"
+        await pilot.pause()
+        assert "valid recipe" in str(problems.render())
+        assert "density = 0.5" in str(screen.query_one("#preview", Static).render())
+        screen.query_one("#method", Select).value = "slerp"
+        await pilot.pause()
+        assert screen.query_one("#g-t", Input)
+        assert "slerp" in str(problems.render()) or "t:" in str(problems.render())

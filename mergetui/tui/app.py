@@ -8,6 +8,7 @@ from pathlib import Path
 from textual.app import App
 
 from mergetui.tui.screens.check import CheckScreen
+from mergetui.tui.screens.method import MethodScreen
 from mergetui.tui.screens.models import ModelsScreen
 from mergetui.tui.state import RecipeDraft
 
@@ -27,6 +28,9 @@ class MergeTuiApp(App[None]):
     def action_check(self) -> None:
         """A fresh check of the current draft (the draft may have changed since the last one)."""
         self.push_screen(CheckScreen())
+
+    def action_method(self) -> None:
+        self.push_screen(MethodScreen())
 
 
 def create_app(base_dir: Path | None = None) -> MergeTuiApp:

@@ -15,7 +15,10 @@ from textual.widgets import DataTable, Footer, Header, Label, Static
 class CheckScreen(Screen[None]):
     """Runs the same check as ``mergetui check`` in a worker, then shows the table and problems."""
 
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("ctrl+n", "app.method", "Method", show=True),
+    ]
 
     def compose(self) -> ComposeResult:
         yield Header()

@@ -1,0 +1,136 @@
+"""Step 3: the method and its parameters, as a form generated from the method registry.
+
+Nothing here is written per method: the fields come from each ``ParamSpec`` (global ones once,
+per-model ones once per model), and every change re-validates the whole draft with the same
+validator recipes go through, so the reasons shown are the ones ``mergetui run`` would give.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from textual import on
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, Select, Static
+
+from mergetui.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
+
+
+def parse_value(param: ParamSpec, text: str) -> Any:
+    """The typed value for a field's text (validation happens on the whole draft)."""
+    text = text.strip()
+    if param.kind is bool:
+        lowered = text.lower()
+        return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(
+            lowered, text
+        )
+    try:
+        return int(text) if param.kind is int else float(text)
+    except ValueError:
+        return text  # the validator says what is wrong with it
+
+
+class MethodScreen(Screen[None]):
+    BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
+
+    def compose(self) -> ComposeResult:
+        draft = self.app.draft  # type: ignore[attr-defined]
+        yield Header()
+        with Horizontal(id="method-step"):
+            with VerticalScroll(id="method-form"):
+                yield Label("3 · Method and parameters")
+                yield Select(
+                    [(f"{spec.name} — {spec.summary}", spec.name) for spec in METHODS.values()],
+                    value=draft.method,
+                    allow_blank=False,
+                    id="method",
+                )
+                yield Static("", id="method-help")
+                yield Vertical(id="params")
+            with Vertical(id="method-side"):
+                yield Static("", id="problems")
+                yield Static("", id="preview")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self._build_fields()
+
+    @property
+    def spec(self) -> MethodSpec:
+        spec = get_method(self.app.draft.method)  # type: ignore[attr-defined]
+        assert spec is not None
+        return spec
+
+    def _build_fields(self) -> None:
+        draft = self.app.draft  # type: ignore[attr-defined]
+        spec = self.spec
+        self.query_one("#method-help", Static).update(f"{spec.summary}. {spec.when_to_use}")
+        box = self.query_one("#params", Vertical)
+        box.remove_children()
+        fields: list[Any] = []
+        for param in spec.global_params:
+            fields += self._field(param, f"g-{param.name}", draft.parameters.get(param.name))
+        for index, entry in enumerate(draft.models):
+            if spec.model_params:
+                fields.append(Label(f"models[{index}]: {entry.model}", classes="model-title"))
+            for param in spec.model_params:
+                fields += self._field(
+                    param, f"m{index}-{param.name}", entry.parameters.get(param.name)
+                )
+        box.mount_all(fields)
+        self._validate()
+
+    def _field(self, param: ParamSpec, field_id: str, value: Any) -> list[Any]:
+        limits = param.range_text()
+        default = "required" if param.required else f"default {param.default}"
+        hint = f"{param.name} ({param.kind.__name__}{' in ' + limits if limits else ''}; {default}): {param.help}"
+        text = "" if value is None else str(value).lower() if param.kind is bool else str(value)
+        return [Label(hint, classes="param-help"), Input(text, id=field_id, placeholder=default)]
+
+    @on(Select.Changed, "#method")
+    def method_changed(self, event: Select.Changed) -> None:
+        draft = self.app.draft  # type: ignore[attr-defined]
+        if event.value == draft.method:
+            return
+        draft.method = str(event.value)
+        allowed = {p.name for p in self.spec.global_params}
+        draft.parameters = {k: v for k, v in draft.parameters.items() if k in allowed}
+        model_allowed = {p.name for p in self.spec.model_params}
+        for entry in draft.models:
+            entry.parameters = {k: v for k, v in entry.parameters.items() if k in model_allowed}
+            if "weight" in model_allowed and self.spec.param("weight").required:  # type: ignore[union-attr]
+                entry.parameters.setdefault("weight", 1.0)
+        self._build_fields()
+
+    @on(Input.Changed)
+    def field_changed(self, event: Input.Changed) -> None:
+        field_id = event.input.id or ""
+        draft = self.app.draft  # type: ignore[attr-defined]
+        scope, _, name = field_id.partition("-")
+        param = self.spec.param(name)
+        if param is None:
+            return
+        target = draft.parameters if scope == "g" else draft.models[int(scope[1:])].parameters
+        if event.value.strip():
+            target[name] = parse_value(param, event.value)
+        else:
+            target.pop(name, None)
+        self._validate()
+
+    def _validate(self) -> None:
+        import tomli_w
+
+        from mergetui.errors import RecipeError
+
+        draft = self.app.draft  # type: ignore[attr-defined]
+        problems = self.query_one("#problems", Static)
+        try:
+            draft.to_recipe()
+        except RecipeError as exc:
+            problems.update("\n".join(f"[b red]✗[/] {p}" for p in exc.problems))
+        else:
+            problems.update("[b green]✓ valid recipe[/]")
+        self.query_one("#preview", Static).update(tomli_w.dumps(draft.to_data()))
