@@ -96,6 +96,14 @@ async def _mismatch_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         assert "different architectures" in problems
 
 
+async def _method_step(pilot: object, app: object, models: dict[str, Path]) -> object:
+    """Choose the base and two fine-tunes, then open step 3; returns the method screen."""
+    await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
+    app.action_method()  # type: ignore[attr-defined]
+    await pilot.pause()  # type: ignore[attr-defined]
+    return app.screen  # type: ignore[attr-defined]
+
+
 def test_the_method_form_comes_from_the_registry_and_validates_as_you_type(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
@@ -109,10 +117,7 @@ async def _method_flow(tmp_path: Path, models: dict[str, Path]) -> None:
 
     app = create_app(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
-        await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
-        app.action_method()
-        await pilot.pause()
-        screen = app.screen
+        screen = await _method_step(pilot, app, models)
         ties = get_method("ties")
         assert ties is not None
         for param in ties.global_params:
@@ -137,3 +142,38 @@ async def _method_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause()
         assert screen.query_one("#g-t", Input)
         assert "slerp" in str(problems.render()) or "t:" in str(problems.render())
+
+
+def test_save_the_recipe_reopen_it_and_replay_it_headless(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    asyncio.run(_save_flow(tmp_path, models))
+
+
+async def _save_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from mergetui.recipe import load_recipe, recipe_to_toml
+    from mergetui.tui.state import RecipeDraft
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _method_step(pilot, app, models)
+        screen.query_one("#m1-density", Input).value = "0.4"
+        screen.query_one("#out-path", Input).value = str(tmp_path / "merged")
+        screen.query_one("#out-device", Input).value = "cpu"
+        screen.query_one("#save-path", Input).value = "saved.toml"
+        await pilot.pause()
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    saved = tmp_path / "saved.toml"
+    recipe = load_recipe(saved)
+    assert recipe.method == "ties" and recipe.models[1].parameters["density"] == 0.4
+    reopened = RecipeDraft.from_recipe(recipe)
+    assert recipe_to_toml(reopened.to_recipe()) == recipe_to_toml(recipe)
+    replay = subprocess.run(
+        [sys.executable, "-m", "mergetui", "run", str(saved)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert replay.returncode == 0, replay.stderr
+    assert (tmp_path / "merged" / "model.safetensors").is_file()

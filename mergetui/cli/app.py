@@ -169,6 +169,17 @@ def _execute(recipe: Any, *, force: bool, as_json: bool = False, dry_run: bool =
     return result
 
 
+@app.command("open")
+def open_recipe(recipe: RecipeArg) -> None:
+    """Open a recipe in the guided merge TUI, to tweak and re-run it."""
+    from mergetui.tui.app import create_app
+    from mergetui.tui.state import RecipeDraft
+
+    with guard():
+        draft = RecipeDraft.from_recipe(_load(recipe))
+    create_app(draft=draft).run()
+
+
 @app.command()
 def methods(
     name: Annotated[str | None, typer.Argument(help="Show only this method.")] = None,

@@ -33,6 +33,7 @@ class MergeTuiApp(App[None]):
         self.push_screen(MethodScreen())
 
 
-def create_app(base_dir: Path | None = None) -> MergeTuiApp:
-    """The app with an empty recipe draft whose relative paths resolve against ``base_dir``."""
-    return MergeTuiApp(RecipeDraft(base_dir=base_dir or Path.cwd()))
+def create_app(base_dir: Path | None = None, draft: RecipeDraft | None = None) -> MergeTuiApp:
+    """The app with ``draft`` (``mergetui open``) or an empty one whose relative paths resolve
+    against ``base_dir``."""
+    return MergeTuiApp(draft or RecipeDraft(base_dir=base_dir or Path.cwd()))

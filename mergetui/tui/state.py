@@ -46,6 +46,31 @@ class RecipeDraft:
             models.append(row)
         return {"version": 1, "merge": merge, "models": models, "output": {"path": self.output}}
 
+    @classmethod
+    def from_recipe(cls, recipe: Any) -> RecipeDraft:
+        """A draft holding a loaded recipe (``mergetui open``), paths as the recipe wrote them."""
+        return cls(
+            base=recipe.base or "",
+            models=[ModelDraft(e.model, e.lora or "", dict(e.parameters)) for e in recipe.models],
+            method=recipe.method,
+            parameters=dict(recipe.parameters),
+            output=recipe.output_path,
+            dtype=recipe.dtype,
+            device=recipe.device,
+            seed=recipe.seed,
+            base_dir=recipe.base_dir,
+        )
+
+    def save(self, path: Path) -> Path:
+        """Validate and write the recipe TOML to ``path`` (relative paths stay relative to the
+        draft's folder, so write it there or give absolute model paths)."""
+        from mergetui.recipe import dump_recipe
+
+        target = path if path.is_absolute() else self.base_dir / path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        dump_recipe(self.to_recipe(), target)
+        return target
+
     def to_recipe(self) -> Any:
         """Validate the draft into a :class:`~mergetui.recipe.Recipe` (raises RecipeError)."""
         from mergetui.recipe.validate import validate_recipe_data

@@ -7,6 +7,7 @@ validator recipes go through, so the reasons shown are the ones ``mergetui run``
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from textual import on
@@ -14,7 +15,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Footer, Header, Input, Label, Select, Static
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
 from mergetui.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
 
@@ -34,7 +35,10 @@ def parse_value(param: ParamSpec, text: str) -> Any:
 
 
 class MethodScreen(Screen[None]):
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("ctrl+s", "save", "Save recipe", show=True),
+    ]
 
     def compose(self) -> ComposeResult:
         draft = self.app.draft  # type: ignore[attr-defined]
@@ -50,6 +54,29 @@ class MethodScreen(Screen[None]):
                 )
                 yield Static("", id="method-help")
                 yield Vertical(id="params")
+                yield Label("output", classes="model-title")
+                yield Label(
+                    "output.path: the folder the merged model is written to", classes="param-help"
+                )
+                yield Input(draft.output, id="out-path")
+                yield Label(
+                    "merge.dtype: float32, float16, bfloat16 (default: the base's)",
+                    classes="param-help",
+                )
+                yield Select(
+                    [(d, d) for d in ("float32", "float16", "bfloat16")],
+                    value=draft.dtype or Select.NULL,
+                    prompt="the base's dtype",
+                    id="out-dtype",
+                )
+                yield Label("merge.device: auto, cpu, cuda or cuda:N", classes="param-help")
+                yield Input(draft.device, id="out-device")
+                yield Label("merge.seed: for the randomised methods (DARE)", classes="param-help")
+                yield Input(str(draft.seed), id="out-seed")
+                yield Label("save the recipe as", classes="model-title")
+                with Horizontal(classes="row"):
+                    yield Input("recipe.toml", id="save-path")
+                    yield Button("Save (ctrl+s)", id="save", variant="success")
             with Vertical(id="method-side"):
                 yield Static("", id="problems")
                 yield Static("", id="preview")
@@ -105,9 +132,41 @@ class MethodScreen(Screen[None]):
                 entry.parameters.setdefault("weight", 1.0)
         self._build_fields()
 
+    @on(Select.Changed, "#out-dtype")
+    def dtype_changed(self, event: Select.Changed) -> None:
+        self.app.draft.dtype = None if event.value is Select.NULL else str(event.value)  # type: ignore[attr-defined]
+        self._validate()
+
+    @on(Input.Changed, "#out-path, #out-device, #out-seed")
+    def output_changed(self, event: Input.Changed) -> None:
+        draft = self.app.draft  # type: ignore[attr-defined]
+        value = event.value.strip()
+        if event.input.id == "out-path":
+            draft.output = value
+        elif event.input.id == "out-device":
+            draft.device = value
+        else:
+            draft.seed = int(value) if value.lstrip("-").isdigit() else value  # type: ignore[assignment]
+        self._validate()
+
+    @on(Button.Pressed, "#save")
+    def action_save(self) -> None:
+        from mergetui.errors import MergeTuiError
+
+        draft = self.app.draft  # type: ignore[attr-defined]
+        path = Path(self.query_one("#save-path", Input).value.strip() or "recipe.toml").expanduser()
+        try:
+            saved = draft.save(path)
+        except MergeTuiError as exc:
+            self.app.notify(str(exc).splitlines()[0], severity="error", title="not saved")
+            return
+        self.app.notify(f"replay headless with: mergetui run {saved}", title=f"saved {saved}")
+
     @on(Input.Changed)
     def field_changed(self, event: Input.Changed) -> None:
         field_id = event.input.id or ""
+        if field_id.startswith(("out-", "save-")):
+            return
         draft = self.app.draft  # type: ignore[attr-defined]
         scope, _, name = field_id.partition("-")
         param = self.spec.param(name)
