@@ -177,3 +177,52 @@ async def _save_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     )
     assert replay.returncode == 0, replay.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_run_a_merge_to_completion_then_cancel_one(tmp_path: Path, models: dict[str, Path]) -> None:
+    asyncio.run(_run_flow(tmp_path, models))
+
+
+async def _wait_outcome(pilot: object, screen: object, timeout_s: float = 120) -> str:
+    for _ in range(int(timeout_s / 0.1)):
+        await pilot.pause(0.1)  # type: ignore[attr-defined]
+        if screen.outcome not in ("starting", "running"):  # type: ignore[attr-defined]
+            return str(screen.outcome)  # type: ignore[attr-defined]
+    raise AssertionError("the merge never finished")
+
+
+async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from mergetui.tui.screens.run import RunScreen
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _method_step(pilot, app, models)
+        screen.query_one("#out-path", Input).value = str(tmp_path / "merged")  # type: ignore[attr-defined]
+        screen.query_one("#out-device", Input).value = "cpu"  # type: ignore[attr-defined]
+        await pilot.press("ctrl+r")
+        await pilot.pause()
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        assert await _wait_outcome(pilot, run) == "done", str(
+            run.query_one("#run-status", Static).render()
+        )
+        assert (tmp_path / "merged" / "model.safetensors").is_file()
+        assert "VRAM: no GPU in use" in str(run.query_one("#vram", Static).render())
+        await pilot.press("escape")
+        await pilot.pause()
+        app.draft.output = str(tmp_path / "cancelled")
+        app.action_run()
+        await pilot.pause()
+        second = app.screen
+        assert isinstance(second, RunScreen) and second is not run
+        for _ in range(100):  # cancel as soon as the child process exists
+            if second.process is not None:
+                break
+            await pilot.pause(0.05)
+        second.query_one("#cancel", Button).press()
+        assert await _wait_outcome(pilot, second) == "cancelled", (
+            str(second.query_one("#run-status", Static).render()),
+            second.process.returncode if second.process else None,
+        )
+        assert not (tmp_path / "cancelled").exists()
+        assert not list(tmp_path.glob(".cancelled.mergetui-partial-*"))

@@ -10,6 +10,7 @@ from textual.app import App
 from mergetui.tui.screens.check import CheckScreen
 from mergetui.tui.screens.method import MethodScreen
 from mergetui.tui.screens.models import ModelsScreen
+from mergetui.tui.screens.run import RunScreen
 from mergetui.tui.state import RecipeDraft
 
 
@@ -31,6 +32,9 @@ class MergeTuiApp(App[None]):
 
     def action_method(self) -> None:
         self.push_screen(MethodScreen())
+
+    def action_run(self) -> None:
+        self.push_screen(RunScreen())
 
 
 def create_app(base_dir: Path | None = None, draft: RecipeDraft | None = None) -> MergeTuiApp:

@@ -38,6 +38,7 @@ class MethodScreen(Screen[None]):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("ctrl+s", "save", "Save recipe", show=True),
+        Binding("ctrl+r", "app.run", "Run merge", show=True),
     ]
 
     def compose(self) -> ComposeResult:
