@@ -251,22 +251,3 @@ def build_demo_models(
     for task in TASKS:
         (tasks / f"{task}.jsonl").write_text(task_file_text(task), encoding="utf-8")
     return folders
-
-
-def generate(model_dir: Path, prompt: str, max_new_tokens: int = 16) -> str:
-    """Greedy generation from a saved model: the proof that the output loads and runs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    inputs = tokenizer(prompt, return_tensors="pt")
-    with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    return tokenizer.decode(output[0][inputs["input_ids"].shape[1] :], skip_special_tokens=True)

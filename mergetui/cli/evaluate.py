@@ -89,9 +89,9 @@ def compare(
     as_json: JsonOpt = False,
 ) -> None:
     """The same prompts through each model, side by side, with tokens/s."""
+    from mergetui.engine.plan import resolve_device
     from mergetui.evaluate.compare import compare as run_compare
     from mergetui.evaluate.generation import GenerationSettings
-    from mergetui.evaluate.models import resolve_device
 
     with guard(as_json):
         prompts = list(prompt or [])
@@ -157,8 +157,8 @@ def evaluate(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV.")] = False,
 ) -> None:
     """Score models on task files; for a merge, the share of each specialist's score it kept."""
+    from mergetui.engine.plan import resolve_device
     from mergetui.evaluate.evaluation import evaluate as run_eval
-    from mergetui.evaluate.models import resolve_device
     from mergetui.evaluate.tasks import parse_task_option
 
     with guard(as_json):

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from mergetui.cli.output import JsonOpt, console, guard, print_download_event
+from mergetui.cli.render import count_or_unknown
 from mergetui.errors import SourceError
 from mergetui.units import format_bytes
 
@@ -27,15 +28,6 @@ def _hub_ref(text: str) -> Any:
     if ref is None:
         raise SourceError(f"{text!r} is not a Hub model id; write it as org/name or org/name@rev")
     return ref
-
-
-def _count(value: int | None) -> str:
-    if value is None:
-        return "?"
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if value >= size:
-            return f"{value / size:.1f}{unit}"
-    return str(value)
 
 
 @hub_app.command()
@@ -65,9 +57,9 @@ def search(
             hit.repo_id,
             hit.pipeline_tag or "",
             hit.library or "",
-            _count(hit.parameters),
+            count_or_unknown(hit.parameters),
             (hit.last_modified or "")[:10],
-            _count(hit.downloads),
+            count_or_unknown(hit.downloads),
         )
     console.print(table)
 

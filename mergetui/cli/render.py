@@ -29,7 +29,7 @@ def _short(reference: str, width: int = 28) -> str:
     return "…/" + "/".join(reference.rstrip("/").split("/")[-2:])
 
 
-def _count_or_unknown(value: int | None) -> str:
+def count_or_unknown(value: int | None) -> str:
     return "?" if value is None else format_count(value)
 
 
@@ -49,7 +49,7 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         ("hidden size", [str(r["hidden_size"]) for r in rows]),
         ("vocab size", [str(r["vocab_size"]) for r in rows]),
         ("dtype", [r["dtype"] for r in rows]),
-        ("parameters", [_count_or_unknown(r["parameters"]) for r in rows]),
+        ("parameters", [count_or_unknown(r["parameters"]) for r in rows]),
         ("size on disk", [format_bytes(r["size_on_disk"]) for r in rows]),
     ]
     if any(r["lora"] for r in rows):

@@ -62,14 +62,6 @@ def fit_together(paths: list[Path], device: str) -> bool:
     return needed <= available_bytes(device)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def load_model(name: str, path: Path, device: str) -> LoadedModel:
     """A model and its tokenizer, in the checkpoint's dtype (float32 on CPU for speed and
     precision), never running code from the repo (no ``trust_remote_code``)."""

@@ -125,31 +125,28 @@ def available_for(like: torch.Tensor) -> ctypes.CDLL | None:
     mode = _mode()
     if mode in ("0", "off", "false", "no") or like.device.type != "cpu":
         return None
-    if like.dtype != _float32():
+    import torch
+
+    if like.dtype != torch.float32:
         return None
     return library()
 
 
-def _float32() -> Any:
-    import torch
-
-    return torch.float32
-
-
-def _pool() -> ThreadPoolExecutor:
+def _pool() -> tuple[ThreadPoolExecutor, int]:
+    """The worker threads (one per torch thread) and how many there are."""
     with _lock:
-        pool = _state.get("pool")
-        if pool is None:
+        if "pool" not in _state:
             import torch
 
             workers = max(1, torch.get_num_threads())
-            pool = _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="mergetui-c")
-        return pool
+            _state["workers"] = workers
+            _state["pool"] = ThreadPoolExecutor(workers, thread_name_prefix="mergetui-c")
+        return _state["pool"], _state["workers"]
 
 
 def ranges(count: int) -> list[tuple[int, int]]:
     """[start, end) pieces of ``range(count)``, one per worker, aligned to ``_ALIGN``."""
-    workers = _pool()._max_workers
+    _, workers = _pool()
     step = -(-count // workers)
     step = -(-step // _ALIGN) * _ALIGN
     return [(start, min(start + step, count)) for start in range(0, count, step)]
@@ -160,11 +157,8 @@ def parallel(call: Callable[[int, int], Any], count: int) -> list[Any]:
     pieces = ranges(count)
     if len(pieces) == 1:
         return [call(*pieces[0])]
-    return list(_pool().map(lambda piece: call(*piece), pieces))
-
-
-def pointer(tensor: torch.Tensor) -> int:
-    return tensor.data_ptr()
+    pool, _ = _pool()
+    return list(pool.map(lambda piece: call(*piece), pieces))
 
 
 def pointer_array(tensors: Sequence[torch.Tensor]) -> ctypes.Array[ctypes.c_void_p]:

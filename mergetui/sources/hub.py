@@ -112,10 +112,7 @@ def hub_errors(what: str, ref: ModelRef | None = None) -> Iterator[None]:
             f"{what}: the repo is gated or private; log in with `hf auth login` or set HF_TOKEN"
         ) from exc
     except RevisionNotFoundError as exc:
-        revision = ref.revision if ref else None
-        raise SourceError(
-            f"{what}: revision {revision!r} not found; check the branch, tag or commit after '@'"
-        ) from exc
+        raise _revision_missing(what, ref.revision if ref else None) from exc
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
         if ref is None:
             raise SourceError(f"{what}: not in the local cache and the Hub is unreachable") from exc
@@ -134,6 +131,12 @@ def hub_errors(what: str, ref: ModelRef | None = None) -> Iterator[None]:
         raise SourceError(f"{what}: the Hub at {endpoint()} answered: {_first_line(exc)}") from exc
     except OSError as exc:
         raise SourceError(f"{what}: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _revision_missing(what: str, revision: str | None) -> SourceError:
+    return SourceError(
+        f"{what}: revision {revision!r} not found; check the branch, tag or commit after '@'"
+    )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -362,9 +365,7 @@ def _model_info(api: Any, ref: ModelRef, revision: str) -> Any:
             with_retries(lambda: api.model_info(ref.repo_id, revision="main"), name)
         except RepositoryNotFoundError:
             raise
-        raise SourceError(
-            f"{name}: revision {revision!r} not found; check the branch, tag or commit after '@'"
-        ) from None
+        raise _revision_missing(name, revision) from None
 
 
 def _fetch_json(ref: ModelRef, commit: str, filename: str) -> dict[str, Any]:
@@ -495,8 +496,13 @@ def cached_snapshot(ref: ModelRef) -> Path | None:
     except (LocalEntryNotFoundError, OSError, ValueError):
         return None
     names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-    has_weights = any(n.endswith((".safetensors", ".bin")) for n in names)
-    return folder if "config.json" in names and has_weights else None
+    return folder if _holds_model(names) else None
+
+
+def _holds_model(names: set[str]) -> bool:
+    """A config (model or adapter) and weights: enough to merge from, offline."""
+    has_config = "config.json" in names or "adapter_config.json" in names
+    return has_config and any(n.endswith((".safetensors", ".bin")) for n in names)
 
 
 # -- cache ----------------------------------------------------------------------------------------
@@ -509,14 +515,8 @@ class CachedRevision:
 
     @property
     def usable_offline(self) -> bool:
-        """config.json and weights are there: a merge can use this revision offline."""
-        names = [PurePosixPath(f).name for f in self.files]
-        has_weights = any(n.endswith((".safetensors", ".bin")) for n in names)
-        return (
-            "config.json" in names
-            and has_weights
-            or ("adapter_config.json" in names and has_weights)
-        )
+        """A config and weights are there: a merge can use this revision offline."""
+        return _holds_model({PurePosixPath(f).name for f in self.files})
 
 
 @dataclass
