@@ -26,8 +26,9 @@ def setup_logging(level: int = logging.INFO) -> Path | None:
     path = log_dir() / LOG_NAME
     logger = logging.getLogger("mergetui")
     logger.setLevel(level)
-    if any(isinstance(h, logging.FileHandler) for h in logger.handlers):
-        return path
+    for handler in logger.handlers:  # already set up in this process: that file, wherever it is
+        if isinstance(handler, logging.FileHandler):
+            return Path(handler.baseFilename)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(path, encoding="utf-8")

@@ -75,3 +75,8 @@ def format_duration(seconds: float | None) -> str:
         return f"{minutes}m{secs:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def format_score(metric: str, value: float) -> str:
+    """An evaluation score as shown: accuracy as a percentage, perplexity with two decimals."""
+    return f"{value:.1%}" if metric == "accuracy" else f"{value:.2f}"

@@ -32,6 +32,17 @@ TINY_LLAMA = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def isolated_state(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test gets its own state folder (log, background jobs, autosaved draft), so no test
+    sees another's, nor the developer's own."""
+    state = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("MERGETUI_LOG_DIR", str(state))
+    return state
+
+
 def save_llama(directory: Path, seed: int, dtype: str = "bfloat16", **overrides: object) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -19,7 +19,7 @@ SHARED = {
     "mergetui.logs",
     "mergetui.methods.registry",
 }
-ALLOWED_EXTRA = {"cli": {"demo"}, "tui": {"demo"}}
+ALLOWED_EXTRA = {"cli": {"demo", "jobs"}, "tui": {"demo", "jobs"}}
 #: ``mergetui`` with no command opens the TUI: the CLI's entry point launches it (cli and tui are
 #: both top layers; the TUI never imports the CLI).
 ALLOWED_UPWARD = {("cli", "tui")}
@@ -81,7 +81,7 @@ def test_engine_and_lower_layers_never_import_textual() -> None:
 def test_importing_recipe_and_registry_does_not_import_torch() -> None:
     code = (
         "import sys\n"
-        "import mergetui.recipe, mergetui.methods, mergetui.engine.plan, mergetui.engine.executor\n"
+        "import mergetui.recipe, mergetui.methods, mergetui.engine.plan, mergetui.engine.executor, mergetui.jobs\n"
         "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
     )
     result = subprocess.run(

@@ -113,6 +113,25 @@ def hf_home(tmp_path: Path) -> Path:
     return tmp_path / "hf-home"
 
 
+def _hub_env(
+    hub: HubServer, hf_home: Path, logs: Path, offline: bool, endpoint: str | None
+) -> dict[str, str]:
+    """The environment of a process talking to the test Hub, with a fresh cache and a token that
+    must never be shown."""
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": endpoint or hub.endpoint,
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_TOKEN": SECRET,
+        "MERGETUI_LOG_DIR": str(logs),
+        "COLUMNS": "160",
+    }
+    env.pop("HF_HUB_CACHE", None)
+    return env
+
+
 @pytest.fixture
 def cli(
     hub: HubServer, hf_home: Path, tmp_path: Path
@@ -122,17 +141,7 @@ def cli(
     def run(
         *args: str, offline: bool = False, endpoint: str | None = None, timeout: int = 120
     ) -> Any:
-        env = {
-            **os.environ,
-            "HF_ENDPOINT": endpoint or hub.endpoint,
-            "HF_HOME": str(hf_home),
-            "HF_HUB_OFFLINE": "1" if offline else "0",
-            "HF_HUB_DISABLE_TELEMETRY": "1",
-            "HF_TOKEN": SECRET,
-            "MERGETUI_LOG_DIR": str(tmp_path / "logs"),
-            "COLUMNS": "160",
-        }
-        env.pop("HF_HUB_CACHE", None)
+        env = _hub_env(hub, hf_home, tmp_path / "logs", offline, endpoint)
         done = subprocess.run(
             [*EXE, *args], capture_output=True, text=True, env=env, timeout=timeout
         )
@@ -454,3 +463,70 @@ def test_a_lora_adapter_from_the_hub_is_folded_in(cli: Callable[..., Any], tmp_p
     done = cli("run", str(recipe))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+# -- the TUI's models step -------------------------------------------------------------------------
+TUI_HUB_FLOW = """
+import asyncio, sys
+from pathlib import Path
+from textual.widgets import Button, DataTable, Input, Static, TabbedContent
+from mergetui.tui.app import create_app
+
+async def wait(pilot, condition, what):
+    for _ in range(600):
+        if condition():
+            return
+        await pilot.pause(0.05)
+    raise SystemExit(f"timed out waiting for {what}")
+
+async def main():
+    app = create_app(Path(sys.argv[1]))
+    async with app.run_test(size=(110, 40)) as pilot:
+        screen = app.screen
+        screen.query_one("#sources", TabbedContent).active = "hub-tab"
+        query = screen.query_one("#hub-query", Input)
+        query.focus()
+        query.value = "tiny"
+        await pilot.press("enter")
+        results = screen.query_one("#hub-results", DataTable)
+        await wait(pilot, lambda: results.row_count > 0, "search results")
+        print("HITS", screen.hits[:3])
+        results.move_cursor(row=screen.hits.index("acme/tiny-code"))
+        info = screen.query_one("#hub-info", Static)
+        await wait(pilot, lambda: "LlamaForCausalLM" in str(info.render()), "the model's details")
+        print("INFO", str(info.render()).replace("\\n", " | "))
+        assert not screen.query_one("#hub-download", Button).disabled
+        screen.query_one("#hub-download", Button).press()
+        status = screen.query_one("#download-status", Static)
+        await wait(pilot, lambda: "in the cache" in str(status.render()), "the download")
+        cached = screen.query_one("#cached", DataTable)
+        await wait(pilot, lambda: cached.row_count > 0, "the cache listing")
+        print("CACHED", [str(cached.get_row_at(i)[0]) for i in range(cached.row_count)])
+        screen.query_one("#hub-add", Button).press()
+        await pilot.pause()
+        print("DRAFT", [m.model for m in app.draft.models])
+
+asyncio.run(main())
+"""
+
+
+def test_tui_searches_the_hub_shows_details_downloads_and_adds(
+    hub: HubServer, hf_home: Path, tmp_path: Path
+) -> None:
+    env = _hub_env(hub, hf_home, tmp_path / "logs", offline=False, endpoint=None)
+    done = subprocess.run(
+        [sys.executable, "-c", TUI_HUB_FLOW, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert SECRET not in done.stdout + done.stderr
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    assert lines["HITS"].startswith("['acme/tiny-base', 'acme/tiny-code'")
+    assert "model_type llama" in lines["INFO"] and "config.json" in lines["INFO"]
+    assert "acme/tiny-code" in lines["CACHED"]
+    assert lines["DRAFT"] == "['acme/tiny-code']"
+    snapshots = list((hf_home / "hub" / "models--acme--tiny-code" / "snapshots").iterdir())
+    assert len(snapshots) == 1 and (snapshots[0] / "model.safetensors").is_file()

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from textual.widgets import Button, DataTable, Input, ListView, Static
+from textual.widgets import Button, DataTable, Input, Label, Static
 
 from mergetui.tui.app import create_app
 from mergetui.tui.screens.check import CheckScreen
@@ -62,7 +62,7 @@ async def _compatible_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     async with app.run_test(size=(100, 36)) as pilot:
         await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
         assert [m.model for m in app.draft.models] == [str(models["ft_a"]), str(models["ft_c"])]
-        assert len(app.screen.query_one("#chosen", ListView).children) == 2
+        assert app.screen.query_one("#chosen", DataTable).row_count == 2
         app.screen.query_one("#next", Button).press()
         await pilot.pause()
         assert isinstance(app.screen, CheckScreen)
@@ -86,7 +86,7 @@ async def _mismatch_flow(tmp_path: Path, models: dict[str, Path]) -> None:
             app.screen.query_one("#remove", Button).press()
             await pilot.pause()
         assert app.draft.models == []
-        assert len(app.screen.query_one("#chosen", ListView).children) == 0
+        assert app.screen.query_one("#chosen", DataTable).row_count == 0
         await _choose(pilot, app, models["base"], [models["ft_a"], models["qwen2"]])
         app.screen.query_one("#next", Button).press()
         await pilot.pause()
@@ -179,6 +179,15 @@ async def _save_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+async def _start_merge(pilot: object, app: object, models: dict[str, Path], output: Path) -> None:
+    """Through steps 1 and 3 to a running merge of the base and two fine-tunes into ``output``."""
+    screen = await _method_step(pilot, app, models)
+    screen.query_one("#out-path", Input).value = str(output)  # type: ignore[attr-defined]
+    screen.query_one("#out-device", Input).value = "cpu"  # type: ignore[attr-defined]
+    await pilot.press("ctrl+r")  # type: ignore[attr-defined]
+    await pilot.pause()  # type: ignore[attr-defined]
+
+
 def test_run_a_merge_to_completion_then_cancel_one(tmp_path: Path, models: dict[str, Path]) -> None:
     asyncio.run(_run_flow(tmp_path, models))
 
@@ -196,11 +205,7 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
 
     app = create_app(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
-        screen = await _method_step(pilot, app, models)
-        screen.query_one("#out-path", Input).value = str(tmp_path / "merged")  # type: ignore[attr-defined]
-        screen.query_one("#out-device", Input).value = "cpu"  # type: ignore[attr-defined]
-        await pilot.press("ctrl+r")
-        await pilot.pause()
+        await _start_merge(pilot, app, models, tmp_path / "merged")
         run = app.screen
         assert isinstance(run, RunScreen)
         assert await _wait_outcome(pilot, run) == "done", str(
@@ -215,14 +220,360 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause()
         second = app.screen
         assert isinstance(second, RunScreen) and second is not run
-        for _ in range(100):  # cancel as soon as the child process exists
-            if second.process is not None:
-                break
-            await pilot.pause(0.05)
+        assert second.job is not None
         second.query_one("#cancel", Button).press()
         assert await _wait_outcome(pilot, second) == "cancelled", (
             str(second.query_one("#run-status", Static).render()),
-            second.process.returncode if second.process else None,
+            second.job.stderr_text(),
         )
         assert not (tmp_path / "cancelled").exists()
         assert not list(tmp_path.glob(".cancelled.mergetui-partial-*"))
+
+
+async def _wait_until(pilot: object, condition: object, what: str, timeout_s: float = 120) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():  # type: ignore[operator]
+            return
+        await pilot.pause(0.05)  # type: ignore[attr-defined]
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_check_errors_block_and_warnings_need_acknowledging(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    asyncio.run(_gating_flow(tmp_path, models))
+
+
+async def _gating_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    import json
+    import shutil
+
+    from textual.widgets import Checkbox
+
+    from mergetui.tui.screens.method import MethodScreen
+
+    custom = shutil.copytree(models["ft_c"], tmp_path / "custom")
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}
+    (custom / "config.json").write_text(json.dumps(config))
+    app = create_app(tmp_path)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["qwen2"]])
+        await pilot.press("ctrl+n")
+        await _wait_for_check(pilot, app)
+        check = app.screen
+        assert check.query_one("#next", Button).disabled
+        await pilot.press("ctrl+n")  # refused: errors block the next step
+        await pilot.pause()
+        assert app.screen is check and not isinstance(app.screen, MethodScreen)
+        await pilot.press("escape")
+        app.screen.query_one("#remove", Button).press()
+        await _choose(pilot, app, models["base"], [custom])
+        await pilot.press("ctrl+n")
+        status = await _wait_for_check(pilot, app)
+        assert "not compatible" not in status
+        check = app.screen
+        assert "auto_map" in str(check.query_one("#check-problems", Static).render())
+        estimates = str(check.query_one("#check-estimates", Static).render())
+        assert "output ≈" in estimates and "free" in estimates and "peak RAM" in estimates
+        assert check.query_one("#next", Button).disabled
+        await pilot.press("ctrl+n")  # refused until the warning is acknowledged
+        await pilot.pause()
+        assert app.screen is check
+        check.query_one("#ack", Checkbox).value = True
+        await pilot.pause()
+        assert not check.query_one("#next", Button).disabled
+        await pilot.press("ctrl+n")
+        await pilot.pause()
+        assert isinstance(app.screen, MethodScreen)
+
+
+def test_quit_while_merging_detaches_and_the_next_start_reattaches(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    asyncio.run(_detach_flow(tmp_path, models))
+
+
+async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from mergetui.jobs import list_jobs
+    from mergetui.tui.screens.dialogs import ChoiceScreen
+    from mergetui.tui.screens.run import RunScreen
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _start_merge(pilot, app, models, tmp_path / "merged")
+        assert isinstance(app.screen, RunScreen)
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        assert isinstance(app.screen, ChoiceScreen), "quitting during a merge must ask first"
+        app.screen.query_one("#choice-detach", Button).press()
+        await pilot.pause()
+    assert app.return_code == 0 or app.return_code is None
+    [job] = list_jobs()
+    # a new session (the SSH connection came back) finds the merge and shows it to the end
+    again = create_app(tmp_path)
+    async with again.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        run = again.screen
+        assert isinstance(run, RunScreen) and run.reattached and run.job == job
+        assert [m.model for m in again.draft.models] == [str(models["ft_a"]), str(models["ft_c"])]
+        assert await _wait_outcome(pilot, run) == "done"
+        assert "reattached" in "\n".join(str(line) for line in run.query_one("#run-log").lines)
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    third = create_app(tmp_path)  # seen once: not offered again
+    async with third.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        assert not isinstance(third.screen, RunScreen)
+
+
+def test_quit_can_cancel_the_running_merge(tmp_path: Path, models: dict[str, Path]) -> None:
+    asyncio.run(_quit_cancel_flow(tmp_path, models))
+
+
+async def _quit_cancel_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from mergetui.jobs import CANCELLED, RUNNING, list_jobs
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _start_merge(pilot, app, models, tmp_path / "merged")
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+        app.screen.query_one("#choice-cancel", Button).press()
+        await pilot.pause()
+    [job] = list_jobs()
+    for _ in range(200):
+        if job.outcome().state != RUNNING:
+            break
+        await asyncio.sleep(0.05)
+    assert job.outcome().state == CANCELLED, (job.outcome(), job.stderr_text(), job.read_events(0))
+    assert not (tmp_path / "merged").exists()
+
+
+def test_the_draft_is_autosaved_and_offered_back(tmp_path: Path, models: dict[str, Path]) -> None:
+    asyncio.run(_autosave_flow(tmp_path, models))
+
+
+async def _autosave_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from mergetui.tui.screens.dialogs import ChoiceScreen
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
+        await pilot.pause(app.AUTOSAVE_S + 0.5)  # the app ends abruptly, without quitting
+    again = create_app(tmp_path)
+    async with again.run_test(size=(100, 36)) as pilot:
+        await pilot.pause()
+        assert isinstance(again.screen, ChoiceScreen)
+        again.screen.query_one("#choice-restore", Button).press()
+        await pilot.pause()
+        assert again.draft.base == str(models["base"])
+        assert [m.model for m in again.draft.models] == [str(models["ft_a"]), str(models["ft_c"])]
+        assert again.screen.query_one("#chosen", DataTable).row_count == 2
+        assert again.screen.query_one("#base", Input).value == str(models["base"])
+    declined = create_app(tmp_path)
+    async with declined.run_test(size=(100, 36)) as pilot:
+        await pilot.pause()
+        assert isinstance(declined.screen, ChoiceScreen)
+        await pilot.press("escape")  # the safe answer: start afresh, and forget it
+        await pilot.pause()
+        assert declined.draft.models == []
+    fresh = create_app(tmp_path)
+    async with fresh.run_test(size=(100, 36)) as pilot:
+        await pilot.pause()
+        assert not isinstance(fresh.screen, ChoiceScreen)
+
+
+def test_help_on_every_step_and_error_detail_on_demand(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    asyncio.run(_help_flow(tmp_path, models))
+
+
+async def _help_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from textual.widgets import Markdown
+
+    from mergetui.tui.screens.dialogs import ErrorScreen, HelpScreen
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
+        for step, title in (
+            (None, "1 · Models"),
+            (app.action_check, "2 · Check"),
+            (app.action_method, "3 · Method"),
+            (app.action_compare, "5 · Compare"),
+        ):
+            if step is not None:
+                step()
+                await pilot.pause()
+            await pilot.press("f1")
+            await pilot.pause()
+            assert isinstance(app.screen, HelpScreen)
+            source = app.screen.query_one(Markdown).source
+            assert title in source and "Ctrl+Q" in source
+            await pilot.press("escape")
+            await pilot.pause()
+            assert not isinstance(app.screen, HelpScreen)
+        # an error: a task file that does not exist. One line in a toast, the rest on F2.
+        compare = app.screen
+        compare.query_one("#tasks", Input).value = f"math={tmp_path / 'missing.jsonl'}"
+        compare.query_one("#score", Button).press()
+        await pilot.pause()
+        assert app.last_error is not None and "missing.jsonl" in app.last_error[0]
+        await pilot.press("f2")
+        await pilot.pause()
+        assert isinstance(app.screen, ErrorScreen)
+        detail = str(app.screen.query_one("#error-detail", Static).render())
+        assert "Traceback" in detail and "missing.jsonl" in detail
+        assert app.log_path is not None
+        assert str(app.log_path) in str(app.screen.query(Label).last().render())
+    log_text = app.log_path.read_text()
+    assert "missing.jsonl" in log_text and "Traceback" in log_text
+
+
+def test_compare_answers_stream_side_by_side_and_the_eval_table(
+    tmp_path: Path, models: dict[str, Path], write_recipe: object
+) -> None:
+    recipe_file = write_recipe(  # type: ignore[operator]
+        f"""
+        version = 1
+        [merge]
+        method = "ties"
+        base = "{models["base"]}"
+        device = "cpu"
+        [[models]]
+        model = "{models["ft_a"]}"
+        weight = 1.0
+        density = 0.5
+        [[models]]
+        model = "{models["ft_c"]}"
+        weight = 1.0
+        density = 0.5
+        [output]
+        path = "merged"
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mergetui", "run", str(recipe_file)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    tasks = tmp_path / "sums.jsonl"
+    tasks.write_text(
+        "\n".join(f'{{"prompt": "{a}+{a}=", "answer": "{2 * a}"}}' for a in range(1, 5)) + "\n"
+    )
+    asyncio.run(_compare_flow(tmp_path, recipe_file, models))
+
+
+async def _compare_flow(tmp_path: Path, recipe_file: Path, models: dict[str, Path]) -> None:
+    from mergetui.evaluate.compare import compare
+    from mergetui.evaluate.generation import GenerationSettings
+    from mergetui.recipe import load_recipe
+    from mergetui.tui.screens.compare import CompareScreen
+    from mergetui.tui.state import RecipeDraft
+
+    app = create_app(draft=RecipeDraft.from_recipe(load_recipe(recipe_file)))
+    async with app.run_test(size=(140, 44)) as pilot:
+        app.action_compare()
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, CompareScreen)
+        await _wait_until(pilot, lambda: screen.names, "the lineup")
+        assert screen.names == ["merged", "base", "ft_a", "ft_c"]
+        assert screen.merged == "merged" and screen.parents == ["ft_a", "ft_c"]
+        prompt = screen.query_one("#prompt", Input)
+        prompt.focus()
+        prompt.value = "ab"
+        screen.query_one("#max-tokens", Input).value = "12"
+        await pilot.press("enter")
+        await pilot.pause()
+        status = screen.query_one("#compare-status", Static)
+        await _wait_until(pilot, lambda: "done" in str(status.render()), "the answers")
+        shown = {
+            name: str(screen.query_one(f"#answer-{i}", Static).render())
+            for i, name in enumerate(screen.names)
+        }
+        headless = compare(
+            screen.names,
+            screen.paths,
+            ["ab"],
+            GenerationSettings(max_new_tokens=12),
+            device="cpu",
+        )
+        for name in screen.names:  # greedy decoding: the same text as the headless compare
+            assert shown[name] == headless.answers[(name, 0)].text
+        assert len(set(shown.values())) > 1, "different models should not all answer alike"
+        assert "ab" in screen.history.prompts
+        screen.query_one("#tasks", Input).value = "sums=sums.jsonl"
+        screen.query_one("#score", Button).press()
+        await _wait_until(pilot, lambda: "scored" in str(status.render()), "the scores")
+        table = screen.query_one("#eval-table", DataTable)
+        assert table.row_count == 5 and len(table.columns) == 2
+        assert str(table.get_row_at(4)[0]) == "retained by the merge"
+
+
+def test_models_step_completes_paths_reorders_and_takes_a_lora(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    adapter = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(models["ft_c"]),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    )
+    adapter.save_pretrained(tmp_path / "adapters" / "code-lora")
+    asyncio.run(_models_flow(tmp_path, models))
+
+
+async def _models_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    app = create_app(tmp_path)
+    async with app.run_test(size=(100, 36)) as pilot:
+        screen = app.screen
+        field = screen.query_one("#model", Input)
+        field.focus()
+        stem = str(models["ft_a"])[:-1]  # ".../ft_": ft_a, ft_b and ft_c are there
+        field.value = stem
+        await _wait_until(pilot, lambda: field._suggestion, "a path suggestion")
+        assert field._suggestion == stem + "a/"
+        await pilot.press("right")  # accept the suggestion
+        assert field.value == stem + "a/"
+        await pilot.press("enter")
+        await pilot.pause()
+        field.value = str(models["ft_c"])
+        lora = screen.query_one("#lora", Input)
+        lora.focus()
+        lora.value = "adapt"  # relative to the recipe's folder, as the recipe takes it
+        await _wait_until(pilot, lambda: lora._suggestion, "a relative path suggestion")
+        assert lora._suggestion == "adapters/"
+        lora.value = "adapters/code-lora"
+        await pilot.press("enter")
+        await pilot.pause()
+        draft = app.draft
+        assert [(m.model, m.lora) for m in draft.models] == [
+            (stem + "a/", ""),
+            (str(models["ft_c"]), "adapters/code-lora"),
+        ]
+        chosen = screen.query_one("#chosen", DataTable)
+        assert chosen.row_count == 2 and chosen.cursor_row == 1
+        chosen.focus()
+        await pilot.press("alt+up")
+        await pilot.pause()
+        assert [m.lora for m in draft.models] == ["adapters/code-lora", ""]
+        assert chosen.cursor_row == 0 and str(chosen.get_row_at(0)[2]) == "adapters/code-lora"
+        screen.query_one("#down", Button).press()
+        await pilot.pause()
+        assert [m.lora for m in draft.models] == ["", "adapters/code-lora"]
+        screen.query_one("#base", Input).value = str(models["base"])
+        await pilot.press("ctrl+n")
+        status = await _wait_for_check(pilot, app)
+        assert "not compatible" not in status, str(
+            app.screen.query_one("#check-problems", Static).render()
+        )
+        table = app.screen.query_one("#check-table", DataTable)
+        lora_rows = [table.get_row_at(i) for i in range(table.row_count)]
+        assert any(str(row[0]) == "LoRA" and "code-lora" in str(row[-1]) for row in lora_rows)

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from mergetui.cli.output import JsonOpt, console, err_console, guard
 from mergetui.errors import UsageError
+from mergetui.units import format_score
 
 ModelsArg = Annotated[
     list[str] | None, typer.Argument(help="Models: folders or Hub ids (org/name[@rev]).")
@@ -26,47 +27,19 @@ def _models(
     models: list[str] | None, recipe: Path | None
 ) -> tuple[list[str], list[Path], str | None, list[str]]:
     """Names and folders of the models, and (from a recipe) which is merged and its parents."""
+    from mergetui.evaluate.lineup import Lineup, recipe_lineup, short_name
     from mergetui.evaluate.models import model_path
 
-    names: list[str] = []
-    paths: list[Path] = []
-    merged, parents = None, []
+    lineup = Lineup()
     if recipe is not None:
         from mergetui.recipe import load_recipe
 
-        loaded = load_recipe(recipe)
-        merged = "merged"
-        names.append(merged)
-        paths.append(model_path(str(loaded.output_dir)))
-        if loaded.base:
-            short = _short(loaded.base)
-            names.append("base" if short == "base" else f"base ({short})")
-            paths.append(model_path(loaded.base, loaded.base_dir))
-        for entry in loaded.models:
-            name = _short(entry.model)
-            names.append(name)
-            parents.append(name)
-            paths.append(model_path(entry.model, loaded.base_dir))
+        lineup = recipe_lineup(load_recipe(recipe))
     for model in models or []:
-        names.append(_short(model))
-        paths.append(model_path(model))
-    if not names:
+        lineup.add(short_name(model), model_path(model))
+    if not lineup.names:
         raise UsageError("name at least one model, or --recipe OUTPUT/mergetui.toml")
-    seen: dict[str, int] = {}
-    unique = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        unique.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
-    return unique, paths, merged, parents
-
-
-def _short(reference: str) -> str:
-    path = Path(reference)
-    return (
-        path.name
-        if ("/" in reference and path.exists()) or reference.startswith((".", "/", "~"))
-        else reference
-    )
+    return lineup.names, lineup.paths, lineup.merged, lineup.parents
 
 
 def compare(
@@ -168,7 +141,9 @@ def evaluate(
             raise UsageError("give at least one --task NAME=FILE.jsonl or --text NAME=FILE.txt")
         names, paths, merged_name, parents = _models(models, recipe)
         if merged is not None:
-            short = _short(merged)
+            from mergetui.evaluate.lineup import short_name
+
+            short = short_name(merged)
             if short not in names:
                 raise UsageError(
                     f"--merged {merged!r} is not one of the models: {', '.join(names)}"
@@ -232,8 +207,7 @@ def render_eval(table: Any) -> None:
     for model in table.models:
         cells = []
         for task in table.tasks:
-            value = table.value(model, task.name)
-            cells.append(f"{value:.1%}" if task.metric == "accuracy" else f"{value:.2f}")
+            cells.append(format_score(task.metric, table.value(model, task.name)))
         grid.add_row(f"[bold]{model}[/bold]" if model == table.merged else model, *cells)
     if table.merged:
         shares = [table.retained(t) for t in table.tasks]

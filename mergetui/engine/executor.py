@@ -34,6 +34,7 @@ from mergetui.engine.progress import (
     ProgressCallback,
     ProgressEvent,
     current_rss,
+    gpu_devices,
     gpu_memory,
     peak_rss,
 )
@@ -236,6 +237,7 @@ class _Run:
             peak_rss_bytes=peak_rss(),
             gpu_bytes=gpu_now,
             gpu_peak_bytes=gpu_peak,
+            gpus=gpu_devices(self.plan.device),
             message=message,
         )
 

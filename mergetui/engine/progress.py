@@ -12,6 +12,7 @@ import resource
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import psutil
 
@@ -38,6 +39,9 @@ class ProgressEvent:
     peak_rss_bytes: int = 0
     gpu_bytes: int | None = None
     gpu_peak_bytes: int | None = None
+    #: the merge GPU's memory in use and total, from the CUDA runtime (what other processes hold
+    #: counts too), when the merge runs on CUDA; None on CPU
+    gpus: list[dict[str, Any]] | None = None
     message: str = ""
 
     def to_json(self) -> str:
@@ -67,3 +71,25 @@ def gpu_memory(device: str) -> tuple[int | None, int | None]:
     import torch
 
     return int(torch.cuda.memory_allocated(device)), int(torch.cuda.max_memory_allocated(device))
+
+
+def gpu_devices(device: str) -> list[dict[str, Any]] | None:
+    """Used and total memory of the merge's GPU as the driver sees it (so other processes and the
+    CUDA context count too), or None when the merge is not on CUDA. Only the merge's own device is
+    asked: asking another would create a CUDA context there, taking memory other jobs may need
+    (the TUI reads every GPU through NVML when it can)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    free, total = torch.cuda.mem_get_info(index)
+    return [
+        {
+            "index": index,
+            "name": torch.cuda.get_device_name(index),
+            "used_bytes": int(total - free),
+            "total_bytes": int(total),
+        }
+    ]

@@ -72,8 +72,8 @@ def generate(
     step_input = torch.tensor([ids], device=loaded.device)
     with torch.inference_mode():
         for _ in range(settings.max_new_tokens):
-            out = model(input_ids=step_input, past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = model(input_ids=step_input, cache=past, use_cache=True)
+            past = out.cache
             token = _next_token(out.logits[0, -1].float().cpu(), settings, generator)
             if token in eos:
                 stopped = True

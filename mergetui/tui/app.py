@@ -1,31 +1,141 @@
 """The Textual app, built by a factory the tests reuse. Imports no torch: screens import the
-engine inside their workers, so the first screen is up before any heavy module loads."""
+engine inside their workers, so the first screen is up before any heavy module loads.
+
+The app owns what every screen shares: the recipe being built (``draft``, autosaved as it
+changes and offered back at the next start), the merge job being watched (found again after a
+dropped SSH session), the last error's detail (F2), and the keys that work everywhere: F1 help,
+Ctrl+P command palette, Escape back, Ctrl+Q quit (asking first while a merge runs).
+"""
 
 from __future__ import annotations
 
+import logging
+import traceback
+from collections.abc import Iterable
 from pathlib import Path
 
-from textual.app import App
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+from textual.screen import Screen
 
+from mergetui.jobs import RUNNING, Job, job_to_reattach
+from mergetui.logs import setup_logging
 from mergetui.tui.screens.check import CheckScreen
+from mergetui.tui.screens.compare import CompareScreen
+from mergetui.tui.screens.dialogs import ChoiceScreen, ErrorScreen, HelpScreen
 from mergetui.tui.screens.method import MethodScreen
 from mergetui.tui.screens.models import ModelsScreen
 from mergetui.tui.screens.run import RunScreen
 from mergetui.tui.state import RecipeDraft
+
+log = logging.getLogger("mergetui.tui")
+
+APP_HELP = """\
+# mergetui
+
+A merge in six steps: **1 Models** → **2 Check** → **3 Method** → **4 Run** → **5 Compare**,
+and **save** the recipe (Ctrl+S in step 3) to replay it headless with `mergetui run`.
+
+| key | does |
+|---|---|
+| F1 | this help, for the step you are on |
+| F2 | the full detail of the last error (the toast shows one line) |
+| Ctrl+P | command palette: jump to any step, save, help |
+| Ctrl+N | next step |
+| Escape | back one step |
+| Ctrl+Q | quit (while a merge runs: detach and leave it running, or cancel it) |
+
+A merge runs in the background and survives a dropped SSH connection: start `mergetui`
+again and it reattaches. The recipe you are building is autosaved and offered back if the app
+ends before you saved it.
+"""
 
 
 class MergeTuiApp(App[None]):
     CSS_PATH = "mergetui.tcss"
     TITLE = "mergetui"
     SUB_TITLE = "guided model merging"
+    BINDINGS = [
+        Binding("f1", "help", "Help", show=True),
+        Binding("f2", "error_detail", "Error detail"),
+    ]
+    AUTOSAVE_S = 2.0
 
-    def __init__(self, draft: RecipeDraft | None = None) -> None:
+    def __init__(self, draft: RecipeDraft | None = None, *, offer_restore: bool = False) -> None:
         super().__init__()
         self.draft = draft or RecipeDraft()
+        self.offer_restore = offer_restore
+        self.watched_job: Job | None = None
+        self.last_error: tuple[str, str] | None = None
+        self._autosaved = ""
+        self.log_path: Path | None = None
 
     def on_mount(self) -> None:
+        self.log_path = setup_logging()
         self.push_screen(ModelsScreen())
+        job = job_to_reattach()
+        if job is not None:
+            self._reattach(job)
+        elif self.offer_restore:
+            self._offer_restore()
+        self._autosaved = self._draft_state()
+        self.set_interval(self.AUTOSAVE_S, self.autosave, name="autosave")
 
+    # -- state kept across sessions ------------------------------------------------------------
+    def _draft_state(self) -> str:
+        return repr(self.draft.to_data())
+
+    def autosave(self) -> None:
+        """Write the draft when it has changed (cheap: a small JSON file)."""
+        state = self._draft_state()
+        if state != self._autosaved and not self.draft.is_empty:
+            try:
+                self.draft.autosave()
+            except OSError as exc:
+                self.report_error("cannot autosave the recipe", exc)
+            self._autosaved = state
+
+    def mark_saved(self) -> None:
+        """The draft is safe in a recipe file (or a finished merge's ``mergetui.toml``): nothing
+        to offer back until it changes again."""
+        RecipeDraft.discard_autosave()
+        self._autosaved = self._draft_state()
+
+    def _offer_restore(self) -> None:
+        saved = RecipeDraft.load_autosave()
+        if saved is None:
+            return
+        names = ", ".join(m.model for m in saved.models) or "no models"
+        question = (
+            f"Restore the recipe you were building last time?\n\n"
+            f"method {saved.method}, base {saved.base or '(none)'}, models: {names}"
+        )
+
+        def answer(choice: str | None) -> None:
+            if choice == "restore":
+                self.draft = saved
+                self.switch_screen(ModelsScreen())
+                self.notify("restored the autosaved recipe")
+            else:
+                RecipeDraft.discard_autosave()
+
+        self.push_screen(
+            ChoiceScreen(question, [("restore", "Restore"), ("discard", "Start afresh")]), answer
+        )
+
+    def _reattach(self, job: Job) -> None:
+        """Show a merge found running (or finished unseen) and load its recipe as the draft."""
+        from mergetui.errors import MergeTuiError
+        from mergetui.recipe import load_recipe
+
+        try:
+            self.draft = RecipeDraft.from_recipe(load_recipe(job.recipe_file))
+        except MergeTuiError as exc:
+            self.report_error(f"cannot read the recipe of {job.folder}", exc)
+        self.push_screen(RunScreen(job))
+        self.notify(f"reattached to the merge into {job.output}", title="merge found")
+
+    # -- steps ---------------------------------------------------------------------------------
     def action_check(self) -> None:
         """A fresh check of the current draft (the draft may have changed since the last one)."""
         self.push_screen(CheckScreen())
@@ -34,10 +144,92 @@ class MergeTuiApp(App[None]):
         self.push_screen(MethodScreen())
 
     def action_run(self) -> None:
+        if self.watched_job is not None and self.watched_job.outcome().state == RUNNING:
+            self.notify("a merge is already running; cancel it first", severity="warning")
+            return
         self.push_screen(RunScreen())
+
+    def action_compare(self) -> None:
+        self.push_screen(CompareScreen())
+
+    def action_models(self) -> None:
+        self.push_screen(ModelsScreen())
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Step 1: models", "Choose the base and the models", self.action_models)
+        yield SystemCommand(
+            "Step 2: check", "Check compatibility (headers only)", self.action_check
+        )
+        yield SystemCommand("Step 3: method", "Method, parameters, output", self.action_method)
+        yield SystemCommand("Step 4: run", "Run the merge in the background", self.action_run)
+        yield SystemCommand("Step 5: compare", "Prompts and quick eval", self.action_compare)
+        yield SystemCommand("Help", "Keys and steps (F1)", self.action_help)
+        yield SystemCommand(
+            "Last error", "The full detail of the last error (F2)", self.action_error_detail
+        )
+
+    # -- help and errors -------------------------------------------------------------------------
+    def action_help(self) -> None:
+        if isinstance(self.screen, (HelpScreen, ErrorScreen)):
+            return
+        text = getattr(self.screen, "HELP", "")
+        self.push_screen(HelpScreen(f"{text}\n\n{APP_HELP}" if text else APP_HELP))
+
+    def report_error(self, summary: str, exc: BaseException) -> None:
+        """One line in a toast; the traceback in the log and behind F2."""
+        detail = "".join(traceback.format_exception(exc))
+        log.error("%s: %s\n%s", summary, exc, detail)
+        self.last_error = (
+            f"{summary}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+            detail,
+        )
+        self.notify(f"{self.last_error[0]}  (F2: detail)", severity="error", timeout=10)
+
+    def action_error_detail(self) -> None:
+        if self.last_error is None:
+            self.notify("no error so far")
+            return
+        if not isinstance(self.screen, ErrorScreen):
+            summary, detail = self.last_error
+            where = str(self.log_path) if self.log_path else "(the log folder is not writable)"
+            self.push_screen(ErrorScreen(summary, detail, where))
+
+    # -- quitting --------------------------------------------------------------------------------
+    async def action_quit(self) -> None:
+        """Quit; while a merge runs, ask whether to leave it running (detach) or cancel it."""
+        job = self.watched_job
+        if job is None or job.outcome().state != RUNNING:
+            self._exit_saving()
+            return
+
+        def answer(choice: str | None) -> None:
+            if choice == "cancel" and job is not None:
+                job.cancel()
+                self._exit_saving()
+            elif choice == "detach":
+                self._exit_saving(
+                    f"the merge into {job.output} keeps running; run mergetui again to reattach "
+                    f"(job folder {job.folder})"
+                )
+
+        self.push_screen(
+            ChoiceScreen(
+                "A merge is running. Leave it running in the background (run mergetui again to "
+                "reattach), or cancel it?",
+                [("detach", "Detach"), ("cancel", "Cancel merge"), ("stay", "Stay")],
+            ),
+            answer,
+        )
+
+    def _exit_saving(self, message: str | None = None) -> None:
+        self.autosave()
+        self.exit(message=message)
 
 
 def create_app(base_dir: Path | None = None, draft: RecipeDraft | None = None) -> MergeTuiApp:
     """The app with ``draft`` (``mergetui open``) or an empty one whose relative paths resolve
-    against ``base_dir``."""
-    return MergeTuiApp(draft or RecipeDraft(base_dir=base_dir or Path.cwd()))
+    against ``base_dir``; an empty one offers back the recipe autosaved by an earlier session."""
+    if draft is not None:
+        return MergeTuiApp(draft)
+    return MergeTuiApp(RecipeDraft(base_dir=base_dir or Path.cwd()), offer_restore=True)

@@ -4,21 +4,39 @@ from __future__ import annotations
 
 from typing import Any
 
-from textual import work
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Vertical
+from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
-from textual.widgets import DataTable, Footer, Header, Label, Static
+from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Label, Static
+
+from mergetui.units import format_bytes
 
 
 class CheckScreen(Screen[None]):
-    """Runs the same check as ``mergetui check`` in a worker, then shows the table and problems."""
+    """Runs the same check as ``mergetui check`` in a worker, then shows the table and problems.
+    Errors block the next step; warnings must be acknowledged first."""
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
-        Binding("ctrl+n", "app.method", "Method", show=True),
+        Binding("ctrl+n", "next", "Method", show=True),
     ]
+    HELP = """\
+## 2 · Check
+
+The same check as `mergetui check`, from each model's `config.json` and safetensors headers:
+no weight is read. One column per model: architecture, layers, hidden size, vocabulary, dtype,
+parameters and size on disk. Below: every problem, and the estimates of the output's size, the
+free disk and the peak memory of the merge.
+
+**Errors** (red) block the next step: each says what to change (go back with Escape).
+**Warnings** (yellow) can be acknowledged with the checkbox, then Ctrl+N goes on.
+"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.report: dict[str, Any] | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -29,6 +47,10 @@ class CheckScreen(Screen[None]):
             yield Static("checking… (headers only, no weights are read)", id="check-status")
             yield DataTable(id="check-table", cursor_type="none")
             yield Static("", id="check-problems")
+            yield Static("", id="check-estimates")
+            yield Checkbox("I have read the warnings; merge anyway", id="ack", disabled=True)
+            with Horizontal(classes="row"):
+                yield Button("Next: method (ctrl+n)", id="next", variant="success", disabled=True)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -57,6 +79,36 @@ class CheckScreen(Screen[None]):
         self.query_one("#check-status", Static).update(f"[b red]cannot check:[/] {message}")
         self.app.notify(message.splitlines()[0], severity="error")
 
+    @property
+    def warnings(self) -> list[str]:
+        problems = (self.report or {}).get("problems", [])
+        return [p["message"] for p in problems if p["severity"] != "error"]
+
+    def _update_next(self) -> None:
+        ok = bool(self.report and self.report["ok"])
+        acknowledged = not self.warnings or self.query_one("#ack", Checkbox).value
+        self.query_one("#next", Button).disabled = not (ok and acknowledged)
+
+    @on(Checkbox.Changed, "#ack")
+    def acknowledged(self) -> None:
+        self._update_next()
+
+    @on(Button.Pressed, "#next")
+    def action_next(self) -> None:
+        """On to the method step, unless errors remain or warnings are not yet acknowledged."""
+        if self.report is None:
+            self.app.notify("the check has not finished", severity="warning")
+        elif not self.report["ok"]:
+            self.app.notify(
+                "fix the errors first (Escape goes back to the models)", severity="error"
+            )
+        elif self.warnings and not self.query_one("#ack", Checkbox).value:
+            self.app.notify(
+                "read the warnings and tick the box to go on anyway", severity="warning"
+            )
+        else:
+            self.app.action_method()  # type: ignore[attr-defined]
+
     def _show_report(self, report: dict[str, Any]) -> None:
         table = self.query_one("#check-table", DataTable)
         rows = report["models"]
@@ -76,6 +128,34 @@ class CheckScreen(Screen[None]):
             f"[b {'red' if p['severity'] == 'error' else 'yellow'}]{p['severity']}:[/] {p['message']}"
             for p in problems
         ]
+        if any(r.get("lora") for r in rows):
+            table.add_row("LoRA", *[r.get("lora") or "" for r in rows])
+        table.add_row("size", *[format_bytes(r.get("size_on_disk") or 0) for r in rows])
+        self.report = report
         verdict = "[b green]compatible[/]" if report["ok"] else "[b red]not compatible[/]"
         self.query_one("#check-status", Static).update(verdict)
         self.query_one("#check-problems", Static).update("\n".join(lines) or "no problems found")
+        self.query_one("#check-estimates", Static).update(estimates_text(report.get("estimates")))
+        self.query_one("#ack", Checkbox).disabled = not (report["ok"] and self.warnings)
+        self._update_next()
+
+
+def estimates_text(estimates: dict[str, Any] | None) -> str:
+    """The plan's estimates in one paragraph, with the disk warning in red when it will not fit."""
+    if not estimates:
+        return ""
+    output, free = estimates["output_bytes"], estimates.get("disk_free_bytes")
+    disk = (
+        "free disk unknown"
+        if free is None
+        else f"{'[b red]' if free < output else ''}{format_bytes(free)} free"
+        f"{'[/]' if free < output else ''}"
+    )
+    vram = estimates.get("peak_vram_bytes")
+    return (
+        f"estimates: output ≈ {format_bytes(output)} ({disk}) · reads "
+        f"{format_bytes(estimates['input_bytes'])} · peak RAM ≈ "
+        f"{format_bytes(estimates['peak_ram_bytes'])}"
+        + ("" if vram is None else f" · peak VRAM ≈ {format_bytes(vram)}")
+        + f" · largest tensor {estimates['largest_tensor']}"
+    )

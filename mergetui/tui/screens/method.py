@@ -39,7 +39,20 @@ class MethodScreen(Screen[None]):
         Binding("escape", "app.pop_screen", "Back"),
         Binding("ctrl+s", "save", "Save recipe", show=True),
         Binding("ctrl+r", "app.run", "Run merge", show=True),
+        Binding("ctrl+n", "app.run", "Run", show=False),
     ]
+    HELP = """\
+## 3 · Method
+
+Pick a method; its form comes from the method registry, global parameters first, then each
+model's. Every change is validated at once with the same rules `mergetui run` applies: the
+reasons show on the right, above a live preview of the recipe TOML.
+
+Then the output folder, the dtype (default: the base's), the device (`auto` takes a GPU when there
+is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the headless command);
+**Ctrl+R** runs the merge.
+
+""" + "\n".join(f"- **{m.name}**: {m.summary} {m.when_to_use}" for m in METHODS.values())
 
     def compose(self) -> ComposeResult:
         draft = self.app.draft  # type: ignore[attr-defined]
@@ -48,7 +61,10 @@ class MethodScreen(Screen[None]):
             with VerticalScroll(id="method-form"):
                 yield Label("3 · Method and parameters")
                 yield Select(
-                    [(f"{spec.name} — {spec.summary}", spec.name) for spec in METHODS.values()],
+                    [
+                        (f"{spec.name} — {spec.summary.rstrip('.')}", spec.name)
+                        for spec in METHODS.values()
+                    ],
                     value=draft.method,
                     allow_blank=False,
                     id="method",
@@ -78,6 +94,7 @@ class MethodScreen(Screen[None]):
                 with Horizontal(classes="row"):
                     yield Input("recipe.toml", id="save-path")
                     yield Button("Save (ctrl+s)", id="save", variant="success")
+                yield Static("", id="headless", classes="param-help")
             with Vertical(id="method-side"):
                 yield Static("", id="problems")
                 yield Static("", id="preview")
@@ -95,7 +112,7 @@ class MethodScreen(Screen[None]):
     def _build_fields(self) -> None:
         draft = self.app.draft  # type: ignore[attr-defined]
         spec = self.spec
-        self.query_one("#method-help", Static).update(f"{spec.summary}. {spec.when_to_use}")
+        self.query_one("#method-help", Static).update(f"{spec.summary} When: {spec.when_to_use}")
         box = self.query_one("#params", Vertical)
         box.remove_children()
         fields: list[Any] = []
@@ -161,6 +178,8 @@ class MethodScreen(Screen[None]):
         except MergeTuiError as exc:
             self.app.notify(str(exc).splitlines()[0], severity="error", title="not saved")
             return
+        self.app.mark_saved()  # type: ignore[attr-defined]
+        self.query_one("#headless", Static).update(f"headless: mergetui run {saved}")
         self.app.notify(f"replay headless with: mergetui run {saved}", title=f"saved {saved}")
 
     @on(Input.Changed)

@@ -1,51 +1,188 @@
-"""Step 1: the base model and the models to merge (paths or Hub ids), and the HF cache."""
+"""Step 1: the base model and the models to merge (folders or Hub ids), each with an optional
+LoRA adapter; models in the HF cache to pick from; a Hub search with each model's details before
+anything is downloaded, and downloads in the background."""
 
 from __future__ import annotations
+
+import time
+from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, VerticalScroll
 from textual.screen import Screen
-from textual.widgets import Button, DataTable, Footer, Header, Input, Label, ListItem, ListView
+from textual.widgets import (
+    Button,
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    ProgressBar,
+    Static,
+    TabbedContent,
+    TabPane,
+)
 
 from mergetui.tui.state import ModelDraft
+from mergetui.tui.widgets.paths import PathSuggester
+from mergetui.units import format_bytes, format_count
 
 
 class ModelsScreen(Screen[None]):
-    """Type a folder or an ``org/name[@rev]`` Hub id; models in the HF cache are listed to pick."""
+    """Type a folder (→ accepts the suggested completion) or an ``org/name[@rev]`` Hub id."""
 
-    BINDINGS = [Binding("ctrl+n", "next", "Check", show=True)]
+    BINDINGS = [
+        Binding("ctrl+n", "next", "Check", show=True),
+        Binding("alt+up", "move(-1)", "Move up"),
+        Binding("alt+down", "move(1)", "Move down"),
+    ]
+    HELP = """\
+## 1 · Models
+
+The **base** is the model the others were fine-tuned from (task vectors are taken against it;
+linear and SLERP can do without). Then each **model to merge**: a folder (→ accepts the
+suggested completion), or a Hub id `org/name` (optionally `@revision`), with an optional
+**LoRA adapter** (a folder or Hub id) folded into that model first.
+
+The chosen models are listed in merge order: **Alt+↑ / Alt+↓** (or Up/Down) move the selected
+one, **Remove** drops it. Below, **In the HF cache** lists models already downloaded (Enter adds
+one), and **Search the Hub** finds models by name: the highlighted one's size, architecture and
+files show before anything is downloaded; **Download** fetches it in the background.
+
+Ctrl+N checks compatibility, before any weight is read.
+"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[str] = []
 
     def compose(self) -> ComposeResult:
+        base_dir = self.app.draft.base_dir  # type: ignore[attr-defined]
         yield Header()
-        with Vertical(id="models-step"):
+        with VerticalScroll(id="models-step"):
             yield Label("1 · Models: the base, then each model to merge (folder or org/name@rev)")
+            yield Input(
+                placeholder="base model (optional for linear)",
+                id="base",
+                suggester=PathSuggester(base_dir),
+            )
             with Horizontal(classes="row"):
-                yield Input(placeholder="base model (optional for linear)", id="base")
-            with Horizontal(classes="row"):
-                yield Input(placeholder="model to merge", id="model")
+                yield Input(
+                    placeholder="model to merge", id="model", suggester=PathSuggester(base_dir)
+                )
+                yield Input(
+                    placeholder="LoRA (optional)",
+                    id="lora",
+                    classes="third",
+                    suggester=PathSuggester(base_dir),
+                )
                 yield Button("Add", id="add", variant="primary")
-                yield Button("Remove last", id="remove")
-            yield ListView(id="chosen")
-            yield Label("in the HF cache (Enter adds one):", classes="subtitle")
-            yield DataTable(id="cached", cursor_type="row")
-            yield Button("Next: check compatibility", id="next", variant="success")
+            yield DataTable(id="chosen", cursor_type="row")
+            with Horizontal(classes="row"):
+                yield Button("Up", id="up")
+                yield Button("Down", id="down")
+                yield Button("Remove", id="remove")
+                yield Button("Next: check (ctrl+n)", id="next", variant="success")
+            with TabbedContent(id="sources"):
+                with TabPane("In the HF cache", id="cache-tab"):
+                    yield DataTable(id="cached", cursor_type="row")
+                with TabPane("Search the Hub", id="hub-tab"):
+                    with Horizontal(classes="row"):
+                        yield Input(placeholder="search model ids", id="hub-query")
+                        yield Button("Search", id="hub-search")
+                    yield DataTable(id="hub-results", cursor_type="row")
+                    yield Static("", id="hub-info")
+                    with Horizontal(classes="row"):
+                        yield Button("Add", id="hub-add", disabled=True)
+                        yield Button("Download", id="hub-download", disabled=True)
+                    yield Static("", id="download-status")
+                    yield ProgressBar(id="download-progress", show_eta=False)
         yield Footer()
 
     def on_mount(self) -> None:
         draft = self.app.draft  # type: ignore[attr-defined]
         self.query_one("#base", Input).value = draft.base
-        for entry in draft.models:
-            self._show(entry.model)
-        table = self.query_one("#cached", DataTable)
-        table.add_columns("model", "revision", "size", "offline")
+        chosen = self.query_one("#chosen", DataTable)
+        chosen.add_columns("#", "model", "LoRA")
+        self._refresh_chosen()
+        self.query_one("#cached", DataTable).add_columns("model", "revision", "size", "offline")
+        self.query_one("#hub-results", DataTable).add_columns(
+            "model", "task", "parameters", "downloads"
+        )
+        self.query_one("#base", Input).focus()
         self.load_cache()
 
+    # -- the chosen models -------------------------------------------------------------------------
+    def _refresh_chosen(self, select: int | None = None) -> None:
+        draft = self.app.draft  # type: ignore[attr-defined]
+        chosen = self.query_one("#chosen", DataTable)
+        chosen.clear()
+        for index, entry in enumerate(draft.models):
+            chosen.add_row(str(index), entry.model, entry.lora or "")
+        if select is not None and draft.models:
+            chosen.move_cursor(row=max(0, min(select, len(draft.models) - 1)))
+
+    def _add(self, model: str, lora: str = "") -> None:
+        model = model.strip()
+        if not model:
+            self.app.notify("type a folder or a Hub id first", severity="warning")
+            return
+        draft = self.app.draft  # type: ignore[attr-defined]
+        draft.models.append(ModelDraft(model, lora.strip()))
+        self._refresh_chosen(select=len(draft.models) - 1)
+
+    @on(Button.Pressed, "#add")
+    @on(Input.Submitted, "#model, #lora")
+    def add_model(self) -> None:
+        field, lora = self.query_one("#model", Input), self.query_one("#lora", Input)
+        self._add(field.value, lora.value)
+        if field.value.strip():
+            field.value = lora.value = ""
+            field.focus()
+
+    @on(Button.Pressed, "#remove")
+    def remove_model(self) -> None:
+        """Remove the selected model (the last one when none is selected)."""
+        draft = self.app.draft  # type: ignore[attr-defined]
+        if not draft.models:
+            return
+        row = self.query_one("#chosen", DataTable).cursor_row
+        index = row if 0 <= row < len(draft.models) else len(draft.models) - 1
+        draft.models.pop(index)
+        self._refresh_chosen(select=index)
+
+    @on(Button.Pressed, "#up")
+    def move_up(self) -> None:
+        self.action_move(-1)
+
+    @on(Button.Pressed, "#down")
+    def move_down(self) -> None:
+        self.action_move(1)
+
+    def action_move(self, step: int) -> None:
+        """Move the selected model up or down the merge order."""
+        draft = self.app.draft  # type: ignore[attr-defined]
+        index = self.query_one("#chosen", DataTable).cursor_row
+        target = index + step
+        if not (0 <= index < len(draft.models) and 0 <= target < len(draft.models)):
+            return
+        draft.models[index], draft.models[target] = draft.models[target], draft.models[index]
+        self._refresh_chosen(select=target)
+
+    @on(Input.Changed, "#base")
+    def base_changed(self, event: Input.Changed) -> None:
+        self.app.draft.base = event.value.strip()  # type: ignore[attr-defined]
+
+    @on(Button.Pressed, "#next")
+    def action_next(self) -> None:
+        self.app.action_check()  # type: ignore[attr-defined]
+
+    # -- the HF cache ------------------------------------------------------------------------------
     @work(thread=True, exclusive=True, group="cache", exit_on_error=False)
     def load_cache(self) -> None:
         from mergetui.sources.hub import cached_models
-        from mergetui.units import format_bytes
 
         rows = [
             (
@@ -61,43 +198,160 @@ class ModelsScreen(Screen[None]):
 
     def _fill_cache(self, rows: list[tuple[str, str, str, str]]) -> None:
         table = self.query_one("#cached", DataTable)
+        table.clear()
         for row in rows:
             table.add_row(*row, key=row[0])
-
-    def _show(self, model: str) -> None:
-        self.query_one("#chosen", ListView).append(ListItem(Label(model)))
-
-    def _add(self, model: str) -> None:
-        model = model.strip()
-        if not model:
-            self.notify("type a folder or a Hub id first", severity="warning")
-            return
-        self.app.draft.models.append(ModelDraft(model))  # type: ignore[attr-defined]
-        self._show(model)
-
-    @on(Button.Pressed, "#add")
-    @on(Input.Submitted, "#model")
-    def add_model(self) -> None:
-        field = self.query_one("#model", Input)
-        self._add(field.value)
-        field.value = ""
-
-    @on(Button.Pressed, "#remove")
-    def remove_model(self) -> None:
-        draft = self.app.draft  # type: ignore[attr-defined]
-        if draft.models:
-            draft.models.pop()
-            chosen = self.query_one("#chosen", ListView)
-            chosen.children[-1].remove()
 
     @on(DataTable.RowSelected, "#cached")
     def add_cached(self, event: DataTable.RowSelected) -> None:
         self._add(str(event.row_key.value))
 
-    @on(Input.Changed, "#base")
-    def base_changed(self, event: Input.Changed) -> None:
-        self.app.draft.base = event.value.strip()  # type: ignore[attr-defined]
+    # -- the Hub -----------------------------------------------------------------------------------
+    @on(Input.Submitted, "#hub-query")
+    @on(Button.Pressed, "#hub-search")
+    def start_search(self) -> None:
+        query = self.query_one("#hub-query", Input).value.strip()
+        if not query:
+            self.app.notify("type part of a model id to search for", severity="warning")
+            return
+        self.query_one("#hub-info", Static).update(f"searching for {query!r}…")
+        self.search_hub(query)
 
-    @on(Button.Pressed, "#next")
-    def action_next(self) -> None:
-        self.app.action_check()  # type: ignore[attr-defined]
+    @work(thread=True, exclusive=True, group="hub-search", exit_on_error=False)
+    def search_hub(self, query: str) -> None:
+        from mergetui.errors import MergeTuiError
+        from mergetui.sources import hub
+
+        try:
+            hits = hub.search(query, limit=30)
+        except MergeTuiError as exc:
+            self.app.call_from_thread(self.app.report_error, "Hub search failed", exc)  # type: ignore[attr-defined]
+            return
+        self.app.call_from_thread(self._show_hits, query, hits)
+
+    def _show_hits(self, query: str, hits: list[Any]) -> None:
+        table = self.query_one("#hub-results", DataTable)
+        table.clear()
+        self.hits = [hit.repo_id for hit in hits]
+        for hit in hits:
+            table.add_row(
+                hit.repo_id,
+                hit.pipeline_tag or "",
+                format_count(hit.parameters) if hit.parameters else "?",
+                format_count(hit.downloads) if hit.downloads is not None else "?",
+                key=hit.repo_id,
+            )
+        self.query_one("#hub-info", Static).update(
+            f"{len(hits)} model(s) match {query!r}" if hits else f"no models match {query!r}"
+        )
+        if hits:
+            table.focus()
+
+    @property
+    def highlighted_hit(self) -> str | None:
+        row = self.query_one("#hub-results", DataTable).cursor_row
+        return self.hits[row] if 0 <= row < len(self.hits) else None
+
+    @on(DataTable.RowHighlighted, "#hub-results")
+    def hit_highlighted(self) -> None:
+        repo_id = self.highlighted_hit
+        if repo_id is not None:
+            self.query_one("#hub-info", Static).update(f"{repo_id}: reading its details…")
+            self.show_info(repo_id)
+
+    @work(thread=True, exclusive=True, group="hub-info", exit_on_error=False)
+    def show_info(self, repo_id: str) -> None:
+        """Size, architecture and files of a Hub model, from its metadata and config only."""
+        from mergetui.errors import MergeTuiError
+        from mergetui.sources import hub
+        from mergetui.sources.refs import parse_hub_id
+
+        ref = parse_hub_id(repo_id)
+        assert ref is not None
+        try:
+            info = hub.repo_info(ref)
+        except MergeTuiError as exc:
+            self.app.call_from_thread(self._info_failed, repo_id, exc)
+            return
+        self.app.call_from_thread(self._show_info, repo_id, info)
+
+    def _info_failed(self, repo_id: str, exc: Exception) -> None:
+        self.query_one("#hub-info", Static).update(f"[b red]{repo_id}:[/] {exc}")
+        self.query_one("#hub-add", Button).disabled = True
+        self.query_one("#hub-download", Button).disabled = True
+
+    def _show_info(self, repo_id: str, info: Any) -> None:
+        if repo_id != self.highlighted_hit:
+            return  # the user moved on while it loaded
+        kind = "LoRA adapter" if info.is_adapter else ", ".join(info.architectures) or "?"
+        weights = (
+            f"{format_bytes(info.weight_bytes)} of {info.weight_format}"
+            if info.weight_bytes
+            else "no weights found"
+        )
+        lines = [
+            f"[b]{info.repo_id}[/] @ {info.revision} (commit {info.commit[:12]})",
+            f"{kind} · model_type {info.model_type or '?'} · {weights}",
+            f"{len(info.files)} files; a merge downloads {len(info.needed_files())}: "
+            + ", ".join(info.needed_files()[:6])
+            + (" …" if len(info.needed_files()) > 6 else ""),
+        ]
+        if info.is_adapter:
+            lines.append(f"adapter of {info.adapter_base or '?'}: add it as a LoRA of a model")
+        if info.needs_custom_code:
+            lines.append("[yellow]config.json names custom code; mergetui never runs it[/]")
+        self.query_one("#hub-info", Static).update("\n".join(lines))
+        self.query_one("#hub-add", Button).disabled = False
+        self.query_one("#hub-download", Button).disabled = info.weight_format is None
+
+    @on(Button.Pressed, "#hub-add")
+    def add_hit(self) -> None:
+        repo_id = self.highlighted_hit
+        if repo_id is not None:
+            self._add(repo_id)
+
+    @on(Button.Pressed, "#hub-download")
+    def download_hit(self) -> None:
+        repo_id = self.highlighted_hit
+        if repo_id is not None:
+            self.query_one("#download-status", Static).update(f"downloading {repo_id}…")
+            self.download(repo_id)
+
+    @work(thread=True, group="download", exit_on_error=False)
+    def download(self, repo_id: str) -> None:
+        """Fetch what a merge needs into the HF cache; the UI stays usable meanwhile."""
+        from mergetui.errors import MergeTuiError
+        from mergetui.sources import hub
+        from mergetui.sources.refs import parse_hub_id
+
+        ref = parse_hub_id(repo_id)
+        assert ref is not None
+
+        shown = [0.0]
+
+        def progress(event: Any) -> None:  # at most 10 redraws a second, and the last one
+            now = time.monotonic()
+            if now - shown[0] >= 0.1 or event.bytes_done >= event.bytes_total:
+                shown[0] = now
+                self.app.call_from_thread(self._show_download, event)
+
+        try:
+            folder = hub.download(ref, progress)
+        except MergeTuiError as exc:
+            self.app.call_from_thread(self.app.report_error, f"downloading {repo_id} failed", exc)  # type: ignore[attr-defined]
+            return
+        self.app.call_from_thread(self._downloaded, repo_id, str(folder))
+
+    def _show_download(self, event: Any) -> None:
+        self.query_one("#download-progress", ProgressBar).update(
+            total=max(event.bytes_total, 1), progress=event.bytes_done
+        )
+        self.query_one("#download-status", Static).update(
+            f"downloading {event.repo_id}: {format_bytes(event.bytes_done)} of "
+            f"{format_bytes(event.bytes_total)}"
+        )
+
+    def _downloaded(self, repo_id: str, folder: str) -> None:
+        self.query_one("#download-status", Static).update(f"[green]{repo_id} is in the cache[/]")
+        self.app.notify(f"{repo_id} downloaded to {folder}", title="download done")
+        self.load_cache()

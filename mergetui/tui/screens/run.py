@@ -1,115 +1,141 @@
-"""Step 4: the merge, run by ``mergetui run --json`` in a child process and monitored here.
+"""Step 4: the merge, run by ``mergetui run --json`` as a background job and monitored here.
 
 A separate process means a crash, an OOM kill or a CUDA error in the merge cannot take the UI
 down, and Cancel is a SIGTERM, which the CLI handles like Ctrl-C: the partial output is removed.
-The screen only reads the JSON progress events the CLI prints (the same ones scripts get).
+The job is detached from the terminal (:mod:`mergetui.jobs`), so it survives a dropped SSH session
+and the next ``mergetui`` reattaches to it. The screen only reads the JSON progress events the CLI
+writes (the same ones scripts get).
 """
 
 from __future__ import annotations
 
-import asyncio
-import json
-import shutil
-import signal
-import sys
-import tempfile
-from pathlib import Path
+import time
 from typing import Any
 
-from textual import on, work
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, Log, ProgressBar, Sparkline, Static
 
-from mergetui.units import format_bytes
+from mergetui.jobs import FAILED, RUNNING, Job, start_job
+from mergetui.units import format_bytes, format_duration
 
 
 class RunScreen(Screen[None]):
-    BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
+    """Watches one background job: a new one started from the draft, or one found again (the UI
+    was closed or the SSH session dropped while it ran). Polls the job's event file at 5 Hz, so a
+    flood of events never floods the UI."""
 
-    def __init__(self) -> None:
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("ctrl+t", "app.compare", "Compare", show=True),
+        Binding("ctrl+n", "app.compare", "Compare", show=False),
+    ]
+    POLL_S = 0.2
+    HELP = """\
+## 4 · Run
+
+The merge runs as `mergetui run RECIPE --json` in a background process: a crash, an out-of-memory
+kill or a CUDA error there cannot take this screen down. Progress (tensors, the current tensor,
+MB/s, elapsed, ETA), RAM and VRAM with their history, and the log update five times a second.
+
+**Cancel merge** stops it within a second or two and removes the partial output.
+If the SSH connection drops, or you quit with Ctrl+Q → Detach, the merge keeps running; run
+`mergetui` again and it reattaches here. When it is done, **Ctrl+T** compares the merge with its
+parents.
+"""
+
+    def __init__(self, job: Job | None = None) -> None:
         super().__init__()
-        self.process: asyncio.subprocess.Process | None = None
+        self.job = job
+        self.reattached = job is not None
         self.outcome = "starting"
-        self.cancel_requested = False
+        self.events_read_to = 0
         self.rss_history: list[float] = []
+        self.vram_history: list[float] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
         with Vertical(id="run-step"):
-            yield Label("4 · Run: the merge runs in its own process")
+            yield Label("4 · Run: the merge runs in its own process, and outlives this screen")
             yield Static("starting…", id="run-status")
             yield ProgressBar(id="run-progress", show_eta=False)
             yield Static("", id="run-figures")
             with Horizontal(classes="row"):
-                yield Static("RAM", id="ram-label")
-                yield Sparkline([], id="ram-history")
-            yield Static("", id="vram")
-            yield Button("Cancel", id="cancel", variant="error")
+                yield Static("RAM ", classes="meter-label")
+                yield Sparkline([], id="ram-history", classes="meter")
+            with Horizontal(classes="row"):
+                yield Static("VRAM", classes="meter-label")
+                yield Sparkline([], id="vram-history", classes="meter")
+            yield Static("VRAM: no GPU in use", id="vram")
+            with Horizontal(classes="row"):
+                yield Button("Cancel merge", id="cancel", variant="error")
+                yield Button("Compare (ctrl+t)", id="compare", disabled=True)
             yield Log(id="run-log", max_lines=500)
         yield Footer()
 
     def on_mount(self) -> None:
-        self.start()
+        if self.job is None:
+            self.job = self._start()
+            if self.job is None:
+                return
+        else:
+            self.query_one("#run-log", Log).write_line(
+                f"reattached to the merge started {time.strftime('%H:%M:%S', time.localtime(self.job.started))}"
+                f" (job folder {self.job.folder})"
+            )
+        self.app.watched_job = self.job  # type: ignore[attr-defined]
+        self.outcome = "running"
+        self.poll()
+        self.set_interval(self.POLL_S, self.poll, name="job-poll")
 
-    @work(exclusive=True, group="merge", exit_on_error=False)
-    async def start(self) -> None:
+    def _start(self) -> Job | None:
         from mergetui.errors import MergeTuiError
         from mergetui.recipe import recipe_to_toml
 
         draft = self.app.draft  # type: ignore[attr-defined]
-        log = self.query_one("#run-log", Log)
         try:
             recipe = draft.to_recipe()
         except MergeTuiError as exc:
             self._finish("invalid", str(exc))
-            return
-        folder = Path(tempfile.mkdtemp(prefix="mergetui-run-"))
-        recipe_file = folder / "recipe.toml"
-        recipe_file.write_text(recipe_to_toml(recipe, absolute_paths=True), encoding="utf-8")
-        command = [sys.executable, "-m", "mergetui", "run", str(recipe_file), "--json"]
-        log.write_line("$ " + " ".join(command[1:]))
-        self.process = await asyncio.create_subprocess_exec(
-            *command,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,
+            return None
+        job = start_job(recipe_to_toml(recipe, absolute_paths=True), str(recipe.output_dir))
+        self.query_one("#run-log", Log).write_line(
+            f"$ mergetui run {job.recipe_file} --json   (job folder {job.folder})"
         )
-        self.outcome = "running"
-        assert self.process.stdout is not None and self.process.stderr is not None
-        async for raw in self.process.stdout:
-            line = raw.decode("utf-8", "replace").strip()
-            if line.startswith("{"):
-                self._show(json.loads(line))
-        errors = (await self.process.stderr.read()).decode("utf-8", "replace").strip()
-        code = await self.process.wait()
-        shutil.rmtree(folder, ignore_errors=True)
-        if code == 0:
-            self._finish("done", f"merged into {recipe.output_dir}")
-        elif code in (130, -signal.SIGTERM) or self.cancel_requested:
-            # a SIGTERM that lands before the CLI installs its handler ends it with another code;
-            # either way the CLI had written nothing yet, or removed its partial output
-            self._finish("cancelled", f"cancelled (exit code {code}); no partial output is left")
-        else:
-            self._finish("failed", errors.splitlines()[0] if errors else f"exit code {code}")
-        if errors:
-            log.write_line(errors)
+        return job
+
+    def poll(self) -> None:
+        """Show the events written since the last poll; finish once the job has ended."""
+        if self.job is None or self.outcome not in ("starting", "running"):
+            return
+        outcome = self.job.outcome()  # read before the events, so none is missed at the end
+        events, self.events_read_to = self.job.read_events(self.events_read_to)
+        log = self.query_one("#run-log", Log)
+        latest_progress = None
+        for event in events:
+            kind = event.get("event")
+            if kind in ("plan", "phase", "cancelled", "error", "done") and event.get("message"):
+                log.write_line(f"{kind}: {event['message']}")
+            if kind == "download":
+                self.query_one("#run-status", Static).update(
+                    f"downloading {event['repo_id']}: {format_bytes(event['bytes_done'])} of "
+                    f"{format_bytes(event['bytes_total'])}"
+                )
+            elif "tensors_total" in event:
+                latest_progress = event
+        if latest_progress is not None:  # only the newest matters: the UI is redrawn once
+            self._show(latest_progress)
+        if outcome.state != RUNNING:
+            self.job.mark_seen()
+            stderr = self.job.stderr_text().strip()
+            if stderr and outcome.state == FAILED:
+                log.write_line(stderr)
+            self._finish(outcome.state, outcome.message)
 
     def _show(self, event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        log = self.query_one("#run-log", Log)
-        if kind in ("plan", "phase", "cancelled", "error", "done") and event.get("message"):
-            log.write_line(f"{kind}: {event['message']}")
-        if kind == "download":
-            self.query_one("#run-status", Static).update(
-                f"downloading {event['repo_id']}: {format_bytes(event['bytes_done'])} of "
-                f"{format_bytes(event['bytes_total'])}"
-            )
-            return
-        if "tensors_total" not in event:
-            return
         bar = self.query_one("#run-progress", ProgressBar)
         bar.update(total=event["tensors_total"], progress=event["tensors_done"])
         eta = event.get("eta_s")
@@ -117,23 +143,36 @@ class RunScreen(Screen[None]):
             f"{event['tensors_done']}/{event['tensors_total']} tensors · {event.get('tensor_name') or ''}"
         )
         self.query_one("#run-figures", Static).update(
-            f"{event['throughput_bytes_s'] / 1e6:.0f} MB/s · elapsed {event['elapsed_s']:.1f} s · "
-            f"ETA {'?' if eta is None else f'{eta:.1f} s'} · RAM {format_bytes(event['rss_bytes'])}"
+            f"{event['throughput_bytes_s'] / 1e6:.0f} MB/s · elapsed "
+            f"{format_duration(event['elapsed_s'])} · ETA "
+            f"{'?' if eta is None else format_duration(eta)} · RAM {format_bytes(event['rss_bytes'])}"
+            f" (peak {format_bytes(event['peak_rss_bytes'])})"
         )
         self.rss_history = [*self.rss_history[-59:], float(event["rss_bytes"])]
         self.query_one("#ram-history", Sparkline).data = self.rss_history
-        gpu = event.get("gpu_bytes")
-        self.query_one("#vram", Static).update(
-            "VRAM: no GPU in use"
-            if gpu is None
-            else f"VRAM {format_bytes(gpu)} (peak {format_bytes(event['gpu_peak_bytes'])})"
-        )
+        gpus = event.get("gpus")
+        if gpus:
+            self.vram_history = [*self.vram_history[-59:], float(gpus[0]["used_bytes"])]
+            self.query_one("#vram-history", Sparkline).data = self.vram_history
+            self.query_one("#vram", Static).update(
+                "\n".join(
+                    f"GPU {g['index']} {g['name']}: {format_bytes(g['used_bytes'])} of "
+                    f"{format_bytes(g['total_bytes'])} in use; this merge holds "
+                    f"{format_bytes(event.get('gpu_bytes') or 0)} (peak "
+                    f"{format_bytes(event.get('gpu_peak_bytes') or 0)})"
+                    for g in gpus
+                )
+            )
 
     def _finish(self, outcome: str, message: str) -> None:
         self.outcome = outcome
         colour = {"done": "green", "cancelled": "yellow"}.get(outcome, "red")
         self.query_one("#run-status", Static).update(f"[b {colour}]{outcome}[/]: {message}")
         self.query_one("#cancel", Button).disabled = True
+        self.query_one("#compare", Button).disabled = outcome != "done"
+        bar = self.query_one("#run-progress", ProgressBar)
+        if outcome == "done" and bar.total:
+            bar.update(progress=bar.total)
         self.app.notify(
             message.splitlines()[0],
             title=outcome,
@@ -142,7 +181,10 @@ class RunScreen(Screen[None]):
 
     @on(Button.Pressed, "#cancel")
     def cancel(self) -> None:
-        if self.process is not None and self.process.returncode is None:
-            self.cancel_requested = True
-            self.process.send_signal(signal.SIGTERM)
+        if self.job is not None and self.outcome == "running":
+            self.job.cancel()
             self.query_one("#run-log", Log).write_line("cancel requested (SIGTERM)")
+
+    @on(Button.Pressed, "#compare")
+    def compare(self) -> None:
+        self.app.action_compare()  # type: ignore[attr-defined]

@@ -1,0 +1,260 @@
+"""Background merges that outlive the UI that started them.
+
+A merge started from the TUI must survive a dropped SSH session, and the next ``mergetui`` must
+find it again. So the TUI does not own the merge process; it starts a small supervisor
+(``python -m mergetui.jobs FOLDER``) in its own session, away from the terminal, and that
+supervisor runs ``mergetui run RECIPE --json`` with its events going to a file. Everything about a
+job lives in one folder under the state directory:
+
+- ``job.json``: the supervisor's pid and start time (to tell it from a recycled pid), the output;
+- ``recipe.toml``: the recipe, with absolute paths;
+- ``events.jsonl``: the progress events, one JSON object per line (what ``--json`` prints);
+- ``stderr.log``: the child's error output;
+- ``exit.json``: written by the supervisor when the merge ends (its exit code);
+- ``cancel``: written before a cancel signal, so a cancel is known even if it lands early;
+- ``seen``: written once a UI has shown the outcome, so a finished job is offered back once.
+
+Nothing here imports torch or Textual: the UI reads the files, and scripts can too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from mergetui.errors import EXIT_INTERRUPTED
+from mergetui.logs import log_dir
+
+#: What a job can be: still merging, or one of the ways a merge ends.
+RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
+
+
+def jobs_dir() -> Path:
+    """Where job folders live: ``runs/`` beside the log, so one place holds all the state."""
+    return log_dir() / "runs"
+
+
+@dataclass
+class JobOutcome:
+    state: str
+    message: str
+    exit_code: int | None = None
+
+
+@dataclass
+class Job:
+    """One background merge, read from its folder (any process may read it)."""
+
+    folder: Path
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return json.loads((self.folder / "job.json").read_text(encoding="utf-8"))
+
+    @property
+    def recipe_file(self) -> Path:
+        return self.folder / "recipe.toml"
+
+    @property
+    def events_file(self) -> Path:
+        return self.folder / "events.jsonl"
+
+    @property
+    def stderr_file(self) -> Path:
+        return self.folder / "stderr.log"
+
+    @property
+    def output(self) -> str:
+        return str(self.info.get("output", ""))
+
+    @property
+    def started(self) -> float:
+        return float(self.info.get("started", 0.0))
+
+    def supervisor_alive(self) -> bool:
+        """True while the supervisor process of this job runs (a recycled pid does not count)."""
+        info = self.info
+        try:
+            process = psutil.Process(int(info["pid"]))
+            return (
+                abs(process.create_time() - float(info["pid_created"])) < 1.0
+                and process.status() != psutil.STATUS_ZOMBIE
+            )
+        except (psutil.NoSuchProcess, psutil.AccessDenied, KeyError, ValueError):
+            return False
+
+    def outcome(self) -> JobOutcome:
+        """Running, or how it ended and why, from the exit record (or its absence)."""
+        exit_file = self.folder / "exit.json"
+        cancelled = (self.folder / "cancel").exists()
+        if not exit_file.exists():
+            if self.supervisor_alive():
+                return JobOutcome(RUNNING, "merging")
+            if not exit_file.exists():  # it may have finished between the two looks
+                if cancelled:
+                    return JobOutcome(CANCELLED, "cancelled before the merge started")
+                return JobOutcome(
+                    FAILED,
+                    "the merge process was killed without a trace (out of memory, or a reboot?); "
+                    f"see {self.stderr_file}",
+                )
+        code = int(json.loads(exit_file.read_text(encoding="utf-8"))["exit_code"])
+        if code == 0 or self._merge_completed():
+            # a cancel that lands after the output is complete cannot undo it: say so
+            return JobOutcome(DONE, f"merged into {self.output}", code)
+        if cancelled or code in (EXIT_INTERRUPTED, -signal.SIGTERM):
+            return JobOutcome(
+                CANCELLED, f"cancelled (exit code {code}); no partial output is left", code
+            )
+        return JobOutcome(FAILED, self.failure_summary() or f"exit code {code}", code)
+
+    def _merge_completed(self) -> bool:
+        """Whether the merge reported ``done``, which it does only once the output is in place."""
+        events = self.read_events(0)[0]
+        return bool(events) and events[-1].get("event") == "done"
+
+    def failure_summary(self) -> str:
+        """The first line of the error the merge reported (JSON error event, else stderr)."""
+        for event in reversed(self.read_events(0)[0]):
+            if event.get("event") == "error" and event.get("message"):
+                return str(event["message"]).splitlines()[0]
+        errors = self.stderr_text().strip()
+        return errors.splitlines()[-1] if errors else ""
+
+    def stderr_text(self) -> str:
+        try:
+            return self.stderr_file.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def read_events(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+        """The complete event lines after byte ``offset``, and the offset to read from next (a
+        line still being written is left for the next read)."""
+        try:
+            with self.events_file.open("rb") as stream:
+                stream.seek(offset)
+                chunk = stream.read()
+        except FileNotFoundError:
+            return [], offset
+        end = chunk.rfind(b"\n") + 1
+        events = []
+        for line in chunk[:end].splitlines():
+            line = line.strip()
+            if line.startswith(b"{"):
+                events.append(json.loads(line))
+        return events, offset + end
+
+    def cancel(self) -> None:
+        """Ask the merge to stop: SIGTERM to its process group (the CLI treats it like Ctrl-C and
+        removes the partial output). Returns at once; :meth:`outcome` tells when it has stopped."""
+        if (self.folder / "exit.json").exists():
+            return  # already over: nothing to stop
+        (self.folder / "cancel").write_text(str(time.time()), encoding="utf-8")
+        if self.supervisor_alive():
+            with contextlib.suppress(ProcessLookupError):  # it ended between the two calls
+                os.killpg(int(self.info["pid"]), signal.SIGTERM)
+
+    def mark_seen(self) -> None:
+        (self.folder / "seen").touch()
+
+    @property
+    def seen(self) -> bool:
+        return (self.folder / "seen").exists()
+
+
+def start_job(recipe_toml: str, output: str, *, root: Path | None = None) -> Job:
+    """Write the job folder and start its supervisor in a new session, detached from this
+    terminal, so closing the terminal (or the SSH connection) does not stop the merge."""
+    base = root or jobs_dir()
+    base.mkdir(parents=True, exist_ok=True)
+    folder = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+    folder.mkdir()
+    (folder / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mergetui.jobs", str(folder)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
+    )
+    info = {
+        "pid": process.pid,
+        "pid_created": psutil.Process(process.pid).create_time(),
+        "started": time.time(),
+        "output": output,
+    }
+    temporary = folder / "job.json.tmp"
+    temporary.write_text(json.dumps(info), encoding="utf-8")
+    temporary.replace(folder / "job.json")
+    return Job(folder)
+
+
+def list_jobs(root: Path | None = None) -> list[Job]:
+    """Every job with a readable record, newest first."""
+    base = root or jobs_dir()
+    if not base.is_dir():
+        return []
+    jobs = [Job(folder) for folder in base.iterdir() if (folder / "job.json").is_file()]
+    return sorted(jobs, key=lambda job: job.started, reverse=True)
+
+
+def job_to_reattach(root: Path | None = None) -> Job | None:
+    """The newest job still running, or finished without a UI having shown its outcome."""
+    for job in list_jobs(root):
+        if job.outcome().state == RUNNING or not job.seen:
+            return job
+    return None
+
+
+def supervise(folder: Path) -> int:
+    """Run the merge of one job folder and record its exit code (the supervisor's body).
+
+    SIGTERM reaches this process and the merge alike (they share a process group); here it only
+    marks the job cancelled, so the supervisor lives to record how the merge ended.
+    """
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for _ in range(100):  # the parent writes job.json just after starting us
+        if (folder / "job.json").exists():
+            break
+        time.sleep(0.02)
+    command = [sys.executable, "-m", "mergetui", "run", str(folder / "recipe.toml"), "--json"]
+    with (
+        (folder / "events.jsonl").open("wb") as events,
+        (folder / "stderr.log").open("wb") as errors,
+    ):
+        if (folder / "cancel").exists():
+            code = EXIT_INTERRUPTED
+        else:
+            child = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=events,
+                stderr=errors,
+                restore_signals=True,
+            )
+            while True:
+                try:
+                    code = child.wait()
+                    break
+                except InterruptedError:  # pragma: no cover - PEP 475 retries for us
+                    continue
+    temporary = folder / "exit.json.tmp"
+    temporary.write_text(json.dumps({"exit_code": code, "ended": time.time()}), encoding="utf-8")
+    temporary.replace(folder / "exit.json")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(supervise(Path(sys.argv[1])))

@@ -1,0 +1,275 @@
+"""Step 5: the merged model against its base and parents, the same prompt through each, answers
+streaming in side by side; and the quick eval table on task files.
+
+Models load and generate in a thread worker (torch is imported there, not at startup); tokens
+arrive from that thread into a buffer the screen redraws at 10 Hz, so a fast model cannot flood
+the UI. The headless equivalents are ``mergetui compare`` and ``mergetui eval --recipe``.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
+
+from mergetui.tui.state import PromptHistory
+
+
+class CompareScreen(Screen[None]):
+    BINDINGS = [
+        Binding("escape", "app.pop_screen", "Back"),
+        Binding("ctrl+g", "generate", "Generate", show=True),
+    ]
+    REDRAW_S = 0.1
+    HELP = """\
+## 5 · Compare
+
+Type a prompt (or pick a saved one) and press Enter: the merge, its base and each of its models
+answer it in turn, side by side, greedy decoding, tokens appearing as they are produced. Models
+load one at a time when they do not fit together. Prompts you use are saved for next time.
+
+**Quick eval**: give task files as `NAME=FILE.jsonl` (rows of `prompt` and `answer`) and press
+Score: each model's accuracy, and the share of the best parent's score the merge kept.
+Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui eval --recipe …`.
+"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.history = PromptHistory.load()
+        self.names: list[str] = []
+        self.paths: list[Any] = []
+        self.merged: str | None = None
+        self.parents: list[str] = []
+        self.texts: dict[str, str] = {}
+        self.lock = threading.Lock()
+        self.busy = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Vertical(id="compare-step"):
+            yield Label("5 · Compare: one prompt through the merge, its base and its parents")
+            with Horizontal(classes="row"):
+                yield Input(placeholder="a prompt (Enter generates)", id="prompt")
+                yield Button("Generate", id="generate", variant="primary")
+            with Horizontal(classes="row"):
+                yield Select(
+                    [(p, p) for p in self.history.prompts],
+                    prompt="or pick a saved prompt",
+                    id="saved",
+                )
+                yield Input("64", id="max-tokens", classes="narrow", tooltip="max new tokens")
+            yield Static("finding the models…", id="compare-status")
+            yield Horizontal(id="answers")
+            yield Label(
+                "quick eval: task files as NAME=FILE.jsonl (prompt/answer rows), space-separated",
+                classes="param-help",
+            )
+            with Horizontal(classes="row"):
+                yield Input(id="tasks", placeholder="math=tasks/math.jsonl code=tasks/code.jsonl")
+                yield Button("Score", id="score")
+            yield DataTable(id="eval-table", cursor_type="none")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.line_up()
+        self.set_interval(self.REDRAW_S, self.redraw, name="compare-redraw")
+
+    @work(thread=True, exclusive=True, group="lineup", exit_on_error=False)
+    def line_up(self) -> None:
+        """The merge (when its output exists), the base and the sources, named as the CLI does."""
+        from mergetui.errors import MergeTuiError
+        from mergetui.evaluate.lineup import recipe_lineup
+
+        draft = self.app.draft  # type: ignore[attr-defined]
+        try:
+            recipe = draft.to_recipe()
+            has_merge = (recipe.output_dir / "config.json").is_file()
+            lineup = recipe_lineup(recipe, include_merged=has_merge)
+        except MergeTuiError as exc:
+            self.app.call_from_thread(self.app.report_error, "cannot line up the models", exc)  # type: ignore[attr-defined]
+            return
+        self.app.call_from_thread(self._show_lineup, lineup, has_merge)
+
+    def _show_lineup(self, lineup: Any, has_merge: bool) -> None:
+        self.names, self.paths = lineup.names, lineup.paths
+        self.merged, self.parents = lineup.merged, lineup.parents
+        answers = self.query_one("#answers", Horizontal)
+        answers.remove_children()
+        panes = []
+        for index, name in enumerate(self.names):
+            pane = VerticalScroll(
+                Static(f"[b]{name}[/]", classes="answer-title"),
+                Static("", id=f"answer-{index}", classes="answer"),
+                classes="answer-pane",
+            )
+            panes.append(pane)
+        answers.mount_all(panes)
+        note = "" if has_merge else " (no merged model yet: run the merge to add it)"
+        self.query_one("#compare-status", Static).update(
+            f"{len(self.names)} model(s): {', '.join(self.names)}{note}"
+        )
+
+    def redraw(self) -> None:
+        with self.lock:
+            texts = dict(self.texts)
+        for index, name in enumerate(self.names):
+            if name in texts:
+                self.query_one(f"#answer-{index}", Static).update(texts[name])
+
+    @on(Select.Changed, "#saved")
+    def pick_saved(self, event: Select.Changed) -> None:
+        if event.value is not Select.NULL:
+            self.query_one("#prompt", Input).value = str(event.value)
+
+    @on(Input.Submitted, "#prompt")
+    @on(Button.Pressed, "#generate")
+    def action_generate(self) -> None:
+        prompt = self.query_one("#prompt", Input).value.strip()
+        if not prompt:
+            self.app.notify("type a prompt first", severity="warning")
+            return
+        if not self.names:
+            self.app.notify("no models to compare yet", severity="warning")
+            return
+        if self.busy:
+            self.app.notify("still generating; wait for the answers", severity="warning")
+            return
+        text = self.query_one("#max-tokens", Input).value.strip()
+        if not text.isdigit() or int(text) < 1:
+            self.app.notify(
+                f"max new tokens must be a whole number ≥ 1, not {text!r}", severity="error"
+            )
+            return
+        self.history.remember(prompt)
+        with self.lock:
+            self.texts = {name: "" for name in self.names}
+        self.busy = True
+        self.query_one("#compare-status", Static).update(
+            f"generating with {len(self.names)} model(s)…"
+        )
+        self.generate(prompt, int(text))
+
+    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
+    def generate(self, prompt: str, max_new_tokens: int) -> None:
+        from mergetui.engine.plan import resolve_device
+        from mergetui.evaluate.compare import compare
+        from mergetui.evaluate.generation import GenerationSettings
+
+        draft = self.app.draft  # type: ignore[attr-defined]
+
+        def stream(name: str, index: int, piece: str) -> None:
+            with self.lock:
+                self.texts[name] = self.texts.get(name, "") + piece
+
+        try:
+            result = compare(
+                self.names,
+                self.paths,
+                [prompt],
+                GenerationSettings(max_new_tokens=max_new_tokens),
+                device=resolve_device(draft.device),
+                on_text=stream,
+            )
+        except Exception as exc:  # shown to the user, with the detail one key away
+            self.app.call_from_thread(self._done_generating, None)
+            self.app.call_from_thread(self.app.report_error, "generation failed", exc)  # type: ignore[attr-defined]
+            return
+        self.app.call_from_thread(self._done_generating, result)
+
+    def _done_generating(self, result: Any) -> None:
+        self.busy = False
+        if result is None:
+            self.query_one("#compare-status", Static).update("[b red]generation failed[/]")
+            return
+        with self.lock:  # the final texts, in case the last pieces arrived after the last redraw
+            self.texts = {name: result.answers[(name, 0)].text for name in self.names}
+        self.redraw()
+        speeds = ", ".join(
+            f"{name} {result.answers[(name, 0)].tokens_per_s:.0f} tok/s" for name in self.names
+        )
+        self.query_one("#compare-status", Static).update(f"done: {speeds}")
+
+    @on(Input.Submitted, "#tasks")
+    @on(Button.Pressed, "#score")
+    def score(self) -> None:
+        from mergetui.errors import MergeTuiError
+        from mergetui.evaluate.tasks import parse_task_option
+
+        options = self.query_one("#tasks", Input).value.replace(",", " ").split()
+        if not options:
+            self.app.notify("name at least one task file, NAME=FILE.jsonl", severity="warning")
+            return
+        try:
+            draft = self.app.draft  # type: ignore[attr-defined]
+            tasks = [
+                parse_task_option(self._relative(option, draft.base_dir), "answers")
+                for option in options
+            ]
+        except MergeTuiError as exc:
+            self.app.report_error("cannot read the task files", exc)  # type: ignore[attr-defined]
+            return
+        self.query_one("#compare-status", Static).update(
+            f"scoring {len(self.names)} model(s) on {len(tasks)} task(s)…"
+        )
+        self.run_eval(tasks)
+
+    @staticmethod
+    def _relative(option: str, base_dir: Any) -> str:
+        """``NAME=FILE`` with a relative FILE taken from the recipe's folder, as recipes do."""
+        from pathlib import Path
+
+        name, _, file = option.partition("=")
+        if file and not Path(file).expanduser().is_absolute():
+            file = str(base_dir / file)
+        return f"{name}={file}" if file else option
+
+    @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
+    def run_eval(self, tasks: list[Any]) -> None:
+        from mergetui.engine.plan import resolve_device
+        from mergetui.evaluate.evaluation import evaluate
+
+        draft = self.app.draft  # type: ignore[attr-defined]
+        try:
+            table = evaluate(
+                self.names,
+                self.paths,
+                tasks,
+                device=resolve_device(draft.device),
+                merged=self.merged,
+                parents=self.parents,
+            )
+        except Exception as exc:  # shown to the user, with the detail one key away
+            self.app.call_from_thread(self.app.report_error, "scoring failed", exc)  # type: ignore[attr-defined]
+            return
+        self.app.call_from_thread(self._show_eval, table)
+
+    def _show_eval(self, table: Any) -> None:
+        from mergetui.units import format_score
+
+        grid = self.query_one("#eval-table", DataTable)
+        grid.clear(columns=True)
+        grid.add_columns("model", *[f"{t.name} ({t.metric})" for t in table.tasks])
+        for model in table.models:
+            grid.add_row(
+                model, *[format_score(t.metric, table.value(model, t.name)) for t in table.tasks]
+            )
+        if table.merged:
+            shares = [table.retained(t) for t in table.tasks]
+            grid.add_row(
+                "retained by the merge", *["?" if s is None else f"{s:.0%}" for s in shares]
+            )
+        average = table.average_retained()
+        self.query_one("#compare-status", Static).update(
+            "scored"
+            + (
+                ""
+                if average is None
+                else f": the merge kept {average:.0%} of the best specialist's score on average"
+            )
+        )

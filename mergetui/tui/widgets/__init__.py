@@ -1,0 +1,1 @@
+"""Reusable widgets and widget helpers of the TUI."""

@@ -1,0 +1,106 @@
+"""Background merge jobs: they run detached, report through files, and can be found again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+
+from mergetui.jobs import (
+    CANCELLED,
+    DONE,
+    FAILED,
+    RUNNING,
+    Job,
+    job_to_reattach,
+    list_jobs,
+    start_job,
+)
+
+
+def _recipe(models: dict[str, Path], output: Path, method: str = "ties") -> str:
+    return (
+        f'version = 1\n[merge]\nmethod = "{method}"\nbase = "{models["base"]}"\ndevice = "cpu"\n'
+        f'[[models]]\nmodel = "{models["ft_a"]}"\nweight = 1.0\ndensity = 0.5\n'
+        f'[[models]]\nmodel = "{models["ft_c"]}"\nweight = 1.0\ndensity = 0.5\n'
+        f'[output]\npath = "{output}"\n'
+    )
+
+
+def _wait(job: Job, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = job.outcome().state
+        if state != RUNNING:
+            return state
+        time.sleep(0.1)
+    raise AssertionError(f"job {job.folder} never ended")
+
+
+def test_a_job_runs_detached_and_records_events_and_exit(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    job = start_job(
+        _recipe(models, tmp_path / "out"), str(tmp_path / "out"), root=tmp_path / "runs"
+    )
+    supervisor = psutil.Process(job.info["pid"])
+    assert os.getsid(supervisor.pid) == supervisor.pid != os.getsid(0)  # its own session
+    assert job_to_reattach(tmp_path / "runs") is not None
+    assert _wait(job) == DONE, job.stderr_text()
+    events, offset = job.read_events(0)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "plan" and kinds[-1] == "done" and "tensor" in kinds
+    assert events[-1]["tensors_done"] == events[-1]["tensors_total"] > 0
+    assert job.read_events(offset) == ([], offset)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    assert job.outcome().exit_code == 0
+    # offered back until a UI has shown it, then not
+    assert job_to_reattach(tmp_path / "runs") == job
+    job.mark_seen()
+    assert job_to_reattach(tmp_path / "runs") is None
+    assert list_jobs(tmp_path / "runs") == [job]
+
+
+def test_cancel_stops_the_merge_and_leaves_no_output(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    out = tmp_path / "out"
+    job = start_job(_recipe(models, out), str(out), root=tmp_path / "runs")
+    deadline = time.monotonic() + 60
+    while not job.read_events(0)[0] and time.monotonic() < deadline:  # wait for the merge to start
+        time.sleep(0.05)
+    started = time.monotonic()
+    job.cancel()
+    assert _wait(job) == CANCELLED
+    assert time.monotonic() - started < 10
+    assert not out.exists() and not list(tmp_path.glob(".out.mergetui-partial-*"))
+    assert "cancelled" in job.outcome().message
+
+
+def test_a_killed_merge_is_reported_failed_not_running(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """An OOM kill takes the merge (and here its supervisor) without a word: the job must say so."""
+    out = tmp_path / "out"
+    job = start_job(_recipe(models, out), str(out), root=tmp_path / "runs")
+    os.killpg(job.info["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while job.supervisor_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    outcome = job.outcome()
+    assert outcome.state == FAILED and "killed" in outcome.message
+    assert str(job.stderr_file) in outcome.message
+
+
+def test_a_failing_merge_reports_its_error(tmp_path: Path, models: dict[str, Path]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data", encoding="utf-8")
+    job = start_job(_recipe(models, out), str(out), root=tmp_path / "runs")
+    assert _wait(job) == FAILED
+    message = job.outcome().message
+    assert "--force" in message or "exists" in message, message
+    assert (out / "keep.txt").read_text(encoding="utf-8") == "user data"
