@@ -51,7 +51,7 @@ def test_help_is_fast_and_imports_no_torch() -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from mergetui.cli import app\n"
+        "from mergetui.cli.app import app\n"
         "result = CliRunner().invoke(app, ['--help'])\n"
         "assert result.exit_code == 0, result.output\n"
         "assert 'run' in result.output and 'check' in result.output\n"

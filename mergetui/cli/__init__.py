@@ -1,5 +1,24 @@
-"""Command-line interface: thin commands over the engine; rendering lives in :mod:`.render`."""
+"""Command-line interface: thin commands over the engine; rendering lives in :mod:`.render`.
 
-from mergetui.cli.app import app, main
+``mergetui`` with no arguments opens the TUI without importing the command-line app at all
+(typer and the commands' modules cost ~0.15 s), so the first screen comes up sooner. The typer
+app is ``mergetui.cli.app.app``.
+"""
 
-__all__ = ["app", "main"]
+from __future__ import annotations
+
+import sys
+
+__all__ = ["main"]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    if len(sys.argv) == 1:
+        from mergetui.tui.app import create_app
+
+        create_app().run()
+        return
+    from mergetui.cli.app import main as run_cli
+
+    run_cli()

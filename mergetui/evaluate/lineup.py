@@ -33,11 +33,14 @@ class Lineup:
         return unique
 
 
-def short_name(reference: str) -> str:
-    """A folder's last part, or a Hub id as written."""
+def short_name(reference: str, base_dir: Path | None = None) -> str:
+    """A folder's last part, or a Hub id as written. A relative folder is looked for in
+    ``base_dir`` (the recipe's folder, as the recipe takes it), else in the working folder."""
     path = Path(reference)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
     return (
-        path.name
+        Path(reference).name
         if ("/" in reference and path.exists()) or reference.startswith((".", "/", "~"))
         else reference
     )
@@ -49,13 +52,15 @@ def recipe_lineup(recipe: Any, *, include_merged: bool = True) -> Lineup:
     if include_merged:
         lineup.merged = lineup.add("merged", model_path(str(recipe.output_dir)))
     if recipe.base:
-        short = short_name(recipe.base)
+        short = short_name(recipe.base, recipe.base_dir)
         lineup.add(
             "base" if short == "base" else f"base ({short})",
             model_path(recipe.base, recipe.base_dir),
         )
     for entry in recipe.models:
         lineup.parents.append(
-            lineup.add(short_name(entry.model), model_path(entry.model, recipe.base_dir))
+            lineup.add(
+                short_name(entry.model, recipe.base_dir), model_path(entry.model, recipe.base_dir)
+            )
         )
     return lineup

@@ -81,14 +81,19 @@ def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str,
 
 def recipe_to_toml(recipe: Recipe, *, absolute_paths: bool = False) -> str:
     """The recipe as TOML text that :func:`parse_recipe` reads back to an equal recipe."""
+    return data_to_toml(recipe_to_data(recipe, absolute_paths=absolute_paths))
+
+
+def data_to_toml(data: dict[str, Any]) -> str:
+    """Recipe data (valid or not yet: the TUI previews drafts) as TOML in the documented layout."""
     import tomli_w
 
-    data = recipe_to_data(recipe, absolute_paths=absolute_paths)
     # Written section by section so the file reads top-down like the documented layout, with one
     # [[models]] table per model rather than an inline array.
-    parts = [tomli_w.dumps({"version": data["version"]}), tomli_w.dumps({"merge": data["merge"]})]
-    parts += ["[[models]]\n" + tomli_w.dumps(item) for item in data["models"]]
-    parts.append(tomli_w.dumps({"output": data["output"]}))
+    parts = [tomli_w.dumps({"version": data.get("version", 1)})]
+    parts.append(tomli_w.dumps({"merge": data.get("merge", {})}))
+    parts += ["[[models]]\n" + tomli_w.dumps(item) for item in data.get("models", [])]
+    parts.append(tomli_w.dumps({"output": data.get("output", {})}))
     return "\n".join(part.strip("\n") + "\n" for part in parts)
 
 

@@ -11,7 +11,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Label, Static
 
-from mergetui.units import format_bytes
+from mergetui.units import format_bytes, format_count
 
 
 class CheckScreen(Screen[None]):
@@ -122,7 +122,7 @@ free disk and the peak memory of the merge.
             ("dtype", "dtype"),
             ("parameters", "parameters"),
         ):
-            table.add_row(label, *[str(r.get(key, "?")) for r in rows])
+            table.add_row(label, *[_cell(key, r.get(key)) for r in rows])
         problems = report["problems"]
         lines = [
             f"[b {'red' if p['severity'] == 'error' else 'yellow'}]{p['severity']}:[/] {p['message']}"
@@ -136,8 +136,17 @@ free disk and the peak memory of the merge.
         self.query_one("#check-status", Static).update(verdict)
         self.query_one("#check-problems", Static).update("\n".join(lines) or "no problems found")
         self.query_one("#check-estimates", Static).update(estimates_text(report.get("estimates")))
-        self.query_one("#ack", Checkbox).disabled = not (report["ok"] and self.warnings)
+        ack = self.query_one("#ack", Checkbox)
+        ack.display = bool(self.warnings)
+        ack.disabled = not (report["ok"] and self.warnings)
         self._update_next()
+
+
+def _cell(key: str, value: Any) -> str:
+    """A report value as shown: parameter counts shortened (7.2B), unknowns as "?"."""
+    if value is None:
+        return "?"
+    return format_count(value) if key == "parameters" else str(value)
 
 
 def estimates_text(estimates: dict[str, Any] | None) -> str:

@@ -63,7 +63,8 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
                     prompt="or pick a saved prompt",
                     id="saved",
                 )
-                yield Input("64", id="max-tokens", classes="narrow", tooltip="max new tokens")
+                yield Label(" max new tokens ", classes="field-label")
+                yield Input("64", id="max-tokens", classes="narrow")
             yield Static("finding the models…", id="compare-status")
             yield Horizontal(id="answers")
             yield Label(

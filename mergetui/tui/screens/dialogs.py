@@ -7,7 +7,7 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Markdown, Static
+from textual.widgets import Button, Label, Static
 
 
 class HelpScreen(ModalScreen[None]):
@@ -20,6 +20,8 @@ class HelpScreen(ModalScreen[None]):
         self.text = text
 
     def compose(self) -> ComposeResult:
+        from textual.widgets import Markdown  # markdown-it loads only when help is asked for
+
         with VerticalScroll(classes="dialog"):
             yield Markdown(self.text)
             yield Button("Close (Esc)", id="close")

@@ -97,7 +97,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
                 yield Static("", id="headless", classes="param-help")
             with Vertical(id="method-side"):
                 yield Static("", id="problems")
-                yield Static("", id="preview")
+                yield Static("", id="preview", markup=False)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -200,9 +200,8 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         self._validate()
 
     def _validate(self) -> None:
-        import tomli_w
-
         from mergetui.errors import RecipeError
+        from mergetui.recipe.toml_io import data_to_toml
 
         draft = self.app.draft  # type: ignore[attr-defined]
         problems = self.query_one("#problems", Static)
@@ -212,4 +211,4 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
             problems.update("\n".join(f"[b red]✗[/] {p}" for p in exc.problems))
         else:
             problems.update("[b green]✓ valid recipe[/]")
-        self.query_one("#preview", Static).update(tomli_w.dumps(draft.to_data()))
+        self.query_one("#preview", Static).update(data_to_toml(draft.to_data()))

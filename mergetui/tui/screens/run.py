@@ -66,7 +66,7 @@ parents.
             with Horizontal(classes="row"):
                 yield Static("RAM ", classes="meter-label")
                 yield Sparkline([], id="ram-history", classes="meter")
-            with Horizontal(classes="row"):
+            with Horizontal(classes="row", id="vram-row"):
                 yield Static("VRAM", classes="meter-label")
                 yield Sparkline([], id="vram-history", classes="meter")
             yield Static("VRAM: no GPU in use", id="vram")
@@ -82,9 +82,9 @@ parents.
             if self.job is None:
                 return
         else:
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.job.started))
             self.query_one("#run-log", Log).write_line(
-                f"reattached to the merge started {time.strftime('%H:%M:%S', time.localtime(self.job.started))}"
-                f" (job folder {self.job.folder})"
+                f"reattached to the merge started {started} (job {self.job.folder.name})"
             )
         self.app.watched_job = self.job  # type: ignore[attr-defined]
         self.outcome = "running"
@@ -126,6 +126,7 @@ parents.
                 )
             elif "tensors_total" in event:
                 latest_progress = event
+                self._record(event)
         if latest_progress is not None:  # only the newest matters: the UI is redrawn once
             self._show(latest_progress)
         if outcome.state != RUNNING:
@@ -135,6 +136,13 @@ parents.
                 log.write_line(stderr)
             self._finish(outcome.state, outcome.message)
 
+    def _record(self, event: dict[str, Any]) -> None:
+        """Every event goes into the meters' history, even those not drawn one by one."""
+        self.rss_history = [*self.rss_history[-59:], float(event["rss_bytes"])]
+        gpus = event.get("gpus")
+        if gpus:
+            self.vram_history = [*self.vram_history[-59:], float(gpus[0]["used_bytes"])]
+
     def _show(self, event: dict[str, Any]) -> None:
         bar = self.query_one("#run-progress", ProgressBar)
         bar.update(total=event["tensors_total"], progress=event["tensors_done"])
@@ -143,16 +151,15 @@ parents.
             f"{event['tensors_done']}/{event['tensors_total']} tensors · {event.get('tensor_name') or ''}"
         )
         self.query_one("#run-figures", Static).update(
-            f"{event['throughput_bytes_s'] / 1e6:.0f} MB/s · elapsed "
+            f"{format_bytes(event['throughput_bytes_s'])}/s · elapsed "
             f"{format_duration(event['elapsed_s'])} · ETA "
             f"{'?' if eta is None else format_duration(eta)} · RAM {format_bytes(event['rss_bytes'])}"
             f" (peak {format_bytes(event['peak_rss_bytes'])})"
         )
-        self.rss_history = [*self.rss_history[-59:], float(event["rss_bytes"])]
         self.query_one("#ram-history", Sparkline).data = self.rss_history
         gpus = event.get("gpus")
         if gpus:
-            self.vram_history = [*self.vram_history[-59:], float(gpus[0]["used_bytes"])]
+            self.query_one("#vram-row").display = True
             self.query_one("#vram-history", Sparkline).data = self.vram_history
             self.query_one("#vram", Static).update(
                 "\n".join(

@@ -1,0 +1,240 @@
+"""Deterministic scenes of every TUI step, for the snapshot tests and ``screenshots/make.py``.
+
+A scene is a workspace (tiny random models under fixed relative names, a recipe draft that
+names them relatively, a recorded merge job) plus an async ``run_before`` that drives the app to
+the step. What would differ from run to run is pinned: the free disk the check reports, the HF
+cache listing (empty), cursor blinking, and the run step shows a recorded job (its events were
+written by a real merge once and kept), not a live one whose timings vary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+FIXED_FREE_DISK = 512 * 1024**3
+
+#: name → (seed, scale of its task vector); a base and three fine-tunes of it
+SCENE_MODELS = {"base": (0, 0.0), "ft-code": (1, 0.05), "ft-math": (2, 0.05), "ft-chat": (3, 0.05)}
+
+
+def build_models(folder: Path) -> dict[str, Path]:
+    """Tiny random Llama models with a character tokenizer, saved like real checkpoints."""
+    import torch
+    from conftest import TINY_LLAMA
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from mergetui.demo import save_char_tokenizer
+
+    paths = {name: folder / name for name in SCENE_MODELS}
+    if all((path / "config.json").is_file() for path in paths.values()):
+        return paths
+    torch.manual_seed(0)
+    config = LlamaConfig(**TINY_LLAMA)
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(paths["base"])
+    save_char_tokenizer(paths["base"])
+    for name, (seed, scale) in SCENE_MODELS.items():
+        if name == "base":
+            continue
+        model = AutoModelForCausalLM.from_pretrained(paths["base"], dtype=torch.bfloat16)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for _, param in sorted(model.named_parameters()):
+                param.add_((torch.randn(param.shape, generator=generator) * scale).to(param.dtype))
+        model.save_pretrained(paths[name])
+        for file in paths["base"].glob("tokenizer*"):
+            (paths[name] / file.name).write_bytes(file.read_bytes())
+    return paths
+
+
+def make_draft(workspace: Path) -> Any:
+    from mergetui.tui.state import ModelDraft, RecipeDraft
+
+    return RecipeDraft(
+        base="models/base",
+        models=[
+            ModelDraft("models/ft-code", parameters={"weight": 1.0, "density": 0.6}),
+            ModelDraft("models/ft-math", parameters={"weight": 0.8, "density": 0.5}),
+        ],
+        method="ties",
+        output="merged",
+        device="cpu",
+        base_dir=workspace,
+    )
+
+
+def record_job(workspace: Path, state: Path) -> None:
+    """A finished job folder as a merge leaves it, with events written by a real merge earlier
+    (the numbers are fixed so the run step renders the same every time)."""
+    folder = state / "runs" / "20261129-120000-1-1"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.toml").write_text(
+        (workspace / "recipe.toml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    (folder / "job.json").write_text(
+        json.dumps({"pid": 0, "pid_created": 0, "started": 0, "output": "merged"}),
+        encoding="utf-8",
+    )
+    total, events = 21, []
+    events.append({"event": "plan", "message": "ties on cpu: 21 tensors, 3 models"})
+    for done in range(1, total + 1):
+        events.append(
+            {
+                "event": "tensor",
+                "tensors_done": done,
+                "tensors_total": total,
+                "tensor_name": f"model.layers.{min(done // 10, 1)}.mlp.up_proj.weight",
+                "bytes_read": done * 12_000,
+                "bytes_to_read": total * 12_000,
+                "bytes_written": done * 8_000,
+                "elapsed_s": done * 0.05,
+                "throughput_bytes_s": 240_000.0,
+                "eta_s": (total - done) * 0.05,
+                "rss_bytes": (400 + (done % 5) * 8) * 1024**2,
+                "peak_rss_bytes": 440 * 1024**2,
+                "gpu_bytes": None,
+                "gpu_peak_bytes": None,
+                "gpus": None,
+                "message": "",
+            }
+        )
+    events.append({**events[-1], "event": "done", "message": "merged"})
+    (folder / "events.jsonl").write_text(
+        "".join(json.dumps(e) + "\n" for e in events), encoding="utf-8"
+    )
+    (folder / "stderr.log").write_text("", encoding="utf-8")
+    (folder / "exit.json").write_text(json.dumps({"exit_code": 0, "ended": 1}), encoding="utf-8")
+
+
+def prepare(workspace: Path, models: dict[str, Path]) -> Path:
+    """The scene workspace: ``models/NAME`` (links to the models), a saved recipe, a merge."""
+    (workspace / "models").mkdir(parents=True, exist_ok=True)
+    for name, path in models.items():
+        link = workspace / "models" / name
+        if not link.exists():
+            link.symlink_to(path, target_is_directory=True)
+    draft = make_draft(workspace)
+    draft.save(Path("recipe.toml"))
+    if not (workspace / "merged" / "config.json").is_file():
+        from mergetui.engine.executor import run_merge
+        from mergetui.engine.plan import build_plan
+
+        run_merge(build_plan(draft.to_recipe()), force=False)
+    return workspace
+
+
+def pin_environment(monkeypatch: Any, state: Path) -> None:
+    """What varies from machine to machine, fixed: state folder, HF cache, free disk, colours."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("MERGETUI_LOG_DIR", str(state))
+    empty_cache = state / "empty-hf-cache"
+    empty_cache.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty_cache))
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(
+        shutil,
+        "disk_usage",
+        lambda path: real_usage(path)._replace(free=FIXED_FREE_DISK),
+    )
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    monkeypatch.setenv("TEXTUAL_ANIMATIONS", "none")
+    monkeypatch.setenv("TZ", "UTC")
+    time.tzset()
+
+
+def _still(app: Any) -> None:
+    """No blinking cursors: a snapshot must not depend on the moment it is taken."""
+    from textual.widgets import Input
+
+    for field in app.screen.query(Input):
+        field.cursor_blink = False
+
+
+async def _settle(pilot: Any, condition: Callable[[], bool], timeout_s: float = 60) -> None:
+    for _ in range(int(timeout_s / 0.05)):
+        if condition():
+            break
+        await pilot.pause(0.05)
+    await pilot.pause()
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+    _still(pilot.app)
+
+
+def _text(app: Any, selector: str) -> str:
+    """The text of a widget on the current screen ("" while that screen is not up yet)."""
+    from textual.widgets import Static
+
+    found = app.screen.query(selector)
+    return str(found.first(Static).render()) if found else ""
+
+
+async def models_step(pilot: Any) -> None:
+    await _settle(pilot, lambda: True)
+
+
+async def check_step(pilot: Any) -> None:
+    pilot.app.action_check()
+    await _settle(
+        pilot,
+        lambda: (
+            _text(pilot.app, "#check-status")
+            not in ("", "checking… (headers only, no weights are read)")
+        ),
+    )
+
+
+async def method_step(pilot: Any) -> None:
+    pilot.app.action_method()
+    await _settle(pilot, lambda: True)
+
+
+async def run_step(pilot: Any) -> None:
+    await _settle(pilot, lambda: getattr(pilot.app.screen, "outcome", "") == "done")
+
+
+async def compare_step(pilot: Any) -> None:
+    pilot.app.action_compare()
+    await _settle(pilot, lambda: bool(getattr(pilot.app.screen, "names", [])))
+
+
+async def help_overlay(pilot: Any) -> None:
+    pilot.app.action_method()
+    await _settle(pilot, lambda: True)
+    await pilot.press("f1")
+    await _settle(pilot, lambda: True)
+
+
+#: scene name → (which app: "draft" opens the recipe, "job" finds the recorded merge; run_before)
+SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
+    "1-models": ("draft", models_step),
+    "2-check": ("draft", check_step),
+    "3-method": ("draft", method_step),
+    "4-run": ("job", run_step),
+    "5-compare": ("draft", compare_step),
+    "help": ("draft", help_overlay),
+}
+
+
+def scene_app(kind: str, workspace: Path, state: Path) -> Any:
+    """The app a scene starts from: the workspace's recipe opened, or (``job``) a fresh start
+    that finds the recorded merge and reattaches to it."""
+    from mergetui.recipe import load_recipe
+    from mergetui.tui.app import create_app
+    from mergetui.tui.state import RecipeDraft
+
+    runs = state / "runs"
+    if kind == "job":
+        record_job(workspace, state)
+        return create_app(workspace)
+    if runs.exists():
+        import shutil
+
+        shutil.rmtree(runs)
+    return create_app(draft=RecipeDraft.from_recipe(load_recipe(workspace / "recipe.toml")))

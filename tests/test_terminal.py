@@ -1,0 +1,72 @@
+"""The real app in a real terminal: tmux at 80×24, no true colour, NO_COLOR, keyboard only."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("tmux") is None, reason="SKIPPED LOUDLY: tmux is not installed here"
+)
+
+
+class Tmux:
+    """One tmux server of our own (its own socket), so no user session is touched."""
+
+    def __init__(self, name: str) -> None:
+        self.socket = name
+
+    def __call__(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["tmux", "-L", self.socket, *args], capture_output=True, text=True, timeout=30
+        )
+
+    def screen(self, colours: bool = False) -> str:
+        return self("capture-pane", "-p", *(["-e"] if colours else []), "-t", "main").stdout
+
+    def wait_for(self, text: str, timeout_s: float = 60) -> str:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            shown = self.screen()
+            if text in shown:
+                return shown
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} never appeared; the screen:\n{self.screen()}")
+
+
+def test_the_app_in_tmux_at_80x24_without_colour(tmp_path: Path) -> None:
+    tmux = Tmux(f"mergetui-test-{os.getpid()}")
+    command = (
+        f"cd {tmp_path} && exec env TERM=screen COLORTERM= NO_COLOR=1 "
+        f"MERGETUI_LOG_DIR={tmp_path / 'state'} {sys.executable} -m mergetui"
+    )
+    started = tmux("new-session", "-d", "-s", "main", "-x", "80", "-y", "24", command)
+    assert started.returncode == 0, started.stderr
+    try:
+        screen = tmux.wait_for("1 · Models")
+        assert "Check" in screen and "f1" in screen.lower()  # the footer fits
+        assert "\x1b[38;2;" not in tmux.screen(colours=True)  # no true-colour codes
+        tmux("send-keys", "-t", "main", "F1")
+        tmux.wait_for("merge order")  # the help of this step
+        tmux("send-keys", "-t", "main", "Escape")
+        deadline = time.monotonic() + 15  # a lone Escape is told from a key sequence by a delay
+        while "merge order" in tmux.screen() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "merge order" not in tmux.screen(), "Escape did not close the help"
+        tmux("send-keys", "-t", "main", "-l", "./models/base")
+        tmux.wait_for("./models/base")
+        tmux("send-keys", "-t", "main", "C-q")
+        deadline = time.monotonic() + 15
+        while tmux("has-session", "-t", "main").returncode == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert tmux("has-session", "-t", "main").returncode != 0, "Ctrl+Q did not quit"
+    finally:
+        tmux("kill-server")
+    # what was typed is not lost: the draft was autosaved on the way out
+    assert "./models/base" in (tmp_path / "state" / "draft.json").read_text()
