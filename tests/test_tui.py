@@ -215,6 +215,10 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         assert "VRAM: no GPU in use" in str(run.query_one("#vram", Static).render())
         await pilot.press("escape")
         await pilot.pause()
+        app.screen.query_one("#save-path", Input).value = "replay.toml"
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+        assert "mergetui run" in str(app.screen.query_one("#headless", Static).render())
         app.draft.output = str(tmp_path / "cancelled")
         app.action_run()
         await pilot.pause()
@@ -228,6 +232,22 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         )
         assert not (tmp_path / "cancelled").exists()
         assert not list(tmp_path.glob(".cancelled.mergetui-partial-*"))
+    # the saved recipe, replayed headless, gives the very same weights as the merge run in the UI
+    replay = subprocess.run(
+        [sys.executable, "-m", "mergetui", "run", str(tmp_path / "replay.toml"), "-o", "replayed"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert replay.returncode == 0, replay.stderr
+    from conftest import tree_digest
+
+    ui, headless = tree_digest(tmp_path / "merged"), tree_digest(tmp_path / "replayed")
+    weights = [
+        name for name in ui if name.endswith((".safetensors", ".json")) and "mergetui" not in name
+    ]
+    assert weights and all(ui[name] == headless[name] for name in weights), (ui, headless)
 
 
 async def _wait_until(pilot: object, condition: object, what: str, timeout_s: float = 120) -> None:
@@ -530,10 +550,40 @@ def test_models_step_completes_paths_reorders_and_takes_a_lora(
     asyncio.run(_models_flow(tmp_path, models))
 
 
+async def _browse(pilot: object, app: object, root: Path, name: str) -> None:
+    """Browse from ``root`` and pick its folder ``name``, with the tree's own selection."""
+    from textual.widgets import DirectoryTree
+
+    from mergetui.tui.screens.dialogs import BrowseScreen
+
+    app.screen.query_one("#browse", Button).press()  # type: ignore[attr-defined]
+    await pilot.pause()  # type: ignore[attr-defined]
+    dialog = app.screen  # type: ignore[attr-defined]
+    assert isinstance(dialog, BrowseScreen)
+    field = dialog.query_one("#browse-root", Input)
+    field.value = str(root)
+    field.focus()
+    await pilot.press("enter")  # type: ignore[attr-defined]
+    tree = dialog.query_one("#browse-tree", DirectoryTree)
+
+    def node() -> object:
+        return next((n for n in tree.root.children if str(n.label) == name), None)
+
+    await _wait_until(pilot, node, f"{name} in the tree")
+    tree.select_node(node())  # type: ignore[arg-type]
+    await _wait_until(pilot, lambda: not isinstance(app.screen, BrowseScreen), "the pick")  # type: ignore[attr-defined]
+    await pilot.pause()  # type: ignore[attr-defined]  # (focus returns to the step's widgets)
+
+
 async def _models_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     app = create_app(tmp_path)
     async with app.run_test(size=(100, 36)) as pilot:
         screen = app.screen
+        await _browse(pilot, app, models["ft_b"].parent, "ft_b")
+        assert screen.query_one("#model", Input).value == str(models["ft_b"])
+        await _browse(pilot, app, tmp_path / "adapters", "code-lora")
+        assert screen.query_one("#lora", Input).value == str(tmp_path / "adapters" / "code-lora")
+        screen.query_one("#lora", Input).value = ""
         field = screen.query_one("#model", Input)
         field.focus()
         stem = str(models["ft_a"])[:-1]  # ".../ft_": ft_a, ft_b and ft_c are there

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Label, Static
+from textual.widgets import Button, DirectoryTree, Input, Label, Static
+
+from mergetui.tui.widgets.paths import PathSuggester
 
 
 class HelpScreen(ModalScreen[None]):
@@ -74,3 +78,37 @@ class ChoiceScreen(ModalScreen[str]):
 
     def action_safe(self) -> None:
         self.dismiss(self.choices[-1][0])
+
+
+class BrowseScreen(ModalScreen[str | None]):
+    """Browse the disk for a model or adapter folder (one with ``config.json`` or
+    ``adapter_config.json``); the field at the top re-roots the tree (paths complete as typed)."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Cancel")]
+
+    def __init__(self, start: Path) -> None:
+        super().__init__()
+        self.start = start
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog", id="browse-dialog"):
+            yield Label("Pick a model folder (Enter on a folder with a config.json); Esc cancels")
+            yield Input(str(self.start), id="browse-root", suggester=PathSuggester(self.start))
+            yield DirectoryTree(self.start, id="browse-tree")
+
+    @on(Input.Submitted, "#browse-root")
+    def reroot(self, event: Input.Submitted) -> None:
+        folder = Path(event.value).expanduser()
+        if not folder.is_dir():
+            self.app.notify(f"not a folder: {folder}", severity="warning")
+            return
+        self.query_one("#browse-tree", DirectoryTree).path = folder
+
+    @on(DirectoryTree.DirectorySelected)
+    def chosen(self, event: DirectoryTree.DirectorySelected) -> None:
+        folder = Path(event.path)
+        if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
+            self.dismiss(str(folder))
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)

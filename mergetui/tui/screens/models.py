@@ -5,6 +5,7 @@ anything is downloaded, and downloads in the background."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from textual import on, work
@@ -43,7 +44,8 @@ class ModelsScreen(Screen[None]):
 
 The **base** is the model the others were fine-tuned from (task vectors are taken against it;
 linear and SLERP can do without). Then each **model to merge**: a folder (→ accepts the
-suggested completion), or a Hub id `org/name` (optionally `@revision`), with an optional
+suggested completion; **Browse…** picks one on disk), or a Hub id `org/name` (optionally
+`@revision`), with an optional
 **LoRA adapter** (a folder or Hub id) folded into that model first.
 
 The chosen models are listed in merge order: **Alt+↑ / Alt+↓** (or Up/Down) move the selected
@@ -79,6 +81,7 @@ Ctrl+N checks compatibility, before any weight is read.
                     suggester=PathSuggester(base_dir),
                 )
                 yield Button("Add", id="add", variant="primary")
+                yield Button("Browse…", id="browse")
             yield DataTable(id="chosen", cursor_type="row")
             with Horizontal(classes="row"):
                 yield Button("Up", id="up")
@@ -141,6 +144,19 @@ Ctrl+N checks compatibility, before any weight is read.
         if field.value.strip():
             field.value = lora.value = ""
             field.focus()
+
+    @on(Button.Pressed, "#browse")
+    def browse(self) -> None:
+        """Pick a folder on disk: an adapter folder fills the LoRA field, a model the model's."""
+        from mergetui.tui.screens.dialogs import BrowseScreen
+
+        def picked(folder: str | None) -> None:
+            if folder is None:
+                return
+            is_adapter = (Path(folder) / "adapter_config.json").is_file()
+            self.query_one("#lora" if is_adapter else "#model", Input).value = folder
+
+        self.app.push_screen(BrowseScreen(self.app.draft.base_dir), picked)  # type: ignore[attr-defined]
 
     @on(Button.Pressed, "#remove")
     def remove_model(self) -> None:
