@@ -160,10 +160,24 @@ async def _save_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         screen.query_one("#m1-density", Input).value = "0.4"
         screen.query_one("#out-path", Input).value = str(tmp_path / "merged")
         screen.query_one("#out-device", Input).value = "cpu"
+        await pilot.pause()
+        # by default the recipe goes next to the output, following it as it changes
+        assert screen.query_one("#save-path", Input).value == f"{tmp_path / 'merged'}.toml"
         screen.query_one("#save-path", Input).value = "saved.toml"
         await pilot.pause()
         await pilot.press("ctrl+s")
         await pilot.pause()
+        # elsewhere than the draft's folder, the paths are written absolute so it replays from there
+        assert screen.query_one("#save-path", Input).value == "saved.toml"
+        screen.query_one("#out-path", Input).value = "other"
+        await pilot.pause()
+        assert screen.query_one("#save-path", Input).value == "saved.toml"  # chosen by hand: kept
+        screen.query_one("#save-path", Input).value = str(tmp_path / "sub" / "elsewhere.toml")
+        await pilot.press("ctrl+s")
+        await pilot.pause()
+    elsewhere = load_recipe(tmp_path / "sub" / "elsewhere.toml")
+    assert elsewhere.models[0].model == str(models["ft_a"].resolve())
+    assert elsewhere.output_dir == (tmp_path / "other").resolve()
     saved = tmp_path / "saved.toml"
     recipe = load_recipe(saved)
     assert recipe.method == "ties" and recipe.models[1].parameters["density"] == 0.4

@@ -119,14 +119,23 @@ class RecipeDraft:
         )
 
     def save(self, path: Path) -> Path:
-        """Validate and write the recipe TOML to ``path`` (relative paths stay relative to the
-        draft's folder, so write it there or give absolute model paths)."""
+        """Validate and write the recipe TOML to ``path`` (relative to the draft's folder).
+
+        Saved in the draft's folder, paths stay as typed (relative ones keep working if the folder
+        moves); saved anywhere else, local paths are written absolute so the file replays from
+        where it lies."""
         from mergetui.recipe import dump_recipe
 
         target = path if path.is_absolute() else self.base_dir / path
         target.parent.mkdir(parents=True, exist_ok=True)
-        dump_recipe(self.to_recipe(), target)
+        elsewhere = target.parent.resolve() != self.base_dir.resolve()
+        dump_recipe(self.to_recipe(), target, absolute_paths=elsewhere)
         return target
+
+    def default_save_path(self) -> str:
+        """Next to the output: ``OUTPUT.toml`` beside the output folder."""
+        output = self.output.rstrip("/") or "merged"
+        return f"{output}.toml"
 
     def to_recipe(self) -> Any:
         """Validate the draft into a :class:`~mergetui.recipe.Recipe` (raises RecipeError)."""

@@ -92,7 +92,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
                 yield Input(str(draft.seed), id="out-seed")
                 yield Label("save the recipe as", classes="model-title")
                 with Horizontal(classes="row"):
-                    yield Input("recipe.toml", id="save-path")
+                    yield Input(draft.default_save_path(), id="save-path")
                     yield Button("Save (ctrl+s)", id="save", variant="success")
                 yield Static("", id="headless", classes="param-help")
             with Vertical(id="method-side"):
@@ -160,6 +160,9 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         draft = self.app.draft  # type: ignore[attr-defined]
         value = event.value.strip()
         if event.input.id == "out-path":
+            save = self.query_one("#save-path", Input)
+            if save.value == draft.default_save_path():  # not chosen by hand: keep it beside
+                save.value = f"{value.rstrip('/') or 'merged'}.toml"
             draft.output = value
         elif event.input.id == "out-device":
             draft.device = value
@@ -167,12 +170,20 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
             draft.seed = int(value) if value.lstrip("-").isdigit() else value  # type: ignore[assignment]
         self._validate()
 
+    @on(Input.Changed, "#save-path")
+    def save_path_changed(self, event: Input.Changed) -> None:
+        self.query_one("#headless", Static).update(
+            f"headless, once saved: mergetui run {event.value.strip() or '…'}"
+        )
+
     @on(Button.Pressed, "#save")
     def action_save(self) -> None:
         from mergetui.errors import MergeTuiError
 
         draft = self.app.draft  # type: ignore[attr-defined]
-        path = Path(self.query_one("#save-path", Input).value.strip() or "recipe.toml").expanduser()
+        path = Path(
+            self.query_one("#save-path", Input).value.strip() or draft.default_save_path()
+        ).expanduser()
         try:
             saved = draft.save(path)
         except MergeTuiError as exc:

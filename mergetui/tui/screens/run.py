@@ -178,8 +178,10 @@ parents.
         self.query_one("#cancel", Button).disabled = True
         self.query_one("#compare", Button).disabled = outcome != "done"
         bar = self.query_one("#run-progress", ProgressBar)
-        if outcome == "done" and bar.total:
-            bar.update(progress=bar.total)
+        if outcome == "done":
+            self.app.mark_saved()  # type: ignore[attr-defined]  # the output holds mergetui.toml
+            if bar.total:
+                bar.update(progress=bar.total)
         self.app.notify(
             message.splitlines()[0],
             title=outcome,
