@@ -94,7 +94,11 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
                 with Horizontal(classes="row"):
                     yield Input(draft.default_save_path(), id="save-path")
                     yield Button("Save (ctrl+s)", id="save", variant="success")
-                yield Static("", id="headless", classes="param-help")
+                yield Static(
+                    f"headless, once saved: mergetui run {draft.default_save_path()}",
+                    id="headless",
+                    classes="param-help",
+                )
             with Vertical(id="method-side"):
                 yield Static("", id="problems")
                 yield Static("", id="preview", markup=False)
