@@ -177,8 +177,14 @@ def start_job(recipe_toml: str, output: str, *, root: Path | None = None) -> Job
     terminal, so closing the terminal (or the SSH connection) does not stop the merge."""
     base = root or jobs_dir()
     base.mkdir(parents=True, exist_ok=True)
-    folder = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-    folder.mkdir()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for attempt in range(1, 1000):  # short, sortable names: the second in a second gets "-2"
+        folder = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir()
+            break
+        except FileExistsError:
+            continue
     (folder / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
     process = subprocess.Popen(
         [sys.executable, "-m", "mergetui.jobs", str(folder)],

@@ -104,3 +104,45 @@ def test_a_failing_merge_reports_its_error(tmp_path: Path, models: dict[str, Pat
     message = job.outcome().message
     assert "--force" in message or "exists" in message, message
     assert (out / "keep.txt").read_text(encoding="utf-8") == "user data"
+
+
+def test_jobs_command_lists_and_cancels(tmp_path: Path, models: dict[str, Path]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    job = start_job(_recipe(models, out), str(out))  # in the state folder the CLI reads
+    listed = subprocess.run(
+        [sys.executable, "-m", "mergetui", "jobs", "--json"], capture_output=True, text=True
+    )
+    assert listed.returncode == 0, listed.stderr
+    [row] = json.loads(listed.stdout)
+    assert row["job"] == job.folder.name and row["output"] == str(out)
+    assert row["state"] in (RUNNING, DONE)
+    assert _wait(job) == DONE  # a finished job cannot be cancelled: said, and nothing changes
+    finished = subprocess.run(
+        [sys.executable, "-m", "mergetui", "jobs", "cancel", job.folder.name],
+        capture_output=True,
+        text=True,
+    )
+    assert finished.returncode == 2 and "is not running (done)" in finished.stderr
+    assert (out / "model.safetensors").is_file()
+    second = start_job(_recipe(models, tmp_path / "second"), str(tmp_path / "second"))
+    cancelled = subprocess.run(  # the merge is still starting up (importing torch): it is stopped
+        [sys.executable, "-m", "mergetui", "jobs", "cancel", "latest"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"{second.folder.name}: cancelled" in cancelled.stdout
+    assert second.outcome().state == CANCELLED and not (tmp_path / "second").exists()
+    unknown = subprocess.run(
+        [sys.executable, "-m", "mergetui", "jobs", "cancel", "nope"], capture_output=True, text=True
+    )
+    assert unknown.returncode == 2 and "no background merge named 'nope'" in unknown.stderr
+    table = subprocess.run(
+        [sys.executable, "-m", "mergetui", "jobs"], capture_output=True, text=True
+    )
+    assert table.returncode == 0 and job.folder.name in table.stdout

@@ -19,6 +19,7 @@ import typer
 from mergetui import __version__
 from mergetui.cli import evaluate as evaluate_commands
 from mergetui.cli.hub import hub_app
+from mergetui.cli.jobs import jobs_app
 from mergetui.cli.output import (
     JsonOpt,
     console,
@@ -42,6 +43,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(hub_app, name="hub")
+app.add_typer(jobs_app, name="jobs")
 app.command("compare")(evaluate_commands.compare)
 app.command("eval")(evaluate_commands.evaluate)
 

@@ -1,0 +1,96 @@
+"""``mergetui jobs``: the background merges the TUI started (the headless side of reattaching)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mergetui.cli.output import JsonOpt, console, guard
+from mergetui.errors import UsageError
+from mergetui.jobs import RUNNING, Job, jobs_dir, list_jobs
+
+jobs_app = typer.Typer(
+    help="Background merges started from the TUI: list them, or cancel one.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+def _progress(job: Job) -> str:
+    """``done/total`` tensors from the newest progress event, or "" before the first."""
+    for event in reversed(job.read_events(0)[0]):
+        if "tensors_total" in event:
+            return f"{event['tensors_done']}/{event['tensors_total']}"
+    return ""
+
+
+@jobs_app.callback()
+def list_command(context: typer.Context, as_json: JsonOpt = False) -> None:
+    """List background merges, newest first: state, progress, output and job folder."""
+    if context.invoked_subcommand is not None:
+        return
+    jobs = list_jobs()
+    rows = []
+    for job in jobs:
+        outcome = job.outcome()
+        rows.append(
+            {
+                "job": job.folder.name,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.started)),
+                "state": outcome.state,
+                "progress": _progress(job),
+                "message": outcome.message,
+                "output": job.output,
+                "folder": str(job.folder),
+            }
+        )
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print(f"no background merges in {jobs_dir()}")
+        return
+    table = Table(title=f"background merges in {jobs_dir()}")
+    for column in ("job", "started", "state", "tensors", "output"):
+        table.add_column(column, no_wrap=column != "output")
+    for row in rows:
+        colour = {"running": "cyan", "done": "green", "cancelled": "yellow"}.get(
+            row["state"], "red"
+        )
+        table.add_row(
+            row["job"],
+            row["started"],
+            f"[{colour}]{row['state']}[/]",
+            row["progress"],
+            row["output"],
+        )
+    console.print(table)
+    console.print(
+        "each job folder holds its recipe, events.jsonl (the --json events) and stderr.log"
+    )
+
+
+@jobs_app.command()
+def cancel(
+    job: Annotated[str, typer.Argument(help="The job's name (from `mergetui jobs`), or `latest`.")],
+) -> None:
+    """Cancel a running background merge (its partial output is removed)."""
+    with guard():
+        found = list_jobs()
+        chosen = found[0] if job == "latest" and found else None
+        chosen = chosen or next((j for j in found if j.folder.name == job), None)
+        if chosen is None:
+            raise UsageError(f"no background merge named {job!r}; `mergetui jobs` lists them")
+        if chosen.outcome().state != RUNNING:
+            raise UsageError(f"{chosen.folder.name} is not running ({chosen.outcome().state})")
+        chosen.cancel()
+        for _ in range(100):
+            if chosen.outcome().state != RUNNING:
+                break
+            time.sleep(0.1)
+    outcome = chosen.outcome()
+    console.print(f"{chosen.folder.name}: {outcome.state}: {outcome.message}")
