@@ -70,3 +70,61 @@ def test_the_app_in_tmux_at_80x24_without_colour(tmp_path: Path) -> None:
         tmux("kill-server")
     # what was typed is not lost: the draft was autosaved on the way out
     assert "./models/base" in (tmp_path / "state" / "draft.json").read_text()
+
+
+def test_a_merge_outlives_the_terminal_that_started_it(
+    tmp_path: Path, models: dict[str, Path], write_recipe: object
+) -> None:
+    """The SSH connection drops: tmux's session is killed, the app gets SIGHUP and dies; the
+    merge it started goes on to a complete output, and the next ``mergetui`` finds it."""
+    from mergetui.jobs import DONE, RUNNING, list_jobs
+
+    recipe = write_recipe(  # type: ignore[operator]
+        f"""
+        version = 1
+        [merge]
+        method = "ties"
+        base = "{models["base"]}"
+        device = "cpu"
+        [[models]]
+        model = "{models["ft_a"]}"
+        weight = 1.0
+        density = 0.5
+        [[models]]
+        model = "{models["ft_c"]}"
+        weight = 1.0
+        density = 0.5
+        [output]
+        path = "merged"
+        """
+    )
+    state = Path(os.environ["MERGETUI_LOG_DIR"])
+    tmux = Tmux(f"mergetui-hup-{os.getpid()}")
+    command = f"cd {tmp_path} && exec {sys.executable} -m mergetui open {recipe}"
+    started = tmux(
+        "new-session", "-d", "-s", "main", "-x", "100", "-y", "30",
+        "-e", f"MERGETUI_LOG_DIR={state}", command,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    try:
+        tmux.wait_for("1 · Models")
+        tmux("send-keys", "-t", "main", "C-n")
+        tmux.wait_for("compatible")
+        tmux("send-keys", "-t", "main", "C-n")
+        tmux.wait_for("3 · Method")
+        tmux("send-keys", "-t", "main", "C-r")
+        tmux.wait_for("4 · Run")
+        deadline = time.monotonic() + 30
+        while not list_jobs() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [job] = list_jobs()
+        assert job.outcome().state == RUNNING
+        tmux("kill-session", "-t", "main")  # the terminal goes away, as with a dropped connection
+    finally:
+        tmux("kill-server")
+    deadline = time.monotonic() + 120
+    while job.outcome().state == RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert job.outcome().state == DONE, (job.outcome(), job.stderr_text())
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    assert not job.seen  # no UI has shown the outcome yet: the next start offers it
