@@ -465,6 +465,26 @@ async def _help_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     assert "missing.jsonl" in log_text and "Traceback" in log_text
 
 
+def test_the_command_palette_jumps_to_a_step(tmp_path: Path, models: dict[str, Path]) -> None:
+    asyncio.run(_palette_flow(tmp_path, models))
+
+
+async def _palette_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from textual.command import CommandPalette
+
+    from mergetui.tui.screens.method import MethodScreen
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(100, 36)) as pilot:
+        await _choose(pilot, app, models["base"], [models["ft_a"], models["ft_c"]])
+        await pilot.press("ctrl+p")
+        await _wait_until(pilot, lambda: isinstance(app.screen, CommandPalette), "the palette")
+        await pilot.press(*"step 3")
+        await pilot.pause(0.5)
+        await pilot.press("enter")
+        await _wait_until(pilot, lambda: isinstance(app.screen, MethodScreen), "step 3")
+
+
 def test_compare_answers_stream_side_by_side_and_the_eval_table(
     tmp_path: Path, models: dict[str, Path], write_recipe: object
 ) -> None:
