@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,8 @@ from mergetui.logs import log_dir
 
 #: What a job can be: still merging, or one of the ways a merge ends.
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
+#: finished jobs kept (their logs and events) before the oldest are deleted
+KEEP_JOBS = 20
 
 
 def jobs_dir() -> Path:
@@ -177,6 +180,7 @@ def start_job(recipe_toml: str, output: str, *, root: Path | None = None) -> Job
     terminal, so closing the terminal (or the SSH connection) does not stop the merge."""
     base = root or jobs_dir()
     base.mkdir(parents=True, exist_ok=True)
+    prune_jobs(base)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for attempt in range(1, 1000):  # short, sortable names: the second in a second gets "-2"
         folder = base / (stamp if attempt == 1 else f"{stamp}-{attempt}")
@@ -213,6 +217,17 @@ def list_jobs(root: Path | None = None) -> list[Job]:
         return []
     jobs = [Job(folder) for folder in base.iterdir() if (folder / "job.json").is_file()]
     return sorted(jobs, key=lambda job: job.started, reverse=True)
+
+
+def prune_jobs(root: Path | None = None, keep: int = KEEP_JOBS) -> list[Path]:
+    """Delete the folders of old jobs: finished ones a UI has shown, beyond the newest ``keep``
+    (a running job, or one whose outcome nobody has seen, is never deleted). Returns them."""
+    removed = []
+    finished = [job for job in list_jobs(root) if job.seen and job.outcome().state != RUNNING]
+    for job in finished[keep:]:
+        shutil.rmtree(job.folder, ignore_errors=True)
+        removed.append(job.folder)
+    return removed
 
 
 def job_to_reattach(root: Path | None = None) -> Job | None:

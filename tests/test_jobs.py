@@ -146,3 +146,23 @@ def test_jobs_command_lists_and_cancels(tmp_path: Path, models: dict[str, Path])
         [sys.executable, "-m", "mergetui", "jobs"], capture_output=True, text=True
     )
     assert table.returncode == 0 and job.folder.name in table.stdout
+
+
+def test_old_finished_jobs_are_pruned_but_not_running_or_unseen_ones(tmp_path: Path) -> None:
+    import json
+
+    from mergetui.jobs import prune_jobs
+
+    root = tmp_path / "runs"
+    for index in range(6):  # job folders as finished merges leave them
+        folder = root / f"job-{index}"
+        folder.mkdir(parents=True)
+        (folder / "job.json").write_text(
+            json.dumps({"pid": 0, "pid_created": 0, "started": index, "output": "x"})
+        )
+        (folder / "exit.json").write_text(json.dumps({"exit_code": 0}))
+        if index != 0:  # job-0 finished while nobody watched: kept until a UI shows it
+            (folder / "seen").touch()
+    removed = prune_jobs(root, keep=2)
+    assert sorted(p.name for p in removed) == ["job-1", "job-2", "job-3"]
+    assert sorted(p.name for p in root.iterdir()) == ["job-0", "job-4", "job-5"]

@@ -239,6 +239,13 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         second = app.screen
         assert isinstance(second, RunScreen) and second is not run
         assert second.job is not None
+        await pilot.press("escape")  # leave the screen: the merge runs on, and Run shows it again
+        await pilot.pause()
+        app.action_run()
+        await pilot.pause()
+        again = app.screen
+        assert isinstance(again, RunScreen) and again is not second and again.job == second.job
+        second = again
         second.query_one("#cancel", Button).press()
         assert await _wait_outcome(pilot, second) == "cancelled", (
             str(second.query_one("#run-status", Static).render()),

@@ -144,8 +144,11 @@ class MergeTuiApp(App[None]):
         self.push_screen(MethodScreen())
 
     def action_run(self) -> None:
-        if self.watched_job is not None and self.watched_job.outcome().state == RUNNING:
-            self.notify("a merge is already running; cancel it first", severity="warning")
+        """Start the merge; while one runs, show it again instead (one merge at a time)."""
+        job = self.watched_job
+        if job is not None and job.outcome().state == RUNNING:
+            self.push_screen(RunScreen(job))
+            self.notify("a merge is running: here it is (cancel it to start another)")
             return
         self.push_screen(RunScreen())
 

@@ -81,7 +81,7 @@ parents.
             self.job = self._start()
             if self.job is None:
                 return
-        else:
+        elif self.job is not self.app.watched_job:  # type: ignore[attr-defined]
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.job.started))
             self.query_one("#run-log", Log).write_line(
                 f"reattached to the merge started {started} (job {self.job.folder.name})"
