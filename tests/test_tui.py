@@ -351,6 +351,15 @@ async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause()
     assert app.return_code == 0 or app.return_code is None
     [job] = list_jobs()
+    # `mergetui open` of another recipe keeps that recipe, and does not jump to the merge
+    from mergetui.tui.state import RecipeDraft
+
+    other = RecipeDraft(base="elsewhere/base", base_dir=tmp_path)
+    opened = create_app(draft=other)
+    async with opened.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        assert not isinstance(opened.screen, RunScreen) and opened.draft is other
+    assert not job.seen
     # a new session (the SSH connection came back) finds the merge and shows it to the end
     again = create_app(tmp_path)
     async with again.run_test(size=(120, 40)) as pilot:

@@ -74,8 +74,13 @@ class MergeTuiApp(App[None]):
         self.log_path = setup_logging()
         self.push_screen(ModelsScreen())
         job = job_to_reattach()
-        if job is not None:
+        if job is not None and self.offer_restore:  # a plain start: back to where the user was
             self._reattach(job)
+        elif job is not None and job.outcome().state == RUNNING:
+            # `mergetui open RECIPE` keeps the recipe it was asked to open; the running merge is
+            # still watched, so Run shows it and Ctrl+Q asks before leaving
+            self.watched_job = job
+            self.notify(f"a merge into {job.output} is running: Run (ctrl+r) shows it")
         elif self.offer_restore:
             self._offer_restore()
         self._autosaved = self._draft_state()
