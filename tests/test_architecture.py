@@ -17,6 +17,7 @@ SHARED = {
     "mergetui.errors",
     "mergetui.units",
     "mergetui.logs",
+    "mergetui.gpus",
     "mergetui.methods.registry",
 }
 ALLOWED_EXTRA = {"cli": {"demo", "jobs"}, "tui": {"demo", "jobs"}}

@@ -677,3 +677,31 @@ async def _models_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         table = app.screen.query_one("#check-table", DataTable)
         lora_rows = [table.get_row_at(i) for i in range(table.row_count)]
         assert any(str(row[0]) == "LoRA" and "code-lora" in str(row[-1]) for row in lora_rows)
+
+
+def test_the_run_step_shows_every_gpu_the_driver_reports(
+    tmp_path: Path, models: dict[str, Path], monkeypatch: object
+) -> None:
+    import os
+
+    from test_gpus import TWO_GPUS, fake_nvidia_smi
+
+    tools = fake_nvidia_smi(tmp_path / "bin", TWO_GPUS)
+    monkeypatch.setenv("PATH", f"{tools}{os.pathsep}{os.environ['PATH']}")  # type: ignore[attr-defined]
+    asyncio.run(_gpu_flow(tmp_path, models))
+
+
+async def _gpu_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    from mergetui.tui.screens.run import RunScreen
+
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await _start_merge(pilot, app, models, tmp_path / "merged")
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        await _wait_until(pilot, lambda: run.gpu_readings, "a GPU reading")
+        vram = str(run.query_one("#vram", Static).render())
+        assert "GPU 0 NVIDIA H200: 1.0 GiB of 140.4 GiB in use, 3% busy" in vram
+        assert "GPU 1 NVIDIA H200: 78.1 GiB of 140.4 GiB in use, 97% busy" in vram
+        assert run.query_one("#vram-row").display and run.vram_history
+        assert await _wait_outcome(pilot, run) == "done"

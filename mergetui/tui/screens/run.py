@@ -9,16 +9,18 @@ writes (the same ones scripts get).
 
 from __future__ import annotations
 
+import shutil
 import time
 from typing import Any
 
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, Log, ProgressBar, Sparkline, Static
 
+from mergetui.gpus import GpuReading, read_gpus
 from mergetui.jobs import FAILED, RUNNING, Job, start_job
 from mergetui.units import format_bytes, format_duration
 
@@ -55,6 +57,9 @@ parents.
         self.events_read_to = 0
         self.rss_history: list[float] = []
         self.vram_history: list[float] = []
+        self.gpu_readings: list[GpuReading] | None = None  # every GPU, from the driver
+        self.merge_gpus: list[dict[str, Any]] | None = None  # the merge's GPU, from its events
+        self.merge_event: dict[str, Any] = {}
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -90,6 +95,8 @@ parents.
         self.outcome = "running"
         self.poll()
         self.set_interval(self.POLL_S, self.poll, name="job-poll")
+        if shutil.which("nvidia-smi"):  # every GPU of the server, once a second
+            self.set_interval(1.0, self.sample_gpus, name="gpu-poll")
 
     def _start(self) -> Job | None:
         from mergetui.errors import MergeTuiError
@@ -136,11 +143,57 @@ parents.
                 log.write_line(stderr)
             self._finish(outcome.state, outcome.message)
 
+    @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
+    def sample_gpus(self) -> None:
+        if self.outcome not in ("starting", "running"):
+            return
+        readings = read_gpus()
+        self.app.call_from_thread(self._show_gpus, readings)
+
+    def _show_gpus(self, readings: list[GpuReading] | None) -> None:
+        self.gpu_readings = readings
+        merge_index = self.merge_gpus[0]["index"] if self.merge_gpus else None
+        if readings:
+            mine = next((g for g in readings if g.index == merge_index), readings[0])
+            self.vram_history = [*self.vram_history[-59:], float(mine.used_bytes)]
+            self.query_one("#vram-row").display = True
+            self.query_one("#vram-history", Sparkline).data = self.vram_history
+        self._show_vram()
+
+    def _show_vram(self) -> None:
+        """One line per GPU: the driver's view of all of them when nvidia-smi answers, else the
+        merge's own GPU from its events, else that there is none."""
+        event = self.merge_event
+        holds = (
+            f"; this merge holds {format_bytes(event.get('gpu_bytes') or 0)} (peak "
+            f"{format_bytes(event.get('gpu_peak_bytes') or 0)})"
+            if event.get("gpu_bytes") is not None
+            else ""
+        )
+        merge_index = self.merge_gpus[0]["index"] if self.merge_gpus else None
+        if self.gpu_readings:
+            lines = [
+                f"GPU {g.index} {g.name}: {format_bytes(g.used_bytes)} of "
+                f"{format_bytes(g.total_bytes)} in use"
+                + ("" if g.utilization_percent is None else f", {g.utilization_percent}% busy")
+                + (f" ← the merge{holds}" if g.index == merge_index else "")
+                for g in self.gpu_readings
+            ]
+        elif self.merge_gpus:
+            lines = [
+                f"GPU {g['index']} {g['name']}: {format_bytes(g['used_bytes'])} of "
+                f"{format_bytes(g['total_bytes'])} in use{holds}"
+                for g in self.merge_gpus
+            ]
+        else:
+            lines = ["VRAM: no GPU in use"]
+        self.query_one("#vram", Static).update("\n".join(lines))
+
     def _record(self, event: dict[str, Any]) -> None:
         """Every event goes into the meters' history, even those not drawn one by one."""
         self.rss_history = [*self.rss_history[-59:], float(event["rss_bytes"])]
         gpus = event.get("gpus")
-        if gpus:
+        if gpus and not self.gpu_readings:  # the driver's readings, when there, make the history
             self.vram_history = [*self.vram_history[-59:], float(gpus[0]["used_bytes"])]
 
     def _show(self, event: dict[str, Any]) -> None:
@@ -157,19 +210,12 @@ parents.
             f" (peak {format_bytes(event['peak_rss_bytes'])})"
         )
         self.query_one("#ram-history", Sparkline).data = self.rss_history
-        gpus = event.get("gpus")
-        if gpus:
+        self.merge_event = event
+        if event.get("gpus"):
+            self.merge_gpus = event["gpus"]
             self.query_one("#vram-row").display = True
             self.query_one("#vram-history", Sparkline).data = self.vram_history
-            self.query_one("#vram", Static).update(
-                "\n".join(
-                    f"GPU {g['index']} {g['name']}: {format_bytes(g['used_bytes'])} of "
-                    f"{format_bytes(g['total_bytes'])} in use; this merge holds "
-                    f"{format_bytes(event.get('gpu_bytes') or 0)} (peak "
-                    f"{format_bytes(event.get('gpu_peak_bytes') or 0)})"
-                    for g in gpus
-                )
-            )
+        self._show_vram()
 
     def _finish(self, outcome: str, message: str) -> None:
         self.outcome = outcome
