@@ -158,14 +158,14 @@ class Job:
         return events, offset + end
 
     def cancel(self) -> None:
-        """Ask the merge to stop: SIGTERM to its process group (the CLI treats it like Ctrl-C and
-        removes the partial output). Returns at once; :meth:`outcome` tells when it has stopped."""
+        """Ask the merge to stop: SIGTERM to the supervisor, which passes it on to the merge once
+        (the CLI treats it like Ctrl-C and removes the partial output). Returns at once; :meth:`outcome` tells when it has stopped."""
         if (self.folder / "exit.json").exists():
             return  # already over: nothing to stop
         (self.folder / "cancel").write_text(str(time.time()), encoding="utf-8")
         if self.supervisor_alive():
             with contextlib.suppress(ProcessLookupError):  # it ended between the two calls
-                os.killpg(int(self.info["pid"]), signal.SIGTERM)
+                os.kill(int(self.info["pid"]), signal.SIGTERM)
 
     def mark_seen(self) -> None:
         (self.folder / "seen").touch()
@@ -238,13 +238,35 @@ def job_to_reattach(root: Path | None = None) -> Job | None:
     return None
 
 
+class _Forwarder:
+    """Passes one cancel (SIGTERM) on to the merge, whenever it arrives: before the merge has
+    started (then it is never started), while it starts, or while it runs. Exactly one signal
+    reaches the merge, so a second cannot interrupt the removal of its partial output."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.sent = False
+        self.child: subprocess.Popen[bytes] | None = None
+
+    def on_signal(self, signum: int, frame: object) -> None:
+        self.requested = True
+        self.forward()
+
+    def forward(self) -> None:
+        child = self.child
+        if self.requested and not self.sent and child is not None and child.poll() is None:
+            self.sent = True
+            child.send_signal(signal.SIGTERM)
+
+
 def supervise(folder: Path) -> int:
     """Run the merge of one job folder and record its exit code (the supervisor's body).
 
-    SIGTERM reaches this process and the merge alike (they share a process group); here it only
-    marks the job cancelled, so the supervisor lives to record how the merge ended.
+    A cancel is a SIGTERM to this process, which forwards it to the merge (see
+    :class:`_Forwarder`) and lives on to record how the merge ended.
     """
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    forwarder = _Forwarder()
+    signal.signal(signal.SIGTERM, forwarder.on_signal)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     for _ in range(100):  # the parent writes job.json just after starting us
         if (folder / "job.json").exists():
@@ -255,22 +277,18 @@ def supervise(folder: Path) -> int:
         (folder / "events.jsonl").open("wb") as events,
         (folder / "stderr.log").open("wb") as errors,
     ):
-        if (folder / "cancel").exists():
+        if forwarder.requested or (folder / "cancel").exists():
             code = EXIT_INTERRUPTED
         else:
-            child = subprocess.Popen(
+            forwarder.child = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=events,
                 stderr=errors,
                 restore_signals=True,
             )
-            while True:
-                try:
-                    code = child.wait()
-                    break
-                except InterruptedError:  # pragma: no cover - PEP 475 retries for us
-                    continue
+            forwarder.forward()  # a cancel that arrived while the merge was being started
+            code = forwarder.child.wait()
     temporary = folder / "exit.json.tmp"
     temporary.write_text(json.dumps({"exit_code": code, "ended": time.time()}), encoding="utf-8")
     temporary.replace(folder / "exit.json")

@@ -84,6 +84,18 @@ def save_finetune(
     return directory
 
 
+@pytest.fixture(scope="session")
+def slow_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base and two fine-tunes big enough (16 layers, 46M parameters) that a merge of them
+    takes a few seconds, for tests that must act while a merge is still running."""
+    root = tmp_path_factory.mktemp("slow-models")
+    deep = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=16)
+    zoo = {"base": save_llama(root / "base", seed=10, **deep)}
+    zoo["ft_a"] = save_finetune(zoo["base"], root / "ft_a", seed=11)
+    zoo["ft_c"] = save_finetune(zoo["base"], root / "ft_c", seed=12)
+    return zoo
+
+
 def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory``: proof that sources were not touched."""
     return {

@@ -202,8 +202,10 @@ async def _start_merge(pilot: object, app: object, models: dict[str, Path], outp
     await pilot.pause()  # type: ignore[attr-defined]
 
 
-def test_run_a_merge_to_completion_then_cancel_one(tmp_path: Path, models: dict[str, Path]) -> None:
-    asyncio.run(_run_flow(tmp_path, models))
+def test_run_a_merge_to_completion_then_cancel_one(
+    tmp_path: Path, models: dict[str, Path], slow_models: dict[str, Path]
+) -> None:
+    asyncio.run(_run_flow(tmp_path, models, slow_models))
 
 
 async def _wait_outcome(pilot: object, screen: object, timeout_s: float = 120) -> str:
@@ -214,8 +216,9 @@ async def _wait_outcome(pilot: object, screen: object, timeout_s: float = 120) -
     raise AssertionError("the merge never finished")
 
 
-async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+async def _run_flow(tmp_path: Path, models: dict[str, Path], slow_models: dict[str, Path]) -> None:
     from mergetui.tui.screens.run import RunScreen
+    from mergetui.tui.state import ModelDraft
 
     app = create_app(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -234,18 +237,16 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause()
         assert "mergetui run" in str(app.screen.query_one("#headless", Static).render())
         app.draft.output = str(tmp_path / "cancelled")
+        app.draft.base = str(slow_models["base"])  # a merge that lasts long enough to cancel
+        app.draft.models = [
+            ModelDraft(str(slow_models[name]), parameters=dict(entry.parameters))
+            for name, entry in zip(("ft_a", "ft_c"), app.draft.models, strict=True)
+        ]
         app.action_run()
         await pilot.pause()
         second = app.screen
         assert isinstance(second, RunScreen) and second is not run
         assert second.job is not None
-        await pilot.press("escape")  # leave the screen: the merge runs on, and Run shows it again
-        await pilot.pause()
-        app.action_run()
-        await pilot.pause()
-        again = app.screen
-        assert isinstance(again, RunScreen) and again is not second and again.job == second.job
-        second = again
         second.query_one("#cancel", Button).press()
         assert await _wait_outcome(pilot, second) == "cancelled", (
             str(second.query_one("#run-status", Static).render()),
@@ -330,9 +331,9 @@ async def _gating_flow(tmp_path: Path, models: dict[str, Path]) -> None:
 
 
 def test_quit_while_merging_detaches_and_the_next_start_reattaches(
-    tmp_path: Path, models: dict[str, Path]
+    tmp_path: Path, slow_models: dict[str, Path]
 ) -> None:
-    asyncio.run(_detach_flow(tmp_path, models))
+    asyncio.run(_detach_flow(tmp_path, slow_models))
 
 
 async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -343,7 +344,14 @@ async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     app = create_app(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
         await _start_merge(pilot, app, models, tmp_path / "merged")
-        assert isinstance(app.screen, RunScreen)
+        first = app.screen
+        assert isinstance(first, RunScreen)
+        await pilot.press("escape")  # leave the screen: the merge runs on, and Run shows it again
+        await pilot.pause()
+        app.action_run()
+        await pilot.pause()
+        again = app.screen
+        assert isinstance(again, RunScreen) and again is not first and again.job == first.job
         await pilot.press("ctrl+q")
         await pilot.pause()
         assert isinstance(app.screen, ChoiceScreen), "quitting during a merge must ask first"
@@ -376,8 +384,8 @@ async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         assert not isinstance(third.screen, RunScreen)
 
 
-def test_quit_can_cancel_the_running_merge(tmp_path: Path, models: dict[str, Path]) -> None:
-    asyncio.run(_quit_cancel_flow(tmp_path, models))
+def test_quit_can_cancel_the_running_merge(tmp_path: Path, slow_models: dict[str, Path]) -> None:
+    asyncio.run(_quit_cancel_flow(tmp_path, slow_models))
 
 
 async def _quit_cancel_flow(tmp_path: Path, models: dict[str, Path]) -> None:

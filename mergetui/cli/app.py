@@ -264,7 +264,9 @@ def demo(
 
 
 def _terminate(signum: int, frame: object) -> None:
-    """SIGTERM behaves like Ctrl-C: the merge stops and removes its partial output."""
+    """SIGTERM behaves like Ctrl-C: the merge stops and removes its partial output. Only the
+    first one interrupts; later ones are ignored, so they cannot cut that clean-up short."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
