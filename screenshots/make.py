@@ -1,19 +1,25 @@
 """Render the README's screenshots: one SVG per step of the TUI, at 120×36.
 
-    python screenshots/make.py [--size 120x36]
+    python screenshots/make.py [--size 120x36] [--demo DIR]
 
 The scenes are the snapshot tests' (``tests/snapshot_scenes.py``): tiny random models built
 here (a few seconds, cached under ``screenshots/.work/``, which git ignores), a recipe that names
 them relatively, and a recorded merge, so the pictures are the same on every machine.
+
+The compare step is pictured with the demo's trained models instead (random ones answer
+gibberish): ``mergetui demo --dir DIR`` is run first when DIR has no demo yet (about two minutes
+on two cores), then a prompt from the math task is answered and both task files are scored.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,23 +29,39 @@ sys.path.insert(0, str(HERE.parent / "tests"))
 from snapshot_scenes import SCENES, build_models, pin_environment, prepare, scene_app  # noqa: E402
 
 
-async def answers(pilot: object) -> None:
-    """The compare step with answers in (the snapshot stops before: tokens/s vary)."""
+async def _until(pilot: Any, status: Any, prefix: str) -> None:
+    for _ in range(2400):
+        if str(status.render()).startswith(prefix):
+            return
+        await pilot.pause(0.05)
+    raise RuntimeError(f"the compare step never got to {prefix!r}: {status.render()}")
+
+
+async def demo_compare(demo: Path, size: tuple[int, int]) -> str:
+    """The compare step on the demo: the merge, the base and both specialists answer a sum, and
+    the eval table shows what the merge kept of each specialist's score."""
     from textual.widgets import Input, Static
 
-    screen = pilot.app.screen  # type: ignore[attr-defined]
-    screen.query_one("#prompt", Input).value = "12+34="
-    screen.query_one("#max-tokens", Input).value = "16"
-    screen.action_generate()
-    status = screen.query_one("#compare-status", Static)
-    for _ in range(600):
-        if str(status.render()).startswith("done"):
-            break
-        await pilot.pause(0.05)  # type: ignore[attr-defined]
+    from mergetui.recipe import load_recipe
+    from mergetui.tui.app import create_app
+    from mergetui.tui.state import RecipeDraft
 
-
-#: extra steps for the pictures, after the scene's own
-SHOWCASE = {"5-compare": answers}
+    app = create_app(draft=RecipeDraft.from_recipe(load_recipe(demo / "demo-ties.toml")))
+    async with app.run_test(size=size) as pilot:
+        app.action_compare()
+        await pilot.pause()
+        screen = app.screen
+        status = screen.query_one("#compare-status", Static)
+        await _until(pilot, status, "4 model(s)")
+        screen.query_one("#prompt", Input).value = "12+34="
+        screen.query_one("#max-tokens", Input).value = "8"
+        screen.action_generate()
+        await _until(pilot, status, "done")
+        screen.query_one("#tasks", Input).value = "math=tasks/math.jsonl code=tasks/code.jsonl"
+        screen.score()
+        await _until(pilot, status, "scored")
+        await pilot.pause(0.3)
+        return app.export_screenshot(title="mergetui · 5-compare (the demo's models)")
 
 
 async def render(scene: str, workspace: Path, state: Path, size: tuple[int, int]) -> str:
@@ -47,8 +69,6 @@ async def render(scene: str, workspace: Path, state: Path, size: tuple[int, int]
     app = scene_app(kind, workspace, state)
     async with app.run_test(size=size) as pilot:
         await run_before(pilot)
-        if scene in SHOWCASE:
-            await SHOWCASE[scene](pilot)
         await pilot.pause(0.3)
         return app.export_screenshot(title=f"mergetui · {scene}")
 
@@ -56,15 +76,23 @@ async def render(scene: str, workspace: Path, state: Path, size: tuple[int, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="120x36", help="terminal size, COLUMNSxROWS")
+    parser.add_argument("--demo", type=Path, default=HERE / ".work" / "demo", help="demo folder")
     args = parser.parse_args()
     columns, rows = (int(n) for n in args.size.split("x"))
     work = HERE / ".work"
     models = build_models(work / "models")
     workspace = prepare(work / "workspace", models)
+    if not (args.demo / "merged" / "config.json").is_file():
+        subprocess.run(
+            [sys.executable, "-m", "mergetui", "demo", "--dir", str(args.demo)], check=True
+        )
     for scene in SCENES:
         with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as state:
             pin_environment(patch, Path(state))
-            svg = asyncio.run(render(scene, workspace, Path(state), (columns, rows)))
+            if scene == "5-compare":
+                svg = asyncio.run(demo_compare(args.demo, (columns, rows)))
+            else:
+                svg = asyncio.run(render(scene, workspace, Path(state), (columns, rows)))
         target = HERE / f"{scene}.svg"
         target.write_text(svg, encoding="utf-8")
         print(f"wrote {target.relative_to(HERE.parent)} ({len(svg) // 1024} KiB)")
