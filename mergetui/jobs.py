@@ -28,6 +28,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +61,9 @@ class Job:
 
     folder: Path
 
-    @property
+    @cached_property
     def info(self) -> dict[str, Any]:
+        """``job.json``, read once: it is written before the job is handed out and never changes."""
         return json.loads((self.folder / "job.json").read_text(encoding="utf-8"))
 
     @property

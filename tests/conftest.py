@@ -96,6 +96,16 @@ def slow_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return zoo
 
 
+def ties_recipe(models: dict[str, Path], output: Path | str) -> str:
+    """The recipe many tests run: a TIES merge of ``ft_a`` and ``ft_c`` onto ``base``, on CPU."""
+    return (
+        f'version = 1\n[merge]\nmethod = "ties"\nbase = "{models["base"]}"\ndevice = "cpu"\n'
+        f'[[models]]\nmodel = "{models["ft_a"]}"\nweight = 1.0\ndensity = 0.5\n'
+        f'[[models]]\nmodel = "{models["ft_c"]}"\nweight = 1.0\ndensity = 0.5\n'
+        f'[output]\npath = "{output}"\n'
+    )
+
+
 def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory``: proof that sources were not touched."""
     return {

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import psutil
+from conftest import ties_recipe
 
 from mergetui.jobs import (
     CANCELLED,
@@ -19,15 +20,6 @@ from mergetui.jobs import (
     list_jobs,
     start_job,
 )
-
-
-def _recipe(models: dict[str, Path], output: Path, method: str = "ties") -> str:
-    return (
-        f'version = 1\n[merge]\nmethod = "{method}"\nbase = "{models["base"]}"\ndevice = "cpu"\n'
-        f'[[models]]\nmodel = "{models["ft_a"]}"\nweight = 1.0\ndensity = 0.5\n'
-        f'[[models]]\nmodel = "{models["ft_c"]}"\nweight = 1.0\ndensity = 0.5\n'
-        f'[output]\npath = "{output}"\n'
-    )
 
 
 def _wait(job: Job, timeout_s: float = 120) -> str:
@@ -44,7 +36,7 @@ def test_a_job_runs_detached_and_records_events_and_exit(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:
     job = start_job(
-        _recipe(models, tmp_path / "out"), str(tmp_path / "out"), root=tmp_path / "runs"
+        ties_recipe(models, tmp_path / "out"), str(tmp_path / "out"), root=tmp_path / "runs"
     )
     supervisor = psutil.Process(job.info["pid"])
     assert os.getsid(supervisor.pid) == supervisor.pid != os.getsid(0)  # its own session
@@ -65,10 +57,10 @@ def test_a_job_runs_detached_and_records_events_and_exit(
 
 
 def test_cancel_stops_the_merge_and_leaves_no_output(
-    tmp_path: Path, models: dict[str, Path]
+    tmp_path: Path, slow_models: dict[str, Path]
 ) -> None:
-    out = tmp_path / "out"
-    job = start_job(_recipe(models, out), str(out), root=tmp_path / "runs")
+    out = tmp_path / "out"  # a merge that lasts long enough to be cancelled while it runs
+    job = start_job(ties_recipe(slow_models, out), str(out), root=tmp_path / "runs")
     deadline = time.monotonic() + 60
     while not job.read_events(0)[0] and time.monotonic() < deadline:  # wait for the merge to start
         time.sleep(0.05)
@@ -85,7 +77,7 @@ def test_a_killed_merge_is_reported_failed_not_running(
 ) -> None:
     """An OOM kill takes the merge (and here its supervisor) without a word: the job must say so."""
     out = tmp_path / "out"
-    job = start_job(_recipe(models, out), str(out), root=tmp_path / "runs")
+    job = start_job(ties_recipe(models, out), str(out), root=tmp_path / "runs")
     os.killpg(job.info["pid"], signal.SIGKILL)
     deadline = time.monotonic() + 10
     while job.supervisor_alive() and time.monotonic() < deadline:
@@ -99,7 +91,7 @@ def test_a_failing_merge_reports_its_error(tmp_path: Path, models: dict[str, Pat
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("user data", encoding="utf-8")
-    job = start_job(_recipe(models, out), str(out), root=tmp_path / "runs")
+    job = start_job(ties_recipe(models, out), str(out), root=tmp_path / "runs")
     assert _wait(job) == FAILED
     message = job.outcome().message
     assert "--force" in message or "exists" in message, message
@@ -112,7 +104,7 @@ def test_jobs_command_lists_and_cancels(tmp_path: Path, models: dict[str, Path])
     import sys
 
     out = tmp_path / "out"
-    job = start_job(_recipe(models, out), str(out))  # in the state folder the CLI reads
+    job = start_job(ties_recipe(models, out), str(out))  # in the state folder the CLI reads
     listed = subprocess.run(
         [sys.executable, "-m", "mergetui", "jobs", "--json"], capture_output=True, text=True
     )
@@ -128,7 +120,7 @@ def test_jobs_command_lists_and_cancels(tmp_path: Path, models: dict[str, Path])
     )
     assert finished.returncode == 2 and "is not running (done)" in finished.stderr
     assert (out / "model.safetensors").is_file()
-    second = start_job(_recipe(models, tmp_path / "second"), str(tmp_path / "second"))
+    second = start_job(ties_recipe(models, tmp_path / "second"), str(tmp_path / "second"))
     cancelled = subprocess.run(  # the merge is still starting up (importing torch): it is stopped
         [sys.executable, "-m", "mergetui", "jobs", "cancel", "latest"],
         capture_output=True,

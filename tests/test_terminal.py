@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import ties_recipe
 
 pytestmark = pytest.mark.skipif(
     shutil.which("tmux") is None, reason="SKIPPED LOUDLY: tmux is not installed here"
@@ -79,25 +80,7 @@ def test_a_merge_outlives_the_terminal_that_started_it(
     merge it started goes on to a complete output, and the next ``mergetui`` finds it."""
     from mergetui.jobs import DONE, RUNNING, list_jobs
 
-    recipe = write_recipe(  # type: ignore[operator]
-        f"""
-        version = 1
-        [merge]
-        method = "ties"
-        base = "{models["base"]}"
-        device = "cpu"
-        [[models]]
-        model = "{models["ft_a"]}"
-        weight = 1.0
-        density = 0.5
-        [[models]]
-        model = "{models["ft_c"]}"
-        weight = 1.0
-        density = 0.5
-        [output]
-        path = "merged"
-        """
-    )
+    recipe = write_recipe(ties_recipe(models, "merged"))  # type: ignore[operator]
     state = Path(os.environ["MERGETUI_LOG_DIR"])
     tmux = Tmux(f"mergetui-hup-{os.getpid()}")
     command = f"cd {tmp_path} && exec {sys.executable} -m mergetui open {recipe}"

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import ties_recipe, tree_digest
 from textual.widgets import Button, DataTable, Input, Label, Static
 
 from mergetui.tui.app import create_app
@@ -263,8 +264,6 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path], slow_models: dict[s
         cwd=tmp_path,
     )
     assert replay.returncode == 0, replay.stderr
-    from conftest import tree_digest
-
     ui, headless = tree_digest(tmp_path / "merged"), tree_digest(tmp_path / "replayed")
     weights = [
         name for name in ui if name.endswith((".safetensors", ".json")) and "mergetui" not in name
@@ -512,25 +511,7 @@ async def _palette_flow(tmp_path: Path, models: dict[str, Path]) -> None:
 def test_compare_answers_stream_side_by_side_and_the_eval_table(
     tmp_path: Path, models: dict[str, Path], write_recipe: object
 ) -> None:
-    recipe_file = write_recipe(  # type: ignore[operator]
-        f"""
-        version = 1
-        [merge]
-        method = "ties"
-        base = "{models["base"]}"
-        device = "cpu"
-        [[models]]
-        model = "{models["ft_a"]}"
-        weight = 1.0
-        density = 0.5
-        [[models]]
-        model = "{models["ft_c"]}"
-        weight = 1.0
-        density = 0.5
-        [output]
-        path = "merged"
-        """
-    )
+    recipe_file = write_recipe(ties_recipe(models, "merged"))  # type: ignore[operator]
     done = subprocess.run(
         [sys.executable, "-m", "mergetui", "run", str(recipe_file)],
         capture_output=True,

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mergetui.engine.progress import ProgressEvent
+from mergetui.engine.report import estimate_lines
 from mergetui.methods.registry import METHODS, MethodSpec
 from mergetui.units import format_bytes, format_count, format_duration
 
@@ -63,23 +64,8 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     for problem in report["problems"]:
         style = "bold red" if problem["severity"] == "error" else "yellow"
         console.print(Text(f"{problem['severity']}: ", style=style) + Text(problem["message"]))
-    est = report.get("estimates") or {}
-    if est:
-        free = est["disk_free_bytes"]
-        lines = [
-            f"output: {report['tensors']} tensors, {format_bytes(est['output_bytes'])} as "
-            f"{report['output_dtype']} (disk free: {format_bytes(free) if free is not None else '?'})",
-            f"reads: {format_bytes(est['input_bytes'])}",
-            f"peak memory on {report['device']}: RAM ≈ {format_bytes(est['peak_ram_bytes'])}"
-            + (
-                f", VRAM ≈ {format_bytes(est['peak_vram_bytes'])}"
-                if est["peak_vram_bytes"] is not None
-                else ""
-            )
-            + f" (largest working set: {est['largest_tensor']})",
-        ]
-        for line in lines:
-            console.print(line)
+    for line in estimate_lines(report):
+        console.print(line)
     verdict = "[green]compatible[/green]" if report["ok"] else "[bold red]cannot merge[/bold red]"
     console.print(verdict)
 

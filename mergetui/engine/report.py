@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mergetui.engine.plan import MergePlan, Source
+from mergetui.units import format_bytes
 
 
 @dataclass
@@ -42,6 +43,25 @@ def model_row(source: Source) -> ModelRow:
         size_on_disk=ckpt.size_on_disk,
         format=ckpt.format,
     )
+
+
+def estimate_lines(report: dict[str, Any]) -> list[str]:
+    """The plan's estimates as plain lines, for the CLI's check and the TUI's check step alike
+    (a shortage of disk is already one of the report's errors)."""
+    est = report.get("estimates") or {}
+    if not est:
+        return []
+    free = est["disk_free_bytes"]
+    vram = est["peak_vram_bytes"]
+    return [
+        f"output ≈ {format_bytes(est['output_bytes'])} as {report['output_dtype']}, "
+        f"{report['tensors']} tensors (disk free: {format_bytes(free) if free is not None else '?'})",
+        f"reads: {format_bytes(est['input_bytes'])}",
+        f"peak RAM ≈ {format_bytes(est['peak_ram_bytes'])}"
+        + ("" if vram is None else f", peak VRAM ≈ {format_bytes(vram)}")
+        + f" merging on {report['device']} (peak memory follows the largest working set: "
+        f"{est['largest_tensor']})",
+    ]
 
 
 def plan_report(plan: MergePlan) -> dict[str, Any]:

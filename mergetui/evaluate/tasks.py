@@ -38,13 +38,16 @@ class Task:
         return "accuracy" if self.kind == "answers" else "perplexity"
 
 
-def parse_task_option(option: str, kind: str) -> Task:
-    """``name=path`` from ``--task`` or ``--text``."""
+def parse_task_option(option: str, kind: str, base_dir: Path | None = None) -> Task:
+    """``name=path`` from ``--task`` or ``--text``; a relative path is taken from ``base_dir``
+    when given (the TUI's recipe folder), else from the working folder."""
     name, sep, path = option.partition("=")
     if not sep or not name.strip() or not path.strip():
         flag = "--task" if kind == "answers" else "--text"
         raise UsageError(f"{flag} {option!r}: write it as NAME=FILE, e.g. {flag} math=math.jsonl")
     file = Path(path.strip()).expanduser()
+    if base_dir is not None and not file.is_absolute():
+        file = base_dir / file
     if kind == "answers":
         return load_answer_task(name.strip(), file)
     return load_text_task(name.strip(), file)

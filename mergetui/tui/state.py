@@ -106,17 +106,9 @@ class RecipeDraft:
     @classmethod
     def from_recipe(cls, recipe: Any) -> RecipeDraft:
         """A draft holding a loaded recipe (``mergetui open``), paths as the recipe wrote them."""
-        return cls(
-            base=recipe.base or "",
-            models=[ModelDraft(e.model, e.lora or "", dict(e.parameters)) for e in recipe.models],
-            method=recipe.method,
-            parameters=dict(recipe.parameters),
-            output=recipe.output_path,
-            dtype=recipe.dtype,
-            device=recipe.device,
-            seed=recipe.seed,
-            base_dir=recipe.base_dir,
-        )
+        from mergetui.recipe.toml_io import recipe_to_data
+
+        return cls.from_data(recipe_to_data(recipe), recipe.base_dir)
 
     def save(self, path: Path) -> Path:
         """Validate and write the recipe TOML to ``path`` (relative to the draft's folder).

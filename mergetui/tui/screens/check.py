@@ -110,6 +110,8 @@ free disk and the peak memory of the merge.
             self.app.action_method()  # type: ignore[attr-defined]
 
     def _show_report(self, report: dict[str, Any]) -> None:
+        from mergetui.engine.report import estimate_lines
+
         table = self.query_one("#check-table", DataTable)
         rows = report["models"]
         table.add_columns("", *[r["role"] for r in rows])
@@ -135,7 +137,7 @@ free disk and the peak memory of the merge.
         verdict = "[b green]compatible[/]" if report["ok"] else "[b red]not compatible[/]"
         self.query_one("#check-status", Static).update(verdict)
         self.query_one("#check-problems", Static).update("\n".join(lines) or "no problems found")
-        self.query_one("#check-estimates", Static).update(estimates_text(report.get("estimates")))
+        self.query_one("#check-estimates", Static).update("\n".join(estimate_lines(report)))
         ack = self.query_one("#ack", Checkbox)
         ack.display = bool(self.warnings)
         ack.disabled = not (report["ok"] and self.warnings)
@@ -147,24 +149,3 @@ def _cell(key: str, value: Any) -> str:
     if value is None:
         return "?"
     return format_count(value) if key == "parameters" else str(value)
-
-
-def estimates_text(estimates: dict[str, Any] | None) -> str:
-    """The plan's estimates in one paragraph, with the disk warning in red when it will not fit."""
-    if not estimates:
-        return ""
-    output, free = estimates["output_bytes"], estimates.get("disk_free_bytes")
-    disk = (
-        "free disk unknown"
-        if free is None
-        else f"{'[b red]' if free < output else ''}{format_bytes(free)} free"
-        f"{'[/]' if free < output else ''}"
-    )
-    vram = estimates.get("peak_vram_bytes")
-    return (
-        f"estimates: output ≈ {format_bytes(output)} ({disk}) · reads "
-        f"{format_bytes(estimates['input_bytes'])} · peak RAM ≈ "
-        f"{format_bytes(estimates['peak_ram_bytes'])}"
-        + ("" if vram is None else f" · peak VRAM ≈ {format_bytes(vram)}")
-        + f" · largest tensor {estimates['largest_tensor']}"
-    )

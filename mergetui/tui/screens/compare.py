@@ -208,10 +208,7 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
             return
         try:
             draft = self.app.draft  # type: ignore[attr-defined]
-            tasks = [
-                parse_task_option(self._relative(option, draft.base_dir), "answers")
-                for option in options
-            ]
+            tasks = [parse_task_option(option, "answers", draft.base_dir) for option in options]
         except MergeTuiError as exc:
             self.app.report_error("cannot read the task files", exc)  # type: ignore[attr-defined]
             return
@@ -219,16 +216,6 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
             f"scoring {len(self.names)} model(s) on {len(tasks)} task(s)…"
         )
         self.run_eval(tasks)
-
-    @staticmethod
-    def _relative(option: str, base_dir: Any) -> str:
-        """``NAME=FILE`` with a relative FILE taken from the recipe's folder, as recipes do."""
-        from pathlib import Path
-
-        name, _, file = option.partition("=")
-        if file and not Path(file).expanduser().is_absolute():
-            file = str(base_dir / file)
-        return f"{name}={file}" if file else option
 
     @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
     def run_eval(self, tasks: list[Any]) -> None:

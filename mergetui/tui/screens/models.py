@@ -280,10 +280,8 @@ Ctrl+N checks compatibility, before any weight is read.
         """Size, architecture and files of a Hub model, from its metadata and config only."""
         from mergetui.errors import MergeTuiError
         from mergetui.sources import hub
-        from mergetui.sources.refs import parse_hub_id
 
-        ref = parse_hub_id(repo_id)
-        assert ref is not None
+        ref = _hub_ref(repo_id)
         try:
             info = hub.repo_info(ref)
         except MergeTuiError as exc:
@@ -338,10 +336,8 @@ Ctrl+N checks compatibility, before any weight is read.
         """Fetch what a merge needs into the HF cache; the UI stays usable meanwhile."""
         from mergetui.errors import MergeTuiError
         from mergetui.sources import hub
-        from mergetui.sources.refs import parse_hub_id
 
-        ref = parse_hub_id(repo_id)
-        assert ref is not None
+        ref = _hub_ref(repo_id)
 
         shown = [0.0]
 
@@ -371,3 +367,12 @@ Ctrl+N checks compatibility, before any weight is read.
         self.query_one("#download-status", Static).update(f"[green]{repo_id} is in the cache[/]")
         self.app.notify(f"{repo_id} downloaded to {folder}", title="download done")
         self.load_cache()
+
+
+def _hub_ref(repo_id: str) -> Any:
+    """The Hub reference of a search hit (always a well-formed ``org/name``)."""
+    from mergetui.sources.refs import parse_hub_id
+
+    ref = parse_hub_id(repo_id)
+    assert ref is not None, repo_id
+    return ref
