@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -35,12 +36,14 @@ from typing import Any
 import psutil
 
 from mergetui.errors import EXIT_INTERRUPTED
+from mergetui.events import DoneEvent, ErrorEvent, Event, EventFormatError, parse_event_line
 from mergetui.logs import log_dir
 
 #: What a job can be: still merging, or one of the ways a merge ends.
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
 #: finished jobs kept (their logs and events) before the oldest are deleted
 KEEP_JOBS = 20
+log = logging.getLogger(__name__)
 
 
 def jobs_dir() -> Path:
@@ -126,13 +129,13 @@ class Job:
     def _merge_completed(self) -> bool:
         """Whether the merge reported ``done``, which it does only once the output is in place."""
         events = self.read_events(0)[0]
-        return bool(events) and events[-1].get("event") == "done"
+        return bool(events) and isinstance(events[-1], DoneEvent)
 
     def failure_summary(self) -> str:
-        """The first line of the error the merge reported (JSON error event, else stderr)."""
+        """The first line of the error the merge reported (its error event, else stderr)."""
         for event in reversed(self.read_events(0)[0]):
-            if event.get("event") == "error" and event.get("message"):
-                return str(event["message"]).splitlines()[0]
+            if isinstance(event, ErrorEvent) and event.message:
+                return event.message.splitlines()[0]
         errors = self.stderr_text().strip()
         return errors.splitlines()[-1] if errors else ""
 
@@ -142,9 +145,11 @@ class Job:
         except FileNotFoundError:
             return ""
 
-    def read_events(self, offset: int) -> tuple[list[dict[str, Any]], int]:
+    def read_events(self, offset: int) -> tuple[list[Event], int]:
         """The complete event lines after byte ``offset``, and the offset to read from next (a
-        line still being written is left for the next read)."""
+        line still being written is left for the next read). A line that is not an event of
+        this schema (a library printing to stdout, a job of another mergetui version) is
+        logged and skipped, so one odd line cannot blind the monitor."""
         try:
             with self.events_file.open("rb") as stream:
                 stream.seek(offset)
@@ -155,8 +160,12 @@ class Job:
         events = []
         for line in chunk[:end].splitlines():
             line = line.strip()
-            if line.startswith(b"{"):
-                events.append(json.loads(line))
+            if not line:
+                continue
+            try:
+                events.append(parse_event_line(line))
+            except EventFormatError as exc:
+                log.warning("%s: skipped a line: %s", self.events_file, exc)
         return events, offset + end
 
     def cancel(self) -> None:

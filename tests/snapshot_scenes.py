@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from mergetui.events import DoneEvent, Event, PlanEvent, StartEvent, TensorEvent
+
 FIXED_FREE_DISK = 512 * 1024**3
 
 #: name → (seed, scale of its task vector); a base and three fine-tunes of it
@@ -78,32 +80,36 @@ def record_job(workspace: Path, state: Path) -> None:
         json.dumps({"pid": 0, "pid_created": 0, "started": 0, "output": "merged"}),
         encoding="utf-8",
     )
-    total, events = 21, []
-    events.append({"event": "plan", "message": "ties on cpu: 21 tensors, 3 models"})
+    total, per_tensor = 21, 12_000
+    events: list[Event] = [
+        StartEvent(version="0.1.0", command="run"),
+        PlanEvent(
+            method="ties",
+            device="cpu",
+            output="merged",
+            tensors_total=total,
+            bytes_to_read=total * per_tensor,
+            ok=True,
+        ),
+    ]
     for done in range(1, total + 1):
-        events.append(
-            {
-                "event": "tensor",
-                "tensors_done": done,
-                "tensors_total": total,
-                "tensor_name": f"model.layers.{min(done // 10, 1)}.mlp.up_proj.weight",
-                "bytes_read": done * 12_000,
-                "bytes_to_read": total * 12_000,
-                "bytes_written": done * 8_000,
-                "elapsed_s": done * 0.05,
-                "throughput_bytes_s": 240_000.0,
-                "eta_s": (total - done) * 0.05,
-                "rss_bytes": (400 + (done % 5) * 8) * 1024**2,
-                "peak_rss_bytes": 440 * 1024**2,
-                "gpu_bytes": None,
-                "gpu_peak_bytes": None,
-                "gpus": None,
-                "message": "",
-            }
+        progress = dict(
+            tensors_done=done,
+            tensors_total=total,
+            tensor_name=f"model.layers.{min(done // 10, 1)}.mlp.up_proj.weight",
+            bytes_read=done * per_tensor,
+            bytes_to_read=total * per_tensor,
+            bytes_written=done * 8_000,
+            elapsed_s=done * 0.05,
+            throughput_bytes_s=240_000.0,
+            eta_s=(total - done) * 0.05,
+            rss_bytes=(400 + (done % 5) * 8) * 1024**2,
+            peak_rss_bytes=440 * 1024**2,
         )
-    events.append({**events[-1], "event": "done", "message": "merged"})
+        events.append(TensorEvent(**progress))
+    events.append(DoneEvent(**progress, output="merged"))
     (folder / "events.jsonl").write_text(
-        "".join(json.dumps(e) + "\n" for e in events), encoding="utf-8"
+        "".join(e.to_json() + "\n" for e in events), encoding="utf-8"
     )
     (folder / "stderr.log").write_text("", encoding="utf-8")
     (folder / "exit.json").write_text(json.dumps({"exit_code": 0, "ended": 1}), encoding="utf-8")

@@ -15,6 +15,8 @@ LAYERS = ["recipe", "sources", "methods", "engine", "evaluate", "cli", "tui"]
 SHARED = {
     "mergetui",
     "mergetui.errors",
+    "mergetui.events",
+    "mergetui.pauses",
     "mergetui.units",
     "mergetui.logs",
     "mergetui.gpus",

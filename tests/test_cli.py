@@ -73,7 +73,8 @@ def test_run_json_lines_and_exit_zero(
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "plan" and kinds[-1] == "done"
+    assert kinds[:2] == ["start", "plan"] and kinds[-1] == "done"
+    assert events[0]["schema"] == 1 and events[1]["tensors_total"] == 21
     tensor_events = [e for e in events if e["event"] == "tensor"]
     assert tensor_events[-1]["tensors_done"] == tensor_events[-1]["tensors_total"] == 21
     last = tensor_events[-1]
@@ -147,8 +148,10 @@ def test_check_table_and_dry_run_read_no_weights(
         assert text in check.stdout
     dry = run_cli("run", str(recipe), "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr
-    plan = json.loads(dry.stdout)
-    assert plan["ok"] and len(plan["models"]) == 3 and plan["estimates"]["output_bytes"] > 0
+    start, plan = (json.loads(line) for line in dry.stdout.splitlines())
+    assert start["event"] == "start" and plan["event"] == "plan" and plan["dry_run"]
+    report = plan["report"]
+    assert plan["ok"] and len(report["models"]) == 3 and report["estimates"]["output_bytes"] > 0
     assert not (tmp_path / "merged").exists()
 
 

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from mergetui.engine.executor import run_merge
 from mergetui.engine.plan import build_plan
 from mergetui.errors import CompatibilityError, MergeCancelled, OutputError, SourceError
+from mergetui.events import TensorEvent
 from mergetui.recipe import parse_recipe
 from mergetui.recipe.schema import Recipe
 
@@ -399,7 +400,7 @@ def test_cancelled_merge_leaves_nothing_and_sources_untouched(
     seen: list[int] = []
 
     def on_event(event: object) -> None:
-        if getattr(event, "event", "") == "tensor":
+        if isinstance(event, TensorEvent):
             seen.append(1)
             if len(seen) == 5:
                 cancel.set()

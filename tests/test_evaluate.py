@@ -184,12 +184,15 @@ def test_compare_cli_streams_json_and_prints_columns(models: dict[str, Path]) ->
                 "--max-new-tokens", "5", "--device", "cpu", "--json")  # fmt: skip
     assert done.returncode == 0, done.stderr
     events = [json.loads(line) for line in done.stdout.splitlines()]
+    assert events[0]["event"] == "start"
     final = events[-1]
-    assert final["event"] == "done" and len(final["answers"]) == 4
+    assert final["event"] == "compared" and len(final["answers"]) == 4
     for answer in final["answers"]:
         name = final["models"][0] if answer["model"] == final["models"][0] else final["models"][1]
         streamed = "".join(
-            e["text"] for e in events[:-1] if e["model"] == name and e["prompt"] == answer["prompt"]
+            e["text"]
+            for e in events[1:-1]
+            if e["model"] == name and e["prompt"] == answer["prompt"]
         )
         assert streamed == answer["text"]
     table = _run(

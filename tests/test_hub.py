@@ -287,6 +287,7 @@ def test_download_fetches_only_what_a_merge_needs_into_the_standard_cache(
     assert all(
         a["bytes_done"] <= b["bytes_done"] for a, b in zip(progress, progress[1:], strict=False)
     )
+    assert events[0]["event"] == "start" and events[-1]["event"] == "downloaded"
     folder = Path(events[-1]["path"])
     repo = hf_home / "hub" / "models--acme--tiny-code"
     assert folder.parent == repo / "snapshots"

@@ -10,6 +10,7 @@ from pathlib import Path
 import psutil
 from conftest import ties_recipe
 
+from mergetui.events import DoneEvent
 from mergetui.jobs import (
     CANCELLED,
     DONE,
@@ -43,9 +44,10 @@ def test_a_job_runs_detached_and_records_events_and_exit(
     assert job_to_reattach(tmp_path / "runs") is not None
     assert _wait(job) == DONE, job.stderr_text()
     events, offset = job.read_events(0)
-    kinds = [e["event"] for e in events]
-    assert kinds[0] == "plan" and kinds[-1] == "done" and "tensor" in kinds
-    assert events[-1]["tensors_done"] == events[-1]["tensors_total"] > 0
+    kinds = [e.kind for e in events]
+    assert kinds[:2] == ["start", "plan"] and kinds[-1] == "done" and "tensor" in kinds
+    assert isinstance(events[-1], DoneEvent)
+    assert events[-1].tensors_done == events[-1].tensors_total > 0
     assert job.read_events(offset) == ([], offset)
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert job.outcome().exit_code == 0

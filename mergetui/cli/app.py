@@ -23,15 +23,19 @@ from mergetui.cli.jobs import jobs_app
 from mergetui.cli.output import (
     JsonOpt,
     console,
+    emit,
     err_console,
     fail,
     guard,
     log_path,
     print_download_event,
+    signals_stop_the_merge,
+    start_stream,
 )
 from mergetui.errors import EXIT_INTERRUPTED, EXIT_INVALID
 from mergetui.logs import setup_logging
 from mergetui.methods.registry import METHODS, get_method
+from mergetui.pauses import pause_point
 
 app = typer.Typer(
     name="mergetui",
@@ -119,18 +123,29 @@ def run(
     ] = None,
 ) -> None:
     """Run a merge recipe headlessly (for scripts and batch jobs)."""
+    if as_json:
+        start_stream("run")
     with guard(as_json):
         _execute(_load(recipe, output, device), force=force, as_json=as_json, dry_run=dry_run)
 
 
-def _execute(recipe: Any, *, force: bool, as_json: bool = False, dry_run: bool = False) -> Any:
-    """Plan, check and run one recipe with progress output; returns the MergeResult."""
+def _execute(
+    recipe: Any,
+    *,
+    force: bool,
+    as_json: bool = False,
+    dry_run: bool = False,
+    last_step: bool = True,
+) -> Any:
+    """Plan, check and run one recipe with progress output; returns the MergeResult. Unless
+    ``last_step``, Ctrl-C interrupts what the command does after the merge as usual."""
     from mergetui.cli.render import DownloadView, ProgressView, render_report
     from mergetui.engine.executor import check_output_location, run_merge
     from mergetui.engine.plan import build_plan
-    from mergetui.engine.report import plan_report
+    from mergetui.engine.report import plan_event
     from mergetui.units import format_bytes, format_duration
 
+    pause_point("before-plan")
     if dry_run:
         plan = build_plan(recipe, fetch=False)
     elif as_json:
@@ -138,14 +153,20 @@ def _execute(recipe: Any, *, force: bool, as_json: bool = False, dry_run: bool =
     else:
         with DownloadView(console) as downloads:
             plan = build_plan(recipe, on_download=downloads.update)
-    report = plan_report(plan)
     if dry_run or plan.errors:
-        plan.close()
+        try:
+            event = plan_event(plan, dry_run=dry_run)
+        finally:
+            plan.close()
         if as_json:
-            print(json.dumps({"event": "plan", **report}), flush=True)
+            emit(event)
         else:
-            render_report(console, report)
-        raise typer.Exit(0 if report["ok"] else EXIT_INVALID)
+            render_report(console, event.report)
+        if plan.errors:
+            first = plan.errors[0].message.splitlines()[0]
+            more = f" (and {len(plan.errors) - 1} more)" if len(plan.errors) > 1 else ""
+            fail(f"the models cannot be merged: {first}{more}", EXIT_INVALID, as_json=as_json)
+        raise typer.Exit(0)
     try:
         check_output_location(plan, force)
     except BaseException:
@@ -153,14 +174,15 @@ def _execute(recipe: Any, *, force: bool, as_json: bool = False, dry_run: bool =
         raise
     for problem in plan.warnings:
         err_console.print(f"[yellow]warning:[/yellow] {problem.message}", soft_wrap=True)
-    if as_json:
-        return run_merge(plan, force=force, on_event=lambda e: print(e.to_json(), flush=True))
-    console.print(
-        f"merging {len(plan.tensors)} tensors with {plan.method.name} on "
-        f"{plan.device} → {plan.recipe.output_dir}"
-    )
-    with ProgressView(console) as view:
-        result = run_merge(plan, force=force, on_event=view.update)
+    with signals_stop_the_merge(ignore_after=last_step) as cancel:
+        if as_json:
+            return run_merge(plan, force=force, on_event=emit, cancel=cancel)
+        console.print(
+            f"merging {len(plan.tensors)} tensors with {plan.method.name} on "
+            f"{plan.device} → {plan.recipe.output_dir}"
+        )
+        with ProgressView(console) as view:
+            result = run_merge(plan, force=force, on_event=view.update, cancel=cancel)
     rate = result.bytes_read / result.elapsed_s if result.elapsed_s else 0.0
     console.print(
         f"[green]done[/green] in {format_duration(result.elapsed_s)}: read "
@@ -233,7 +255,7 @@ def demo(
         if force or not recipe_path.is_file():
             recipe_path.write_text(bundled_recipe_text(), encoding="utf-8")
         console.print(f"recipe: {recipe_path}")
-        result = _execute(load_recipe(recipe_path), force=True)
+        result = _execute(load_recipe(recipe_path), force=True, last_step=False)
         console.print("scoring the base, both specialists and the merge on held-out task files…")
         task_files = [load_answer_task(t, root / "tasks" / f"{t}.jsonl") for t in TASKS]
         names = ["base", *[f"ft-{t}" for t in TASKS], "merged"]

@@ -8,10 +8,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from mergetui.cli.output import JsonOpt, console, err_console, guard
+from mergetui.cli.output import JsonOpt, console, emit, err_console, guard, start_stream
 from mergetui.errors import UsageError
-from mergetui.units import format_score
+from mergetui.evaluate.rows import retained_summary, score_rows
+from mergetui.events import TokenEvent
 
 ModelsArg = Annotated[
     list[str] | None, typer.Argument(help="Models: folders or Hub ids (org/name[@rev]).")
@@ -66,6 +68,8 @@ def compare(
     from mergetui.evaluate.compare import compare as run_compare
     from mergetui.evaluate.generation import GenerationSettings
 
+    if as_json:
+        start_stream("compare")
     with guard(as_json):
         prompts = list(prompt or [])
         if prompt_file is not None:
@@ -86,10 +90,7 @@ def compare(
 
         def stream(name: str, index: int, piece: str) -> None:
             if as_json:
-                print(
-                    json.dumps({"event": "token", "model": name, "prompt": index, "text": piece}),
-                    flush=True,
-                )
+                emit(TokenEvent(model=name, prompt=index, text=piece))
 
         if not as_json:
             err_console.print(f"generating with {len(names)} model(s)…")
@@ -97,7 +98,7 @@ def compare(
             names, paths, prompts, settings, device=resolve_device(device), on_text=stream
         )
     if as_json:
-        print(json.dumps({"event": "done", **result.to_dict()}), flush=True)
+        emit(result.to_event())
         return
     for index, text in enumerate(prompts):
         table = Table(title=f"prompt {index + 1}: {text!r}", show_lines=True)
@@ -200,22 +201,15 @@ class _EvalProgress:
 
 
 def render_eval(table: Any) -> None:
+    """The scores as a table (rows from :func:`score_rows`, shared with the TUI) and the verdict."""
     grid = Table(title="scores (accuracy: higher is better; perplexity: lower is better)")
     grid.add_column("model", no_wrap=True)
     for task in table.tasks:
         grid.add_column(f"{task.name}\n{task.metric}", justify="right")
-    for model in table.models:
-        cells = []
-        for task in table.tasks:
-            cells.append(format_score(task.metric, table.value(model, task.name)))
-        grid.add_row(f"[bold]{model}[/bold]" if model == table.merged else model, *cells)
-    if table.merged:
-        shares = [table.retained(t) for t in table.tasks]
-        grid.add_row(
-            "[italic]retained by the merge[/italic]",
-            *["?" if s is None else f"{s:.0%}" for s in shares],
-        )
+    styles = {"model": "", "merged": "bold", "retained": "italic"}
+    for row in score_rows(table):
+        grid.add_row(Text(row.label, styles[row.kind]), *row.cells)
     console.print(grid)
-    average = table.average_retained()
-    if average is not None:
-        console.print(f"the merge kept {average:.0%} of the best specialist's score on average")
+    summary = retained_summary(table)
+    if summary is not None:
+        console.print(summary)

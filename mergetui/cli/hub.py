@@ -8,10 +8,19 @@ from typing import Annotated, Any
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
-from mergetui.cli.output import JsonOpt, console, guard, print_download_event
-from mergetui.cli.render import count_or_unknown
+from mergetui.cli.output import (
+    JsonOpt,
+    console,
+    emit,
+    guard,
+    print_download_event,
+    start_stream,
+)
+from mergetui.cli.render import Column, count_or_unknown, print_rows
 from mergetui.errors import SourceError
+from mergetui.events import DownloadedEvent
 from mergetui.units import format_bytes
 
 hub_app = typer.Typer(
@@ -36,7 +45,11 @@ def search(
     limit: Annotated[int, typer.Option(help="At most this many models.", min=1)] = 20,
     as_json: JsonOpt = False,
 ) -> None:
-    """Search models by id, most downloaded first."""
+    """Search models by id, most downloaded first.
+
+    Piped (or too narrow for the table): one tab-separated line per model, the id first, uncut.
+    Fields: id, task, library, parameters, last modified, downloads.
+    """
     from mergetui.sources import hub
 
     with guard(as_json):
@@ -47,27 +60,34 @@ def search(
     if not hits:
         console.print(f"no models match {query!r} at {hub.endpoint()}")
         return
-    table = Table(title=f"{len(hits)} models matching {query!r} at {hub.endpoint()}")
-    for column in ("model", "task", "library", "parameters", "last modified", "downloads"):
-        table.add_column(
-            column, justify="right" if column in ("downloads", "parameters") else "left"
-        )
-    for hit in hits:
-        table.add_row(
+    columns = [  # the id is never cut: at 80 columns, the others go, library first
+        Column("model"),
+        Column("task", drop=3),
+        Column("library", drop=1),
+        Column("parameters", "right", drop=4),
+        Column("last modified", drop=2),
+        Column("downloads", "right", drop=5),
+    ]
+    rows = [
+        [
             hit.repo_id,
             hit.pipeline_tag or "",
             hit.library or "",
             count_or_unknown(hit.parameters),
             (hit.last_modified or "")[:10],
             count_or_unknown(hit.downloads),
-        )
-    console.print(table)
+        ]
+        for hit in hits
+    ]
+    title = f"{len(hits)} models matching {query!r} at {hub.endpoint()}"
+    print_rows(console, columns, rows, title)
 
 
 @hub_app.command()
 def info(repo: RepoArg, as_json: JsonOpt = False) -> None:
     """A model's commit, files and sizes, architecture and weight format; no weight is fetched."""
     from mergetui.sources import hub
+    from mergetui.sources.hub_summary import info_rows
 
     with guard(as_json):
         details = hub.repo_info(_hub_ref(repo))
@@ -88,18 +108,9 @@ def info(repo: RepoArg, as_json: JsonOpt = False) -> None:
     if as_json:
         print(json.dumps(summary, indent=2))
         return
-    console.print(f"[bold]{details.repo_id}[/bold] @ {details.revision} → commit {details.commit}")
-    kind = "LoRA adapter" if details.is_adapter else ", ".join(details.architectures) or "?"
-    console.print(f"model: {kind} (model_type {details.model_type or '?'})")
-    if details.is_adapter:
-        console.print(f"adapter for base model: {details.adapter_base or '?'}")
-    size = format_bytes(details.weight_bytes) if details.weight_bytes is not None else "?"
-    console.print(f"weights: {details.weight_format or 'none'}, {size}")
-    if details.needs_custom_code:
-        console.print(
-            "[yellow]config.json names custom code (auto_map): mergetui never runs it "
-            "(no trust_remote_code); merging works only if transformers knows the architecture"
-        )
+    for row in info_rows(details):  # the same lines as the TUI's models step
+        line = Text(f"{row.label}: ", "bold") + Text(row.text, "yellow" if row.warning else "")
+        console.print(line, soft_wrap=True)
     needed = set(details.needed_files())
     table = Table(title="files (● = downloaded for a merge)")
     table.add_column("")
@@ -113,7 +124,11 @@ def info(repo: RepoArg, as_json: JsonOpt = False) -> None:
 
 @hub_app.command()
 def cached(as_json: JsonOpt = False) -> None:
-    """Models already in the local HF cache, and whether each can be merged offline."""
+    """Models already in the local HF cache, and whether each can be merged offline.
+
+    Piped (or too narrow for the table): one tab-separated line per revision, the id first.
+    Fields: id, revision, refs, size, offline.
+    """
     from mergetui.sources import hub
 
     with guard(as_json):
@@ -134,20 +149,25 @@ def cached(as_json: JsonOpt = False) -> None:
     if not models:
         console.print("the HF cache holds no models")
         return
-    table = Table(title="models in the local HF cache")
-    table.add_column("model", no_wrap=True)
-    for column in ("revision", "refs", "size", "offline"):
-        table.add_column(column, justify="right" if column == "size" else "left")
-    for model in models:
-        for revision in model.revisions:
-            table.add_row(
-                model.repo_id,
-                revision.commit[:12],
-                ", ".join(revision.refs),
-                format_bytes(revision.size_bytes),
-                "[green]usable[/green]" if revision.usable_offline else "incomplete",
-            )
-    console.print(table)
+    columns = [
+        Column("model"),
+        Column("revision", drop=2),
+        Column("refs", drop=1),
+        Column("size", "right", drop=3),
+        Column("offline", drop=4),
+    ]
+    rows = [
+        [
+            model.repo_id,
+            revision.commit[:12],
+            ", ".join(revision.refs),
+            format_bytes(revision.size_bytes),
+            Text("usable", "green") if revision.usable_offline else Text("incomplete"),
+        ]
+        for model in models
+        for revision in model.revisions
+    ]
+    print_rows(console, columns, rows, "models in the local HF cache")
 
 
 @hub_app.command()
@@ -156,6 +176,8 @@ def download(repo: RepoArg, as_json: JsonOpt = False) -> None:
     from mergetui.cli.render import DownloadView
     from mergetui.sources import hub
 
+    if as_json:
+        start_stream("hub download")
     with guard(as_json):
         ref = _hub_ref(repo)
         if as_json:
@@ -164,6 +186,6 @@ def download(repo: RepoArg, as_json: JsonOpt = False) -> None:
             with DownloadView(console) as downloads:
                 folder = hub.download(ref, downloads.update)
     if as_json:
-        print(json.dumps({"event": "done", "path": str(folder)}), flush=True)
+        emit(DownloadedEvent(repo_id=ref.repo_id or repo, path=str(folder)))
     else:
         console.print(f"in the cache: {folder}")

@@ -7,14 +7,18 @@ import time
 from typing import Annotated
 
 import typer
-from rich.table import Table
+from rich.text import Text
 
 from mergetui.cli.output import JsonOpt, console, guard
+from mergetui.cli.render import Column, print_rows
 from mergetui.errors import UsageError
+from mergetui.events import PlanEvent, ProgressEvent
 from mergetui.jobs import RUNNING, Job, jobs_dir, list_jobs
 
 jobs_app = typer.Typer(
-    help="Background merges started from the TUI: list them, or cancel one.",
+    help="Background merges started from the TUI: list them, or cancel one.\n\n"
+    "Piped, the list is one tab-separated line per job, paths uncut: "
+    "job, started, state, tensors, output, folder.",
     invoke_without_command=True,
     no_args_is_help=False,
 )
@@ -23,14 +27,20 @@ jobs_app = typer.Typer(
 def _progress(job: Job) -> str:
     """``done/total`` tensors from the newest progress event, or "" before the first."""
     for event in reversed(job.read_events(0)[0]):
-        if "tensors_total" in event:
-            return f"{event['tensors_done']}/{event['tensors_total']}"
+        if isinstance(event, ProgressEvent):
+            return f"{event.tensors_done}/{event.tensors_total}"
+        if isinstance(event, PlanEvent):
+            return f"0/{event.tensors_total}"
     return ""
 
 
 @jobs_app.callback()
 def list_command(context: typer.Context, as_json: JsonOpt = False) -> None:
-    """List background merges, newest first: state, progress, output and job folder."""
+    """List background merges, newest first: state, progress, output and job folder.
+
+    Piped: one tab-separated line per job, paths uncut.
+    Fields: job, started, state, tensors, output, folder.
+    """
     if context.invoked_subcommand is not None:
         return
     jobs = list_jobs()
@@ -54,24 +64,31 @@ def list_command(context: typer.Context, as_json: JsonOpt = False) -> None:
     if not rows:
         console.print(f"no background merges in {jobs_dir()}")
         return
-    table = Table(title=f"background merges in {jobs_dir()}")
-    for column in ("job", "started", "state", "tensors", "output"):
-        table.add_column(column, no_wrap=column != "output")
-    for row in rows:
-        colour = {"running": "cyan", "done": "green", "cancelled": "yellow"}.get(
-            row["state"], "red"
-        )
-        table.add_row(
+    colours = {"running": "cyan", "done": "green", "cancelled": "yellow"}
+    columns = [
+        Column("job"),
+        Column("started", drop=1),
+        Column("state"),
+        Column("tensors", "right", drop=2),
+        Column("output", path=True),
+        Column("folder", path=True),
+    ]
+    cells = [
+        [
             row["job"],
             row["started"],
-            f"[{colour}]{row['state']}[/]",
+            Text(row["state"], colours.get(row["state"], "red")),
             row["progress"],
             row["output"],
+            row["folder"],
+        ]
+        for row in rows
+    ]
+    print_rows(console, columns, cells, f"background merges in {jobs_dir()}")
+    if console.is_terminal:
+        console.print(
+            "each job folder holds its recipe, events.jsonl (the --json events) and stderr.log"
         )
-    console.print(table)
-    console.print(
-        "each job folder holds its recipe, events.jsonl (the --json events) and stderr.log"
-    )
 
 
 @jobs_app.command()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from rich.console import Console
+from rich.cells import cell_len
+from rich.console import Console, JustifyMethod
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -17,17 +20,74 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from mergetui.engine.progress import ProgressEvent
-from mergetui.engine.report import estimate_lines
+from mergetui.engine.report import estimate_lines, full_reference, report_rows
+from mergetui.events import Event, PhaseEvent, PlanEvent, TensorEvent
 from mergetui.methods.registry import METHODS, MethodSpec
 from mergetui.units import format_bytes, format_count, format_duration
 
 
-def _short(reference: str, width: int = 28) -> str:
-    """A long local path as its last two parts, so the table fits a narrow terminal."""
-    if len(reference) <= width or "/" not in reference:
-        return reference
-    return "…/" + "/".join(reference.rstrip("/").split("/")[-2:])
+@dataclass(frozen=True)
+class Column:
+    """A column of a list (:func:`print_rows`). ``drop``: 0 keeps it always (the id a user greps
+    or copies); 1, 2, … are dropped in that order while the terminal is too narrow. A ``path``
+    (longer than any terminal may be) is listed whole under the table rather than in it."""
+
+    header: str
+    justify: JustifyMethod = "left"
+    drop: int = 0
+    path: bool = False
+
+
+Cell = str | Text
+
+
+def print_rows(
+    console: Console, columns: Sequence[Column], rows: Sequence[Sequence[Cell]], title: str = ""
+) -> None:
+    """A list of records, every id and path whole: on a terminal a table, piped plain rows.
+
+    An id cut to ``barorg/tiny-…`` can be neither grepped nor copied. Given too little width,
+    rich shrinks every column, ``no_wrap`` ones too, so instead the lowest-value columns are
+    dropped until every remaining cell fits whole, and paths go under the table, one a line
+    (the terminal wraps such a line; the output never breaks it). Piped (``| grep``,
+    ``| cut -f1``), and on a terminal too narrow for even the kept columns, each record is one
+    line of tab-separated fields in the columns' order, with no title, header or box drawing.
+    """
+    shown = [i for i, column in enumerate(columns) if not column.path]
+    droppable = sorted((c.drop, i) for i, c in enumerate(columns) if c.drop and not c.path)
+
+    def width(kept: list[int]) -> int:  # cells + one space either side + the borders
+        return len(kept) + 1 + sum(_column_width(columns[i], rows, i) + 2 for i in kept)
+
+    while console.is_terminal and width(shown) > console.width and droppable:
+        shown.remove(droppable.pop(0)[1])
+    if not console.is_terminal or width(shown) > console.width:
+        for row in rows:
+            print("\t".join(_plain(cell).replace("\t", " ").replace("\n", " ") for cell in row))
+        return
+    if title:
+        console.print(Text(title), soft_wrap=True)
+    table = Table()
+    for index in shown:
+        table.add_column(columns[index].header, justify=columns[index].justify, no_wrap=True)
+    for row in rows:
+        table.add_row(*[row[i] for i in shown])
+    console.print(table)
+    paths = [i for i, column in enumerate(columns) if column.path]
+    label_width = max((len(columns[i].header) for i in paths), default=0)
+    for row in rows if paths else []:
+        console.print(Text(_plain(row[0])))
+        for index in paths:
+            line = f"  {columns[index].header + ':':<{label_width + 1}} {_plain(row[index])}"
+            console.print(Text(line), soft_wrap=True)
+
+
+def _plain(cell: Cell) -> str:
+    return cell if isinstance(cell, str) else cell.plain
+
+
+def _column_width(column: Column, rows: Sequence[Sequence[Cell]], index: int) -> int:
+    return max([cell_len(column.header), *(cell_len(_plain(row[index])) for row in rows)])
 
 
 def count_or_unknown(value: int | None) -> str:
@@ -35,35 +95,30 @@ def count_or_unknown(value: int | None) -> str:
 
 
 def render_report(console: Console, report: dict[str, Any]) -> None:
-    """The compatibility table, the problems and the estimates."""
-    # One column per model: at 80 columns, eight attributes side by side do not fit, four models do.
-    table = Table(title=f"{report['method']} merge → {report['output']}", title_justify="left")
+    """The compatibility table (rows from :func:`report_rows`, shared with the TUI), every
+    model's full reference and the output once, uncut, then the problems and the estimates."""
+    models = report["models"]
+    table = Table(title=f"{report['method']} merge", title_justify="left")
     table.add_column("", style="bold", no_wrap=True)
-    for row in report["models"]:
-        table.add_column(row["role"], overflow="fold")
-    rows = report["models"]
-    attributes = [
-        ("model", [_short(r["model"]) for r in rows]),
-        ("architecture", [r["architecture"] for r in rows]),
-        ("model_type", [r["model_type"] for r in rows]),
-        ("layers", [str(r["layers"]) for r in rows]),
-        ("hidden size", [str(r["hidden_size"]) for r in rows]),
-        ("vocab size", [str(r["vocab_size"]) for r in rows]),
-        ("dtype", [r["dtype"] for r in rows]),
-        ("parameters", [count_or_unknown(r["parameters"]) for r in rows]),
-        ("size on disk", [format_bytes(r["size_on_disk"]) for r in rows]),
-    ]
-    if any(r["lora"] for r in rows):
-        attributes.insert(1, ("LoRA", [_short(r["lora"]) if r["lora"] else "" for r in rows]))
-    must_match = {"architecture", "model_type", "layers", "hidden size", "vocab size"}
-    for label, values in attributes:
-        if label in must_match:  # highlight what differs from the first model
-            values = [v if v == values[0] else f"[bold red]{v}[/bold red]" for v in values]
-        table.add_row(label, *values)
+    for model in models:
+        table.add_column(model["role"], overflow="fold")
+    for row in report_rows(report):
+        cells = [
+            Text(c, "bold red" if d else "") for c, d in zip(row.cells, row.differs, strict=True)
+        ]
+        table.add_row(row.label, *cells)
     console.print(table)
+    # Lines a terminal wraps but that are never broken in the output: copyable, greppable.
+    role_width = max(len(m["role"]) for m in models)
+    console.print("models:")
+    for model in models:
+        line = f"  {model['role']:<{role_width}}  {full_reference(model)}"
+        console.print(Text(line), soft_wrap=True)
+    console.print(Text(f"output: {report['output']}"), soft_wrap=True)
     for problem in report["problems"]:
         style = "bold red" if problem["severity"] == "error" else "yellow"
-        console.print(Text(f"{problem['severity']}: ", style=style) + Text(problem["message"]))
+        message = Text(f"{problem['severity']}: ", style=style) + Text(problem["message"])
+        console.print(message, soft_wrap=True)
     for line in estimate_lines(report):
         console.print(line)
     verdict = "[green]compatible[/green]" if report["ok"] else "[bold red]cannot merge[/bold red]"
@@ -136,8 +191,10 @@ class ProgressView:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def update(self, event: ProgressEvent) -> None:
-        if event.event in ("plan", "tensor"):
+    def update(self, event: Event) -> None:
+        if isinstance(event, PlanEvent):
+            self.progress.update(self.task, total=event.tensors_total, completed=0)
+        elif isinstance(event, TensorEvent):
             self.progress.update(
                 self.task,
                 total=event.tensors_total,
@@ -148,7 +205,7 @@ class ProgressView:
                 gpu=event.gpu_bytes,
                 name=event.tensor_name[-48:],
             )
-        elif event.event == "phase":
+        elif isinstance(event, PhaseEvent):
             self.progress.update(self.task, name=event.message)
 
 

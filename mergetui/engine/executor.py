@@ -32,12 +32,12 @@ from mergetui.engine.outputs import write_support_files
 from mergetui.engine.plan import MergePlan, PlannedTensor, existing_ancestor
 from mergetui.engine.progress import (
     ProgressCallback,
-    ProgressEvent,
     current_rss,
     gpu_devices,
     gpu_memory,
     peak_rss,
 )
+from mergetui.engine.report import plan_event
 from mergetui.engine.writer import OutputTensor, ShardedWriter
 from mergetui.errors import (
     CompatibilityError,
@@ -46,7 +46,9 @@ from mergetui.errors import (
     MergeTuiError,
     OutputError,
 )
+from mergetui.events import DoneEvent, PhaseEvent, TensorEvent
 from mergetui.methods.inputs import TensorInputs
+from mergetui.pauses import pause_point
 
 if TYPE_CHECKING:
     import torch
@@ -111,7 +113,14 @@ def run_merge(
     on_event: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
 ) -> MergeResult:
-    """Execute ``plan`` and publish the output folder; raise a :class:`MergeTuiError` on failure."""
+    """Execute ``plan`` and publish the output folder; raise a :class:`MergeTuiError` on failure.
+
+    ``cancel`` stops the merge at the next safe point (between tensors, before the output is put
+    in place) with :class:`MergeCancelled`; once the output is in place it is ignored. A caller
+    that handles signals should set it rather than raise from the handler: an exception raised at
+    an arbitrary point of the main thread (say, while a worker thread is being started) is what
+    once left a thread running into interpreter shutdown.
+    """
     if plan.errors:
         raise CompatibilityError(
             "the models cannot be merged:\n" + "\n".join(f"  - {p.message}" for p in plan.errors)
@@ -127,28 +136,29 @@ def run_merge(
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.mergetui-partial-{os.getpid()}"
     emit = on_event or (lambda event: None)
-    run = _Run(plan, partial, emit, cancel or threading.Event())
+    stop = cancel or threading.Event()
+    run = _Run(plan, partial, emit, stop)
     if partial.exists():
         shutil.rmtree(partial)
     partial.mkdir()
     try:
         files = run.stream()
-        emit(run.event("phase", message="writing config, tokenizer and model card"))
-        files += write_support_files(plan, partial)
+        emit(PhaseEvent(**run.progress(), message="writing config, tokenizer and model card"))
+        files += write_support_files(plan, partial, stop)
+        pause_point("publish", stop)
+        if stop.is_set():
+            raise MergeCancelled("merge cancelled; the partial output was removed")
         _publish(partial, out)
     except KeyboardInterrupt:
         _discard(partial)
-        emit(run.event("cancelled", message="interrupted; partial output removed"))
         raise MergeCancelled(
             f"merge interrupted; the partial output was removed and {out} was left as it was"
         ) from None
     except MergeCancelled:
         _discard(partial)
-        emit(run.event("cancelled", message="cancelled; partial output removed"))
         raise
     except Exception as exc:
         _discard(partial)
-        emit(run.event("error", message=f"{type(exc).__name__}: {exc}"))
         where = f" at tensor {run.current}" if run.current else ""
         detail = str(exc) if isinstance(exc, MergeTuiError) else f"{type(exc).__name__}: {exc}"
         raise MergeFailed(f"merge failed{where}: {detail}; the partial output was removed") from exc
@@ -165,7 +175,8 @@ def run_merge(
         peak_rss_bytes=peak_rss(),
         gpu_peak_bytes=gpu_memory(plan.device)[1],
     )
-    emit(run.event("done", message=str(out)))
+    emit(DoneEvent(**run.progress(), output=str(out)))
+    pause_point("done", stop)
     return result
 
 
@@ -216,30 +227,29 @@ class _Run:
         )
         self.buffers = BufferPool(largest + max(_READ_AHEAD_MIN_MARGIN, largest // 4))
 
-    def event(self, kind: str, message: str = "") -> ProgressEvent:
+    def progress(self) -> dict[str, Any]:
+        """The fields every progress event carries, as they stand now."""
         elapsed = time.perf_counter() - self.started
         throughput = self.bytes_read / elapsed if elapsed > 0 else 0.0
         remaining = self.bytes_to_read - self.bytes_read
         eta = remaining / throughput if throughput > 0 and self.done else None
         gpu_now, gpu_peak = gpu_memory(self.plan.device)
-        return ProgressEvent(
-            event=kind,
-            tensors_done=self.done,
-            tensors_total=len(self.plan.tensors),
-            tensor_name=self.current,
-            bytes_read=self.bytes_read,
-            bytes_to_read=self.bytes_to_read,
-            bytes_written=self.bytes_written,
-            elapsed_s=round(elapsed, 3),
-            throughput_bytes_s=round(throughput, 1),
-            eta_s=None if eta is None else round(eta, 1),
-            rss_bytes=current_rss(),
-            peak_rss_bytes=peak_rss(),
-            gpu_bytes=gpu_now,
-            gpu_peak_bytes=gpu_peak,
-            gpus=gpu_devices(self.plan.device),
-            message=message,
-        )
+        return {
+            "tensors_done": self.done,
+            "tensors_total": len(self.plan.tensors),
+            "tensor_name": self.current,
+            "bytes_read": self.bytes_read,
+            "bytes_to_read": self.bytes_to_read,
+            "bytes_written": self.bytes_written,
+            "elapsed_s": round(elapsed, 3),
+            "throughput_bytes_s": round(throughput, 1),
+            "eta_s": None if eta is None else round(eta, 1),
+            "rss_bytes": current_rss(),
+            "peak_rss_bytes": peak_rss(),
+            "gpu_bytes": gpu_now,
+            "gpu_peak_bytes": gpu_peak,
+            "gpus": gpu_devices(self.plan.device),
+        }
 
     # -- stage 1: loading ---------------------------------------------------------------------
     def _loader(self, out_queue: queue.Queue[Any]) -> None:
@@ -310,10 +320,10 @@ class _Run:
         files: list[Path],
     ) -> None:
         try:
-            for item in _drain(in_queue, self.cancel):
-                name, data = item
+            for written, (name, data) in enumerate(_drain(in_queue, self.cancel), start=1):
                 writer.write(name, data)
                 self.bytes_written = writer.bytes_written
+                pause_point("write", self.cancel, written)
             if not self.cancel.is_set():  # the end marker arrived: every tensor is in
                 files.extend(writer.close())
         except BaseException as exc:
@@ -343,10 +353,17 @@ class _Run:
             name="mergetui-writer",
             daemon=True,
         )
-        self.emit(self.event("plan", message=f"{plan.method.name} on {plan.device}"))
-        loader.start()
-        writer_thread.start()
+        self.emit(plan_event(plan))
+        pause_point("plan", stop)
+        started: list[threading.Thread] = []
+        finished = False
         try:
+            # Started inside the try: whatever is raised from here on (even while a thread is
+            # being started), the finally stops and joins every thread that did start.
+            for thread in (loader, writer_thread):
+                thread.start()
+                started.append(thread)
+            pause_point("threads-started", stop)
             with torch.inference_mode():
                 # _drain ends early when stop is set: cancelled, or the writer failed (it sets stop)
                 for loaded in _drain(load_queue, stop):
@@ -358,14 +375,15 @@ class _Run:
                     _put(write_queue, (loaded.tensor.name, result), stop)
                     del result, loaded
                     self.done += 1
-                    self.emit(self.event("tensor"))
+                    self.emit(TensorEvent(**self.progress()))
+                    pause_point("tensor", stop, self.done)
             _put(write_queue, _DONE, stop)
-        except BaseException:
-            stop.set()  # lets the writer and the loader end
-            raise
+            finished = True
         finally:
-            writer_thread.join()
-            loader.join()
+            if not finished:
+                stop.set()  # lets the writer and the loader end
+            for thread in started:
+                thread.join()
             self.buffers.clear()
         if writer_errors:
             raise writer_errors[0]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergetui import __version__
+from mergetui.pauses import pause_point
 from mergetui.recipe.toml_io import recipe_to_toml
 
 if TYPE_CHECKING:
@@ -31,8 +33,11 @@ SUPPORT_FILES = (
 RECIPE_FILE = "mergetui.toml"
 
 
-def write_support_files(plan: MergePlan, directory: Path) -> list[Path]:
-    """Write config.json (dtype updated), tokenizer files, the model card and the recipe copy."""
+def write_support_files(
+    plan: MergePlan, directory: Path, cancel: threading.Event | None = None
+) -> list[Path]:
+    """Write config.json (dtype updated), tokenizer files, the model card and the recipe copy.
+    (``cancel`` only ends a test's pause here: the caller checks it once the files are written.)"""
     written = []
     config = dict(plan.files_from.checkpoint.config)
     dtype_keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
@@ -41,6 +46,7 @@ def write_support_files(plan: MergePlan, directory: Path) -> list[Path]:
     config_path = directory / "config.json"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     written.append(config_path)
+    pause_point("support-files", cancel)
     source_dir = plan.files_from.checkpoint.directory
     for name in SUPPORT_FILES:
         source = source_dir / name

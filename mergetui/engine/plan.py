@@ -19,6 +19,7 @@ from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS
 from mergetui.sources.lora import LoraAdapter, open_lora
 from mergetui.sources.refs import ModelRef, parse_ref
 from mergetui.sources.resolve import DownloadCallback, open_model, resolve_dir
+from mergetui.units import format_bytes
 
 #: Resident memory of the merge process once torch and the engine are imported (measured: ~225 MiB).
 BASELINE_RSS = 240 * 1024**2
@@ -202,8 +203,9 @@ def build_plan(
             Problem(
                 "error",
                 f"not enough disk space for the output: it needs about "
-                f"{plan.estimates.output_bytes / 1e9:.2f} GB, {recipe.output_dir.parent} has "
-                f"{plan.estimates.disk_free_bytes / 1e9:.2f} GB free; free space or change output.path",
+                f"{format_bytes(plan.estimates.output_bytes)}, {recipe.output_dir.parent} has "
+                f"{format_bytes(plan.estimates.disk_free_bytes)} free; free space or change "
+                "output.path",
             )
         )
     return plan

@@ -1,54 +1,22 @@
-"""Structured progress events and the resource readings that go into them.
+"""Resource readings for the merge's progress events, and the callback type that receives them.
 
-The engine reports through a plain callback taking :class:`ProgressEvent`; the CLI renders events with
-rich, ``--json`` prints them one per line, and the TUI reads those lines from a child process. Keeping
-the event a flat dataclass of numbers and strings makes all three trivial.
+The events themselves are the typed contract in :mod:`mergetui.events`: the engine builds them,
+the CLI renders them with rich or prints them as JSON lines (``--json``), and the TUI reads those
+lines back from a background job's ``events.jsonl``.
 """
 
 from __future__ import annotations
 
-import json
 import resource
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import Any
 
 import psutil
 
+from mergetui.events import Event, GpuUse
 
-@dataclass
-class ProgressEvent:
-    """One step of a merge.
-
-    ``event`` is one of ``plan`` (before the first tensor), ``tensor`` (after each tensor), ``phase``
-    (writing support files, finalising), ``done``, ``error`` or ``cancelled``.
-    """
-
-    event: str
-    tensors_done: int = 0
-    tensors_total: int = 0
-    tensor_name: str = ""
-    bytes_read: int = 0
-    bytes_to_read: int = 0
-    bytes_written: int = 0
-    elapsed_s: float = 0.0
-    throughput_bytes_s: float = 0.0
-    eta_s: float | None = None
-    rss_bytes: int = 0
-    peak_rss_bytes: int = 0
-    gpu_bytes: int | None = None
-    gpu_peak_bytes: int | None = None
-    #: the merge GPU's memory in use and total, from the CUDA runtime (what other processes hold
-    #: counts too), when the merge runs on CUDA; None on CPU
-    gpus: list[dict[str, Any]] | None = None
-    message: str = ""
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"))
-
-
-ProgressCallback = Callable[[ProgressEvent], None]
+#: Receives every event of a merge, in order, on the merge's thread.
+ProgressCallback = Callable[[Event], None]
 
 _PROCESS = psutil.Process()
 
@@ -73,7 +41,7 @@ def gpu_memory(device: str) -> tuple[int | None, int | None]:
     return int(torch.cuda.memory_allocated(device)), int(torch.cuda.max_memory_allocated(device))
 
 
-def gpu_devices(device: str) -> list[dict[str, Any]] | None:
+def gpu_devices(device: str) -> list[GpuUse] | None:
     """Used and total memory of the merge's GPU as the driver sees it (so other processes and the
     CUDA context count too), or None when the merge is not on CUDA. Only the merge's own device is
     asked: asking another would create a CUDA context there, taking memory other jobs may need
@@ -86,10 +54,10 @@ def gpu_devices(device: str) -> list[dict[str, Any]] | None:
     index = torch.cuda.current_device() if index is None else index
     free, total = torch.cuda.mem_get_info(index)
     return [
-        {
-            "index": index,
-            "name": torch.cuda.get_device_name(index),
-            "used_bytes": int(total - free),
-            "total_bytes": int(total),
-        }
+        GpuUse(
+            index=index,
+            name=torch.cuda.get_device_name(index),
+            used_bytes=int(total - free),
+            total_bytes=int(total),
+        )
     ]

@@ -6,7 +6,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from mergetui.engine.plan import MergePlan, Source
-from mergetui.units import format_bytes
+from mergetui.events import PlanEvent
+from mergetui.units import format_bytes, format_count
 
 
 @dataclass
@@ -64,6 +65,86 @@ def estimate_lines(report: dict[str, Any]) -> list[str]:
     ]
 
 
+#: Attributes every model must share with the first: the UIs highlight a cell that differs.
+MUST_MATCH = ("architecture", "model_type", "layers", "hidden_size", "vocab_size")
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One attribute of the check table across the models: its label, one formatted cell per
+    model, and which cells differ from the first model where they must match. Plain strings, so
+    the CLI (rich) and the TUI (DataTable) build the same table and only style it."""
+
+    label: str
+    cells: list[str]
+    differs: list[bool]
+
+
+def short_reference(reference: str, width: int = 28) -> str:
+    """A long path or id as its trailing parts within ``width`` (``…/ckpt/ft-code``), so one
+    column per model fits a narrow terminal; the last part is kept whole even when longer. The
+    UIs show the full reference elsewhere (:func:`full_reference`), so nothing is lost."""
+    if len(reference) <= width or "/" not in reference.rstrip("/"):
+        return reference
+    parts = reference.rstrip("/").split("/")
+    kept = parts[-1]
+    for part in reversed(parts[:-1]):
+        if len("…/") + len(part) + 1 + len(kept) > width:
+            break
+        kept = f"{part}/{kept}"
+    return f"…/{kept}"
+
+
+def lora_reference(row: dict[str, Any]) -> str | None:
+    """The LoRA as written in the recipe, from the label the plan gives it (``ROLE.lora (REF)``)."""
+    label = row.get("lora")
+    if not label:
+        return None
+    prefix = f"{row['role']}.lora ("
+    return label[len(prefix) : -1] if label.startswith(prefix) and label.endswith(")") else label
+
+
+def full_reference(row: dict[str, Any]) -> str:
+    """A model's reference as written in the recipe, with its LoRA's, never shortened: shown once
+    under the CLI's table and for the highlighted column in the TUI, where it can be copied."""
+    lora = lora_reference(row)
+    return row["model"] if lora is None else f"{row['model']} + LoRA {lora}"
+
+
+def report_rows(report: dict[str, Any]) -> list[ReportRow]:
+    """The check table of :func:`plan_report`'s report, one row per attribute (the columns are
+    the models, headed by their roles: eight attributes side by side would not fit 80 columns,
+    four models do). Models and LoRAs are shortened; unknown values show as "?"."""
+    models = report["models"]
+
+    def cell(value: Any) -> str:
+        return "?" if value is None else str(value)
+
+    spec: list[tuple[str, str, list[str]]] = [  # label, report key, cells
+        ("model", "model", [short_reference(m["model"]) for m in models]),
+        ("architecture", "architecture", [cell(m["architecture"]) for m in models]),
+        ("model_type", "model_type", [cell(m["model_type"]) for m in models]),
+        ("layers", "layers", [cell(m["layers"]) for m in models]),
+        ("hidden size", "hidden_size", [cell(m["hidden_size"]) for m in models]),
+        ("vocab size", "vocab_size", [cell(m["vocab_size"]) for m in models]),
+        ("dtype", "dtype", [cell(m["dtype"]) for m in models]),
+        (
+            "parameters",
+            "parameters",
+            ["?" if m["parameters"] is None else format_count(m["parameters"]) for m in models],
+        ),
+        ("size on disk", "size_on_disk", [format_bytes(m["size_on_disk"] or 0) for m in models]),
+    ]
+    if any(m.get("lora") for m in models):
+        loras = [lora_reference(m) for m in models]
+        spec.insert(1, ("LoRA", "lora", [short_reference(r) if r else "" for r in loras]))
+    rows = []
+    for label, key, cells in spec:
+        check = key in MUST_MATCH
+        rows.append(ReportRow(label, cells, [check and c != cells[0] for c in cells]))
+    return rows
+
+
 def plan_report(plan: MergePlan) -> dict[str, Any]:
     """Everything about a plan, JSON-ready."""
     estimates = asdict(plan.estimates) if plan.estimates else {}
@@ -78,3 +159,18 @@ def plan_report(plan: MergePlan) -> dict[str, Any]:
         "estimates": estimates,
         "ok": not plan.errors,
     }
+
+
+def plan_event(plan: MergePlan, *, dry_run: bool = False) -> PlanEvent:
+    """The ``plan`` event of ``mergetui run --json``: the figures a progress display needs up
+    front, and the whole report (warnings included) for scripts."""
+    return PlanEvent(
+        method=plan.method.name,
+        device=plan.device,
+        output=str(plan.recipe.output_dir),
+        tensors_total=len(plan.tensors),
+        bytes_to_read=sum(t.bytes_in for t in plan.tensors),
+        ok=not plan.errors,
+        dry_run=dry_run,
+        report=plan_report(plan),
+    )

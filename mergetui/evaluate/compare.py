@@ -8,6 +8,7 @@ from pathlib import Path
 
 from mergetui.evaluate.generation import Generation, GenerationSettings, generate
 from mergetui.evaluate.models import loaded_in_turn
+from mergetui.events import AnswerSummary, ComparedEvent
 
 #: (model name, prompt index, piece of text) as each model answers.
 TokenCallback = Callable[[str, int, str], None]
@@ -19,22 +20,23 @@ class Comparison:
     prompts: list[str]
     answers: dict[tuple[str, int], Generation] = field(default_factory=dict)
 
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "models": self.models,
-            "prompts": self.prompts,
-            "answers": [
-                {
-                    "model": model,
-                    "prompt": index,
-                    "text": answer.text,
-                    "new_tokens": answer.new_tokens,
-                    "tokens_per_s": round(answer.tokens_per_s, 2),
-                    "stopped_on_eos": answer.stopped_on_eos,
-                }
+    def to_event(self) -> ComparedEvent:
+        """The whole comparison as the last line of ``compare --json``."""
+        return ComparedEvent(
+            models=list(self.models),
+            prompts=list(self.prompts),
+            answers=[
+                AnswerSummary(
+                    model=model,
+                    prompt=index,
+                    text=answer.text,
+                    new_tokens=answer.new_tokens,
+                    tokens_per_s=round(answer.tokens_per_s, 2),
+                    stopped_on_eos=answer.stopped_on_eos,
+                )
                 for (model, index), answer in self.answers.items()
             ],
-        }
+        )
 
 
 def compare(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.markup import escape
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Label, Static
-
-from mergetui.units import format_bytes, format_count
 
 
 class CheckScreen(Screen[None]):
@@ -27,8 +27,9 @@ class CheckScreen(Screen[None]):
 
 The same check as `mergetui check`, from each model's `config.json` and safetensors headers:
 no weight is read. One column per model: architecture, layers, hidden size, vocabulary, dtype,
-parameters and size on disk. Below: every problem, and the estimates of the output's size, the
-free disk and the peak memory of the merge.
+parameters and size on disk (a value that differs from the first model's where it must match is
+red). **← →** highlight a model: its full path or Hub id shows under the table. Below: every
+problem, and the estimates of the output's size, the free disk and the peak memory of the merge.
 
 **Errors** (red) block the next step: each says what to change (go back with Escape).
 **Warnings** (yellow) can be acknowledged with the checkbox, then Ctrl+N goes on.
@@ -37,6 +38,7 @@ free disk and the peak memory of the merge.
     def __init__(self) -> None:
         super().__init__()
         self.report: dict[str, Any] | None = None
+        self.references: list[str] = []
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -45,7 +47,8 @@ free disk and the peak memory of the merge.
                 "2 · Check: architectures, shapes, vocabulary, disk and memory", id="check-title"
             )
             yield Static("checking… (headers only, no weights are read)", id="check-status")
-            yield DataTable(id="check-table", cursor_type="none")
+            yield DataTable(id="check-table", cursor_type="column")
+            yield Static("", id="check-path", classes="param-help")
             yield Static("", id="check-problems")
             yield Static("", id="check-estimates")
             yield Checkbox("I have read the warnings; merge anyway", id="ack", disabled=True)
@@ -110,29 +113,28 @@ free disk and the peak memory of the merge.
             self.app.action_method()  # type: ignore[attr-defined]
 
     def _show_report(self, report: dict[str, Any]) -> None:
-        from mergetui.engine.report import estimate_lines
+        from mergetui.engine.report import estimate_lines, full_reference, report_rows
 
         table = self.query_one("#check-table", DataTable)
         rows = report["models"]
+        # Short names in the cells keep every model's column on screen; the highlighted
+        # column's full reference shows under the table (see column_highlighted).
         table.add_columns("", *[r["role"] for r in rows])
-        for label, key in (
-            ("model", "model"),
-            ("architecture", "architecture"),
-            ("layers", "layers"),
-            ("hidden size", "hidden_size"),
-            ("vocab size", "vocab_size"),
-            ("dtype", "dtype"),
-            ("parameters", "parameters"),
-        ):
-            table.add_row(label, *[_cell(key, r.get(key)) for r in rows])
+        for row in report_rows(report):
+            cells = [
+                Text(c, "bold red") if d else c for c, d in zip(row.cells, row.differs, strict=True)
+            ]
+            table.add_row(row.label, *cells)
+        self.references = [f"{r['role']}: {full_reference(r)}" for r in rows]
+        if rows:
+            table.move_cursor(column=1)
+        self._show_reference(table.cursor_column)
         problems = report["problems"]
         lines = [
-            f"[b {'red' if p['severity'] == 'error' else 'yellow'}]{p['severity']}:[/] {p['message']}"
+            f"[b {'red' if p['severity'] == 'error' else 'yellow'}]{p['severity']}:[/] "
+            f"{escape(p['message'])}"
             for p in problems
         ]
-        if any(r.get("lora") for r in rows):
-            table.add_row("LoRA", *[r.get("lora") or "" for r in rows])
-        table.add_row("size", *[format_bytes(r.get("size_on_disk") or 0) for r in rows])
         self.report = report
         verdict = "[b green]compatible[/]" if report["ok"] else "[b red]not compatible[/]"
         self.query_one("#check-status", Static).update(verdict)
@@ -143,9 +145,14 @@ free disk and the peak memory of the merge.
         ack.disabled = not (report["ok"] and self.warnings)
         self._update_next()
 
+    @on(DataTable.ColumnHighlighted, "#check-table")
+    def column_highlighted(self, event: DataTable.ColumnHighlighted) -> None:
+        self._show_reference(event.cursor_column)
 
-def _cell(key: str, value: Any) -> str:
-    """A report value as shown: parameter counts shortened (7.2B), unknowns as "?"."""
-    if value is None:
-        return "?"
-    return format_count(value) if key == "parameters" else str(value)
+    def _show_reference(self, column: int) -> None:
+        """The full path or id of the highlighted model (column 0 holds the labels)."""
+        line = self.query_one("#check-path", Static)
+        if 1 <= column <= len(self.references):
+            line.update(Text(self.references[column - 1]))
+        else:
+            line.update("← → highlight a model to see its full path")

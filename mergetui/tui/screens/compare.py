@@ -238,26 +238,18 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
         self.app.call_from_thread(self._show_eval, table)
 
     def _show_eval(self, table: Any) -> None:
-        from mergetui.units import format_score
+        """The scores (rows from :func:`score_rows`, as ``mergetui eval`` prints them)."""
+        from rich.text import Text
+
+        from mergetui.evaluate.rows import retained_summary, score_rows
 
         grid = self.query_one("#eval-table", DataTable)
         grid.clear(columns=True)
         grid.add_columns("model", *[f"{t.name} ({t.metric})" for t in table.tasks])
-        for model in table.models:
-            grid.add_row(
-                model, *[format_score(t.metric, table.value(model, t.name)) for t in table.tasks]
-            )
-        if table.merged:
-            shares = [table.retained(t) for t in table.tasks]
-            grid.add_row(
-                "retained by the merge", *["?" if s is None else f"{s:.0%}" for s in shares]
-            )
-        average = table.average_retained()
+        styles = {"model": "", "merged": "bold", "retained": "italic"}
+        for row in score_rows(table):
+            grid.add_row(Text(row.label, styles[row.kind]), *row.cells)
+        summary = retained_summary(table)
         self.query_one("#compare-status", Static).update(
-            "scored"
-            + (
-                ""
-                if average is None
-                else f": the merge kept {average:.0%} of the best specialist's score on average"
-            )
+            "scored" + ("" if summary is None else f": {summary}")
         )

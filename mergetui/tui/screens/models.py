@@ -297,24 +297,15 @@ Ctrl+N checks compatibility, before any weight is read.
     def _show_info(self, repo_id: str, info: Any) -> None:
         if repo_id != self.highlighted_hit:
             return  # the user moved on while it loaded
-        kind = "LoRA adapter" if info.is_adapter else ", ".join(info.architectures) or "?"
-        weights = (
-            f"{format_bytes(info.weight_bytes)} of {info.weight_format}"
-            if info.weight_bytes
-            else "no weights found"
-        )
-        lines = [
-            f"[b]{info.repo_id}[/] @ {info.revision} (commit {info.commit[:12]})",
-            f"{kind} · model_type {info.model_type or '?'} · {weights}",
-            f"{len(info.files)} files; a merge downloads {len(info.needed_files())}: "
-            + ", ".join(info.needed_files()[:6])
-            + (" …" if len(info.needed_files()) > 6 else ""),
+        from rich.text import Text
+
+        from mergetui.sources.hub_summary import info_rows
+
+        lines = [  # the same lines as `mergetui hub info`
+            Text.assemble((f"{row.label}: ", "bold"), (row.text, "yellow" if row.warning else ""))
+            for row in info_rows(info)
         ]
-        if info.is_adapter:
-            lines.append(f"adapter of {info.adapter_base or '?'}: add it as a LoRA of a model")
-        if info.needs_custom_code:
-            lines.append("[yellow]config.json names custom code; mergetui never runs it[/]")
-        self.query_one("#hub-info", Static).update("\n".join(lines))
+        self.query_one("#hub-info", Static).update(Text("\n").join(lines))
         self.query_one("#hub-add", Button).disabled = False
         self.query_one("#hub-download", Button).disabled = info.weight_format is None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import time
-from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
@@ -20,6 +19,16 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Label, Log, ProgressBar, Sparkline, Static
 
+from mergetui.events import (
+    CancelledEvent,
+    DoneEvent,
+    DownloadEvent,
+    ErrorEvent,
+    GpuUse,
+    PhaseEvent,
+    PlanEvent,
+    ProgressEvent,
+)
 from mergetui.gpus import GpuReading, read_gpus
 from mergetui.jobs import FAILED, RUNNING, Job, start_job
 from mergetui.units import format_bytes, format_duration
@@ -58,8 +67,8 @@ parents.
         self.rss_history: list[float] = []
         self.vram_history: list[float] = []
         self.gpu_readings: list[GpuReading] | None = None  # every GPU, from the driver
-        self.merge_gpus: list[dict[str, Any]] | None = None  # the merge's GPU, from its events
-        self.merge_event: dict[str, Any] = {}
+        self.merge_gpus: list[GpuUse] | None = None  # the merge's GPU, from its events
+        self.merge_event: ProgressEvent | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -123,15 +132,22 @@ parents.
         log = self.query_one("#run-log", Log)
         latest_progress = None
         for event in events:
-            kind = event.get("event")
-            if kind in ("plan", "phase", "cancelled", "error", "done") and event.get("message"):
-                log.write_line(f"{kind}: {event['message']}")
-            if kind == "download":
-                self.query_one("#run-status", Static).update(
-                    f"downloading {event['repo_id']}: {format_bytes(event['bytes_done'])} of "
-                    f"{format_bytes(event['bytes_total'])}"
+            if isinstance(event, PlanEvent):
+                log.write_line(
+                    f"plan: {event.method} on {event.device}, {event.tensors_total} tensors "
+                    f"→ {event.output}"
                 )
-            elif "tensors_total" in event:
+                self.query_one("#run-progress", ProgressBar).update(total=event.tensors_total)
+            elif isinstance(event, (PhaseEvent, CancelledEvent, ErrorEvent)):
+                log.write_line(f"{event.kind}: {event.message}")
+            elif isinstance(event, DoneEvent):
+                log.write_line(f"done: {event.output}")
+            if isinstance(event, DownloadEvent):
+                self.query_one("#run-status", Static).update(
+                    f"downloading {event.repo_id}: {format_bytes(event.bytes_done)} of "
+                    f"{format_bytes(event.bytes_total)}"
+                )
+            elif isinstance(event, ProgressEvent):
                 latest_progress = event
                 self._record(event)
         if latest_progress is not None:  # only the newest matters: the UI is redrawn once
@@ -152,7 +168,7 @@ parents.
 
     def _show_gpus(self, readings: list[GpuReading] | None) -> None:
         self.gpu_readings = readings
-        merge_index = self.merge_gpus[0]["index"] if self.merge_gpus else None
+        merge_index = self.merge_gpus[0].index if self.merge_gpus else None
         if readings:
             mine = next((g for g in readings if g.index == merge_index), readings[0])
             self.vram_history = [*self.vram_history[-59:], float(mine.used_bytes)]
@@ -165,12 +181,12 @@ parents.
         merge's own GPU from its events, else that there is none."""
         event = self.merge_event
         holds = (
-            f"; this merge holds {format_bytes(event.get('gpu_bytes') or 0)} (peak "
-            f"{format_bytes(event.get('gpu_peak_bytes') or 0)})"
-            if event.get("gpu_bytes") is not None
+            f"; this merge holds {format_bytes(event.gpu_bytes)} (peak "
+            f"{format_bytes(event.gpu_peak_bytes or 0)})"
+            if event is not None and event.gpu_bytes is not None
             else ""
         )
-        merge_index = self.merge_gpus[0]["index"] if self.merge_gpus else None
+        merge_index = self.merge_gpus[0].index if self.merge_gpus else None
         if self.gpu_readings:
             lines = [
                 f"GPU {g.index} {g.name}: {format_bytes(g.used_bytes)} of "
@@ -181,38 +197,37 @@ parents.
             ]
         elif self.merge_gpus:
             lines = [
-                f"GPU {g['index']} {g['name']}: {format_bytes(g['used_bytes'])} of "
-                f"{format_bytes(g['total_bytes'])} in use{holds}"
+                f"GPU {g.index} {g.name}: {format_bytes(g.used_bytes)} of "
+                f"{format_bytes(g.total_bytes)} in use{holds}"
                 for g in self.merge_gpus
             ]
         else:
             lines = ["VRAM: no GPU in use"]
         self.query_one("#vram", Static).update("\n".join(lines))
 
-    def _record(self, event: dict[str, Any]) -> None:
+    def _record(self, event: ProgressEvent) -> None:
         """Every event goes into the meters' history, even those not drawn one by one."""
-        self.rss_history = [*self.rss_history[-59:], float(event["rss_bytes"])]
-        gpus = event.get("gpus")
-        if gpus and not self.gpu_readings:  # the driver's readings, when there, make the history
-            self.vram_history = [*self.vram_history[-59:], float(gpus[0]["used_bytes"])]
+        self.rss_history = [*self.rss_history[-59:], float(event.rss_bytes)]
+        if event.gpus and not self.gpu_readings:  # the driver's readings, when there, make it
+            self.vram_history = [*self.vram_history[-59:], float(event.gpus[0].used_bytes)]
 
-    def _show(self, event: dict[str, Any]) -> None:
+    def _show(self, event: ProgressEvent) -> None:
         bar = self.query_one("#run-progress", ProgressBar)
-        bar.update(total=event["tensors_total"], progress=event["tensors_done"])
-        eta = event.get("eta_s")
+        bar.update(total=event.tensors_total, progress=event.tensors_done)
+        eta = event.eta_s
         self.query_one("#run-status", Static).update(
-            f"{event['tensors_done']}/{event['tensors_total']} tensors · {event.get('tensor_name') or ''}"
+            f"{event.tensors_done}/{event.tensors_total} tensors · {event.tensor_name}"
         )
         self.query_one("#run-figures", Static).update(
-            f"{format_bytes(event['throughput_bytes_s'])}/s · elapsed "
-            f"{format_duration(event['elapsed_s'])} · ETA "
-            f"{'?' if eta is None else format_duration(eta)} · RAM {format_bytes(event['rss_bytes'])}"
-            f" (peak {format_bytes(event['peak_rss_bytes'])})"
+            f"{format_bytes(event.throughput_bytes_s)}/s · elapsed "
+            f"{format_duration(event.elapsed_s)} · ETA "
+            f"{'?' if eta is None else format_duration(eta)} · RAM {format_bytes(event.rss_bytes)}"
+            f" (peak {format_bytes(event.peak_rss_bytes)})"
         )
         self.query_one("#ram-history", Sparkline).data = self.rss_history
         self.merge_event = event
-        if event.get("gpus"):
-            self.merge_gpus = event["gpus"]
+        if event.gpus:
+            self.merge_gpus = event.gpus
             self.query_one("#vram-row").display = True
             self.query_one("#vram-history", Sparkline).data = self.vram_history
         self._show_vram()

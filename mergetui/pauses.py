@@ -1,0 +1,44 @@
+"""Named moments of a command where a test can hold it and send it a signal, deterministically.
+
+Whether Ctrl-C or SIGTERM leaves a clean exit depends on where the process is when the signal
+lands: building the plan, starting the worker threads, in the middle of a shard, writing the
+tokenizer, renaming the output into place. A test that signals "soon after the first tensor" only
+hits those places by luck, and on a fast machine the merge may be over first. So the engine and
+the CLI call :func:`pause_point` at each such moment; with ``MERGETUI_PAUSE_AT=MOMENT`` (or
+``MOMENT:N``, the N-th time that moment comes, counting from 1) the process stops there, says
+``mergetui: paused at MOMENT`` on stderr, and waits until ``resume`` is set (the merge's cancel
+flag, which a signal sets) or a signal's exception interrupts the wait, or :data:`MAX_PAUSE_S`
+pass (a hang detector, not a timing). Unset, a pause point costs one dictionary lookup.
+
+Moments: ``before-plan``, ``plan``, ``threads-started``, ``tensor:N`` (after the N-th tensor's
+event), ``write:N`` (the writer thread, after the N-th tensor is in its shard), ``support-files``
+(config written, tokenizer and card not yet), ``publish`` (complete, not yet renamed into
+place), ``done`` (after the ``done`` event).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+ENV = "MERGETUI_PAUSE_AT"
+MAX_PAUSE_S = 120.0
+
+
+def pause_point(moment: str, resume: threading.Event | None = None, occurrence: int = 1) -> None:
+    """Hold here if ``MERGETUI_PAUSE_AT`` names this moment (and occurrence); else return."""
+    wanted = os.environ.get(ENV)
+    if not wanted:
+        return
+    name, _, count = wanted.partition(":")
+    if name != moment or occurrence != (int(count) if count else 1):
+        return
+    sys.stderr.write(f"mergetui: paused at {wanted}\n")
+    sys.stderr.flush()
+    deadline = time.monotonic() + MAX_PAUSE_S
+    while time.monotonic() < deadline:
+        if resume is not None and resume.is_set():
+            return
+        time.sleep(0.02)  # a signal's handler runs (and may raise) between these sleeps
