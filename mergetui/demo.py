@@ -5,8 +5,9 @@ forms (one-digit addition, reversing 1–3 letters) and meets some hard examples
 then fine-tuned from it, at a low learning rate, on the hard form of one skill each (two-digit
 addition: "math"; reversing 4–6 letters: "code"). That is the regime where TIES and task
 arithmetic are known to work: small fine-tunes of one capable base. Training is seeded and runs on
-the CPU in a minute or two; the models are cached in the demo folder (retrained only when
-``DEMO_CONFIG`` changes). Held-out task files let ``mergetui eval`` show what a merge kept.
+the CPU in a minute or two, once: the trained models are cached under
+``~/.cache/mergetui/demo-models/`` (keyed by a hash of ``DEMO_CONFIG``) and copied into each demo
+folder. Held-out task files let ``mergetui eval`` show what a merge kept.
 """
 
 from __future__ import annotations
@@ -14,12 +15,18 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import json
+import os
 import random
 import shutil
 import string
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import psutil
+
+from mergetui.logs import cache_dir
 
 DEMO_RECIPE = "demo-ties.toml"
 MODEL_NAMES = ("base", "ft-math", "ft-code")
@@ -225,11 +232,46 @@ def _cache_key() -> str:
     ).hexdigest()
 
 
+def trained_models_dir() -> Path:
+    """The trained demo models of the current ``DEMO_CONFIG``, shared by every demo folder (and the
+    test suite, and ``screenshots/make.py``): training is the slow part, and is the same for all."""
+    return cache_dir() / "demo-models" / _cache_key()
+
+
+def _train_into_cache(force: bool, on_step: Callable[[str, int, int], None] | None) -> Path:
+    """The cached trained models, training them first if they are not there (or ``force``).
+    Trained into a scratch folder and renamed into place, so a killed training leaves nothing
+    that looks complete and a concurrent one cannot be half-read."""
+    target = trained_models_dir()
+    if target.is_dir() and not force:
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(".*-*-*"):  # left by a training that was killed
+        pid = stale.name.split("-")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    prefix = f".{target.name}-{os.getpid()}-"
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    try:
+        folders = {name: scratch / name for name in MODEL_NAMES}
+        for folder in folders.values():
+            folder.mkdir()
+        train_demo_models(folders, on_step)
+        (scratch / "demo-config.json").write_text(json.dumps(DEMO_CONFIG, indent=2))
+        if target.exists():  # --force, or another process got there first
+            shutil.rmtree(target)
+        os.rename(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return target
+
+
 def build_demo_models(
     root: Path, force: bool = False, on_step: Callable[[str, int, int], None] | None = None
 ) -> dict[str, Path]:
-    """Train (or reuse) the demo models under ``root/models``, and write the task files under
-    ``root/tasks``; returns name → folder. The models are retrained when DEMO_CONFIG changes."""
+    """The demo models under ``root/models`` (copied from the shared cache, trained there first if
+    needed; ``force`` trains them again), and the task files under ``root/tasks``; returns name →
+    folder. A change of ``DEMO_CONFIG`` makes a new cache entry, so the models are retrained."""
     _quiet_transformers()
     folders = {name: root / "models" / name for name in MODEL_NAMES}
     stamp = root / "models" / f".trained-{_cache_key()}"
@@ -238,13 +280,13 @@ def build_demo_models(
         or not stamp.is_file()
         or not all((f / "config.json").is_file() for f in folders.values())
     ):
-        for folder in folders.values():
+        trained = _train_into_cache(force, on_step)
+        for name, folder in folders.items():
             if folder.exists():
                 shutil.rmtree(folder)
-            folder.mkdir(parents=True)
+            shutil.copytree(trained / name, folder)
         for old in (root / "models").glob(".trained-*"):
             old.unlink()
-        train_demo_models(folders, on_step)
         stamp.write_text(json.dumps(DEMO_CONFIG, indent=2))
     tasks = root / "tasks"
     tasks.mkdir(parents=True, exist_ok=True)

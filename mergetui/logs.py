@@ -1,4 +1,4 @@
-"""Where mergetui writes its log, so that no error detail is ever lost.
+"""Where mergetui writes its log, so that no error detail is ever lost (and its other folders).
 
 The log lives in ``$MERGETUI_LOG_DIR`` or ``$XDG_STATE_HOME/mergetui`` (``~/.local/state/mergetui``);
 the CLI prints a one-line summary of an error and the path of this file for the full detail.
@@ -19,6 +19,13 @@ def log_dir() -> Path:
         return Path(explicit).expanduser()
     state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(state) / "mergetui"
+
+
+def cache_dir() -> Path:
+    """Where mergetui keeps what it can rebuild (compiled kernels, the trained demo models):
+    ``$XDG_CACHE_HOME/mergetui`` (``~/.cache/mergetui``)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "mergetui"
 
 
 def setup_logging(level: int = logging.INFO) -> Path | None:

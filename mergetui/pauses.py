@@ -10,6 +10,9 @@ the CLI call :func:`pause_point` at each such moment; with ``MERGETUI_PAUSE_AT=M
 flag, which a signal sets) or a signal's exception interrupts the wait, or :data:`MAX_PAUSE_S`
 pass (a hang detector, not a timing). Unset, a pause point costs one dictionary lookup.
 
+``MERGETUI_PAUSE_RELEASE=FILE`` also ends the pause once FILE exists, for a test that holds a
+merge while it does something else (detaches the UI, kills the terminal) and then lets it finish.
+
 Moments: ``before-plan``, ``plan``, ``threads-started``, ``tensor:N`` (after the N-th tensor's
 event), ``write:N`` (the writer thread, after the N-th tensor is in its shard), ``support-files``
 (config written, tokenizer and card not yet), ``publish`` (complete, not yet renamed into
@@ -24,6 +27,7 @@ import threading
 import time
 
 ENV = "MERGETUI_PAUSE_AT"
+RELEASE_ENV = "MERGETUI_PAUSE_RELEASE"
 MAX_PAUSE_S = 120.0
 
 
@@ -37,8 +41,11 @@ def pause_point(moment: str, resume: threading.Event | None = None, occurrence: 
         return
     sys.stderr.write(f"mergetui: paused at {wanted}\n")
     sys.stderr.flush()
+    release = os.environ.get(RELEASE_ENV)
     deadline = time.monotonic() + MAX_PAUSE_S
     while time.monotonic() < deadline:
         if resume is not None and resume.is_set():
+            return
+        if release and os.path.exists(release):
             return
         time.sleep(0.02)  # a signal's handler runs (and may raise) between these sleeps

@@ -84,16 +84,37 @@ def save_finetune(
     return directory
 
 
-@pytest.fixture(scope="session")
-def slow_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A base and two fine-tunes big enough (16 layers, 46M parameters) that a merge of them
-    takes a few seconds, for tests that must act while a merge is still running."""
-    root = tmp_path_factory.mktemp("slow-models")
-    deep = dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=16)
-    zoo = {"base": save_llama(root / "base", seed=10, **deep)}
-    zoo["ft_a"] = save_finetune(zoo["base"], root / "ft_a", seed=11)
-    zoo["ft_c"] = save_finetune(zoo["base"], root / "ft_c", seed=12)
-    return zoo
+class MergeGate:
+    """Holds the merges a test starts in child processes (background jobs, ``mergetui run``) after
+    their first tensor, until they are cancelled or :meth:`release` is called; so a test that must
+    act while a merge is running does not depend on how fast this machine merges. It works through
+    the environment those processes inherit (``mergetui.pauses``)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
+        self._monkeypatch = monkeypatch
+        self._released = folder / "release-merges"
+
+    def hold(self) -> None:
+        """Merges started from now on wait after their first tensor."""
+        self._released.unlink(missing_ok=True)
+        self._monkeypatch.setenv("MERGETUI_PAUSE_AT", "tensor:1")
+        self._monkeypatch.setenv("MERGETUI_PAUSE_RELEASE", str(self._released))
+
+    @property
+    def environment(self) -> dict[str, str]:
+        """The variables that hold a merge, for a process started with its own environment."""
+        return {"MERGETUI_PAUSE_AT": "tensor:1", "MERGETUI_PAUSE_RELEASE": str(self._released)}
+
+    def release(self) -> None:
+        """Held merges go on to the end."""
+        self._released.touch()
+
+
+@pytest.fixture
+def merge_gate(
+    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> MergeGate:
+    return MergeGate(monkeypatch, tmp_path_factory.mktemp("gate"))
 
 
 def ties_recipe(models: dict[str, Path], output: Path | str) -> str:

@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import psutil
-from conftest import ties_recipe
+from conftest import MergeGate, ties_recipe
 
-from mergetui.events import DoneEvent
+from mergetui.events import DoneEvent, TensorEvent
 from mergetui.jobs import (
     CANCELLED,
     DONE,
@@ -22,8 +22,10 @@ from mergetui.jobs import (
     start_job,
 )
 
+HANG_S = 120  # hang detectors only: each wait ends as soon as its condition holds
 
-def _wait(job: Job, timeout_s: float = 120) -> str:
+
+def _wait(job: Job, timeout_s: float = HANG_S) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         state = job.outcome().state
@@ -59,17 +61,19 @@ def test_a_job_runs_detached_and_records_events_and_exit(
 
 
 def test_cancel_stops_the_merge_and_leaves_no_output(
-    tmp_path: Path, slow_models: dict[str, Path]
+    tmp_path: Path, models: dict[str, Path], merge_gate: MergeGate
 ) -> None:
-    out = tmp_path / "out"  # a merge that lasts long enough to be cancelled while it runs
-    job = start_job(ties_recipe(slow_models, out), str(out), root=tmp_path / "runs")
-    deadline = time.monotonic() + 60
-    while not job.read_events(0)[0] and time.monotonic() < deadline:  # wait for the merge to start
+    out = tmp_path / "out"
+    merge_gate.hold()  # the merge waits after its first tensor: it is surely running when cancelled
+    job = start_job(ties_recipe(models, out), str(out), root=tmp_path / "runs")
+    deadline = time.monotonic() + HANG_S
+    while time.monotonic() < deadline and not any(
+        isinstance(e, TensorEvent) for e in job.read_events(0)[0]
+    ):
         time.sleep(0.05)
-    started = time.monotonic()
     job.cancel()
     assert _wait(job) == CANCELLED
-    assert time.monotonic() - started < 10
+    assert job.outcome().exit_code == 130
     assert not out.exists() and not list(tmp_path.glob(".out.mergetui-partial-*"))
     assert "cancelled" in job.outcome().message
 
@@ -81,7 +85,7 @@ def test_a_killed_merge_is_reported_failed_not_running(
     out = tmp_path / "out"
     job = start_job(ties_recipe(models, out), str(out), root=tmp_path / "runs")
     os.killpg(job.info["pid"], signal.SIGKILL)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + HANG_S
     while job.supervisor_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     outcome = job.outcome()
@@ -100,7 +104,9 @@ def test_a_failing_merge_reports_its_error(tmp_path: Path, models: dict[str, Pat
     assert (out / "keep.txt").read_text(encoding="utf-8") == "user data"
 
 
-def test_jobs_command_lists_and_cancels(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_jobs_command_lists_and_cancels(
+    tmp_path: Path, models: dict[str, Path], merge_gate: MergeGate
+) -> None:
     import json
     import subprocess
     import sys
@@ -122,12 +128,13 @@ def test_jobs_command_lists_and_cancels(tmp_path: Path, models: dict[str, Path])
     )
     assert finished.returncode == 2 and "is not running (done)" in finished.stderr
     assert (out / "model.safetensors").is_file()
+    merge_gate.hold()  # the second merge waits after its first tensor: it is running when cancelled
     second = start_job(ties_recipe(models, tmp_path / "second"), str(tmp_path / "second"))
-    cancelled = subprocess.run(  # the merge is still starting up (importing torch): it is stopped
+    cancelled = subprocess.run(
         [sys.executable, "-m", "mergetui", "jobs", "cancel", "latest"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=HANG_S,
     )
     assert cancelled.returncode == 0, cancelled.stderr
     assert f"{second.folder.name}: cancelled" in cancelled.stdout

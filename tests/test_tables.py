@@ -253,3 +253,58 @@ def test_disk_space_message_uses_human_units(
     message = next(p.message for p in plan.errors if "disk space" in p.message)
     assert f"needs about {format_bytes(plan.estimates.output_bytes)}" in message, message
     assert "4.9 KiB free" in message and "GB" not in message, message
+
+
+# -- the shared row builders -------------------------------------------------------------------
+def test_report_rows_shorten_names_and_flag_what_must_match(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    from mergetui.engine.plan import build_plan
+    from mergetui.engine.report import full_reference, plan_report, report_rows, short_reference
+    from mergetui.recipe import load_recipe
+
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(
+        f'[merge]\nmethod = "linear"\n[merge.parameters]\nweight = 1.0\n[[models]]\nmodel = "{models["ft_a"]}"\n'
+        f'[[models]]\nmodel = "{models["qwen2"]}"\n[output]\npath = "{tmp_path / "out"}"\n'
+    )
+    plan = build_plan(load_recipe(recipe), fetch=False)
+    plan.close()
+    report = plan_report(plan)
+    rows = {row.label: row for row in report_rows(report)}
+    assert rows["architecture"].cells == ["LlamaForCausalLM", "Qwen2ForCausalLM"]
+    assert rows["architecture"].differs == [False, True]
+    assert rows["dtype"].differs == [False, False]  # may differ: not flagged
+    assert rows["model"].cells == [short_reference(str(models[m])) for m in ("ft_a", "qwen2")]
+    assert [full_reference(m) for m in report["models"]] == [
+        str(models["ft_a"]),
+        str(models["qwen2"]),
+    ]
+    assert short_reference("acme/tiny") == "acme/tiny"
+    assert (
+        short_reference("/data/teams/nlp/checkpoints/run-42/final") == "…/checkpoints/run-42/final"
+    )
+    assert (
+        short_reference("meta-llama/Meta-Llama-3.1-8B-Instruct") == "…/Meta-Llama-3.1-8B-Instruct"
+    )
+
+
+def test_hub_info_rows_keep_the_commit_and_flag_custom_code() -> None:
+    from mergetui.sources.hub import RepoFile, RepoInfo
+    from mergetui.sources.hub_summary import info_rows
+
+    commit = "c57d793b6f242e7ce9351bda576c72329627fcda"
+    info = RepoInfo(
+        repo_id=LONG_ID,
+        revision="main",
+        commit=commit,
+        files=[RepoFile("config.json", 700), RepoFile("model.safetensors", 2048)],
+        config={"architectures": ["LlamaForCausalLM"], "model_type": "llama", "auto_map": {}},
+        adapter_config=None,
+    )
+    rows = {row.label: row for row in info_rows(info)}
+    assert rows["model"].text == f"{LONG_ID} @ main → commit {commit}"
+    assert rows["weights"].text == "safetensors, 2.0 KiB"
+    assert "custom code" not in rows  # an empty auto_map names no code
+    info.config["auto_map"] = {"AutoModelForCausalLM": "modeling_x.X"}  # type: ignore[index]
+    assert [row.label for row in info_rows(info) if row.warning] == ["custom code"]

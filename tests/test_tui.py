@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ties_recipe, tree_digest
+from conftest import MergeGate, ties_recipe, tree_digest
 from textual.widgets import Button, DataTable, Input, Label, Static
 
 from mergetui.tui.app import create_app
@@ -204,9 +204,9 @@ async def _start_merge(pilot: object, app: object, models: dict[str, Path], outp
 
 
 def test_run_a_merge_to_completion_then_cancel_one(
-    tmp_path: Path, models: dict[str, Path], slow_models: dict[str, Path]
+    tmp_path: Path, models: dict[str, Path], merge_gate: MergeGate
 ) -> None:
-    asyncio.run(_run_flow(tmp_path, models, slow_models))
+    asyncio.run(_run_flow(tmp_path, models, merge_gate))
 
 
 async def _wait_outcome(pilot: object, screen: object, timeout_s: float = 120) -> str:
@@ -217,9 +217,8 @@ async def _wait_outcome(pilot: object, screen: object, timeout_s: float = 120) -
     raise AssertionError("the merge never finished")
 
 
-async def _run_flow(tmp_path: Path, models: dict[str, Path], slow_models: dict[str, Path]) -> None:
+async def _run_flow(tmp_path: Path, models: dict[str, Path], merge_gate: MergeGate) -> None:
     from mergetui.tui.screens.run import RunScreen
-    from mergetui.tui.state import ModelDraft
 
     app = create_app(tmp_path)
     async with app.run_test(size=(120, 40)) as pilot:
@@ -238,11 +237,7 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path], slow_models: dict[s
         await pilot.pause()
         assert "mergetui run" in str(app.screen.query_one("#headless", Static).render())
         app.draft.output = str(tmp_path / "cancelled")
-        app.draft.base = str(slow_models["base"])  # a merge that lasts long enough to cancel
-        app.draft.models = [
-            ModelDraft(str(slow_models[name]), parameters=dict(entry.parameters))
-            for name, entry in zip(("ft_a", "ft_c"), app.draft.models, strict=True)
-        ]
+        merge_gate.hold()  # the next merge waits after its first tensor: it runs when cancelled
         app.action_run()
         await pilot.pause()
         second = app.screen
@@ -330,12 +325,13 @@ async def _gating_flow(tmp_path: Path, models: dict[str, Path]) -> None:
 
 
 def test_quit_while_merging_detaches_and_the_next_start_reattaches(
-    tmp_path: Path, slow_models: dict[str, Path]
+    tmp_path: Path, models: dict[str, Path], merge_gate: MergeGate
 ) -> None:
-    asyncio.run(_detach_flow(tmp_path, slow_models))
+    merge_gate.hold()  # the merge waits after its first tensor until the reattached UI is up
+    asyncio.run(_detach_flow(tmp_path, models, merge_gate))
 
 
-async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+async def _detach_flow(tmp_path: Path, models: dict[str, Path], merge_gate: MergeGate) -> None:
     from mergetui.jobs import list_jobs
     from mergetui.tui.screens.dialogs import ChoiceScreen
     from mergetui.tui.screens.run import RunScreen
@@ -374,6 +370,8 @@ async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         run = again.screen
         assert isinstance(run, RunScreen) and run.reattached and run.job == job
         assert [m.model for m in again.draft.models] == [str(models["ft_a"]), str(models["ft_c"])]
+        assert run.outcome == "running"
+        merge_gate.release()
         assert await _wait_outcome(pilot, run) == "done"
         assert "reattached" in "\n".join(str(line) for line in run.query_one("#run-log").lines)
     assert (tmp_path / "merged" / "model.safetensors").is_file()
@@ -383,8 +381,11 @@ async def _detach_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         assert not isinstance(third.screen, RunScreen)
 
 
-def test_quit_can_cancel_the_running_merge(tmp_path: Path, slow_models: dict[str, Path]) -> None:
-    asyncio.run(_quit_cancel_flow(tmp_path, slow_models))
+def test_quit_can_cancel_the_running_merge(
+    tmp_path: Path, models: dict[str, Path], merge_gate: MergeGate
+) -> None:
+    merge_gate.hold()  # still running when Ctrl+Q asks, whatever this machine's speed
+    asyncio.run(_quit_cancel_flow(tmp_path, models))
 
 
 async def _quit_cancel_flow(tmp_path: Path, models: dict[str, Path]) -> None:
@@ -398,7 +399,7 @@ async def _quit_cancel_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         app.screen.query_one("#choice-cancel", Button).press()
         await pilot.pause()
     [job] = list_jobs()
-    for _ in range(200):
+    for _ in range(int(120 / 0.05)):  # a hang detector: it ends once the merge has stopped
         if job.outcome().state != RUNNING:
             break
         await asyncio.sleep(0.05)

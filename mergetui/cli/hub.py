@@ -18,7 +18,7 @@ from mergetui.cli.output import (
     print_download_event,
     start_stream,
 )
-from mergetui.cli.render import Column, count_or_unknown, print_rows
+from mergetui.cli.render import Cell, Column, count_or_unknown, print_rows
 from mergetui.errors import SourceError
 from mergetui.events import DownloadedEvent
 from mergetui.units import format_bytes
@@ -156,7 +156,7 @@ def cached(as_json: JsonOpt = False) -> None:
         Column("size", "right", drop=3),
         Column("offline", drop=4),
     ]
-    rows = [
+    lines: list[list[Cell]] = [
         [
             model.repo_id,
             revision.commit[:12],
@@ -167,7 +167,7 @@ def cached(as_json: JsonOpt = False) -> None:
         for model in models
         for revision in model.revisions
     ]
-    print_rows(console, columns, rows, "models in the local HF cache")
+    print_rows(console, columns, lines, "models in the local HF cache")
 
 
 @hub_app.command()

@@ -10,10 +10,13 @@ import typer
 from rich.text import Text
 
 from mergetui.cli.output import JsonOpt, console, guard
-from mergetui.cli.render import Column, print_rows
+from mergetui.cli.render import Cell, Column, print_rows
 from mergetui.errors import UsageError
 from mergetui.events import PlanEvent, ProgressEvent
 from mergetui.jobs import RUNNING, Job, jobs_dir, list_jobs
+
+#: How long ``jobs cancel`` waits to report how the merge ended (it says "running" if still going).
+CANCEL_WAIT_S = 60.0
 
 jobs_app = typer.Typer(
     help="Background merges started from the TUI: list them, or cancel one.\n\n"
@@ -73,7 +76,7 @@ def list_command(context: typer.Context, as_json: JsonOpt = False) -> None:
         Column("output", path=True),
         Column("folder", path=True),
     ]
-    cells = [
+    cells: list[list[Cell]] = [
         [
             row["job"],
             row["started"],
@@ -105,9 +108,8 @@ def cancel(
         if chosen.outcome().state != RUNNING:
             raise UsageError(f"{chosen.folder.name} is not running ({chosen.outcome().state})")
         chosen.cancel()
-        for _ in range(100):
-            if chosen.outcome().state != RUNNING:
-                break
+        deadline = time.monotonic() + CANCEL_WAIT_S  # a merge stops within a tensor, usually <1 s
+        while chosen.outcome().state == RUNNING and time.monotonic() < deadline:
             time.sleep(0.1)
     outcome = chosen.outcome()
     console.print(f"{chosen.folder.name}: {outcome.state}: {outcome.message}")

@@ -109,7 +109,7 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         table.add_row(row.label, *cells)
     console.print(table)
     # Lines a terminal wraps but that are never broken in the output: copyable, greppable.
-    role_width = max(len(m["role"]) for m in models)
+    role_width = max((len(m["role"]) for m in models), default=0)
     console.print("models:")
     for model in models:
         line = f"  {model['role']:<{role_width}}  {full_reference(model)}"

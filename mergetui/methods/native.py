@@ -27,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mergetui import logs
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,8 +50,7 @@ def _mode() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "mergetui" / "native"
+    return logs.cache_dir() / "native"
 
 
 def _library_path(compiler: str) -> Path:

@@ -17,9 +17,11 @@ from pathlib import Path
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 from textual.screen import Screen
+from textual.worker import Worker, WorkerState
 
 from mergetui.jobs import RUNNING, Job, job_to_reattach
 from mergetui.logs import setup_logging
+from mergetui.tui.screens.base import error_text
 from mergetui.tui.screens.check import CheckScreen
 from mergetui.tui.screens.compare import CompareScreen
 from mergetui.tui.screens.dialogs import ChoiceScreen, ErrorScreen, HelpScreen
@@ -185,14 +187,27 @@ class MergeTuiApp(App[None]):
         self.push_screen(HelpScreen(f"{text}\n\n{APP_HELP}" if text else APP_HELP))
 
     def report_error(self, summary: str, exc: BaseException) -> None:
-        """One line in a toast; the traceback in the log and behind F2."""
+        """One line in a toast (see ``error_text``); the traceback in the log and behind F2."""
         detail = "".join(traceback.format_exception(exc))
         log.error("%s: %s\n%s", summary, exc, detail)
-        self.last_error = (
-            f"{summary}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
-            detail,
+        self.last_error = (f"{summary}: {error_text(exc)}", detail)
+        self.notify(
+            f"{self.last_error[0]}  (F2: detail)", severity="error", timeout=10, markup=False
         )
-        self.notify(f"{self.last_error[0]}  (F2: detail)", severity="error", timeout=10)
+
+    def report_worker_error(self, worker: Worker[object]) -> None:
+        """The one place a failed background task is reported, whichever screen started it (each
+        step screen forwards its workers' failures here, see ``StepScreen``): named by the
+        worker's ``description`` ("the compatibility check failed: …")."""
+        if worker.error is None:
+            return
+        what = worker.description or worker.name or "a background task"
+        self.report_error(f"{what} failed", worker.error)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        """The app's own workers (a screen's go to the screen, which forwards them)."""
+        if event.state == WorkerState.ERROR:
+            self.report_worker_error(event.worker)
 
     def action_error_detail(self) -> None:
         if self.last_error is None:

@@ -10,11 +10,13 @@ from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
 from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Label, Static
+from textual.worker import Worker
+
+from mergetui.tui.screens.base import StepScreen, error_text
 
 
-class CheckScreen(Screen[None]):
+class CheckScreen(StepScreen):
     """Runs the same check as ``mergetui check`` in a worker, then shows the table and problems.
     Errors block the next step; warnings must be acknowledged first."""
 
@@ -59,28 +61,33 @@ problem, and the estimates of the output's size, the free disk and the peak memo
     def on_mount(self) -> None:
         self.run_check()
 
-    @work(thread=True, exclusive=True, group="check", exit_on_error=False)
+    @work(
+        thread=True,
+        exclusive=True,
+        group="check",
+        exit_on_error=False,
+        description="the compatibility check",
+    )
     def run_check(self) -> None:
-        from mergetui.errors import MergeTuiError
+        """Any error (a model not found, or a bug) ends the worker: the app reports it and
+        :meth:`worker_failed` shows it in place of "checking…"."""
+        from mergetui.engine.plan import build_plan
+        from mergetui.engine.report import plan_report
 
-        draft = self.app.draft  # type: ignore[attr-defined]
+        plan = build_plan(self.draft.to_recipe(), fetch=False)
         try:
-            from mergetui.engine.plan import build_plan
-            from mergetui.engine.report import plan_report
-
-            plan = build_plan(draft.to_recipe(), fetch=False)
-            try:
-                report = plan_report(plan)
-            finally:
-                plan.close()
-        except MergeTuiError as exc:
-            self.app.call_from_thread(self._show_error, str(exc))
-            return
+            report = plan_report(plan)
+        finally:
+            plan.close()
         self.app.call_from_thread(self._show_report, report)
 
-    def _show_error(self, message: str) -> None:
-        self.query_one("#check-status", Static).update(f"[b red]cannot check:[/] {message}")
-        self.app.notify(message.splitlines()[0], severity="error")
+    def worker_failed(self, worker: Worker[Any], error: BaseException) -> None:
+        """The whole message in place of "checking…": it says what to change."""
+        self.query_one("#check-status", Static).update(
+            Text.assemble(
+                ("cannot check: ", "bold red"), error_text(error, first_line=False), " (F2: detail)"
+            )
+        )
 
     @property
     def warnings(self) -> list[str]:
@@ -110,7 +117,7 @@ problem, and the estimates of the output's size, the free disk and the peak memo
                 "read the warnings and tick the box to go on anyway", severity="warning"
             )
         else:
-            self.app.action_method()  # type: ignore[attr-defined]
+            self.merge_app.action_method()
 
     def _show_report(self, report: dict[str, Any]) -> None:
         from mergetui.engine.report import estimate_lines, full_reference, report_rows

@@ -11,17 +11,19 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Button, DataTable, Footer, Header, Input, Label, Select, Static
+from textual.worker import Worker
 
+from mergetui.tui.screens.base import StepScreen, error_text
 from mergetui.tui.state import PromptHistory
 
 
-class CompareScreen(Screen[None]):
+class CompareScreen(StepScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("ctrl+g", "generate", "Generate", show=True),
@@ -47,7 +49,7 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
         self.merged: str | None = None
         self.parents: list[str] = []
         self.texts: dict[str, str] = {}
-        self.lock = threading.Lock()
+        self.texts_lock = threading.Lock()
         self.busy = False
 
     def compose(self) -> ComposeResult:
@@ -81,20 +83,22 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
         self.line_up()
         self.set_interval(self.REDRAW_S, self.redraw, name="compare-redraw")
 
-    @work(thread=True, exclusive=True, group="lineup", exit_on_error=False)
+    @work(
+        thread=True,
+        exclusive=True,
+        group="lineup",
+        exit_on_error=False,
+        description="finding the models to compare",
+    )
     def line_up(self) -> None:
-        """The merge (when its output exists), the base and the sources, named as the CLI does."""
-        from mergetui.errors import MergeTuiError
+        """The merge (when its output exists), the base and the sources, named as the CLI does.
+        Errors (an invalid recipe, a model not found) are reported by the app; see
+        :meth:`worker_failed`."""
         from mergetui.evaluate.lineup import recipe_lineup
 
-        draft = self.app.draft  # type: ignore[attr-defined]
-        try:
-            recipe = draft.to_recipe()
-            has_merge = (recipe.output_dir / "config.json").is_file()
-            lineup = recipe_lineup(recipe, include_merged=has_merge)
-        except MergeTuiError as exc:
-            self.app.call_from_thread(self.app.report_error, "cannot line up the models", exc)  # type: ignore[attr-defined]
-            return
+        recipe = self.draft.to_recipe()
+        has_merge = (recipe.output_dir / "config.json").is_file()
+        lineup = recipe_lineup(recipe, include_merged=has_merge)
         self.app.call_from_thread(self._show_lineup, lineup, has_merge)
 
     def _show_lineup(self, lineup: Any, has_merge: bool) -> None:
@@ -117,7 +121,7 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
         )
 
     def redraw(self) -> None:
-        with self.lock:
+        with self.texts_lock:
             texts = dict(self.texts)
         for index, name in enumerate(self.names):
             if name in texts:
@@ -148,7 +152,7 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
             )
             return
         self.history.remember(prompt)
-        with self.lock:
+        with self.texts_lock:
             self.texts = {name: "" for name in self.names}
         self.busy = True
         self.query_one("#compare-status", Static).update(
@@ -156,39 +160,32 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
         )
         self.generate(prompt, int(text))
 
-    @work(thread=True, exclusive=True, group="generate", exit_on_error=False)
+    @work(
+        thread=True, exclusive=True, group="generate", exit_on_error=False, description="generation"
+    )
     def generate(self, prompt: str, max_new_tokens: int) -> None:
         from mergetui.engine.plan import resolve_device
         from mergetui.evaluate.compare import compare
         from mergetui.evaluate.generation import GenerationSettings
 
-        draft = self.app.draft  # type: ignore[attr-defined]
-
         def stream(name: str, index: int, piece: str) -> None:
-            with self.lock:
+            with self.texts_lock:
                 self.texts[name] = self.texts.get(name, "") + piece
 
-        try:
-            result = compare(
-                self.names,
-                self.paths,
-                [prompt],
-                GenerationSettings(max_new_tokens=max_new_tokens),
-                device=resolve_device(draft.device),
-                on_text=stream,
-            )
-        except Exception as exc:  # shown to the user, with the detail one key away
-            self.app.call_from_thread(self._done_generating, None)
-            self.app.call_from_thread(self.app.report_error, "generation failed", exc)  # type: ignore[attr-defined]
-            return
+        result = compare(
+            self.names,
+            self.paths,
+            [prompt],
+            GenerationSettings(max_new_tokens=max_new_tokens),
+            device=resolve_device(self.draft.device),
+            on_text=stream,
+        )
         self.app.call_from_thread(self._done_generating, result)
 
     def _done_generating(self, result: Any) -> None:
         self.busy = False
-        if result is None:
-            self.query_one("#compare-status", Static).update("[b red]generation failed[/]")
-            return
-        with self.lock:  # the final texts, in case the last pieces arrived after the last redraw
+        # the final texts, in case the last pieces arrived after the last redraw
+        with self.texts_lock:
             self.texts = {name: result.answers[(name, 0)].text for name in self.names}
         self.redraw()
         speeds = ", ".join(
@@ -207,35 +204,47 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
             self.app.notify("name at least one task file, NAME=FILE.jsonl", severity="warning")
             return
         try:
-            draft = self.app.draft  # type: ignore[attr-defined]
-            tasks = [parse_task_option(option, "answers", draft.base_dir) for option in options]
+            tasks = [
+                parse_task_option(option, "answers", self.draft.base_dir) for option in options
+            ]
         except MergeTuiError as exc:
-            self.app.report_error("cannot read the task files", exc)  # type: ignore[attr-defined]
+            self.merge_app.report_error("cannot read the task files", exc)
             return
         self.query_one("#compare-status", Static).update(
             f"scoring {len(self.names)} model(s) on {len(tasks)} task(s)…"
         )
         self.run_eval(tasks)
 
-    @work(thread=True, exclusive=True, group="eval", exit_on_error=False)
+    @work(thread=True, exclusive=True, group="eval", exit_on_error=False, description="scoring")
     def run_eval(self, tasks: list[Any]) -> None:
         from mergetui.engine.plan import resolve_device
         from mergetui.evaluate.evaluation import evaluate
 
-        draft = self.app.draft  # type: ignore[attr-defined]
-        try:
-            table = evaluate(
-                self.names,
-                self.paths,
-                tasks,
-                device=resolve_device(draft.device),
-                merged=self.merged,
-                parents=self.parents,
-            )
-        except Exception as exc:  # shown to the user, with the detail one key away
-            self.app.call_from_thread(self.app.report_error, "scoring failed", exc)  # type: ignore[attr-defined]
-            return
+        table = evaluate(
+            self.names,
+            self.paths,
+            tasks,
+            device=resolve_device(self.draft.device),
+            merged=self.merged,
+            parents=self.parents,
+        )
         self.app.call_from_thread(self._show_eval, table)
+
+    def worker_failed(self, worker: Worker[Any], error: BaseException) -> None:
+        """Say what failed where "finding the models…", "generating…" or "scoring…" was (the
+        app has reported it); Generate works again after a failed generation."""
+        what = {
+            "lineup": "cannot line up the models",
+            "generate": "generation failed",
+            "eval": "scoring failed",
+        }.get(worker.group)
+        if what is None:
+            return
+        if worker.group == "generate":
+            self.busy = False
+        self.query_one("#compare-status", Static).update(
+            Text.assemble((f"{what}: ", "bold red"), error_text(error), " (F2: detail)")
+        )
 
     def _show_eval(self, table: Any) -> None:
         """The scores (rows from :func:`score_rows`, as ``mergetui eval`` prints them)."""

@@ -14,10 +14,10 @@ from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
 from mergetui.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
+from mergetui.tui.screens.base import StepScreen
 
 
 def parse_value(param: ParamSpec, text: str) -> Any:
@@ -34,7 +34,7 @@ def parse_value(param: ParamSpec, text: str) -> Any:
         return text  # the validator says what is wrong with it
 
 
-class MethodScreen(Screen[None]):
+class MethodScreen(StepScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("ctrl+s", "save", "Save recipe", show=True),
@@ -55,7 +55,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
 """ + "\n".join(f"- **{m.name}**: {m.summary} {m.when_to_use}" for m in METHODS.values())
 
     def compose(self) -> ComposeResult:
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         yield Header()
         with Horizontal(id="method-step"):
             with VerticalScroll(id="method-form"):
@@ -109,12 +109,12 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
 
     @property
     def spec(self) -> MethodSpec:
-        spec = get_method(self.app.draft.method)  # type: ignore[attr-defined]
+        spec = get_method(self.draft.method)
         assert spec is not None
         return spec
 
     def _build_fields(self) -> None:
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         spec = self.spec
         self.query_one("#method-help", Static).update(f"{spec.summary} When: {spec.when_to_use}")
         box = self.query_one("#params", Vertical)
@@ -141,27 +141,29 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
 
     @on(Select.Changed, "#method")
     def method_changed(self, event: Select.Changed) -> None:
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         if event.value == draft.method:
             return
         draft.method = str(event.value)
         allowed = {p.name for p in self.spec.global_params}
         draft.parameters = {k: v for k, v in draft.parameters.items() if k in allowed}
         model_allowed = {p.name for p in self.spec.model_params}
+        weight = self.spec.param("weight")
+        needs_weight = "weight" in model_allowed and weight is not None and weight.required
         for entry in draft.models:
             entry.parameters = {k: v for k, v in entry.parameters.items() if k in model_allowed}
-            if "weight" in model_allowed and self.spec.param("weight").required:  # type: ignore[union-attr]
+            if needs_weight:
                 entry.parameters.setdefault("weight", 1.0)
         self._build_fields()
 
     @on(Select.Changed, "#out-dtype")
     def dtype_changed(self, event: Select.Changed) -> None:
-        self.app.draft.dtype = None if event.value is Select.NULL else str(event.value)  # type: ignore[attr-defined]
+        self.draft.dtype = None if event.value is Select.NULL else str(event.value)
         self._validate()
 
     @on(Input.Changed, "#out-path, #out-device, #out-seed")
     def output_changed(self, event: Input.Changed) -> None:
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         value = event.value.strip()
         if event.input.id == "out-path":
             save = self.query_one("#save-path", Input)
@@ -184,7 +186,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
     def action_save(self) -> None:
         from mergetui.errors import MergeTuiError
 
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         path = Path(
             self.query_one("#save-path", Input).value.strip() or draft.default_save_path()
         ).expanduser()
@@ -193,7 +195,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         except MergeTuiError as exc:
             self.app.notify(str(exc).splitlines()[0], severity="error", title="not saved")
             return
-        self.app.mark_saved()  # type: ignore[attr-defined]
+        self.merge_app.mark_saved()
         self.query_one("#headless", Static).update(f"headless: mergetui run {saved}")
         self.app.notify(f"replay headless with: mergetui run {saved}", title=f"saved {saved}")
 
@@ -202,7 +204,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         field_id = event.input.id or ""
         if field_id.startswith(("out-", "save-")):
             return
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         scope, _, name = field_id.partition("-")
         param = self.spec.param(name)
         if param is None:
@@ -218,7 +220,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         from mergetui.errors import RecipeError
         from mergetui.recipe.toml_io import data_to_toml
 
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         problems = self.query_one("#problems", Static)
         try:
             draft.to_recipe()

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
-from textual.screen import Screen
 from textual.widgets import (
     Button,
     DataTable,
@@ -25,13 +25,15 @@ from textual.widgets import (
     TabbedContent,
     TabPane,
 )
+from textual.worker import Worker
 
+from mergetui.tui.screens.base import StepScreen, error_text
 from mergetui.tui.state import ModelDraft
 from mergetui.tui.widgets.paths import PathSuggester
 from mergetui.units import format_bytes, format_count
 
 
-class ModelsScreen(Screen[None]):
+class ModelsScreen(StepScreen):
     """Type a folder (→ accepts the suggested completion) or an ``org/name[@rev]`` Hub id."""
 
     BINDINGS = [
@@ -61,7 +63,7 @@ Ctrl+N checks compatibility, before any weight is read.
         self.hits: list[str] = []
 
     def compose(self) -> ComposeResult:
-        base_dir = self.app.draft.base_dir  # type: ignore[attr-defined]
+        base_dir = self.draft.base_dir
         yield Header()
         with VerticalScroll(id="models-step"):
             yield Label("1 · Models: the base, then each model to merge (folder or org/name@rev)")
@@ -105,7 +107,7 @@ Ctrl+N checks compatibility, before any weight is read.
         yield Footer()
 
     def on_mount(self) -> None:
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         self.query_one("#base", Input).value = draft.base
         chosen = self.query_one("#chosen", DataTable)
         chosen.add_columns("#", "model", "LoRA")
@@ -119,7 +121,7 @@ Ctrl+N checks compatibility, before any weight is read.
 
     # -- the chosen models -------------------------------------------------------------------------
     def _refresh_chosen(self, select: int | None = None) -> None:
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         chosen = self.query_one("#chosen", DataTable)
         chosen.clear()
         for index, entry in enumerate(draft.models):
@@ -132,7 +134,7 @@ Ctrl+N checks compatibility, before any weight is read.
         if not model:
             self.app.notify("type a folder or a Hub id first", severity="warning")
             return
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         draft.models.append(ModelDraft(model, lora.strip()))
         self._refresh_chosen(select=len(draft.models) - 1)
 
@@ -156,12 +158,12 @@ Ctrl+N checks compatibility, before any weight is read.
             is_adapter = (Path(folder) / "adapter_config.json").is_file()
             self.query_one("#lora" if is_adapter else "#model", Input).value = folder
 
-        self.app.push_screen(BrowseScreen(self.app.draft.base_dir), picked)  # type: ignore[attr-defined]
+        self.app.push_screen(BrowseScreen(self.draft.base_dir), picked)
 
     @on(Button.Pressed, "#remove")
     def remove_model(self) -> None:
         """Remove the selected model (the last one when none is selected)."""
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         if not draft.models:
             return
         row = self.query_one("#chosen", DataTable).cursor_row
@@ -179,7 +181,7 @@ Ctrl+N checks compatibility, before any weight is read.
 
     def action_move(self, step: int) -> None:
         """Move the selected model up or down the merge order."""
-        draft = self.app.draft  # type: ignore[attr-defined]
+        draft = self.draft
         index = self.query_one("#chosen", DataTable).cursor_row
         target = index + step
         if not (0 <= index < len(draft.models) and 0 <= target < len(draft.models)):
@@ -189,14 +191,20 @@ Ctrl+N checks compatibility, before any weight is read.
 
     @on(Input.Changed, "#base")
     def base_changed(self, event: Input.Changed) -> None:
-        self.app.draft.base = event.value.strip()  # type: ignore[attr-defined]
+        self.draft.base = event.value.strip()
 
     @on(Button.Pressed, "#next")
     def action_next(self) -> None:
-        self.app.action_check()  # type: ignore[attr-defined]
+        self.merge_app.action_check()
 
     # -- the HF cache ------------------------------------------------------------------------------
-    @work(thread=True, exclusive=True, group="cache", exit_on_error=False)
+    @work(
+        thread=True,
+        exclusive=True,
+        group="cache",
+        exit_on_error=False,
+        description="reading the HF cache",
+    )
     def load_cache(self) -> None:
         from mergetui.sources.hub import cached_models
 
@@ -233,16 +241,19 @@ Ctrl+N checks compatibility, before any weight is read.
         self.query_one("#hub-info", Static).update(f"searching for {query!r}…")
         self.search_hub(query)
 
-    @work(thread=True, exclusive=True, group="hub-search", exit_on_error=False)
+    @work(
+        thread=True,
+        exclusive=True,
+        group="hub-search",
+        exit_on_error=False,
+        description="the Hub search",
+    )
     def search_hub(self, query: str) -> None:
-        from mergetui.errors import MergeTuiError
+        """Any error (offline, unreachable, or a bug) is reported by the app; see
+        :meth:`worker_failed`."""
         from mergetui.sources import hub
 
-        try:
-            hits = hub.search(query, limit=30)
-        except MergeTuiError as exc:
-            self.app.call_from_thread(self.app.report_error, "Hub search failed", exc)  # type: ignore[attr-defined]
-            return
+        hits = hub.search(query, limit=30)
         self.app.call_from_thread(self._show_hits, query, hits)
 
     def _show_hits(self, query: str, hits: list[Any]) -> None:
@@ -275,7 +286,13 @@ Ctrl+N checks compatibility, before any weight is read.
             self.query_one("#hub-info", Static).update(f"{repo_id}: reading its details…")
             self.show_info(repo_id)
 
-    @work(thread=True, exclusive=True, group="hub-info", exit_on_error=False)
+    @work(
+        thread=True,
+        exclusive=True,
+        group="hub-info",
+        exit_on_error=False,
+        description="reading a Hub model's details",
+    )
     def show_info(self, repo_id: str) -> None:
         """Size, architecture and files of a Hub model, from its metadata and config only."""
         from mergetui.errors import MergeTuiError
@@ -320,12 +337,13 @@ Ctrl+N checks compatibility, before any weight is read.
         repo_id = self.highlighted_hit
         if repo_id is not None:
             self.query_one("#download-status", Static).update(f"downloading {repo_id}…")
-            self.download(repo_id)
+            # downloads run side by side: the description names the model if this one fails
+            self.download(repo_id).description = f"downloading {repo_id}"
 
-    @work(thread=True, group="download", exit_on_error=False)
+    @work(thread=True, group="download", exit_on_error=False, description="a download")
     def download(self, repo_id: str) -> None:
-        """Fetch what a merge needs into the HF cache; the UI stays usable meanwhile."""
-        from mergetui.errors import MergeTuiError
+        """Fetch what a merge needs into the HF cache; the UI stays usable meanwhile. An error
+        is reported by the app; see :meth:`worker_failed`."""
         from mergetui.sources import hub
 
         ref = _hub_ref(repo_id)
@@ -338,11 +356,7 @@ Ctrl+N checks compatibility, before any weight is read.
                 shown[0] = now
                 self.app.call_from_thread(self._show_download, event)
 
-        try:
-            folder = hub.download(ref, progress)
-        except MergeTuiError as exc:
-            self.app.call_from_thread(self.app.report_error, f"downloading {repo_id} failed", exc)  # type: ignore[attr-defined]
-            return
+        folder = hub.download(ref, progress)
         self.app.call_from_thread(self._downloaded, repo_id, str(folder))
 
     def _show_download(self, event: Any) -> None:
@@ -358,6 +372,21 @@ Ctrl+N checks compatibility, before any weight is read.
         self.query_one("#download-status", Static).update(f"[green]{repo_id} is in the cache[/]")
         self.app.notify(f"{repo_id} downloaded to {folder}", title="download done")
         self.load_cache()
+
+    def worker_failed(self, worker: Worker[Any], error: BaseException) -> None:
+        """Replace "searching…", "reading its details…" or "downloading…" with what failed (the
+        cache table has no busy state: it stays as it was)."""
+        failed = Text.assemble(("failed: ", "bold red"), error_text(error), " (F2: detail)")
+        if worker.group == "hub-search":
+            self.query_one("#hub-info", Static).update(Text("search ") + failed)
+        elif worker.group == "hub-info":
+            self.query_one("#hub-info", Static).update(Text(f"{self.highlighted_hit}: ") + failed)
+            self.query_one("#hub-add", Button).disabled = True
+            self.query_one("#hub-download", Button).disabled = True
+        elif worker.group == "download":
+            self.query_one("#download-status", Static).update(
+                Text(f"{worker.description} ") + failed
+            )
 
 
 def _hub_ref(repo_id: str) -> Any:

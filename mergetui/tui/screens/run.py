@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import shutil
 import time
+from typing import Any
 
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.screen import Screen
+from textual.timer import Timer
 from textual.widgets import Button, Footer, Header, Label, Log, ProgressBar, Sparkline, Static
+from textual.worker import Worker
 
 from mergetui.events import (
     CancelledEvent,
@@ -31,10 +33,11 @@ from mergetui.events import (
 )
 from mergetui.gpus import GpuReading, read_gpus
 from mergetui.jobs import FAILED, RUNNING, Job, start_job
+from mergetui.tui.screens.base import StepScreen, error_text
 from mergetui.units import format_bytes, format_duration
 
 
-class RunScreen(Screen[None]):
+class RunScreen(StepScreen):
     """Watches one background job: a new one started from the draft, or one found again (the UI
     was closed or the SSH session dropped while it ran). Polls the job's event file at 5 Hz, so a
     flood of events never floods the UI."""
@@ -69,6 +72,7 @@ parents.
         self.gpu_readings: list[GpuReading] | None = None  # every GPU, from the driver
         self.merge_gpus: list[GpuUse] | None = None  # the merge's GPU, from its events
         self.merge_event: ProgressEvent | None = None
+        self.gpu_timer: Timer | None = None  # samples nvidia-smi while the merge runs
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -95,25 +99,24 @@ parents.
             self.job = self._start()
             if self.job is None:
                 return
-        elif self.job is not self.app.watched_job:  # type: ignore[attr-defined]
+        elif self.job is not self.merge_app.watched_job:
             started = time.strftime("%Y-%m-%d %H:%M", time.localtime(self.job.started))
             self.query_one("#run-log", Log).write_line(
                 f"reattached to the merge started {started} (job {self.job.folder.name})"
             )
-        self.app.watched_job = self.job  # type: ignore[attr-defined]
+        self.merge_app.watched_job = self.job
         self.outcome = "running"
         self.poll()
         self.set_interval(self.POLL_S, self.poll, name="job-poll")
         if shutil.which("nvidia-smi"):  # every GPU of the server, once a second
-            self.set_interval(1.0, self.sample_gpus, name="gpu-poll")
+            self.gpu_timer = self.set_interval(1.0, self.sample_gpus, name="gpu-poll")
 
     def _start(self) -> Job | None:
         from mergetui.errors import MergeTuiError
         from mergetui.recipe import recipe_to_toml
 
-        draft = self.app.draft  # type: ignore[attr-defined]
         try:
-            recipe = draft.to_recipe()
+            recipe = self.draft.to_recipe()
         except MergeTuiError as exc:
             self._finish("invalid", str(exc))
             return None
@@ -159,7 +162,13 @@ parents.
                 log.write_line(stderr)
             self._finish(outcome.state, outcome.message)
 
-    @work(thread=True, exclusive=True, group="gpus", exit_on_error=False)
+    @work(
+        thread=True,
+        exclusive=True,
+        group="gpus",
+        exit_on_error=False,
+        description="reading the GPUs (nvidia-smi)",
+    )
     def sample_gpus(self) -> None:
         if self.outcome not in ("starting", "running"):
             return
@@ -236,11 +245,15 @@ parents.
         self.outcome = outcome
         colour = {"done": "green", "cancelled": "yellow"}.get(outcome, "red")
         self.query_one("#run-status", Static).update(f"[b {colour}]{outcome}[/]: {message}")
-        self.query_one("#cancel", Button).disabled = True
-        self.query_one("#compare", Button).disabled = outcome != "done"
+        # nothing left to cancel: the button goes, and a finished merge leads on to Compare
+        self.query_one("#cancel", Button).display = False
+        compare = self.query_one("#compare", Button)
+        compare.disabled = outcome != "done"
         bar = self.query_one("#run-progress", ProgressBar)
         if outcome == "done":
-            self.app.mark_saved()  # type: ignore[attr-defined]  # the output holds mergetui.toml
+            self.merge_app.mark_saved()  # the output holds mergetui.toml
+            compare.variant = "success"
+            compare.focus()
             if bar.total:
                 bar.update(progress=bar.total)
         self.app.notify(
@@ -257,4 +270,15 @@ parents.
 
     @on(Button.Pressed, "#compare")
     def compare(self) -> None:
-        self.app.action_compare()  # type: ignore[attr-defined]
+        self.merge_app.action_compare()
+
+    def worker_failed(self, worker: Worker[Any], error: BaseException) -> None:
+        """A GPU sampler that broke once would break every second: stop it (the app has
+        reported it once) and go on with the merge's own GPU figures from its events."""
+        if worker.group == "gpus" and self.gpu_timer is not None:
+            self.gpu_timer.stop()
+            self.gpu_timer = None
+            self.query_one("#run-log", Log).write_line(
+                f"cannot read the GPUs through nvidia-smi ({error_text(error)}); VRAM shows the "
+                "merge's own GPU from its progress events"
+            )
