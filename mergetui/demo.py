@@ -36,7 +36,7 @@ VOCAB = list(SPECIAL_TOKENS) + list(string.ascii_lowercase + string.digits + " +
 
 def bundled_recipe_text(name: str = DEMO_RECIPE) -> str:
     """A recipe shipped with the package (from ``recipes/`` in the source tree)."""
-    packaged = importlib.resources.files("mergetui").joinpath("_recipes", name)
+    packaged = importlib.resources.files("mergetui").joinpath("_recipes").joinpath(name)
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
     source_tree = Path(__file__).resolve().parent.parent / "recipes" / name
@@ -145,7 +145,7 @@ def _train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     for step in range(steps):
-        batch = []
+        batch: list[tuple[list[int], list[int]]] = []
         while len(batch) < DEMO_CONFIG["batch_size"]:
             prompt, answer = sample(rng)
             if prompt not in held_out:

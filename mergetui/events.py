@@ -243,7 +243,8 @@ def parse_event(data: Mapping[str, Any]) -> Event:
     cls = _KINDS.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise EventFormatError(f"unknown event kind {kind!r}; known: {', '.join(_KINDS)}")
-    return _build(cls, data, f"{kind} event")  # type: ignore[no-any-return]
+    event: Event = _build(cls, data, f"{kind} event")
+    return event
 
 
 def parse_event_line(line: str | bytes) -> Event:

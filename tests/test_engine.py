@@ -295,6 +295,33 @@ def test_vocab_mismatch_names_models_and_fix(tmp_path: Path, models: dict[str, P
     assert not any(m.startswith("shape mismatch in model.embed_tokens") for m in messages)
 
 
+def test_custom_code_is_warned_about_once_per_model(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    custom = {}
+    for name in ("base", "ft_c"):
+        custom[name] = shutil.copytree(models[name], tmp_path / f"custom-{name}")
+        config = json.loads((custom[name] / "config.json").read_text())
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.Custom"}
+        (custom[name] / "config.json").write_text(json.dumps(config))
+    recipe = recipe_for(
+        tmp_path,
+        "task_arithmetic",
+        custom["base"],
+        [
+            (models["ft_a"], "weight = 1"),
+            (custom["ft_c"], "weight = 1"),
+            (models["ft_b"], "weight = 1"),
+        ],
+    )
+    plan = build_plan(recipe, fetch=False)
+    plan.close()
+    warned = [p.message for p in plan.warnings if "custom code" in p.message]
+    assert len(warned) == 2, warned  # the base and models[1], each once
+    assert warned[0].startswith("base") and warned[1].startswith("models[1]"), warned
+    assert not plan.errors
+
+
 def test_shape_mismatch_names_tensor_and_both_shapes(
     tmp_path: Path, models: dict[str, Path]
 ) -> None:

@@ -230,6 +230,10 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path], merge_gate: MergeGa
         )
         assert (tmp_path / "merged" / "model.safetensors").is_file()
         assert "VRAM: no GPU in use" in str(run.query_one("#vram", Static).render())
+        # the merge is over: nothing to cancel any more, and Compare is the way on
+        assert not run.query_one("#cancel", Button).display
+        compare = run.query_one("#compare", Button)
+        assert not compare.disabled and compare.has_focus
         await pilot.press("escape")
         await pilot.pause()
         app.screen.query_one("#save-path", Input).value = "replay.toml"
@@ -249,6 +253,8 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path], merge_gate: MergeGa
             second.job.stderr_text(),
         )
         assert not (tmp_path / "cancelled").exists()
+        assert not second.query_one("#cancel", Button).display
+        assert second.query_one("#compare", Button).disabled
         assert not list(tmp_path.glob(".cancelled.mergetui-partial-*"))
     # the saved recipe, replayed headless, gives the very same weights as the merge run in the UI
     replay = subprocess.run(

@@ -294,7 +294,8 @@ def _terminate(signum: int, frame: object) -> None:
 
 def main() -> None:
     """Console-script entry point."""
-    log_path[:] = [setup_logging()]
+    written = setup_logging()
+    log_path[:] = [written] if written is not None else []
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

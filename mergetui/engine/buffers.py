@@ -71,7 +71,7 @@ class BufferPool:
             for buffer in buffers:
                 storage = buffer.untyped_storage()
                 whole = torch.empty(0, dtype=torch.float32, device=buffer.device)
-                whole.set_(storage, 0, (storage.nbytes() // 4,))
+                whole.set_(storage, 0, (storage.nbytes() // 4,), (1,))
                 self._free.append(whole)
             self._lent_bytes = max(0, self._lent_bytes - nbytes)
             self._free.sort(key=lambda b: b.numel())

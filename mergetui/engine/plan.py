@@ -246,108 +246,130 @@ def _names(names: list[str], limit: int = 5) -> str:
 
 
 def check_compatibility(sources: list[Source]) -> list[Problem]:
-    """Every reason these models cannot be merged, from config.json and headers only."""
-    problems: list[Problem] = []
-    for source in sources:
-        if source.checkpoint.config.get("auto_map"):
-            problems.append(
-                Problem(
-                    "warning",
-                    f"{source.label}: config.json names custom code (auto_map); mergetui never "
-                    "runs it (no trust_remote_code): the merge uses the weights as they are, and "
-                    "loading the output needs an architecture transformers knows",
-                )
-            )
+    """Every reason these models cannot be merged, from config.json and headers only: each model
+    against the first (the reference), then each LoRA adapter against its model."""
     reference = sources[0]
-    ref_ckpt = reference.checkpoint
+    problems = _custom_code_warnings(sources)
     for source in sources[1:]:
-        ckpt = source.checkpoint
-        if ckpt.architecture != ref_ckpt.architecture or ckpt.model_type != ref_ckpt.model_type:
-            problems.append(
-                Problem(
-                    "error",
-                    f"different architectures: {reference.label} is {ref_ckpt.architecture} "
-                    f"({ref_ckpt.model_type}), {source.label} is {ckpt.architecture} ({ckpt.model_type}); "
-                    "only fine-tunes of one base model can be merged",
-                )
+        problems += _compare_with_reference(reference, source)
+    problems += _adapter_problems(sources)
+    return problems
+
+
+def _custom_code_warnings(sources: list[Source]) -> list[Problem]:
+    """One warning per model whose config names custom code (said once, however many pairs)."""
+    return [
+        Problem(
+            "warning",
+            f"{source.label}: config.json names custom code (auto_map); mergetui never runs it "
+            "(no trust_remote_code) and merges the weights as they are; loading the output "
+            "needs trust_remote_code, or an architecture transformers knows",
+        )
+        for source in sources
+        if source.checkpoint.config.get("auto_map")
+    ]
+
+
+def _compare_with_reference(reference: Source, source: Source) -> list[Problem]:
+    """Architecture, depth, tensor names and shapes, vocabulary: ``source`` against the reference."""
+    ref_ckpt, ckpt = reference.checkpoint, source.checkpoint
+    if ckpt.architecture != ref_ckpt.architecture or ckpt.model_type != ref_ckpt.model_type:
+        return [  # nothing else is worth comparing
+            Problem(
+                "error",
+                f"different architectures: {reference.label} is {ref_ckpt.architecture} "
+                f"({ref_ckpt.model_type}), {source.label} is {ckpt.architecture} ({ckpt.model_type}); "
+                "only fine-tunes of one base model can be merged",
             )
+        ]
+    problems = []
+    ref_layers = ref_ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
+    layers = ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
+    if ref_layers != layers:
+        problems.append(
+            Problem(
+                "error",
+                f"different depth: {reference.label} has {ref_layers} layers, {source.label} has "
+                f"{layers}; layer-stacking merges are not supported, pick models of one base",
+            )
+        )
+    if not (ckpt.shapes_known and ref_ckpt.shapes_known):
+        unknown = source if not ckpt.shapes_known else reference
+        problems.append(
+            Problem(
+                "warning",
+                f"{unknown.label} has only .bin weights on the Hub, whose shapes cannot be "
+                "read without downloading them; tensor names and shapes will be checked "
+                "when `mergetui run` has downloaded it",
+            )
+        )
+        return problems
+    return problems + _tensor_name_problems(reference, source) + _shape_problems(reference, source)
+
+
+def _tensor_name_problems(reference: Source, source: Source) -> list[Problem]:
+    ref_tensors, tensors = reference.checkpoint.tensors, source.checkpoint.tensors
+    missing = [n for n in ref_tensors if n not in tensors]
+    extra = [n for n in tensors if n not in ref_tensors]
+    problems = []
+    if missing:
+        problems.append(
+            Problem(
+                "error",
+                f"{source.label} lacks {len(missing)} tensor(s) that {reference.label} has: "
+                f"{_names(missing)}",
+            )
+        )
+    if extra:
+        problems.append(
+            Problem(
+                "error",
+                f"{source.label} has {len(extra)} tensor(s) that {reference.label} lacks: "
+                f"{_names(extra)}",
+            )
+        )
+    return problems
+
+
+def _shape_problems(reference: Source, source: Source) -> list[Problem]:
+    """Shapes that differ; a difference in the vocabulary dimension only is said once, with the
+    vocabulary sizes and how to fix it."""
+    ref_ckpt, ckpt = reference.checkpoint, source.checkpoint
+    problems = []
+    vocab_shapes = []
+    for name, spec in ref_ckpt.tensors.items():
+        other = ckpt.tensors.get(name)
+        if other is None or other.shape == spec.shape:
             continue
-        ref_layers = ref_ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
-        layers = ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
-        if ref_layers != layers:
-            problems.append(
-                Problem(
-                    "error",
-                    f"different depth: {reference.label} has {ref_layers} layers, {source.label} has "
-                    f"{layers}; layer-stacking merges are not supported, pick models of one base",
-                )
-            )
-        if not (ckpt.shapes_known and ref_ckpt.shapes_known):
-            unknown = source if not ckpt.shapes_known else reference
-            problems.append(
-                Problem(
-                    "warning",
-                    f"{unknown.label} has only .bin weights on the Hub, whose shapes cannot be "
-                    "read without downloading them; tensor names and shapes will be checked "
-                    "when `mergetui run` has downloaded it",
-                )
-            )
+        if _is_vocab_tensor(name) and other.shape[1:] == spec.shape[1:]:
+            vocab_shapes.append(name)
             continue
-        missing = [n for n in ref_ckpt.tensors if n not in ckpt.tensors]
-        extra = [n for n in ckpt.tensors if n not in ref_ckpt.tensors]
-        if missing:
-            problems.append(
-                Problem(
-                    "error",
-                    f"{source.label} lacks {len(missing)} tensor(s) that {reference.label} has: "
-                    f"{_names(missing)}",
-                )
+        problems.append(
+            Problem(
+                "error",
+                f"shape mismatch in {name}: {reference.label} has {list(spec.shape)}, "
+                f"{source.label} has {list(other.shape)}",
             )
-        if extra:
-            problems.append(
-                Problem(
-                    "error",
-                    f"{source.label} has {len(extra)} tensor(s) that {reference.label} lacks: "
-                    f"{_names(extra)}",
-                )
+        )
+    ref_vocab = ref_ckpt.config_value("vocab_size")
+    vocab = ckpt.config_value("vocab_size")
+    if vocab_shapes or (ref_vocab != vocab and ref_vocab is not None and vocab is not None):
+        problems.append(
+            Problem(
+                "error",
+                f"vocabulary size mismatch: {reference.label} has {ref_vocab} tokens, {source.label} "
+                f"has {vocab} ({_names(vocab_shapes) or 'config.json'} differ). Rows of different "
+                "vocabularies cannot be averaged. Fix: merge only models that share the base's "
+                "tokenizer, or resize the model's embeddings to the base's vocabulary "
+                "(model.resize_token_embeddings) and re-save it, if its added tokens are not needed",
             )
-        vocab_shapes = []
-        for name, spec in ref_ckpt.tensors.items():
-            other = ckpt.tensors.get(name)
-            if other is None or other.shape == spec.shape:
-                continue
-            if _is_vocab_tensor(name) and other.shape[1:] == spec.shape[1:]:
-                vocab_shapes.append(name)
-                continue
-            problems.append(
-                Problem(
-                    "error",
-                    f"shape mismatch in {name}: {reference.label} has {list(spec.shape)}, "
-                    f"{source.label} has {list(other.shape)}",
-                )
-            )
-        ref_vocab = ref_ckpt.config_value("vocab_size")
-        vocab = ckpt.config_value("vocab_size")
-        if vocab_shapes or (ref_vocab != vocab and ref_vocab is not None and vocab is not None):
-            problems.append(
-                Problem(
-                    "error",
-                    f"vocabulary size mismatch: {reference.label} has {ref_vocab} tokens, {source.label} "
-                    f"has {vocab} ({_names(vocab_shapes) or 'config.json'} differ). Rows of different "
-                    "vocabularies cannot be averaged. Fix: merge only models that share the base's "
-                    "tokenizer, or resize the model's embeddings to the base's vocabulary "
-                    "(model.resize_token_embeddings) and re-save it, if its added tokens are not needed",
-                )
-            )
-        if ref_ckpt.config.get("auto_map") or ckpt.config.get("auto_map"):
-            problems.append(
-                Problem(
-                    "warning",
-                    f"{source.label if ckpt.config.get('auto_map') else reference.label} uses custom code "
-                    "(auto_map in config.json); mergetui merges its weights but never runs that code, "
-                    "and loading the output will need trust_remote_code",
-                )
-            )
+        )
+    return problems
+
+
+def _adapter_problems(sources: list[Source]) -> list[Problem]:
+    """Each LoRA adapter against the model it is folded into."""
+    problems = []
     for source in sources:
         if source.lora is None:
             continue

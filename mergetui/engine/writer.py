@@ -118,7 +118,7 @@ class ShardedWriter:
 
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             assert self._handle is not None
-            self._handle.write(memoryview(data.numpy()))
+            self._handle.write(data.numpy().data)
         self.bytes_written += expected.nbytes
         self._position += 1
 

@@ -80,7 +80,8 @@ def load_model(name: str, path: Path, device: str) -> LoadedModel:
         raise SourceError(f"{name}: cannot load its tokenizer from {path}: {exc}") from exc
     dtype = torch.float32 if device == "cpu" else "auto"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = loaded.to(device).eval()
     except (OSError, ValueError) as exc:
         raise SourceError(f"{name}: cannot load the model from {path}: {exc}") from exc
     if tokenizer.pad_token_id is None:

@@ -19,6 +19,7 @@ MiB whatever the tensor size, and the temporaries stay in the CPU cache.
 from __future__ import annotations
 
 import ctypes
+import functools
 from typing import Any
 
 import torch
@@ -55,6 +56,13 @@ def dare_linear(inputs: TensorInputs) -> torch.Tensor:
 def _chunks(flat: torch.Tensor) -> list[torch.Tensor]:
     """Consecutive views of at most ``CHUNK`` elements covering a flat tensor."""
     return list(flat.split(CHUNK))
+
+
+def _subtract_and_sample(
+    library: Any, delta: int, base: int, step: int, sample: torch.Tensor, start: int, end: int
+) -> None:
+    """One thread's range of ``delta -= base``, keeping every ``step``-th magnitude in ``sample``."""
+    library.mt_subtract_and_sample(delta, base, start, end, step, sample.data_ptr())
 
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
@@ -288,8 +296,8 @@ def _merge_native(
     for index, delta in enumerate(inputs.models):
         flat = _flat(delta)
         native.parallel(
-            lambda start, end, flat=flat: library.mt_subtract_and_sample(
-                flat.data_ptr(), base.data_ptr(), start, end, step, sample.data_ptr()
+            functools.partial(
+                _subtract_and_sample, library, flat.data_ptr(), base.data_ptr(), step, sample
             ),
             count,
         )

@@ -326,9 +326,10 @@ def _check_weight_sum(
     if not params.get("normalize") or spec.param("weight") is None:
         return
     weights = [m.parameters.get("weight") for m in models]
-    if any(w is None for w in weights):
+    numbers = [float(w) for w in weights if w is not None]
+    if len(numbers) < len(weights):
         return
-    if abs(sum(weights)) < 1e-8:
+    if abs(sum(numbers)) < 1e-8:
         out.add(
             f"models: the weights sum to 0 and normalize is on, which would divide by zero; "
             f"change a weight or set normalize = false under [merge.parameters] "

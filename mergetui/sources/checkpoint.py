@@ -389,8 +389,8 @@ def _open_safetensors(
             tensors[name] = spec
     if weight_map is not None:
         for name, file_name in weight_map.items():
-            spec = tensors.get(name)
-            if spec is None or spec.file.name != file_name:
+            mapped = tensors.get(name)
+            if mapped is None or mapped.file.name != file_name:
                 raise SourceError(
                     f"{label}: the shard index maps {name!r} to {file_name}, but that "
                     "file does not hold it; re-download the model"

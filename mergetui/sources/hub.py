@@ -311,6 +311,7 @@ def repo_info(ref: ModelRef) -> RepoInfo:
     from huggingface_hub import HfApi
 
     assert ref.repo_id is not None
+    repo_id = ref.repo_id
     api = HfApi()
     revision = ref.revision or "main"
     name = ref_name(ref)
@@ -323,7 +324,7 @@ def repo_info(ref: ModelRef) -> RepoInfo:
         info = _model_info(api, ref, revision)
         commit = info.sha or revision
         tree = with_retries(
-            lambda: list(api.list_repo_tree(ref.repo_id, revision=commit, recursive=True)), name
+            lambda: list(api.list_repo_tree(repo_id, revision=commit, recursive=True)), name
         )
         files = [
             RepoFile(entry.path, getattr(entry, "size", None))
@@ -372,9 +373,8 @@ def _fetch_json(ref: ModelRef, commit: str, filename: str) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     assert ref.repo_id is not None
-    path = with_retries(
-        lambda: hf_hub_download(ref.repo_id, filename, revision=commit), ref_name(ref)
-    )
+    repo_id = ref.repo_id
+    path = with_retries(lambda: hf_hub_download(repo_id, filename, revision=commit), ref_name(ref))
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -576,12 +576,13 @@ def download(ref: ModelRef, on_progress: Callable[[DownloadProgress], None] | No
     from huggingface_hub import snapshot_download
 
     assert ref.repo_id is not None
+    repo_id = ref.repo_id
     name = ref_name(ref)
     if is_offline():
         with hub_errors(name, ref):
             folder = Path(
                 snapshot_download(
-                    ref.repo_id,
+                    repo_id,
                     revision=ref.revision,
                     allow_patterns=SUPPORT_FILE_PATTERNS + SAFETENSORS_PATTERNS + BIN_PATTERNS,
                 )
@@ -618,7 +619,7 @@ def download(ref: ModelRef, on_progress: Callable[[DownloadProgress], None] | No
         folder = Path(
             with_retries(
                 lambda: snapshot_download(
-                    ref.repo_id,
+                    repo_id,
                     revision=info.revision,  # by name, so the cache records the ref for offline use
                     allow_patterns=files,
                     tqdm_class=_progress_class(report),
@@ -651,7 +652,7 @@ def _progress_class(report: Callable[[int], None]) -> type:
     """
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    class Progress(hf_tqdm):  # type: ignore[misc, valid-type]
+    class Progress(hf_tqdm):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             name = str(kwargs.get("name") or "")
             self._counts_bytes = kwargs.get("unit") == "B" and not name.endswith("transfer")
