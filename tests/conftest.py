@@ -127,6 +127,45 @@ def ties_recipe(models: dict[str, Path], output: Path | str) -> str:
     )
 
 
+#: A value for each parameter a method needs, for tests and checks that run every method.
+SAMPLE_VALUES = {"weight": 0.6, "density": 0.5, "t": 0.4, "scale": 1.0}
+
+
+def method_recipe(
+    method: str,
+    base: Path,
+    models: list[Path],
+    output: Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> str:
+    """A recipe running ``method`` on ``models`` (fewer if the method takes fewer), its parameters
+    from :data:`SAMPLE_VALUES` (defaults otherwise), driven by the registry so a new method is
+    covered without a new table here. Used by the CUDA tests and ``bench/gpu_check.py``."""
+    from mergetui.methods.registry import get_method
+
+    spec = get_method(method)
+    assert spec is not None, method
+    chosen = models[: spec.max_models] if spec.max_models else models
+    merge = f'method = "{method}"\ndevice = "{device}"\ndtype = "{dtype}"\nseed = 7\n'
+    if spec.needs_base:
+        merge += f'base = "{base}"\n'
+    wanted = [p for p in spec.params if p.required or p.name in SAMPLE_VALUES]
+    global_values = "".join(
+        f"{p.name} = {SAMPLE_VALUES[p.name]}\n" for p in wanted if p.scope == "global"
+    )
+    entries = "".join(
+        f'[[models]]\nmodel = "{path}"\n'
+        + "".join(f"{p.name} = {SAMPLE_VALUES[p.name]}\n" for p in wanted if p.scope == "model")
+        for path in chosen
+    )
+    return (
+        f"version = 1\n[merge]\n{merge}[merge.parameters]\n{global_values}{entries}"
+        f'[output]\npath = "{output}"\n'
+    )
+
+
 def tree_digest(directory: Path) -> dict[str, str]:
     """sha256 of every file under ``directory``: proof that sources were not touched."""
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -124,3 +125,40 @@ def _release(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+class _SharedThreads:
+    """Torch's CPU thread count is process-wide: generations and scorings running side by side
+    share one reduction, and the last to finish puts torch's own count back."""
+
+    lock = threading.Lock()
+    users = 0
+    saved = 0
+
+
+@contextmanager
+def leave_a_core_for_the_ui() -> Iterator[int]:
+    """Run torch's CPU ops on one thread fewer than it would use, for as long as the block runs;
+    yields the count used. For generating or scoring in a thread of a process that also runs the
+    UI (the TUI's compare step).
+
+    Why: torch's OpenMP threads spin-wait between ops, one per core. Beside them, the UI thread
+    starves, and it holds the GIL that the generating thread needs back after every op, so every
+    op waits on it. On 2 cores, the demo's 287K-parameter model generated 22 tokens/s inside the
+    TUI against about 300 in ``mergetui compare``; with a core left for the UI, about 200
+    (``bench/bench_generation.py``). Long ops of big models lose little from one thread fewer."""
+    import torch
+
+    with _SharedThreads.lock:
+        if _SharedThreads.users == 0:
+            _SharedThreads.saved = torch.get_num_threads()
+            torch.set_num_threads(max(1, _SharedThreads.saved - 1))
+        _SharedThreads.users += 1
+        threads = torch.get_num_threads()
+    try:
+        yield threads
+    finally:
+        with _SharedThreads.lock:
+            _SharedThreads.users -= 1
+            if _SharedThreads.users == 0:
+                torch.set_num_threads(_SharedThreads.saved)

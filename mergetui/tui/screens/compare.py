@@ -167,19 +167,21 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
         from mergetui.engine.plan import resolve_device
         from mergetui.evaluate.compare import compare
         from mergetui.evaluate.generation import GenerationSettings
+        from mergetui.evaluate.models import leave_a_core_for_the_ui
 
         def stream(name: str, index: int, piece: str) -> None:
             with self.texts_lock:
                 self.texts[name] = self.texts.get(name, "") + piece
 
-        result = compare(
-            self.names,
-            self.paths,
-            [prompt],
-            GenerationSettings(max_new_tokens=max_new_tokens),
-            device=resolve_device(self.draft.device),
-            on_text=stream,
-        )
+        with leave_a_core_for_the_ui():  # else torch's threads starve this UI, and so itself
+            result = compare(
+                self.names,
+                self.paths,
+                [prompt],
+                GenerationSettings(max_new_tokens=max_new_tokens),
+                device=resolve_device(self.draft.device),
+                on_text=stream,
+            )
         self.app.call_from_thread(self._done_generating, result)
 
     def _done_generating(self, result: Any) -> None:
@@ -219,15 +221,17 @@ Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui 
     def run_eval(self, tasks: list[Any]) -> None:
         from mergetui.engine.plan import resolve_device
         from mergetui.evaluate.evaluation import evaluate
+        from mergetui.evaluate.models import leave_a_core_for_the_ui
 
-        table = evaluate(
-            self.names,
-            self.paths,
-            tasks,
-            device=resolve_device(self.draft.device),
-            merged=self.merged,
-            parents=self.parents,
-        )
+        with leave_a_core_for_the_ui():
+            table = evaluate(
+                self.names,
+                self.paths,
+                tasks,
+                device=resolve_device(self.draft.device),
+                merged=self.merged,
+                parents=self.parents,
+            )
         self.app.call_from_thread(self._show_eval, table)
 
     def worker_failed(self, worker: Worker[Any], error: BaseException) -> None:

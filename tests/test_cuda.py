@@ -1,0 +1,79 @@
+"""The CUDA path: every method on a GPU gives the CPU's result, and the VRAM figures are real.
+
+Marked ``cuda`` and skipped where no GPU is visible (CI has none); ``bench/gpu_check.sh`` runs them
+on a GPU machine together with the bench-size checks. ``MERGETUI_CHECK_DEVICE=cpu`` runs them on
+the CPU instead (a dry run of the check, so it cannot fail on the GPU machine for a silly reason).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import method_recipe
+from safetensors.torch import load_file
+
+from mergetui.engine.executor import run_merge
+from mergetui.engine.plan import build_plan
+from mergetui.events import Event, ProgressEvent
+from mergetui.methods.registry import METHODS
+from mergetui.recipe import parse_recipe
+
+DEVICE = os.environ.get("MERGETUI_CHECK_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(
+        DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+        reason="no CUDA device here; bench/gpu_check.sh runs these on a GPU machine",
+    ),
+]
+
+
+def _merge(
+    tmp_path: Path, models: dict[str, Path], method: str, device: str, name: str = "merged"
+) -> tuple:
+    text = method_recipe(
+        method,
+        models["base"],
+        [models["ft_a"], models["ft_b"], models["ft_c"]],
+        tmp_path / name,
+        device=device,
+    )
+    events: list[Event] = []
+    plan = build_plan(parse_recipe(text, base_dir=tmp_path))
+    estimate = plan.estimates.peak_vram_bytes if plan.estimates else None
+    result = run_merge(plan, on_event=events.append)
+    tensors = {}
+    for file in sorted(result.output_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors, events, estimate
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_on_cuda_gives_the_cpu_result(
+    tmp_path: Path, models: dict[str, Path], method: str
+) -> None:
+    on_cpu, _, _ = _merge(tmp_path, models, method, "cpu", "reference")
+    on_gpu, _, _ = _merge(tmp_path, models, method, DEVICE, "on-device")
+    assert on_cpu.keys() == on_gpu.keys()
+    for name, expected in on_cpu.items():
+        if METHODS[method].randomized:  # masks are drawn on the CPU: the same bits everywhere
+            assert torch.equal(on_gpu[name], expected), name
+        else:  # float32 math in another order: float tolerance
+            torch.testing.assert_close(on_gpu[name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_cuda_progress_names_the_merge_gpu_and_stays_under_the_estimate(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    _, events, estimate = _merge(tmp_path, models, "ties", DEVICE)
+    progress = [e for e in events if isinstance(e, ProgressEvent)]
+    last = progress[-1]
+    if DEVICE == "cpu":  # the dry run: no GPU figures at all
+        assert last.gpus is None and last.gpu_bytes is None and estimate is None
+        return
+    assert last.gpus and last.gpus[0].total_bytes > last.gpus[0].used_bytes > 0
+    assert last.gpu_peak_bytes is not None and last.gpu_peak_bytes > 0
+    assert estimate is not None and last.gpu_peak_bytes <= estimate, (last, estimate)
