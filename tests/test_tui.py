@@ -256,6 +256,7 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path], merge_gate: MergeGa
         assert not second.query_one("#cancel", Button).display
         assert second.query_one("#compare", Button).disabled
         assert not list(tmp_path.glob(".cancelled.mergetui-partial-*"))
+        merge_gate.release()  # the headless replay below must not wait
     # the saved recipe, replayed headless, gives the very same weights as the merge run in the UI
     replay = subprocess.run(
         [sys.executable, "-m", "mergetui", "run", str(tmp_path / "replay.toml"), "-o", "replayed"],

@@ -203,13 +203,15 @@ async def _error_flow(name: str, case: Case, tmp_path: Path, recipe_file: Path) 
             shown = case.busy(app)
             assert case.failed in shown and "…" not in shown, shown
         if name == "compare-generate":
-            assert not app.screen.busy, "Generate must work again"
+            screen: Any = app.screen
+            assert not screen.busy, "Generate must work again"
 
 
 async def _start(name: str, app: MergeTuiApp, pilot: Any, ended: list[Worker[Any]]) -> None:
     """Take the app to where the case's worker runs, the way a user would."""
     from mergetui.tui.screens.compare import CompareScreen
 
+    screen: Any
     if name == "check":
         await pilot.press("ctrl+n")
     elif name.startswith("hub-"):
@@ -338,12 +340,12 @@ def test_every_worker_is_described_and_reported_by_its_step_screen() -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
             bases = {ast.unparse(b) for b in cls.bases}
-            for method in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
-                for deco in method.decorator_list:
+            for function in (n for n in cls.body if isinstance(n, ast.FunctionDef)):
+                for deco in function.decorator_list:
                     if not (isinstance(deco, ast.Call) and ast.unparse(deco.func) == "work"):
                         continue
                     keywords = {k.arg: ast.unparse(k.value) for k in deco.keywords}
-                    where = f"{path.name}: {cls.name}.{method.name}"
+                    where = f"{path.name}: {cls.name}.{function.name}"
                     if "StepScreen" not in bases:
                         problems.append(f"{where} is not on a StepScreen")
                     if "description" not in keywords:

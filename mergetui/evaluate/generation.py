@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 from mergetui.errors import UsageError
-from mergetui.evaluate.models import LoadedModel
+from mergetui.evaluate.models import LoadedModel, torch_thread_limit
+
+#: Below this many parameters (toy models: the demo's, the tests'; the smallest real language
+#: models have 100M+), a token is a few dozen ops of microseconds each, which torch still splits
+#: across its OpenMP threads. When another process (or this one's UI) keeps a core busy, each
+#: op's join waits for a thread that is not running: on 2 cores the demo's 287K-parameter model
+#: fell from ~250-350 tokens/s on one thread to 30-100 on two (``bench/bench_generation.py
+#: --busy 1``, before and after). Idle, two threads were up to ~20% faster: not worth the risk.
+SINGLE_THREAD_BELOW = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def generate(
     stopped = False
     past: Any = None
     step_input = torch.tensor([ids], device=loaded.device)
-    with torch.inference_mode():
+    with torch.inference_mode(), _threads_for(loaded):
         for _ in range(settings.max_new_tokens):
             out = model(input_ids=step_input, cache=past, use_cache=True)
             past = out.cache
@@ -85,6 +94,15 @@ def generate(
             shown = text
             step_input = torch.tensor([[token]], device=loaded.device)
     return Generation(prompt, shown, len(produced), time.perf_counter() - started, stopped)
+
+
+def _threads_for(loaded: LoadedModel) -> AbstractContextManager[Any]:
+    """One CPU thread for a toy model on the CPU (see ``SINGLE_THREAD_BELOW``); else torch's
+    own choice."""
+    if loaded.device != "cpu":
+        return nullcontext()
+    parameters = sum(p.numel() for p in loaded.model.parameters())
+    return torch_thread_limit(1) if parameters < SINGLE_THREAD_BELOW else nullcontext()
 
 
 def _eos_ids(loaded: LoadedModel) -> set[int]:

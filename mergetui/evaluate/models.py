@@ -127,38 +127,52 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-class _SharedThreads:
-    """Torch's CPU thread count is process-wide: generations and scorings running side by side
-    share one reduction, and the last to finish puts torch's own count back."""
+class _ThreadLimits:
+    """Torch's CPU thread count is process-wide, and generations and scorings may run side by
+    side (the TUI's workers): while any limit holds, torch uses the smallest; when the last ends,
+    torch's own count is back."""
 
     lock = threading.Lock()
-    users = 0
+    active: list[int] = []
     saved = 0
 
 
 @contextmanager
-def leave_a_core_for_the_ui() -> Iterator[int]:
-    """Run torch's CPU ops on one thread fewer than it would use, for as long as the block runs;
-    yields the count used. For generating or scoring in a thread of a process that also runs the
-    UI (the TUI's compare step).
-
-    Why: torch's OpenMP threads spin-wait between ops, one per core. Beside them, the UI thread
-    starves, and it holds the GIL that the generating thread needs back after every op, so every
-    op waits on it. On 2 cores, the demo's 287K-parameter model generated 22 tokens/s inside the
-    TUI against about 300 in ``mergetui compare``; with a core left for the UI, about 200
-    (``bench/bench_generation.py``). Long ops of big models lose little from one thread fewer."""
+def torch_thread_limit(limit: int) -> Iterator[int]:
+    """Run torch's CPU ops on at most ``limit`` threads while the block runs; yields the count in
+    force."""
     import torch
 
-    with _SharedThreads.lock:
-        if _SharedThreads.users == 0:
-            _SharedThreads.saved = torch.get_num_threads()
-            torch.set_num_threads(max(1, _SharedThreads.saved - 1))
-        _SharedThreads.users += 1
+    with _ThreadLimits.lock:
+        if not _ThreadLimits.active:
+            _ThreadLimits.saved = torch.get_num_threads()
+        _ThreadLimits.active.append(max(1, limit))
+        torch.set_num_threads(min([_ThreadLimits.saved, *_ThreadLimits.active]))
         threads = torch.get_num_threads()
     try:
         yield threads
     finally:
-        with _SharedThreads.lock:
-            _SharedThreads.users -= 1
-            if _SharedThreads.users == 0:
-                torch.set_num_threads(_SharedThreads.saved)
+        with _ThreadLimits.lock:
+            _ThreadLimits.active.remove(max(1, limit))
+            torch.set_num_threads(min([_ThreadLimits.saved, *_ThreadLimits.active]))
+
+
+def torch_threads() -> int:
+    """Torch's own CPU thread count (one per core), whatever limit holds now."""
+    import torch
+
+    with _ThreadLimits.lock:
+        return _ThreadLimits.saved if _ThreadLimits.active else torch.get_num_threads()
+
+
+@contextmanager
+def leave_a_core_for_the_ui() -> Iterator[int]:
+    """One torch CPU thread fewer than torch would use, for generating or scoring in a thread of
+    a process that also runs the UI (the TUI's compare step); yields the count in force.
+
+    Why: torch's OpenMP threads, one per core, spin-wait between ops. Beside them the UI thread
+    starves, and it holds the GIL that the generating thread needs back after every op. On 2
+    cores, the demo's model generated 22-60 tokens/s inside the TUI on torch's 2 threads, and
+    150-200 on one (``bench/bench_generation.py --tui``)."""
+    with torch_thread_limit(max(1, torch_threads() - 1)) as threads:
+        yield threads
