@@ -27,10 +27,12 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qs, urlsplit
 
 GIT_ENV = {
@@ -52,6 +54,37 @@ def olah_cli() -> str | None:
         shutil.which("olah-cli"),
     ]
     return next((c for c in candidates if c and Path(c).exists()), None)
+
+
+def hub_unavailable(reason: str) -> NoReturn:
+    """Skip a Hub test loudly, or fail it where CI requires the Hub tests to run."""
+    import pytest
+
+    message = f"SKIPPED LOUDLY: {reason}"
+    if os.environ.get("MERGETUI_REQUIRE_HUB_SERVER"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def require_olah() -> None:
+    if olah_cli() is None:
+        hub_unavailable(
+            "the Hub tests need olah (a Hub-compatible server): python -m venv "
+            "/tmp/mergetui-olah-venv && /tmp/mergetui-olah-venv/bin/pip install olah"
+        )
+
+
+@contextmanager
+def running(server: HubServer) -> Iterator[HubServer]:
+    """``server`` started for the block and stopped after it (a module fixture's body)."""
+    try:
+        server.start()
+    except RuntimeError as exc:
+        hub_unavailable(f"the Hub test server did not start: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def free_port() -> int:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from conftest import save_llama
-from hubserver import HubServer, RepoMeta, olah_cli
+from hubserver import HubServer, RepoMeta, require_olah, running
 
 EXE = [sys.executable, "-m", "mergetui"]
 SECRET = "hf_mergetuiTestTokenThatMustNeverAppear"
@@ -25,14 +25,7 @@ SECRET = "hf_mergetuiTestTokenThatMustNeverAppear"
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[HubServer]:
-    if olah_cli() is None:
-        message = (
-            "SKIPPED LOUDLY: the Hub tests need olah (a Hub-compatible server): "
-            "python -m venv /tmp/mergetui-olah-venv && /tmp/mergetui-olah-venv/bin/pip install olah"
-        )
-        if os.environ.get("MERGETUI_REQUIRE_HUB_SERVER"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_olah()
     root = tmp_path_factory.mktemp("hub")
     server = HubServer(root)
     repos = _build_repos(root / "build", models)
@@ -43,14 +36,8 @@ def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> It
     )
     server.commit_change("acme/tiny-code", "NOTES.md", "after the tag\n")
     server.gated.add("acme/tiny-gated")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        if os.environ.get("MERGETUI_REQUIRE_HUB_SERVER"):
-            pytest.fail(f"the Hub test server did not start: {exc}")
-        pytest.skip(f"SKIPPED LOUDLY: the Hub test server did not start: {exc}")
-    yield server
-    server.stop()
+    with running(server):
+        yield server
 
 
 def _build_repos(root: Path, models: dict[str, Path]) -> dict[str, tuple[Path, int]]:

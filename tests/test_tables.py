@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ties_recipe
-from hubserver import HubServer, RepoMeta, olah_cli
+from hubserver import HubServer, RepoMeta, require_olah, running
 
 EXE = [sys.executable, "-m", "mergetui"]
 #: Longer than an 80-column table leaves its id column once the other columns take their share.
@@ -78,22 +78,12 @@ def assert_whole(needle: str, output: str) -> None:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory: pytest.TempPathFactory, models: dict[str, Path]) -> Iterator[HubServer]:
     """The loopback Hub of ``test_hub.py`` (olah + its front), serving one model with a long id."""
-    if olah_cli() is None:
-        message = "SKIPPED LOUDLY: the Hub tests need olah; see tests/hubserver.py"
-        if os.environ.get("MERGETUI_REQUIRE_HUB_SERVER"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_olah()
     server = HubServer(tmp_path_factory.mktemp("hub-tables"))
     server.add_repo(LONG_ID, models["base"], RepoMeta(downloads=123456))
     server.add_repo("barorg/tiny-short", models["ft_a"], RepoMeta(downloads=7))
-    try:
-        server.start()
-    except RuntimeError as exc:
-        if os.environ.get("MERGETUI_REQUIRE_HUB_SERVER"):
-            pytest.fail(f"the Hub test server did not start: {exc}")
-        pytest.skip(f"SKIPPED LOUDLY: the Hub test server did not start: {exc}")
-    yield server
-    server.stop()
+    with running(server):
+        yield server
 
 
 def _hub_env(hub: HubServer, hf_home: Path) -> dict[str, str]:

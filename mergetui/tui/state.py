@@ -34,7 +34,8 @@ class RecipeDraft:
     output: str = "./merged"
     dtype: str | None = None
     device: str = "auto"
-    seed: int = 0
+    #: an int once valid; the text as typed until then, so validation can say what is wrong
+    seed: int | str = 0
     base_dir: Path = field(default_factory=Path.cwd)
 
     def to_data(self) -> dict[str, Any]:

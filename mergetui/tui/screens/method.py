@@ -173,7 +173,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         elif event.input.id == "out-device":
             draft.device = value
         else:
-            draft.seed = int(value) if value.lstrip("-").isdigit() else value  # type: ignore[assignment]
+            draft.seed = int(value) if value.lstrip("-").isdigit() else value
         self._validate()
 
     @on(Input.Changed, "#save-path")
