@@ -161,22 +161,26 @@ class DoneEvent(ProgressEvent):
 
 
 @dataclass(frozen=True, kw_only=True)
-class CancelledEvent(Event):
-    """Stopped by Ctrl-C, SIGTERM or a cancel; nothing half-written is left (exit code 130)."""
+class EndingEvent(Event):
+    """How a command that did not finish ended: the one-line message and the exit code."""
 
-    kind: ClassVar[str] = "cancelled"
     message: str
     exit_code: int
 
 
 @dataclass(frozen=True, kw_only=True)
-class ErrorEvent(Event):
+class CancelledEvent(EndingEvent):
+    """Stopped by Ctrl-C, SIGTERM or a cancel; nothing half-written is left (exit code 130)."""
+
+    kind: ClassVar[str] = "cancelled"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ErrorEvent(EndingEvent):
     """The command failed (last line): 2 invalid input, nothing written; 1 the merge failed and
     its partial output was removed. ``message`` is the one-line error; details go to the log."""
 
     kind: ClassVar[str] = "error"
-    message: str
-    exit_code: int
 
 
 @dataclass(frozen=True, kw_only=True)

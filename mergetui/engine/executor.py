@@ -212,7 +212,7 @@ class _Run:
         self.started = time.perf_counter()
         self.bytes_read = 0
         self.bytes_written = 0
-        self.bytes_to_read = sum(t.bytes_in for t in plan.tensors)
+        self.bytes_to_read = plan.bytes_to_read
         self.done = 0
         self.current = ""
         self.kernel: Callable[[TensorInputs], Any] = plan.method.load_kernel()

@@ -93,6 +93,11 @@ class MergePlan:
     estimates: Estimates | None = None
 
     @property
+    def bytes_to_read(self) -> int:
+        """Every input byte the merge reads (each math source's copy of each tensor)."""
+        return sum(t.bytes_in for t in self.tensors)
+
+    @property
     def math_sources(self) -> list[Source]:
         """The sources the kernel reads: every model, and the base when the method uses it."""
         return [s for s in self.sources if s.role != "base" or self.method.needs_base]
@@ -430,7 +435,7 @@ def estimate(plan: MergePlan) -> Estimates:
         free = None
     return Estimates(
         output_bytes=sum(t.bytes_out for t in plan.tensors),
-        input_bytes=sum(t.bytes_in for t in plan.tensors),
+        input_bytes=plan.bytes_to_read,
         disk_free_bytes=free,
         peak_ram_bytes=BASELINE_RSS + FIXED_WORKING_BYTES + peak_host,
         peak_vram_bytes=None if on_cpu else peak_device + FIXED_WORKING_BYTES,
