@@ -785,11 +785,11 @@ def test_bad_seed(seed: str, shown: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("version", "shown"), [("2", "2"), ("0", "0"), ('"1"', "'1'"), ("true", "True")]
+    ("version", "shown"), [("3", "3"), ("0", "0"), ('"1"', "'1'"), ("true", "True")]
 )
 def test_bad_version(version: str, shown: str) -> None:
     assert only_problem(TIES.replace("version = 1", f"version = {version}")) == (
-        f"version: this mergetui reads recipe version 1, not {shown}; set version = 1"
+        f"version: this mergetui reads recipe versions 1 and 2, not {shown}; set version = 2"
     )
 
 

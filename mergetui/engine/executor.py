@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergetui.engine.buffers import BufferPool
+from mergetui.engine.layout import TensorInput
 from mergetui.engine.outputs import write_support_files
 from mergetui.engine.plan import MergePlan, PlannedTensor, existing_ancestor
 from mergetui.engine.progress import (
@@ -216,15 +217,8 @@ class _Run:
         self.done = 0
         self.current = ""
         self.kernel: Callable[[TensorInputs], Any] = plan.method.load_kernel()
-        self.math_roles = [s.role for s in plan.math_sources]
         self.by_role = {s.role: s for s in plan.sources}
-        self.model_params = [dict(e.parameters) for e in plan.recipe.models]
-        self.read_roles = list(self.math_roles)
-        if plan.reference.role not in self.read_roles:
-            self.read_roles.insert(0, plan.reference.role)
-        largest = (
-            max((t.numel for t in plan.tensors if t.merge), default=0) * 4 * len(self.math_roles)
-        )
+        largest = max((t.numel * 4 * len(t.reads) for t in plan.tensors if t.merge), default=0)
         self.buffers = BufferPool(largest + max(_READ_AHEAD_MIN_MARGIN, largest // 4))
 
     def progress(self) -> dict[str, Any]:
@@ -279,9 +273,9 @@ class _Run:
     def _will_need(self, tensor: PlannedTensor) -> None:
         """Start the disk reads of the tensor after the one being loaded (a hint; errors are left
         for the real read to report with its context)."""
-        for role in self.math_roles if tensor.merge else self.read_roles:
+        for read in tensor.reads:
             try:
-                self.by_role[role].checkpoint.will_need(tensor.name)
+                self.by_role[read.role].checkpoint.will_need(read.name)
             except OSError:
                 log.debug("read-ahead hint for %s failed", tensor.name, exc_info=True)
 
@@ -289,23 +283,22 @@ class _Run:
         """Read one tensor's inputs: raw for a copied (integer) tensor, else float32 buffers."""
         if not tensor.merge:
             raw = {
-                role: self.by_role[role].checkpoint.read(tensor.name) for role in self.read_roles
+                read: self.by_role[read.role].checkpoint.read(read.name) for read in tensor.reads
             }
             self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
             return _Loaded(tensor, raw=raw)
         plan = self.plan
-        nbytes = tensor.numel * 4 * len(self.math_roles)
+        nbytes = tensor.numel * 4 * len(tensor.reads)
         if not self.buffers.reserve(nbytes, self.cancel):
             return None
         loaded = _Loaded(tensor, reserved_bytes=nbytes)
-        for role in self.math_roles:
+        for read in tensor.reads:
             buffer = self.buffers.take(tensor.shape, plan.device)
             loaded.buffers.append(buffer)
-            checkpoint = self.by_role[role].checkpoint
-            self.bytes_read += checkpoint.read_into(tensor.name, buffer, staging)
-            lora = self.by_role[role].lora
-            value = buffer if lora is None else lora.apply(tensor.name, buffer)
-            if role == "base":
+            source = self.by_role[read.role]
+            self.bytes_read += source.checkpoint.read_into(read.name, buffer, staging)
+            value = buffer if source.lora is None else source.lora.apply(read.name, buffer)
+            if read is tensor.base:
                 loaded.base = value
             else:
                 loaded.models.append(value)
@@ -399,25 +392,29 @@ class _Run:
         plan = self.plan
         tensor = loaded.tensor
         if loaded.raw is not None:
-            reference = loaded.raw[plan.reference.role]
-            for role, other in loaded.raw.items():
+            (first, reference), *others = loaded.raw.items()
+            for read, other in others:
                 if not torch.equal(other, reference):
                     raise MergeFailed(
                         f"tensor {tensor.name} ({tensor.dtype}) differs between "
-                        f"{plan.reference.label} and {self.by_role[role].label}; integer tensors "
-                        "cannot be merged — make them identical or drop that model"
+                        f"{self.by_role[first.role].label} and {self.by_role[read.role].label}; "
+                        "integer tensors cannot be merged — make them identical or drop that model"
                     )
             return reference
-        inputs = TensorInputs(
-            name=tensor.name,
-            base=loaded.base,
-            models=loaded.models,
-            model_params=self.model_params,
-            params=dict(plan.recipe.parameters),
-            seed=plan.recipe.seed,
-        )
-        result = self.kernel(inputs)
-        del inputs
+        if tensor.copy:
+            result = loaded.models[0] if loaded.models else loaded.base
+            assert result is not None  # a copied tensor has exactly one input
+        else:
+            inputs = TensorInputs(
+                name=tensor.name,
+                base=loaded.base,
+                models=loaded.models,
+                model_params=list(tensor.model_params),
+                params=dict(tensor.params),
+                seed=plan.recipe.seed,
+            )
+            result = self.kernel(inputs)
+            del inputs
         if not _all_finite(result):
             raise MergeFailed(
                 f"tensor {tensor.name} has NaN or infinite values after the {plan.method.name} "
@@ -438,7 +435,7 @@ class _Loaded:
     """One tensor's inputs, as the loader hands them to the merge thread."""
 
     tensor: PlannedTensor
-    raw: dict[str, torch.Tensor] | None = None
+    raw: dict[TensorInput, torch.Tensor] | None = None
     base: torch.Tensor | None = None
     models: list[torch.Tensor] = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)

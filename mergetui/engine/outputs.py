@@ -43,6 +43,7 @@ def write_support_files(
     dtype_keys = [key for key in ("dtype", "torch_dtype") if key in config] or ["torch_dtype"]
     for key in dtype_keys:
         config[key] = plan.out_dtype
+    config.update(plan.config_updates)  # an output made of slices: its layer count and lists
     config_path = directory / "config.json"
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     written.append(config_path)
@@ -60,6 +61,26 @@ def write_support_files(
     card_path.write_text(model_card(plan), encoding="utf-8")
     written.append(card_path)
     return written
+
+
+def layer_spans(plan: MergePlan) -> list[tuple[str, str]]:
+    """The output layers of a merge of slices, one row per slice: ``("0-23", "./a 0-23")``, or
+    several sources joined by `` + `` when the slice merges them."""
+    rows: list[tuple[str, str]] = []
+    for index in range(len(plan.recipe.slices)):
+        origins = [o for o in plan.layers if o.slice_index == index]
+        if not origins:
+            continue
+        span = f"{origins[0].layer}-{origins[-1].layer}"
+        parts = [
+            f"{model} {first}-{last}"
+            for (model, first), (_, last) in zip(
+                origins[0].sources, origins[-1].sources, strict=True
+            )
+        ]
+        how = "" if len(parts) == 1 else f" ({plan.recipe.method})"
+        rows.append((span, " + ".join(parts) + how))
+    return rows
 
 
 def model_card(plan: MergePlan) -> str:
@@ -92,12 +113,14 @@ def model_card(plan: MergePlan) -> str:
     ]
     for source in plan.sources:
         params = ""
-        lora = ""
-        if source.role != "base":
+        lora = source.lora.label if source.lora else ""
+        if source.role.startswith("models["):
             entry = recipe.models[int(source.role.split("[")[1].rstrip("]"))]
             params = ", ".join(f"{k} = {v}" for k, v in entry.parameters.items())
-            lora = entry.lora or ""
         lines.append(f"| {source.role} | `{source.ref.text}` | {lora} | {params} |")
+    if plan.layers:
+        lines += ["", "## Layers", "", "| output layers | from |", "| --- | --- |"]
+        lines += [f"| {span} | {origin} |" for span, origin in layer_spans(plan)]
     global_params = ", ".join(f"{k} = {v}" for k, v in recipe.parameters.items()) or "none"
     lines += [
         "",

@@ -7,15 +7,22 @@ output layout, and estimates of output size, free disk space and peak memory.
 
 from __future__ import annotations
 
-import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from mergetui.engine.layout import (
+    LayerOrigin,
+    Layout,
+    PlannedTensor,
+    layout_models,
+    layout_slices,
+)
 from mergetui.errors import MergeTuiError
 from mergetui.methods.registry import MethodSpec, get_method
 from mergetui.recipe.schema import Recipe
-from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, Checkpoint
+from mergetui.sources.checkpoint import Checkpoint
 from mergetui.sources.lora import LoraAdapter, open_lora
 from mergetui.sources.refs import ModelRef, parse_ref
 from mergetui.sources.resolve import DownloadCallback, open_model, resolve_dir
@@ -54,22 +61,6 @@ class Source:
 
 
 @dataclass
-class PlannedTensor:
-    """One output tensor: merged from float inputs, or copied from the reference when not float."""
-
-    name: str
-    shape: tuple[int, ...]
-    dtype: str
-    merge: bool
-    bytes_in: int
-    bytes_out: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-@dataclass
 class Estimates:
     output_bytes: int
     input_bytes: int
@@ -91,16 +82,18 @@ class MergePlan:
     device: str
     problems: list[Problem] = field(default_factory=list)
     estimates: Estimates | None = None
+    #: config.json changes (layer count, per-layer lists) for an output made of slices
+    config_updates: dict[str, Any] = field(default_factory=dict)
+    #: where each output layer comes from, for an output made of slices
+    layers: list[LayerOrigin] = field(default_factory=list)
 
     @property
     def bytes_to_read(self) -> int:
-        """Every input byte the merge reads (each math source's copy of each tensor)."""
+        """Every input byte the merge reads (each input's copy of each tensor)."""
         return sum(t.bytes_in for t in self.tensors)
 
-    @property
-    def math_sources(self) -> list[Source]:
-        """The sources the kernel reads: every model, and the base when the method uses it."""
-        return [s for s in self.sources if s.role != "base" or self.method.needs_base]
+    def source(self, role: str) -> Source:
+        return next(s for s in self.sources if s.role == role)
 
     @property
     def errors(self) -> list[Problem]:
@@ -157,6 +150,24 @@ def open_sources(
                 lora_ref = parse_ref(entry.lora, recipe.base_dir)
                 lora = open_lora(resolve_dir(lora_ref, on_download), f"{role}.lora ({lora_ref})")
             sources.append(Source(role, ref, checkpoint, lora))
+        seen: set[tuple[str, str | None]] = {(recipe.base, None)} if recipe.base else set()
+        for index, piece in enumerate(recipe.slices):
+            for number, item in enumerate(piece.sources):
+                if (item.model, item.lora) in seen:
+                    continue
+                seen.add((item.model, item.lora))
+                role = f"slices[{index}].sources[{number}]"
+                ref = parse_ref(item.model, recipe.base_dir)
+                checkpoint = open_model(
+                    ref, f"{role} ({ref})", fetch=fetch, on_download=on_download
+                )
+                lora = None
+                if item.lora:
+                    lora_ref = parse_ref(item.lora, recipe.base_dir)
+                    lora = open_lora(
+                        resolve_dir(lora_ref, on_download), f"{role}.lora ({lora_ref})"
+                    )
+                sources.append(Source(role, ref, checkpoint, lora))
     except BaseException:
         for source in sources:
             source.checkpoint.close()
@@ -182,9 +193,8 @@ def build_plan(
     reference = sources[0]
     files_from = reference
     if recipe.tokenizer != "base":
-        index = [e.model for e in recipe.models].index(recipe.tokenizer)
-        files_from = next(s for s in sources if s.role == f"models[{index}]")
-    problems = check_compatibility(sources)
+        files_from = next(s for s in sources if s.ref.text == recipe.tokenizer and s.role != "base")
+    problems = check_compatibility(sources, same_depth=not recipe.slices)
     out_dtype = recipe.dtype or reference.checkpoint.storage_dtype
     if out_dtype not in ("float32", "float16", "bfloat16"):
         out_dtype = "float32"
@@ -199,7 +209,11 @@ def build_plan(
         device=device or resolve_device(recipe.device),
         problems=problems,
     )
-    plan.tensors = _layout(reference, plan.math_sources, out_dtype)
+    layout = _layout(plan)
+    plan.tensors = layout.tensors
+    plan.config_updates = layout.config_updates
+    plan.layers = layout.layers
+    plan.problems += [Problem(severity, message) for severity, message in layout.problems]
     plan.estimates = estimate(plan)
     if plan.estimates.disk_free_bytes is not None and (
         plan.estimates.output_bytes > plan.estimates.disk_free_bytes
@@ -216,29 +230,33 @@ def build_plan(
     return plan
 
 
-def _layout(reference: Source, math_sources: list[Source], out_dtype: str) -> list[PlannedTensor]:
-    """Output tensors in the reference's on-disk order, so reads are sequential."""
-    specs = sorted(
-        reference.checkpoint.tensors.values(), key=lambda s: (str(s.file), s.offset, s.name)
+def _layout(plan: MergePlan) -> Layout:
+    """Output tensors with their inputs and resolved parameters (see :mod:`engine.layout`)."""
+    recipe = plan.recipe
+    if not recipe.slices:
+        return layout_models(recipe, plan.method, plan.reference, plan.sources, plan.out_dtype)
+    if any(p.severity == "error" and "different architectures" in p.message for p in plan.problems):
+        return Layout([], [])  # nothing to lay out across architectures; already reported
+    by_key: dict[tuple[str, str | None], Source] = {}
+    for source in plan.sources:
+        lora = None if source.lora is None else _lora_text(recipe, source.role)
+        by_key.setdefault((source.ref.text, lora), source)
+
+    def source_of(model: str, lora: str | None) -> Source:
+        return by_key[(model, lora)]
+
+    return layout_slices(
+        recipe, plan.method, source_of, plan.out_dtype, plan.files_from.checkpoint.config
     )
-    out_size = SAFETENSORS_DTYPES[TORCH_TO_SAFETENSORS[out_dtype]][1]
-    planned = []
-    for spec in specs:
-        bytes_in = 0
-        for source in math_sources:
-            other = source.checkpoint.tensors.get(spec.name)
-            bytes_in += other.nbytes if other is not None else 0
-        if spec.is_float:
-            planned.append(
-                PlannedTensor(
-                    spec.name, spec.shape, out_dtype, True, bytes_in, spec.numel * out_size
-                )
-            )
-        else:
-            planned.append(
-                PlannedTensor(spec.name, spec.shape, spec.dtype, False, bytes_in, spec.nbytes)
-            )
-    return planned
+
+
+def _lora_text(recipe: Recipe, role: str) -> str | None:
+    """The adapter a slice source's role was opened with (roles are ``slices[i].sources[j]``)."""
+    if not role.startswith("slices["):
+        return None
+    index = int(role.split("[")[1].split("]")[0])
+    number = int(role.split("[")[2].split("]")[0])
+    return recipe.slices[index].sources[number].lora
 
 
 def _is_vocab_tensor(name: str) -> bool:
@@ -250,13 +268,18 @@ def _names(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_compatibility(sources: list[Source]) -> list[Problem]:
+def check_compatibility(sources: list[Source], same_depth: bool = True) -> list[Problem]:
     """Every reason these models cannot be merged, from config.json and headers only: each model
-    against the first (the reference), then each LoRA adapter against its model."""
+    against the first (the reference), then each LoRA adapter against its model.
+
+    ``same_depth`` off (an output made of slices): models may differ in depth, so only the
+    architecture is compared here; the layout checks each slice's tensors.
+    """
     reference = sources[0]
     problems = _custom_code_warnings(sources)
     for source in sources[1:]:
-        problems += _compare_with_reference(reference, source)
+        check = _compare_with_reference if same_depth else _architecture_problem
+        problems += check(reference, source)
     problems += _adapter_problems(sources)
     return problems
 
@@ -275,11 +298,10 @@ def _custom_code_warnings(sources: list[Source]) -> list[Problem]:
     ]
 
 
-def _compare_with_reference(reference: Source, source: Source) -> list[Problem]:
-    """Architecture, depth, tensor names and shapes, vocabulary: ``source`` against the reference."""
+def _architecture_problem(reference: Source, source: Source) -> list[Problem]:
     ref_ckpt, ckpt = reference.checkpoint, source.checkpoint
     if ckpt.architecture != ref_ckpt.architecture or ckpt.model_type != ref_ckpt.model_type:
-        return [  # nothing else is worth comparing
+        return [
             Problem(
                 "error",
                 f"different architectures: {reference.label} is {ref_ckpt.architecture} "
@@ -287,6 +309,15 @@ def _compare_with_reference(reference: Source, source: Source) -> list[Problem]:
                 "only fine-tunes of one base model can be merged",
             )
         ]
+    return []
+
+
+def _compare_with_reference(reference: Source, source: Source) -> list[Problem]:
+    """Architecture, depth, tensor names and shapes, vocabulary: ``source`` against the reference."""
+    ref_ckpt, ckpt = reference.checkpoint, source.checkpoint
+    different = _architecture_problem(reference, source)
+    if different:
+        return different  # nothing else is worth comparing
     problems = []
     ref_layers = ref_ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
     layers = ckpt.config_value("num_hidden_layers", "n_layer", "num_layers")
@@ -295,7 +326,8 @@ def _compare_with_reference(reference: Source, source: Source) -> list[Problem]:
             Problem(
                 "error",
                 f"different depth: {reference.label} has {ref_layers} layers, {source.label} has "
-                f"{layers}; layer-stacking merges are not supported, pick models of one base",
+                f"{layers}; merge models of one depth, or take layer ranges of each with "
+                "[[slices]] (recipe version 2)",
             )
         )
     if not (ckpt.shapes_known and ref_ckpt.shapes_known):
@@ -416,14 +448,13 @@ def estimate(plan: MergePlan) -> Estimates:
     times on the host (being converted, queued and written), on top of the process baseline and the
     fixed staging buffers. It is an upper bound: the bench measures 5-20% below it.
     """
-    math_inputs = len(plan.math_sources)
     on_cpu = plan.device == "cpu"
     peak_host = 0
     peak_device = 0
     largest = ""
     for tensor in plan.tensors:
         numel = tensor.numel if tensor.merge else 0
-        float_set = numel * 4 * (math_inputs + plan.method.work_buffers)
+        float_set = numel * 4 * (len(tensor.reads) + plan.method.work_buffers)
         host = 3 * tensor.bytes_out + (float_set if on_cpu else 0)
         if host + float_set > peak_host + peak_device:
             largest = tensor.name

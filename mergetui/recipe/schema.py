@@ -11,7 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-RECIPE_VERSION = 1
+#: The version written by this mergetui. Version 1 recipes (no gradients, filters or slices) are
+#: read unchanged and still written as version 1, so older mergetui releases replay them.
+RECIPE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_SHARD_SIZE = 2 * 1000**3
 
@@ -26,12 +29,47 @@ class ModelEntry:
 
 
 @dataclass(frozen=True)
+class SliceSource:
+    """One model's layer range in a ``[[slices]]`` entry: layers ``start`` to ``end - 1`` (a
+    half-open range, as mergekit's ``layer_range``), with this source's own parameters (only those
+    given; the rest come from the slice, the recipe or the method default)."""
+
+    model: str
+    layer_range: tuple[int, int]
+    lora: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_count(self) -> int:
+        return self.layer_range[1] - self.layer_range[0]
+
+
+@dataclass(frozen=True)
+class Slice:
+    """A run of output layers: taken from one source, or merged from the same-length ranges of
+    several. ``base`` overrides the recipe's base for this slice; ``parameters`` are the slice's
+    own (between the sources' and the recipe's in precedence)."""
+
+    sources: tuple[SliceSource, ...]
+    base: str | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layer_count(self) -> int:
+        return self.sources[0].layer_count
+
+
+@dataclass(frozen=True)
 class Recipe:
     """A validated merge recipe.
 
     ``parameters`` holds every global parameter of the method with defaults filled in; each
     ``ModelEntry.parameters`` holds every per-model parameter, defaults filled in.
     ``base_dir`` is the directory relative model paths are resolved against (the recipe's folder).
+
+    A recipe either lists ``models`` (every layer of every model takes part) or ``slices`` (the
+    output is made of layer ranges); exactly one of the two is non-empty. Parameter values may be
+    scalars, gradients or filtered values (:mod:`mergetui.recipe.params`).
     """
 
     method: str
@@ -45,6 +83,7 @@ class Recipe:
     parameters: dict[str, Any] = field(default_factory=dict)
     shard_size: int = DEFAULT_SHARD_SIZE
     version: int = RECIPE_VERSION
+    slices: tuple[Slice, ...] = ()
     base_dir: Path = field(default_factory=Path.cwd)
     source_file: str | None = None
 
@@ -60,4 +99,20 @@ class Recipe:
     def references(self) -> list[str]:
         """Every model reference in the recipe, base first, without duplicates."""
         refs = ([self.base] if self.base else []) + [entry.model for entry in self.models]
+        for piece in self.slices:
+            refs += ([piece.base] if piece.base else []) + [s.model for s in piece.sources]
         return list(dict.fromkeys(refs))
+
+    @property
+    def uses_v2(self) -> bool:
+        """Whether the recipe needs version 2 (slices, gradients or filters) to be written."""
+        from mergetui.recipe.params import is_varying
+
+        values = list(self.parameters.values())
+        for entry in self.models:
+            values += entry.parameters.values()
+        for piece in self.slices:
+            values += piece.parameters.values()
+            for source in piece.sources:
+                values += source.parameters.values()
+        return bool(self.slices) or any(is_varying(v) for v in values)

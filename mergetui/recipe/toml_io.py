@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from mergetui.errors import RecipeError
+from mergetui.recipe.params import value_data
 from mergetui.recipe.schema import DEFAULT_SHARD_SIZE, Recipe
 from mergetui.recipe.validate import validate_recipe_data
 
@@ -63,20 +65,48 @@ def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str,
     merge["device"] = recipe.device
     merge["tokenizer"] = recipe.tokenizer if recipe.tokenizer == "base" else ref(recipe.tokenizer)
     if recipe.parameters:
-        merge["parameters"] = dict(recipe.parameters)
+        merge["parameters"] = _params_data(recipe.parameters)
     models = []
     for entry in recipe.models:
         item: dict[str, Any] = {"model": ref(entry.model)}
         if entry.lora:
             item["lora"] = ref(entry.lora)
-        item.update(entry.parameters)
+        item.update(_params_data(entry.parameters))
         models.append(item)
+    slices = []
+    for piece in recipe.slices:
+        table: dict[str, Any] = {}
+        if piece.base:
+            table["base"] = ref(piece.base)
+        if piece.parameters:
+            table["parameters"] = _params_data(piece.parameters)
+        table["sources"] = []
+        for source in piece.sources:
+            row: dict[str, Any] = {"model": ref(source.model)}
+            if source.lora:
+                row["lora"] = ref(source.lora)
+            row["layer_range"] = list(source.layer_range)
+            row.update(_params_data(source.parameters))
+            table["sources"].append(row)
+        slices.append(table)
     output: dict[str, Any] = {
         "path": str(recipe.output_dir.resolve()) if absolute_paths else recipe.output_path
     }
     if recipe.shard_size != DEFAULT_SHARD_SIZE:
         output["shard_size"] = recipe.shard_size
-    return {"version": recipe.version, "merge": merge, "models": models, "output": output}
+    # Version 1 whenever it suffices, so a recipe without the new features still replays on an
+    # older mergetui.
+    data: dict[str, Any] = {"version": 2 if recipe.uses_v2 else 1, "merge": merge}
+    if recipe.slices:
+        data["slices"] = slices
+    else:
+        data["models"] = models
+    data["output"] = output
+    return data
+
+
+def _params_data(params: dict[str, Any]) -> dict[str, Any]:
+    return {key: value_data(value) for key, value in params.items()}
 
 
 def recipe_to_toml(recipe: Recipe, *, absolute_paths: bool = False) -> str:
@@ -89,12 +119,47 @@ def data_to_toml(data: dict[str, Any]) -> str:
     import tomli_w
 
     # Written section by section so the file reads top-down like the documented layout, with one
-    # [[models]] table per model rather than an inline array.
+    # [[models]] (or [[slices]]) table per entry rather than an inline array.
     parts = [tomli_w.dumps({"version": data.get("version", 1)})]
-    parts.append(tomli_w.dumps({"merge": data.get("merge", {})}))
-    parts += ["[[models]]\n" + tomli_w.dumps(item) for item in data.get("models", [])]
-    parts.append(tomli_w.dumps({"output": data.get("output", {})}))
-    return "\n".join(part.strip("\n") + "\n" for part in parts)
+    parts += _blocks("merge", data.get("merge", {}), array=False)
+    for key in ("models", "slices"):
+        for item in data.get(key, []):
+            parts += _blocks(key, item, array=True)
+    parts += _blocks("output", data.get("output", {}), array=False)
+    return "\n".join(_one_line_numbers(part).strip("\n") + "\n" for part in parts)
+
+
+def _blocks(path: str, table: dict[str, Any], *, array: bool) -> list[str]:
+    """One table as TOML blocks: its plain values under its header, then each sub-table
+    (filtered parameters) and array of tables (slice sources) under a header of its own, never
+    inline, so every value sits on a line that can be edited and diffed alone."""
+    import tomli_w
+
+    def is_tables(value: Any) -> bool:
+        return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+    plain = {k: v for k, v in table.items() if not isinstance(v, dict) and not is_tables(v)}
+    header = f"[[{path}]]" if array else f"[{path}]"
+    blocks = [header + "\n" + tomli_w.dumps(plain)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            blocks += _blocks(f"{path}.{key}", value, array=False)
+        elif is_tables(value):
+            for item in value:
+                blocks += _blocks(f"{path}.{key}", item, array=True)
+    return blocks
+
+
+_NUMBER_ARRAY = re.compile(r"\[\n((?:[ \t]+[-+0-9.eEinf]+,\n)+)[ \t]*\]")
+
+
+def _one_line_numbers(text: str) -> str:
+    """Arrays of numbers (gradients, layer ranges) on one line: ``t = [0, 0.5, 1]``, as people
+    write them (tomli_w puts every array item on a line of its own)."""
+    return _NUMBER_ARRAY.sub(
+        lambda m: "[" + ", ".join(v.strip().rstrip(",") for v in m.group(1).splitlines()) + "]",
+        text,
+    )
 
 
 def dump_recipe(recipe: Recipe, path: str | Path, *, absolute_paths: bool = False) -> None:

@@ -14,10 +14,22 @@ from typing import Any
 
 from mergetui.errors import RecipeError
 from mergetui.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
-from mergetui.recipe.schema import DEFAULT_SHARD_SIZE, DTYPES, RECIPE_VERSION, ModelEntry, Recipe
+from mergetui.recipe.params import ParamValue, is_varying, parse_value
+from mergetui.recipe.schema import (
+    DEFAULT_SHARD_SIZE,
+    DTYPES,
+    READABLE_VERSIONS,
+    RECIPE_VERSION,
+    ModelEntry,
+    Recipe,
+    Slice,
+    SliceSource,
+)
 from mergetui.units import parse_size
 
-TOP_KEYS = ("version", "merge", "models", "output")
+TOP_KEYS = ("version", "merge", "models", "slices", "output")
+SLICE_KEYS = ("sources", "base", "parameters")
+SOURCE_KEYS = ("model", "lora", "layer_range")
 MERGE_KEYS = ("method", "base", "dtype", "seed", "device", "tokenizer", "parameters")
 MODEL_KEYS = ("model", "lora")
 OUTPUT_KEYS = ("path", "shard_size")
@@ -81,12 +93,13 @@ def validate_recipe_data(
         if key not in TOP_KEYS:
             out.add(_unknown_key("", key, TOP_KEYS))
 
-    version = data.get("version", RECIPE_VERSION)
-    if isinstance(version, bool) or version != RECIPE_VERSION:
+    version = data.get("version", 1)
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         out.add(
-            f"version: this mergetui reads recipe version {RECIPE_VERSION}, not {version!r}; "
+            f"version: this mergetui reads recipe versions 1 and 2, not {version!r}; "
             f"set version = {RECIPE_VERSION}"
         )
+        version = RECIPE_VERSION
 
     merge = out.table(data, "merge", "")
     if merge is None:
@@ -135,18 +148,40 @@ def validate_recipe_data(
     tokenizer = out.string(merge, "tokenizer", "merge.") or "base"
 
     global_raw = out.table(merge, "parameters", "merge.") or {}
-    global_params = _validate_global_params(out, spec, global_raw)
+    in_slices = "slices" in data
+    global_params, model_level = _validate_global_params(
+        out, spec, global_raw, required_here=not in_slices
+    )
 
-    models = _validate_models(out, spec, data, global_raw, base)
+    models: list[ModelEntry] | None = []
+    slices: list[Slice] = []
+    if "slices" in data:
+        if "models" in data:
+            out.add(
+                "slices: a recipe lists either [[models]] (whole models) or [[slices]] (layer "
+                "ranges), not both; move the models into the slices' sources"
+            )
+        slices = _validate_slices(out, spec, data["slices"], base, global_params)
+        global_params.update(model_level)  # kept as a level of its own: slices may override it
+    else:
+        models = _validate_models(out, spec, data, model_level, base)
     if spec is not None and models:  # an empty list was already reported
         _check_model_count(out, spec, len(models))
         _check_weight_sum(out, spec, global_params, models)
-    if tokenizer != "base" and models is not None and tokenizer not in [m.model for m in models]:
-        choices = ["base"] + [m.model for m in models]
+    model_names = [m.model for m in models or []] + [
+        s.model for piece in slices for s in piece.sources
+    ]
+    if tokenizer != "base" and tokenizer not in model_names:
+        choices = ["base", *dict.fromkeys(model_names)]
         out.add(
             f'merge.tokenizer: {tokenizer!r} is neither "base" nor a model of this recipe'
             f'{did_you_mean(tokenizer, choices)}; use "base" or one of the [[models]] `model` values'
         )
+    recipe_values: list[Any] = list(global_params.values())
+    for entry in models or []:
+        recipe_values += entry.parameters.values()
+    if version < 2 and (slices or any(is_varying(v) for v in recipe_values)):
+        out.add("version: gradients, filters and slices need recipe version 2; set version = 2")
 
     output = out.table(data, "output", "")
     output_path = None
@@ -181,7 +216,8 @@ def validate_recipe_data(
         tokenizer=tokenizer,
         parameters=global_params,
         shard_size=shard_size,
-        version=RECIPE_VERSION,
+        version=version,
+        slices=tuple(slices),
         base_dir=base_dir or Path.cwd(),
         source_file=source_file,
     )
@@ -202,30 +238,41 @@ def _param_problem(where: str, spec: MethodSpec, name: str) -> str:
     )
 
 
-def _coerce(out: _Collector, where: str, param: ParamSpec, value: Any) -> Any:
-    converted, problem = param.coerce(value)
-    if problem:
-        range_hint = f" ({param.help})"
-        out.add(f"{where}{param.name}: {problem}{range_hint}")
+def _coerce(out: _Collector, where: str, param: ParamSpec, value: Any) -> ParamValue | None:
+    """A scalar, a gradient (a list, for parameters that take fractional numbers) or a filtered
+    table, each value converted and range-checked; problems name the key and the range."""
+    converted, problems = parse_value(
+        value, numeric=param.kind is float, check=param.coerce, where=f"{where}{param.name}"
+    )
+    for problem in problems:
+        out.add(f"{problem} ({param.help})")
     return converted
 
 
 def _validate_global_params(
-    out: _Collector, spec: MethodSpec | None, raw: dict[str, Any]
-) -> dict[str, Any]:
+    out: _Collector,
+    spec: MethodSpec | None,
+    raw: dict[str, Any],
+    *,
+    where: str = "merge.parameters.",
+    required_here: bool = True,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The method-wide parameters (defaults filled in when ``required_here``) and, apart, the
+    per-model parameters given at this level as the default for every model."""
     if spec is None:
-        return {}
+        return {}, {}
     params: dict[str, Any] = {}
+    model_level: dict[str, Any] = {}
     for key, value in raw.items():
         param = spec.param(key)
         if param is None:
-            out.add(_param_problem("merge.parameters.", spec, key))
+            out.add(_param_problem(where, spec, key))
             continue
-        converted = _coerce(out, "merge.parameters.", param, value)
-        if param.scope == "global":
-            params[key] = converted
+        converted = _coerce(out, where, param, value)
+        # an invalid value is already reported; kept as None so it is not also called missing
+        (params if param.scope == "global" else model_level)[key] = converted
     for param in spec.global_params:
-        if param.name in params:
+        if param.name in params or not required_here:
             continue
         if param.required:
             in_range = f" (in {param.range_text()})" if param.range_text() else ""
@@ -235,14 +282,14 @@ def _validate_global_params(
             )
         else:
             params[param.name] = param.default
-    return params
+    return params, model_level
 
 
 def _validate_models(
     out: _Collector,
     spec: MethodSpec | None,
     data: dict[str, Any],
-    global_raw: dict[str, Any],
+    model_level: dict[str, Any],
     base: str | None,
 ) -> list[ModelEntry] | None:
     raw_models = data.get("models")
@@ -286,9 +333,8 @@ def _validate_models(
             for param in spec.model_params:
                 if param.name in params:
                     continue
-                if param.name in global_raw:
-                    converted, problem = param.coerce(global_raw[param.name])
-                    params[param.name] = converted if problem is None else None
+                if param.name in model_level:
+                    params[param.name] = model_level[param.name]
                 elif param.required:
                     out.add(
                         f"{where}{param.name}: required by {spec.name} ({param.help}); add "
@@ -306,6 +352,179 @@ def _validate_models(
     if not raw_models:
         out.add('models: empty; add at least one [[models]] entry with model = "path/or/org-name"')
     return entries
+
+
+def _model_params(
+    out: _Collector, spec: MethodSpec | None, raw: dict[str, Any], where: str, own_keys: tuple
+) -> dict[str, Any]:
+    """The per-model parameters of one entry (``[[models]]`` or a slice source): only those given."""
+    params: dict[str, Any] = {}
+    if spec is None:
+        return params
+    for key, value in raw.items():
+        if key in own_keys:
+            continue
+        param = spec.param(key)
+        if param is None:
+            allowed = list(own_keys) + [p.name for p in spec.model_params]
+            if _other_methods_with(key, spec.name):
+                out.add(_param_problem(where, spec, key))
+            else:
+                out.add(_unknown_key(where, key, allowed))
+        elif param.scope == "global":
+            out.add(
+                f"{where}{key}: `{key}` is method-wide, not per model; move it to the slice's "
+                "parameters or to [merge.parameters]"
+            )
+        else:
+            converted = _coerce(out, where, param, value)
+            if converted is not None:
+                params[key] = converted
+    return params
+
+
+def _layer_range(out: _Collector, raw: Any, where: str) -> tuple[int, int] | None:
+    if raw is None:
+        out.add(
+            f"{where}layer_range: missing; give the source's layers as a half-open range, "
+            "e.g. layer_range = [0, 24] for layers 0 to 23"
+        )
+        return None
+    if (
+        not isinstance(raw, list)
+        or len(raw) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
+    ):
+        out.add(
+            f"{where}layer_range: must be two whole numbers [start, end) such as [0, 24], "
+            f"not {raw!r}"
+        )
+        return None
+    start, end = raw
+    if start < 0 or end <= start:
+        what = "is empty" if end == start else "runs backwards" if end < start else "is negative"
+        out.add(
+            f"{where}layer_range: [{start}, {end}] {what}; give [start, end) with "
+            "0 <= start < end (end is excluded, as in mergekit)"
+        )
+        return None
+    return (start, end)
+
+
+def _validate_slices(
+    out: _Collector,
+    spec: MethodSpec | None,
+    raw_slices: Any,
+    base: str | None,
+    global_params: dict[str, Any],
+) -> list[Slice]:
+    """``[[slices]]``: each a list of sources with same-length layer ranges, its own optional base
+    and parameters; the method's source count and base rules hold per slice."""
+    if not isinstance(raw_slices, list) or not all(isinstance(s, dict) for s in raw_slices):
+        out.add("slices: must be an array of tables ([[slices]] entries)")
+        return []
+    if not raw_slices:
+        out.add("slices: empty; add [[slices]] entries, each with [[slices.sources]]")
+        return []
+    slices: list[Slice] = []
+    for index, raw in enumerate(raw_slices):
+        where = f"slices[{index}]."
+        for key in raw:
+            if key not in SLICE_KEYS:
+                out.add(_unknown_key(where, key, SLICE_KEYS))
+        slice_base = out.string(raw, "base", where)
+        raw_params = out.table(raw, "parameters", where) or {}
+        params, model_level = _validate_global_params(
+            out, spec, raw_params, where=f"{where}parameters.", required_here=False
+        )
+        params.update(model_level)
+        raw_sources = raw.get("sources")
+        if not isinstance(raw_sources, list) or not raw_sources:
+            out.add(
+                f"{where}sources: missing or empty; add [[slices.sources]] entries with "
+                'model = "..." and layer_range = [start, end]'
+            )
+            continue
+        sources: list[SliceSource] = []
+        for number, item in enumerate(raw_sources):
+            at = f"{where}sources[{number}]."
+            if not isinstance(item, dict):
+                out.add(f"{at[:-1]}: must be a table with model and layer_range")
+                continue
+            model = out.string(item, "model", at)
+            if model is None and "model" not in item:
+                out.add(f'{at}model: missing; give a local path or Hub id, e.g. model = "org/name"')
+            lora = out.string(item, "lora", at)
+            layers = _layer_range(out, item.get("layer_range"), at)
+            own = _model_params(out, spec, item, at, SOURCE_KEYS)
+            if model is not None and layers is not None:
+                sources.append(SliceSource(model, layers, lora, own))
+        if len(sources) != len(raw_sources):
+            continue
+        lengths = {source.layer_count for source in sources}
+        if len(lengths) > 1:
+            ranges = ", ".join(f"{s.model} {list(s.layer_range)}" for s in sources)
+            out.add(
+                f"{where}sources: the layer ranges differ in length ({ranges}); the sources of "
+                "one slice are merged layer by layer, so give them ranges of the same length"
+            )
+        keys = [(s.model, s.lora) for s in sources]
+        for number, key in enumerate(keys):
+            if key in keys[:number]:
+                out.add(
+                    f"{where}sources[{number}].model: {key[0]} is listed twice in this slice; "
+                    "remove one (mergekit would silently count it once)"
+                )
+        piece = Slice(tuple(sources), slice_base, params)
+        if spec is not None:
+            _check_slice(out, spec, piece, where, base, global_params)
+        slices.append(piece)
+    return slices
+
+
+def _check_slice(
+    out: _Collector,
+    spec: MethodSpec,
+    piece: Slice,
+    where: str,
+    base: str | None,
+    global_params: dict[str, Any],
+) -> None:
+    """The method's rules for one slice: a single source is taken as it is; several are merged,
+    with the base among them when the method needs one, and every required parameter set."""
+    if len(piece.sources) == 1:
+        return
+    slice_base = piece.base or base
+    models = [s.model for s in piece.sources]
+    others = len(models)
+    if spec.needs_base:
+        if slice_base is None or slice_base not in models:
+            named = f"the base ({slice_base})" if slice_base else "a base"
+            out.add(
+                f"{where}sources: the {spec.name} method merges task vectors against {named}, "
+                "which must be one of this slice's sources; add it as a source with the same "
+                "layer_range, or set this slice's base to one of its sources"
+            )
+            return
+        others -= 1
+    too_few = others < spec.min_models
+    too_many = spec.max_models is not None and others > spec.max_models
+    if too_few or too_many:
+        besides = " besides the base" if spec.needs_base else ""
+        out.add(
+            f"{where}sources: {spec.name} merges {spec.model_count_text()} source(s){besides}, "
+            f"got {others}; a slice with one source is copied as it is"
+        )
+    for param in spec.global_params:
+        if (
+            param.required
+            and param.name not in global_params
+            and param.name not in piece.parameters
+        ):
+            out.add(
+                f"{where}parameters.{param.name}: required by {spec.name} ({param.help}); set it "
+                "in this slice's parameters or in [merge.parameters]"
+            )
 
 
 def _check_model_count(out: _Collector, spec: MethodSpec, count: int) -> None:
@@ -326,6 +545,8 @@ def _check_weight_sum(
     if not params.get("normalize") or spec.param("weight") is None:
         return
     weights = [m.parameters.get("weight") for m in models]
+    if any(is_varying(w) for w in weights):
+        return  # checked per tensor by the planner, where the values are known
     numbers = [float(w) for w in weights if w is not None]
     if len(numbers) < len(weights):
         return
