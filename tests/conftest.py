@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 import os
 import textwrap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from mergekit_ref import MergekitReference, build_zoo, mergekit_session
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -203,3 +204,17 @@ def write_recipe(tmp_path: Path) -> Callable[..., Path]:
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def mergekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MergekitReference]:
+    """The real mergekit (its own venv, one worker process per session) as a reference; skips
+    without ``$MERGETUI_MERGEKIT_PYTHON``, fails instead with ``MERGETUI_REQUIRE_MERGEKIT=1``."""
+    with mergekit_session(tmp_path_factory.mktemp("mergekit")) as reference:
+        yield reference
+
+
+@pytest.fixture(scope="session")
+def mk_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """float32 tiny Llamas (4 layers) for the mergekit comparisons: ``base``, ``ft1``..``ft3``."""
+    return build_zoo(tmp_path_factory.mktemp("mk-models"))
