@@ -51,7 +51,13 @@ app.add_typer(jobs_app, name="jobs")
 app.command("compare")(evaluate_commands.compare)
 app.command("eval")(evaluate_commands.evaluate)
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe TOML file.", show_default=False)]
+RecipeArg = Annotated[
+    Path,
+    typer.Argument(
+        help="Recipe TOML file, or a mergekit config (.yaml), translated in memory.",
+        show_default=False,
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -202,6 +208,61 @@ def open_recipe(recipe: RecipeArg) -> None:
     with guard():
         draft = RecipeDraft.from_recipe(_load(recipe))
     create_app(draft=draft).run()
+
+
+@app.command("import")
+def import_config(
+    config: Annotated[Path, typer.Argument(help="mergekit config (.yaml).", show_default=False)],
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Recipe to write (default: CONFIG with .toml)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing recipe.")] = False,
+) -> None:
+    """Translate a mergekit config into a recipe TOML (an error names the YAML key and line of
+    anything that cannot be expressed)."""
+    from mergetui.recipe.mergekit_yaml import mergekit_to_toml
+
+    target = (output or config.with_suffix(".toml")).expanduser()
+    with guard():
+        if target.exists() and not force:
+            fail(f"{target} already exists; pass --force to replace it", EXIT_INVALID)
+        try:
+            text = config.expanduser().read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            fail(f"cannot read {config}: {exc}", EXIT_INVALID)
+        toml_text, notes = mergekit_to_toml(
+            text, source_file=str(config), base_dir=Path.cwd(), target_dir=target.resolve().parent
+        )
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(toml_text, encoding="utf-8")
+    for note in notes:
+        err_console.print(f"note: {note}", markup=False, highlight=False)
+    console.print(f"wrote {target}", markup=False, highlight=False)
+
+
+@app.command()
+def export(
+    recipe: RecipeArg,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="mergekit config to write (default: standard output)."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Write a recipe as a mergekit config, to share it with people who use mergekit."""
+    from mergetui.recipe.mergekit_yaml import recipe_to_mergekit
+
+    with guard():
+        loaded = _load(recipe)
+        if output is None:
+            sys.stdout.write(recipe_to_mergekit(loaded))
+            return
+        target = output.expanduser()
+        if target.exists() and not force:
+            fail(f"{target} already exists; pass --force to replace it", EXIT_INVALID)
+        target.write_text(recipe_to_mergekit(loaded, target_dir=Path.cwd()), encoding="utf-8")
+    console.print(f"wrote {target}", markup=False, highlight=False)
 
 
 @app.command()

@@ -32,7 +32,11 @@ def parse_recipe(
 
 
 def load_recipe(path: str | Path) -> Recipe:
-    """Load a recipe file. Relative model and output paths resolve against the file's folder."""
+    """Load a recipe file. Relative model and output paths resolve against the file's folder.
+
+    A mergekit config (``.yaml``/``.yml``) is translated in memory; its relative paths resolve
+    against the current folder, as mergekit reads them.
+    """
     file = Path(path).expanduser()
     if not file.is_file():
         raise RecipeError([f"recipe file not found ({file.resolve()}); check the path"], str(path))
@@ -40,6 +44,10 @@ def load_recipe(path: str | Path) -> Recipe:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError([f"cannot read the recipe: {exc}"], str(path)) from exc
+    from mergetui.recipe.mergekit_yaml import is_mergekit_file, recipe_from_mergekit
+
+    if is_mergekit_file(file):
+        return recipe_from_mergekit(text, source_file=str(path), base_dir=Path.cwd())
     return parse_recipe(text, base_dir=file.resolve().parent, source_file=str(path))
 
 
