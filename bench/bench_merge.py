@@ -394,7 +394,11 @@ def measure_floor(
 # --- recipes --------------------------------------------------------------------------------------
 
 DENSITY_METHODS = {"ties", "dare_ties", "dare_linear"}
-BASE_METHODS = {"ties", "dare_ties", "dare_linear", "task_arithmetic", "slerp"}
+BASE_METHODS = {"ties", "dare_ties", "dare_linear", "task_arithmetic", "slerp", "gradient_slerp"}
+#: Jobs written as one mergekit YAML that both tools run (mergetui runs YAML directly): mergekit's
+#: gradient-slerp example (attention and MLP curves) and a frankenmerge stacking 3/4 of one model
+#: on the last 3/4 of another (the 44-layer example's shape).
+YAML_JOBS = {"gradient_slerp", "frankenmerge"}
 
 
 @dataclass
@@ -405,6 +409,7 @@ class MergeJob:
     base: Path
     models: list[Path]
     run_dir: Path
+    layers: int = 0
 
     @property
     def weight(self) -> float:
@@ -412,6 +417,8 @@ class MergeJob:
 
     def input_models(self) -> list[Path]:
         """The models whose tensors the merge reads (linear ignores the base's weights)."""
+        if self.method == "frankenmerge":
+            return self.models[:2]
         return ([self.base] if self.method in BASE_METHODS else []) + self.models
 
     def input_files(self) -> list[Path]:
@@ -449,6 +456,30 @@ def mergetui_recipe(job: MergeJob, output: Path) -> str:
     return "\n".join(lines)
 
 
+def yaml_job_config(job: MergeJob) -> str:
+    """The mergekit YAML of a gradient slerp or a frankenmerge (see :data:`YAML_JOBS`)."""
+    count = job.layers
+    if job.method == "gradient_slerp":
+        return (
+            "slices:\n  - sources:\n"
+            f"      - model: {_q(job.base)}\n        layer_range: [0, {count}]\n"
+            f"      - model: {_q(job.models[0])}\n        layer_range: [0, {count}]\n"
+            f"merge_method: slerp\nbase_model: {_q(job.base)}\n"
+            "parameters:\n  t:\n"
+            "    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+            "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n"
+            "    - value: 0.5\n"
+            "dtype: bfloat16\n"
+        )
+    quarter = count // 4
+    return (
+        "slices:\n"
+        f"  - sources:\n    - model: {_q(job.models[0])}\n      layer_range: [0, {count - quarter}]\n"
+        f"  - sources:\n    - model: {_q(job.models[1])}\n      layer_range: [{quarter}, {count}]\n"
+        "merge_method: passthrough\ndtype: bfloat16\n"
+    )
+
+
 def mergekit_config(job: MergeJob) -> str:
     """The equivalent mergekit YAML.
 
@@ -457,6 +488,8 @@ def mergekit_config(job: MergeJob) -> str:
     mergekit would otherwise expect the base among the weighted inputs, while mergetui only takes
     the config from it. Slerp lists the base among ``models``, as mergekit requires.
     """
+    if job.method in YAML_JOBS:
+        return yaml_job_config(job)
     lines = [f"merge_method: {job.method}"]
     if job.method in BASE_METHODS:
         lines.append(f"base_model: {_q(job.base)}")
@@ -792,11 +825,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_jobs(args: argparse.Namespace, models: ModelSet, runs_root: Path) -> list[MergeJob]:
+def build_jobs(
+    args: argparse.Namespace, models: ModelSet, runs_root: Path, layers: int
+) -> list[MergeJob]:
     jobs = []
     for method in args.methods:
-        chosen = models.finetunes[:1] if method == "slerp" else models.finetunes
-        jobs.append(MergeJob(method, models.base, chosen, runs_root / method))
+        chosen = models.finetunes[:1] if "slerp" in method else models.finetunes
+        if method == "frankenmerge":
+            chosen = models.finetunes[:2]
+        jobs.append(MergeJob(method, models.base, chosen, runs_root / method, layers))
     return jobs
 
 
@@ -848,7 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = f"  ({cache_note})" if cache_note else ""
     print(f"page cache before each run: {cache_mode}{note}")
 
-    jobs = build_jobs(args, models, workdir / "runs" / tag)
+    jobs = build_jobs(args, models, workdir / "runs" / tag, shape.layers)
     floors: dict[str, Floor] = {}
     by_inputs: dict[tuple[Path, ...], Floor] = {}
     model_bytes = sum(f.stat().st_size for f in safetensors_files(models.base))
@@ -872,10 +909,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for job in jobs:
         job.run_dir.mkdir(parents=True, exist_ok=True)
         outputs = {tool: job.run_dir / f"{tool}-out" for tool in ("mergetui", "mergekit")}
-        recipe = job.run_dir / "recipe.toml"
-        recipe.write_text(mergetui_recipe(job, outputs["mergetui"]))
         config = job.run_dir / "mergekit.yaml"
         config.write_text(mergekit_config(job))
+        recipe = job.run_dir / "recipe.toml"
+        output_option: list[str] = []
+        if job.method in YAML_JOBS:  # mergetui runs the very same YAML
+            recipe, output_option = config, ["-o", str(outputs["mergetui"]), "--device", "cpu"]
+        else:
+            recipe.write_text(mergetui_recipe(job, outputs["mergetui"]))
         if problem := validate_with_mergetui(recipe):
             print(f"error: mergetui rejects {recipe}:\n{problem}")
             return 2
@@ -886,6 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "run",
                 str(recipe),
                 "--force",
+                *output_option,
                 *shlex.split(args.mergetui_args),
             ]
         if mergekit_cmd:

@@ -489,3 +489,130 @@ def test_import_and_export_commands(models: dict[str, Path], tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr
     card = (tmp_path / "out" / "README.md").read_text()
     assert "| 0-1 | ./m/ft_a 0-1 + ./m/ft_c 0-1 (slerp) |" in card
+
+
+# --- chat templates --------------------------------------------------------------------------------
+
+
+def test_chat_template_is_written_and_loads(models: dict[str, Path], tmp_path: Path) -> None:
+    """`chat_template = "chatml"` reaches the output where transformers reads it; `auto` takes the
+    template most models share; a .jinja file is read relative to the recipe."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from mergetui.engine.chat_templates import CHATML
+    from mergetui.engine.executor import run_merge
+
+    def merge(template_line: str, name: str, sources: list[Path]) -> Path:
+        recipe = tmp_path / f"{name}.toml"
+        entries = "".join(f'[[models]]\nmodel = "{s}"\nweight = 1.0\n' for s in sources)
+        recipe.write_text(
+            f'version = 1\n[merge]\nmethod = "linear"\ndevice = "cpu"\n{template_line}\n'
+            f'{entries}[output]\npath = "{tmp_path / name}"\n',
+            encoding="utf-8",
+        )
+        return run_merge(build_plan(load_recipe(recipe))).output_dir
+
+    out = merge('chat_template = "chatml"', "chatml", [models["base"], models["ft_a"]])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert tokenizer.chat_template == CHATML
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert "chat template: chatml" in (out / "README.md").read_text()
+
+    # auto: two of three models carry template A, one carries B
+    sources = []
+    for index, template in enumerate(["{{ 'B' }}", "{{ 'A' }}", "{{ 'A' }}"]):
+        folder = tmp_path / f"m{index}"
+        shutil.copytree(models["base"], folder)
+        (folder / "chat_template.jinja").write_text(template, encoding="utf-8")
+        sources.append(folder)
+    auto = merge('chat_template = "auto"', "auto", sources)
+    assert (auto / "chat_template.jinja").read_text() == "{{ 'A' }}"
+
+    (tmp_path / "mine.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    from_file = merge('chat_template = "mine.jinja"', "file", [models["base"]])
+    assert AutoTokenizer.from_pretrained(from_file).chat_template == "{{ messages[0]['content'] }}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("llama3", "merge.chat_template: mergekit's built-in 'llama3' template is not shipped"),
+        ("chatlm", "merge.chat_template: 'chatlm' is neither auto, chatml, a .jinja file nor"),
+    ],
+)
+def test_bad_chat_template_names(value: str, expected: str) -> None:
+    text = SLERP_V2.replace('base = "./a"', f'base = "./a"\n    chat_template = "{value}"')
+    found = problems(text)
+    assert len(found) == 1 and found[0].startswith(expected), found
+
+
+def test_chat_template_from_mergekit(tmp_path: Path) -> None:
+    base = "models:\n  - model: org/a\n    parameters: {weight: 1}\nmerge_method: linear\n"
+    literal = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    ok = translate_mergekit(base + f'chat_template: "{literal}"\n', base_dir=tmp_path)
+    assert ok.data["merge"]["chat_template"] == literal
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(base + "chat_template: alpaca\n", base_dir=tmp_path)
+    assert info.value.problems[0].startswith(
+        "chat_template (line 5): mergekit's built-in 'alpaca' template is not shipped"
+    )
+
+
+def test_stacked_output_rebuilds_per_layer_config_lists(tmp_path: Path) -> None:
+    """A Qwen2 model with sliding-window layers: the output's layer_types lists each output layer's
+    own type (from the source layer it came from), and transformers loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from mergetui.engine.executor import run_merge
+
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=16,
+        max_window_layers=2,
+    )
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    layer_types = json.loads((tmp_path / "qwen" / "config.json").read_text())["layer_types"]
+    assert layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    recipe = slices_recipe(
+        {"qwen": tmp_path / "qwen"},
+        """\
+        version = 2
+        [merge]
+        method = "passthrough"
+        device = "cpu"
+        [[slices]]
+        [[slices.sources]]
+        model = "{qwen}"
+        layer_range = [2, 4]
+        [[slices]]
+        [[slices.sources]]
+        model = "{qwen}"
+        layer_range = [0, 3]
+        """,
+        tmp_path,
+    )
+    out = run_merge(build_plan(load_recipe(recipe))).output_dir
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 5
+    assert written["layer_types"] == [
+        "sliding_attention",
+        "sliding_attention",
+        "full_attention",
+        "full_attention",
+        "sliding_attention",
+    ]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert len(model.model.layers) == 5

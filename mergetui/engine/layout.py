@@ -229,9 +229,40 @@ def layout_models(
         )
         planned.bytes_in = _bytes_in(planned.reads, by_role)
         _check_weight_sum(resolver, planned)
-        tensors.append(planned)
+        tensors.append(as_byte_copy(planned, spec, by_role))
     problems = resolver.problems + resolver.unmatched_filter_warnings()
     return Layout(tensors, problems)
+
+
+def as_byte_copy(
+    tensor: PlannedTensor, spec: TensorSpec, by_role: dict[str, Source]
+) -> PlannedTensor:
+    """A tensor that only copies one input unchanged (a lone source, or passthrough with scale 1)
+    already stored in the output dtype, without a LoRA adapter, is copied as stored bytes: no
+    float32 round trip (which would give the same bits, three passes later)."""
+    unchanged = tensor.copy or (
+        tensor.base is None
+        and len(tensor.model_params) == 1
+        and tensor.model_params[0].get("scale", None) == 1.0
+        and set(tensor.model_params[0]) == {"scale"}
+    )
+    if (
+        not unchanged
+        or len(tensor.reads) != 1
+        or spec.dtype != tensor.dtype
+        or by_role[tensor.reads[0].role].lora is not None
+    ):
+        return tensor
+    return PlannedTensor(
+        tensor.name,
+        tensor.shape,
+        spec.dtype,
+        False,
+        tensor.bytes_in,
+        spec.nbytes,
+        inputs=tensor.reads,
+        layer=tensor.layer,
+    )
 
 
 def _bytes_in(reads: tuple[TensorInput, ...], by_role: dict[str, Source]) -> int:
@@ -431,19 +462,18 @@ class _SliceContext:
         method = self.method
         slice_base = piece.base or self.recipe.base
         if len(reads) == 1 and method.name not in _KERNEL_ON_ONE_INPUT:
-            return [
-                PlannedTensor(
-                    out_name,
-                    lead.shape,
-                    self.out_dtype,
-                    True,
-                    _bytes_in(all_reads, by_role),
-                    out_bytes,
-                    inputs=all_reads,
-                    copy=True,
-                    layer=out_layer,
-                )
-            ]
+            copied = PlannedTensor(
+                out_name,
+                lead.shape,
+                self.out_dtype,
+                True,
+                _bytes_in(all_reads, by_role),
+                out_bytes,
+                inputs=all_reads,
+                copy=True,
+                layer=out_layer,
+            )
+            return [as_byte_copy(copied, lead, by_role)]
         base_input = None
         inputs: list[TensorInput] = []
         model_params: list[dict[str, Any]] = []
@@ -493,7 +523,7 @@ class _SliceContext:
             layer=out_layer,
         )
         _check_weight_sum(self.resolver, planned)
-        return [planned]
+        return [as_byte_copy(planned, lead, by_role)]
 
     def _problem(self, key: str, message: str) -> None:
         if (key, message) not in self._reported and len(self._reported) < 20:

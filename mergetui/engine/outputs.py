@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergetui import __version__
+from mergetui.engine.chat_templates import write_chat_template
 from mergetui.pauses import pause_point
 from mergetui.recipe.toml_io import recipe_to_toml
 
@@ -54,6 +55,8 @@ def write_support_files(
         if source.is_file():
             shutil.copyfile(source, directory / name)
             written.append(directory / name)
+    if plan.chat_template is not None:
+        written += write_chat_template(directory, plan.chat_template)
     recipe_path = directory / RECIPE_FILE
     recipe_path.write_text(recipe_to_toml(plan.recipe, absolute_paths=True), encoding="utf-8")
     written.append(recipe_path)
@@ -130,6 +133,9 @@ def model_card(plan: MergePlan) -> str:
         f"- output dtype: {plan.out_dtype}; all merge arithmetic was done in float32",
         f"- config, tokenizer and chat template from: `{plan.files_from.ref.text}`",
     ]
+    if recipe.chat_template is not None:
+        shown = recipe.chat_template if len(recipe.chat_template) < 40 else "a Jinja template"
+        lines.append(f"- chat template: {shown} (merge.chat_template)")
     if plan.method.randomized:
         lines.append(
             f"- seed: {recipe.seed} (each tensor's random mask is derived from the seed and "

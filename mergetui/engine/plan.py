@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergetui.engine.chat_templates import resolve_chat_template
 from mergetui.engine.layout import (
     LayerOrigin,
     Layout,
@@ -86,6 +87,8 @@ class MergePlan:
     config_updates: dict[str, Any] = field(default_factory=dict)
     #: where each output layer comes from, for an output made of slices
     layers: list[LayerOrigin] = field(default_factory=list)
+    #: the chat template to write (``merge.chat_template``); None keeps the copied one
+    chat_template: str | None = None
 
     @property
     def bytes_to_read(self) -> int:
@@ -209,6 +212,17 @@ def build_plan(
         device=device or resolve_device(recipe.device),
         problems=problems,
     )
+    try:
+        plan.chat_template, notes = resolve_chat_template(recipe, sources)
+        plan.problems += [Problem("warning", note) for note in notes]
+    except (OSError, UnicodeDecodeError) as exc:
+        plan.problems.append(
+            Problem(
+                "error",
+                f"merge.chat_template: cannot read {recipe.chat_template}: {exc}; fix the path "
+                "(relative to the recipe's folder)",
+            )
+        )
     layout = _layout(plan)
     plan.tensors = layout.tensors
     plan.config_updates = layout.config_updates

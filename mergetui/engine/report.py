@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from mergetui.engine.outputs import layer_spans
 from mergetui.engine.plan import MergePlan, Source
 from mergetui.events import PlanEvent
 from mergetui.units import format_bytes, format_count
@@ -146,7 +147,9 @@ def report_rows(report: dict[str, Any]) -> list[ReportRow]:
 
 
 def plan_report(plan: MergePlan) -> dict[str, Any]:
-    """Everything about a plan, JSON-ready."""
+    """Everything about a plan, JSON-ready. ``layers``: for a recipe of slices, the output's
+    layers and where each run of them comes from (``{"output": "0-23", "from": "./a 0-23"}``,
+    one per slice); empty for whole models."""
     estimates = asdict(plan.estimates) if plan.estimates else {}
     return {
         "method": plan.method.name,
@@ -157,8 +160,17 @@ def plan_report(plan: MergePlan) -> dict[str, Any]:
         "models": [asdict(model_row(s)) for s in plan.sources],
         "problems": [{"severity": p.severity, "message": p.message} for p in plan.problems],
         "estimates": estimates,
+        "layers": [{"output": span, "from": origin} for span, origin in layer_spans(plan)],
         "ok": not plan.errors,
     }
+
+
+def layer_lines(report: dict[str, Any]) -> list[str]:
+    """The output layer layout of a recipe of slices as plain lines (the CLI's check and the
+    TUI's check step alike): ``layers 0-23 ← ./a 0-23``; none for whole models."""
+    layers = report.get("layers") or []
+    width = max((len(row["output"]) for row in layers), default=0)
+    return [f"layers {row['output']:<{width}} ← {row['from']}" for row in layers]
 
 
 def plan_event(plan: MergePlan, *, dry_run: bool = False) -> PlanEvent:

@@ -20,6 +20,7 @@ reported with the YAML line they came from.
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,12 @@ from typing import Any
 from mergetui.errors import RecipeError
 from mergetui.methods.registry import METHODS, get_method
 from mergetui.recipe.params import DEFAULT_FILTER, Filtered, Gradient, value_data
-from mergetui.recipe.schema import Recipe
+from mergetui.recipe.schema import (
+    CHAT_TEMPLATE_NAMES,
+    MERGEKIT_ONLY_TEMPLATES,
+    Recipe,
+    looks_like_template,
+)
 
 TOP_KEYS = (
     "merge_method",
@@ -49,6 +55,7 @@ TOP_KEYS = (
 _UNUSED_KEYS = ("residual_weight", "name")
 _DTYPE_NAMES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 _YAML_SUFFIXES = (".yaml", ".yml")
+log = logging.getLogger(__name__)
 
 
 def is_mergekit_file(path: str | Path) -> bool:
@@ -270,12 +277,7 @@ class _Translator:
         self.dtype(data, merge)
         self.tokenizer(data, merge)
         if "chat_template" in data:
-            self.problem(
-                ("chat_template",),
-                "chat templates are not set by mergetui recipes yet; the output keeps the "
-                "tokenizer source's template — remove the key, or set it on the output's "
-                "tokenizer_config.json after the merge",
-            )
+            self.chat_template(data["chat_template"], merge)
         params = self.parameters(data.get("parameters"), ("parameters",), "merge.parameters.")
         if params:
             merge["parameters"] = params
@@ -290,6 +292,27 @@ class _Translator:
             self.problem((), "missing models or slices; list the models to merge")
         recipe["output"] = {"path": "./merged"}
         return recipe
+
+    def chat_template(self, value: Any, merge: dict[str, Any]) -> None:
+        """mergekit's names and literal templates; it never reads a path, so neither does this."""
+        path = ("chat_template",)
+        if not isinstance(value, str) or not value.strip():
+            self.problem(path, f"must be auto, a template name or Jinja text, not {value!r}")
+        elif value in MERGEKIT_ONLY_TEMPLATES:
+            self.problem(
+                path,
+                f"mergekit's built-in {value!r} template is not shipped with mergetui; paste its "
+                "Jinja text here, or use auto (the models' own) or chatml",
+            )
+        elif value in CHAT_TEMPLATE_NAMES or looks_like_template(value):
+            merge["chat_template"] = value
+            self.origin("merge.chat_template", path)
+        else:
+            self.problem(
+                path,
+                f"{value!r} is neither a template name (auto, chatml) nor Jinja text (mergekit "
+                "wants at least 20 characters with a `{`)",
+            )
 
     def dtype(self, data: dict[str, Any], merge: dict[str, Any]) -> None:
         for key in ("out_dtype", "dtype"):
@@ -477,6 +500,8 @@ def recipe_from_mergekit(
 
     here = base_dir or Path.cwd()
     translation = translate_mergekit(text, source_file=source_file, base_dir=here)
+    for note in translation.notes:
+        log.info("%s: %s", source_file or "mergekit config", note)
     try:
         return validate_recipe_data(translation.data, base_dir=here, source_file=source_file)
     except RecipeError as exc:
@@ -554,6 +579,11 @@ def recipe_to_mergekit(recipe: Recipe, *, target_dir: Path | None = None) -> str
         config["out_dtype"] = recipe.dtype
     if recipe.tokenizer != "base":
         config["tokenizer_source"] = ref(recipe.tokenizer)
+    if recipe.chat_template is not None:
+        template = recipe.chat_template
+        if template.endswith(".jinja"):  # mergekit takes the text, not a path
+            template = recipe.resolve_path(template).read_text(encoding="utf-8")
+        config["chat_template"] = template
     if recipe.parameters:
         config["parameters"] = _mergekit_params(recipe.parameters)
     if recipe.slices:

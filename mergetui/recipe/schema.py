@@ -17,6 +17,15 @@ RECIPE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_SHARD_SIZE = 2 * 1000**3
+#: ``merge.chat_template`` names; any other value is a ``.jinja`` file or the template text itself.
+CHAT_TEMPLATE_NAMES = ("auto", "chatml")
+#: mergekit's built-in template names that mergetui does not ship.
+MERGEKIT_ONLY_TEMPLATES = ("alpaca", "exaone", "llama3", "mistral")
+
+
+def looks_like_template(text: str) -> bool:
+    """Jinja text rather than a name: mergekit's rule (at least 20 characters and a ``{``)."""
+    return len(text) >= 20 and "{" in text
 
 
 @dataclass(frozen=True)
@@ -80,6 +89,7 @@ class Recipe:
     seed: int = 0
     device: str = "auto"
     tokenizer: str = "base"
+    chat_template: str | None = None
     parameters: dict[str, Any] = field(default_factory=dict)
     shard_size: int = DEFAULT_SHARD_SIZE
     version: int = RECIPE_VERSION

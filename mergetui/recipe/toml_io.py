@@ -72,6 +72,9 @@ def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str,
     merge["seed"] = recipe.seed
     merge["device"] = recipe.device
     merge["tokenizer"] = recipe.tokenizer if recipe.tokenizer == "base" else ref(recipe.tokenizer)
+    if recipe.chat_template is not None:
+        template = recipe.chat_template
+        merge["chat_template"] = ref(template) if template.endswith(".jinja") else template
     if recipe.parameters:
         merge["parameters"] = _params_data(recipe.parameters)
     models = []

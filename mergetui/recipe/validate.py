@@ -16,21 +16,33 @@ from mergetui.errors import RecipeError
 from mergetui.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
 from mergetui.recipe.params import ParamValue, is_varying, parse_value
 from mergetui.recipe.schema import (
+    CHAT_TEMPLATE_NAMES,
     DEFAULT_SHARD_SIZE,
     DTYPES,
+    MERGEKIT_ONLY_TEMPLATES,
     READABLE_VERSIONS,
     RECIPE_VERSION,
     ModelEntry,
     Recipe,
     Slice,
     SliceSource,
+    looks_like_template,
 )
 from mergetui.units import parse_size
 
 TOP_KEYS = ("version", "merge", "models", "slices", "output")
 SLICE_KEYS = ("sources", "base", "parameters")
 SOURCE_KEYS = ("model", "lora", "layer_range")
-MERGE_KEYS = ("method", "base", "dtype", "seed", "device", "tokenizer", "parameters")
+MERGE_KEYS = (
+    "method",
+    "base",
+    "dtype",
+    "seed",
+    "device",
+    "tokenizer",
+    "chat_template",
+    "parameters",
+)
 MODEL_KEYS = ("model", "lora")
 OUTPUT_KEYS = ("path", "shard_size")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
@@ -146,6 +158,7 @@ def validate_recipe_data(
         out.add(f"merge.device: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
     tokenizer = out.string(merge, "tokenizer", "merge.") or "base"
+    chat_template = _chat_template(out, merge)
 
     global_raw = out.table(merge, "parameters", "merge.") or {}
     in_slices = "slices" in data
@@ -214,6 +227,7 @@ def validate_recipe_data(
         seed=seed,
         device=device,
         tokenizer=tokenizer,
+        chat_template=chat_template,
         parameters=global_params,
         shard_size=shard_size,
         version=version,
@@ -221,6 +235,29 @@ def validate_recipe_data(
         base_dir=base_dir or Path.cwd(),
         source_file=source_file,
     )
+
+
+def _chat_template(out: _Collector, merge: dict[str, Any]) -> str | None:
+    value = merge.get("chat_template")
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        out.add(f"merge.chat_template: must be a non-empty string, not {value!r}")
+        return None
+    if value in CHAT_TEMPLATE_NAMES or value.endswith(".jinja") or looks_like_template(value):
+        return value
+    if value in MERGEKIT_ONLY_TEMPLATES:
+        out.add(
+            f"merge.chat_template: mergekit's built-in {value!r} template is not shipped with "
+            "mergetui; give its Jinja text, or a .jinja file, or use auto (the models' own) or "
+            "chatml"
+        )
+    else:
+        out.add(
+            f"merge.chat_template: {value!r} is neither auto, chatml, a .jinja file nor a Jinja "
+            "template (at least 20 characters, with {{ }} or {% %})"
+        )
+    return None
 
 
 def _param_problem(where: str, spec: MethodSpec, name: str) -> str:
