@@ -339,7 +339,6 @@ def _validate_models(
         out.add("models: must be an array of tables ([[models]] entries)")
         return None
     entries: list[ModelEntry] = []
-    model_param_names = [p.name for p in spec.model_params] if spec else []
     for index, raw in enumerate(raw_models):
         where = f"models[{index}]."
         model = out.string(raw, "model", where)
@@ -347,25 +346,7 @@ def _validate_models(
             out.add(f'{where}model: missing; give a local path or Hub id, e.g. model = "org/name"')
         lora = out.string(raw, "lora", where)
         params: dict[str, Any] = {}
-        for key, value in raw.items():
-            if key in MODEL_KEYS:
-                continue
-            param = spec.param(key) if spec else None
-            if spec is None:
-                continue
-            if param is None:
-                allowed = list(MODEL_KEYS) + model_param_names
-                if _other_methods_with(key, spec.name):
-                    out.add(_param_problem(where, spec, key))
-                else:
-                    out.add(_unknown_key(where, key, allowed))
-            elif param.scope == "global":
-                out.add(
-                    f"{where}{key}: `{key}` is method-wide, not per model; move it to "
-                    "[merge.parameters]"
-                )
-            else:
-                params[key] = _coerce(out, where, param, value)
+        params = _model_params(out, spec, raw, where, MODEL_KEYS, "[merge.parameters]")
         if spec is not None:
             for param in spec.model_params:
                 if param.name in params:
@@ -392,9 +373,15 @@ def _validate_models(
 
 
 def _model_params(
-    out: _Collector, spec: MethodSpec | None, raw: dict[str, Any], where: str, own_keys: tuple
+    out: _Collector,
+    spec: MethodSpec | None,
+    raw: dict[str, Any],
+    where: str,
+    own_keys: tuple[str, ...],
+    method_wide_home: str,
 ) -> dict[str, Any]:
-    """The per-model parameters of one entry (``[[models]]`` or a slice source): only those given."""
+    """The per-model parameters of one entry (``[[models]]`` or a slice source): only those given
+    (an invalid one, already reported, as None so it is not also called missing)."""
     params: dict[str, Any] = {}
     if spec is None:
         return params
@@ -410,13 +397,11 @@ def _model_params(
                 out.add(_unknown_key(where, key, allowed))
         elif param.scope == "global":
             out.add(
-                f"{where}{key}: `{key}` is method-wide, not per model; move it to the slice's "
-                "parameters or to [merge.parameters]"
+                f"{where}{key}: `{key}` is method-wide, not per model; move it to "
+                f"{method_wide_home}"
             )
         else:
-            converted = _coerce(out, where, param, value)
-            if converted is not None:
-                params[key] = converted
+            params[key] = _coerce(out, where, param, value)
     return params
 
 
@@ -493,7 +478,9 @@ def _validate_slices(
                 out.add(f'{at}model: missing; give a local path or Hub id, e.g. model = "org/name"')
             lora = out.string(item, "lora", at)
             layers = _layer_range(out, item.get("layer_range"), at)
-            own = _model_params(out, spec, item, at, SOURCE_KEYS)
+            own = _model_params(
+                out, spec, item, at, SOURCE_KEYS, "the slice's parameters or [merge.parameters]"
+            )
             if model is not None and layers is not None:
                 sources.append(SliceSource(model, layers, lora, own))
         if len(sources) != len(raw_sources):
