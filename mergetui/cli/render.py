@@ -20,7 +20,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from mergetui.engine.report import estimate_lines, full_reference, report_rows
+from mergetui.engine.report import estimate_lines, full_reference, layer_lines, report_rows
 from mergetui.events import Event, PhaseEvent, PlanEvent, TensorEvent
 from mergetui.methods.registry import METHODS, MethodSpec
 from mergetui.units import format_bytes, format_count, format_duration
@@ -115,6 +115,11 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         line = f"  {model['role']:<{role_width}}  {full_reference(model)}"
         console.print(Text(line), soft_wrap=True)
     console.print(Text(f"output: {report['output']}"), soft_wrap=True)
+    lines = layer_lines(report)
+    if lines:
+        console.print(Text("output layers (from [[slices]]):"))
+        for line in lines:
+            console.print(Text(f"  {line}"), soft_wrap=True)
     for problem in report["problems"]:
         style = "bold red" if problem["severity"] == "error" else "yellow"
         message = Text(f"{problem['severity']}: ", style=style) + Text(problem["message"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from mergetui.logs import log_dir
 #: The recipe being built is written here as it changes, and offered back at the next start.
 AUTOSAVE_NAME = "draft.json"
 PROMPTS_NAME = "prompts.json"
+#: the ``[merge]`` keys the wizard edits; any other is kept as it was (``RecipeDraft.merge_extra``)
+DRAFT_MERGE_KEYS = ("method", "base", "dtype", "seed", "device", "parameters")
 
 
 @dataclass
@@ -27,6 +30,14 @@ class ModelDraft:
 
 @dataclass
 class RecipeDraft:
+    """The recipe being built: what the steps edit, in the shape of the recipe's data.
+
+    Parameter values are kept as recipe data: a number, a list of numbers (a gradient across the
+    layers) or a table of filters (per-tensor overrides), so whatever a recipe says survives a
+    trip through the wizard. A recipe made of ``[[slices]]`` keeps its slices as they were read
+    (``slices``, raw data): the wizard shows them but they are edited in the TOML.
+    """
+
     base: str = ""
     models: list[ModelDraft] = field(default_factory=list)
     method: str = "ties"
@@ -37,6 +48,21 @@ class RecipeDraft:
     #: an int once valid; the text as typed until then, so validation can say what is wrong
     seed: int | str = 0
     base_dir: Path = field(default_factory=Path.cwd)
+    #: ``[[slices]]`` as recipe data (each ``{"sources": [{"model", "layer_range", ...}], ...}``)
+    slices: list[dict[str, Any]] = field(default_factory=list)
+    #: the recipe's other ``[merge]`` keys (``tokenizer``, ``chat_template``, …), kept as given:
+    #: the wizard does not edit them, but a recipe opened and saved again keeps them
+    merge_extra: dict[str, Any] = field(default_factory=dict)
+    #: likewise the other ``[output]`` keys (``shard_size``)
+    output_extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def uses_v2(self) -> bool:
+        """Whether the draft needs recipe version 2: slices, or a gradient or filtered value."""
+        values = list(self.parameters.values())
+        for entry in self.models:
+            values += entry.parameters.values()
+        return bool(self.slices) or any(isinstance(v, (list, dict)) for v in values)
 
     def to_data(self) -> dict[str, Any]:
         """The draft as recipe data (the TOML's structure), for validation and saving."""
@@ -45,40 +71,96 @@ class RecipeDraft:
             merge["base"] = self.base
         if self.dtype:
             merge["dtype"] = self.dtype
+        merge.update(copy.deepcopy(self.merge_extra))
         if self.parameters:
-            merge["parameters"] = dict(self.parameters)
+            merge["parameters"] = copy.deepcopy(self.parameters)
         models = []
         for entry in self.models:
-            row: dict[str, Any] = {"model": entry.model, **entry.parameters}
+            row: dict[str, Any] = {"model": entry.model, **copy.deepcopy(entry.parameters)}
             if entry.lora:
                 row["lora"] = entry.lora
             models.append(row)
-        return {"version": 1, "merge": merge, "models": models, "output": {"path": self.output}}
+        data: dict[str, Any] = {"version": 2 if self.uses_v2 else 1, "merge": merge}
+        if self.slices:
+            data["slices"] = copy.deepcopy(self.slices)
+        if models or not self.slices:  # both given: validation says to choose
+            data["models"] = models
+        data["output"] = {"path": self.output, **copy.deepcopy(self.output_extra)}
+        return data
 
     @classmethod
     def from_data(cls, data: dict[str, Any], base_dir: Path) -> RecipeDraft:
         """A draft from recipe data that may not validate yet (an autosave of work in progress)."""
+        data = copy.deepcopy(data)  # lists and tables in it are the draft's own from now on
         merge = data.get("merge", {})
         models = []
         for row in data.get("models", []):
             row = dict(row)
             model, lora = str(row.pop("model", "")), str(row.pop("lora", ""))
             models.append(ModelDraft(model, lora, row))
+        slices = data.get("slices", [])
+        output = data.get("output", {})
         return cls(
             base=str(merge.get("base", "")),
             models=models,
             method=str(merge.get("method", "ties")),
             parameters=dict(merge.get("parameters", {})),
-            output=str(data.get("output", {}).get("path", "./merged")),
+            output=str(output.get("path", "./merged")),
             dtype=merge.get("dtype"),
             device=str(merge.get("device", "auto")),
             seed=merge.get("seed", 0),
             base_dir=base_dir,
+            slices=[dict(s) for s in slices] if isinstance(slices, list) else [],
+            merge_extra={
+                k: v
+                for k, v in merge.items()
+                if k not in DRAFT_MERGE_KEYS and (k, v) != ("tokenizer", "base")  # the default
+            },
+            output_extra={k: v for k, v in output.items() if k != "path"},
         )
+
+    def slice_lines(self) -> list[str]:
+        """Each slice as one line, for the UI: its sources' models and layer ranges (shown
+        inclusive, ``0-23``, as the check step's layout shows output layers) and its own
+        parameters. The raw data may not be valid yet: odd values are shown as they are."""
+        lines = []
+        for index, piece in enumerate(self.slices):
+            sources = piece.get("sources")
+            parts = []
+            for source in sources if isinstance(sources, list) else []:
+                if not isinstance(source, dict):
+                    parts.append(repr(source))
+                    continue
+                span = source.get("layer_range")
+                if (
+                    isinstance(span, list)
+                    and len(span) == 2
+                    and all(isinstance(n, int) and not isinstance(n, bool) for n in span)
+                ):
+                    layers = f"layers {span[0]}-{span[1] - 1}"
+                else:
+                    layers = f"layer_range {span!r}"
+                extra = {
+                    k: v for k, v in source.items() if k not in ("model", "lora", "layer_range")
+                }
+                text = f"{source.get('model', '?')} {layers}"
+                if source.get("lora"):
+                    text += f" + LoRA {source['lora']}"
+                if extra:
+                    text += " (" + ", ".join(f"{k} = {v}" for k, v in extra.items()) + ")"
+                parts.append(text)
+            line = f"slices[{index}]: " + (" + ".join(parts) or "no sources")
+            if piece.get("base"):
+                line += f"; base {piece['base']}"
+            params = piece.get("parameters")
+            if isinstance(params, dict) and params:
+                line += "; " + ", ".join(f"{k} = {v}" for k, v in params.items())
+            lines.append(line)
+        return lines
 
     @property
     def is_empty(self) -> bool:
-        return not self.base and not self.models
+        return not self.base and not self.models and not self.slices
 
     def autosave(self) -> None:
         """Write the draft, valid or not, where the next start finds it."""

@@ -30,8 +30,10 @@ class CheckScreen(StepScreen):
 The same check as `mergetui check`, from each model's `config.json` and safetensors headers:
 no weight is read. One column per model: architecture, layers, hidden size, vocabulary, dtype,
 parameters and size on disk (a value that differs from the first model's where it must match is
-red). **← →** highlight a model: its full path or Hub id shows under the table. Below: every
-problem, and the estimates of the output's size, the free disk and the peak memory of the merge.
+red). **← →** highlight a model: its full path or Hub id shows under the table. For a recipe
+made of `[[slices]]`, the output's layers and which model's layers each run comes from. Below:
+every problem, and the estimates of the output's size, the free disk and the peak memory of the
+merge.
 
 **Errors** (red) block the next step: each says what to change (go back with Escape).
 **Warnings** (yellow) can be acknowledged with the checkbox, then Ctrl+N goes on.
@@ -51,6 +53,7 @@ problem, and the estimates of the output's size, the free disk and the peak memo
             yield Static("checking… (headers only, no weights are read)", id="check-status")
             yield DataTable(id="check-table", cursor_type="column")
             yield Static("", id="check-path", classes="param-help")
+            yield Static("", id="check-layers")
             yield Static("", id="check-problems")
             yield Static("", id="check-estimates")
             yield Checkbox("I have read the warnings; merge anyway", id="ack", disabled=True)
@@ -120,7 +123,12 @@ problem, and the estimates of the output's size, the free disk and the peak memo
             self.merge_app.action_method()
 
     def _show_report(self, report: dict[str, Any]) -> None:
-        from mergetui.engine.report import estimate_lines, full_reference, report_rows
+        from mergetui.engine.report import (
+            estimate_lines,
+            full_reference,
+            layer_lines,
+            report_rows,
+        )
 
         table = self.query_one("#check-table", DataTable)
         rows = report["models"]
@@ -147,6 +155,14 @@ problem, and the estimates of the output's size, the free disk and the peak memo
         self.query_one("#check-status", Static).update(verdict)
         self.query_one("#check-problems", Static).update("\n".join(lines) or "no problems found")
         self.query_one("#check-estimates", Static).update("\n".join(estimate_lines(report)))
+        layers = self.query_one("#check-layers", Static)
+        lines = layer_lines(report)
+        layers.display = bool(lines)
+        layers.update(
+            Text("\n").join(
+                [Text("output layers (from [[slices]]):", "bold")] + [Text(line) for line in lines]
+            )
+        )
         ack = self.query_one("#ack", Checkbox)
         ack.display = bool(self.warnings)
         ack.disabled = not (report["ok"] and self.warnings)

@@ -85,6 +85,7 @@ Ctrl+N checks compatibility, before any weight is read.
                 yield Button("Add", id="add", variant="primary")
                 yield Button("Browse…", id="browse")
             yield DataTable(id="chosen", cursor_type="row")
+            yield Static("", id="slices-note", classes="param-help")
             with Horizontal(classes="row"):
                 yield Button("Up", id="up")
                 yield Button("Down", id="down")
@@ -112,6 +113,15 @@ Ctrl+N checks compatibility, before any weight is read.
         chosen = self.query_one("#chosen", DataTable)
         chosen.add_columns("#", "model", "LoRA")
         self._refresh_chosen()
+        note = self.query_one("#slices-note", Static)
+        note.display = bool(draft.slices)
+        if draft.slices:  # models added above could not join them: say where they are edited
+            note.update(
+                Text(
+                    "This recipe is made of [[slices]] (layer ranges), edited in its TOML; the "
+                    "method step shows them:\n" + "\n".join(draft.slice_lines())
+                )
+            )
         self.query_one("#cached", DataTable).add_columns("model", "revision", "size", "offline")
         self.query_one("#hub-results", DataTable).add_columns(
             "model", "task", "parameters", "downloads"
