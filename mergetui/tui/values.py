@@ -42,9 +42,12 @@ def parse_value(param: ParamSpec, text: str) -> tuple[Any, str | None]:
     if not text:
         return None, None
     if "[" in text or "]" in text or "," in text:
-        inner = text
-        if text.startswith("[") and text.endswith("]"):
-            inner = text[1:-1]
+        opens, closes = text.count("["), text.count("]")
+        if opens > closes:
+            return None, "a [ without its ]"
+        if closes > opens:
+            return None, "a ] without its ["
+        inner = text[1:-1] if opens and text.startswith("[") and text.endswith("]") else text
         if "[" in inner or "]" in inner:
             return None, "a gradient is one list of values: 0, 0.5, 1 or [0, 0.5, 1]"
         items = [item.strip() for item in inner.split(",")]
