@@ -68,6 +68,33 @@ def make_draft(workspace: Path) -> Any:
     )
 
 
+#: A recipe made of [[slices]] (a small frankenmerge), as `mergetui open` loads one: the whole of
+#: ft-code's layers, then its last layer blended with ft-math's.
+SLICES_RECIPE = """version = 2
+[merge]
+method = "linear"
+base = "models/base"
+device = "cpu"
+[merge.parameters]
+weight = 1.0
+[[slices]]
+[[slices.sources]]
+model = "models/ft-code"
+layer_range = [0, 2]
+[[slices]]
+[[slices.sources]]
+model = "models/ft-code"
+layer_range = [1, 2]
+weight = 0.7
+[[slices.sources]]
+model = "models/ft-math"
+layer_range = [1, 2]
+weight = 0.3
+[output]
+path = "merged-slices"
+"""
+
+
 def record_job(workspace: Path, state: Path) -> None:
     """A finished job folder as a merge leaves it, with events written by a real merge earlier
     (the numbers are fixed so the run step renders the same every time)."""
@@ -124,6 +151,7 @@ def prepare(workspace: Path, models: dict[str, Path]) -> Path:
             link.symlink_to(path, target_is_directory=True)
     draft = make_draft(workspace)
     draft.save(Path("recipe.toml"))
+    (workspace / "slices.toml").write_text(SLICES_RECIPE, encoding="utf-8")
     if not (workspace / "merged" / "config.json").is_file():
         from mergetui.engine.executor import run_merge
         from mergetui.engine.plan import build_plan
@@ -201,6 +229,20 @@ async def method_step(pilot: Any) -> None:
     await _settle(pilot, lambda: True)
 
 
+async def method_gradient_step(pilot: Any) -> None:
+    """The method step with a gradient (its curve beside it) and overrides with a gradient."""
+    models = pilot.app.draft.models
+    models[0].parameters["weight"] = [0.2, 1.0, 0.6]
+    models[0].parameters["density"] = {"self_attn": 0.3, "mlp": [1.0, 0.5, 0.2], "default": 0.6}
+    pilot.app.action_method()
+    await _settle(pilot, lambda: bool(pilot.app.screen.query("#m0-weight")))
+    screen = pilot.app.screen
+    screen.query_one("#method-form").scroll_to_widget(
+        screen.query_one("#m0"), animate=False, top=True
+    )
+    await _settle(pilot, lambda: True)
+
+
 async def run_step(pilot: Any) -> None:
     await _settle(pilot, lambda: getattr(pilot.app.screen, "outcome", "") == "done")
 
@@ -217,11 +259,15 @@ async def help_overlay(pilot: Any) -> None:
     await _settle(pilot, lambda: True)
 
 
-#: scene name → (which app: "draft" opens the recipe, "job" finds the recorded merge; run_before)
+#: scene name → (which app: "draft" opens the recipe, "slices" the recipe of slices, "job" finds
+#: the recorded merge; run_before)
 SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
     "1-models": ("draft", models_step),
     "2-check": ("draft", check_step),
+    "2-check-slices": ("slices", check_step),
     "3-method": ("draft", method_step),
+    "3-method-gradient": ("draft", method_gradient_step),
+    "3-method-slices": ("slices", method_step),
     "4-run": ("job", run_step),
     "5-compare": ("draft", compare_step),
     "help": ("draft", help_overlay),
@@ -229,8 +275,8 @@ SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
 
 
 def scene_app(kind: str, workspace: Path, state: Path) -> Any:
-    """The app a scene starts from: the workspace's recipe opened, or (``job``) a fresh start
-    that finds the recorded merge and reattaches to it."""
+    """The app a scene starts from: the workspace's recipe (``slices``: its recipe of slices)
+    opened, or (``job``) a fresh start that finds the recorded merge and reattaches to it."""
     from mergetui.recipe import load_recipe
     from mergetui.tui.app import create_app
     from mergetui.tui.state import RecipeDraft
@@ -243,4 +289,5 @@ def scene_app(kind: str, workspace: Path, state: Path) -> Any:
         import shutil
 
         shutil.rmtree(runs)
-    return create_app(draft=RecipeDraft.from_recipe(load_recipe(workspace / "recipe.toml")))
+    recipe = workspace / ("slices.toml" if kind == "slices" else "recipe.toml")
+    return create_app(draft=RecipeDraft.from_recipe(load_recipe(recipe)))

@@ -137,7 +137,8 @@ class RecipeDraft:
                     and len(span) == 2
                     and all(isinstance(n, int) and not isinstance(n, bool) for n in span)
                 ):
-                    layers = f"layers {span[0]}-{span[1] - 1}"
+                    last = span[1] - 1
+                    layers = f"layer {last}" if last == span[0] else f"layers {span[0]}-{last}"
                 else:
                     layers = f"layer_range {span!r}"
                 extra = {

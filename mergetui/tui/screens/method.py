@@ -61,7 +61,7 @@ model's. Every change is validated at once with the same rules `mergetui run` ap
 reasons show on the right, above a live preview of the recipe TOML.
 
 A number can vary across the layers: type a **gradient**, `0, 0.5, 1` (values spread evenly
-over the layers and interpolated between them); its curve shows beside the field. The field to
+over the layers and interpolated between them); its curve shows under the field. The field to
 its right takes **overrides** for some tensors: `self_attn=0.3, mlp=[1, 0.5, 0]` gives the
 tensors whose name contains `self_attn` 0.3 and the `mlp` ones a gradient; the first filter
 found in a tensor's name wins, and the value on the left is the default for the rest.
@@ -180,7 +180,9 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
             fields += self._field(param, f"g-{param.name}", draft.parameters.get(param.name))
         for index, entry in enumerate([] if draft.slices else draft.models):
             if spec.model_params:
-                fields.append(Label(f"models[{index}]: {entry.model}", classes="model-title"))
+                fields.append(
+                    Label(f"models[{index}]: {entry.model}", id=f"m{index}", classes="model-title")
+                )
             for param in spec.model_params:
                 fields += self._field(
                     param, f"m{index}-{param.name}", entry.parameters.get(param.name)
