@@ -80,6 +80,29 @@ def test_a_slices_recipe_survives_the_draft(tmp_path: Path, models: dict[str, Pa
     ]
 
 
+def test_a_mergekit_config_of_slices_opens_as_a_draft(
+    tmp_path: Path, models: dict[str, Path]
+) -> None:
+    """`mergetui open CONFIG.yaml`: a frankenmerge's slices come through the draft unchanged."""
+    config = tmp_path / "frankenmerge.yaml"
+    config.write_text(
+        "merge_method: passthrough\n"
+        "dtype: bfloat16\n"
+        "slices:\n"
+        f"  - sources:\n      - model: {models['base']}\n        layer_range: [0, 2]\n"
+        f"  - sources:\n      - model: {models['ft_a']}\n        layer_range: [1, 2]\n",
+        encoding="utf-8",
+    )
+    recipe = load_recipe(config)
+    draft = RecipeDraft.from_recipe(recipe)
+    assert draft.to_data()["version"] == 2
+    assert recipe_to_toml(draft.to_recipe()) == recipe_to_toml(recipe)
+    assert draft.slice_lines() == [
+        f"slices[0]: {models['base']} layers 0-1",
+        f"slices[1]: {models['ft_a']} layer 1",
+    ]
+
+
 def test_a_slices_draft_without_a_base_is_still_autosaved(tmp_path: Path) -> None:
     draft = RecipeDraft(
         method="linear",

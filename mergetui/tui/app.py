@@ -112,7 +112,9 @@ class MergeTuiApp(App[None]):
         saved = RecipeDraft.load_autosave()
         if saved is None:
             return
-        names = ", ".join(m.model for m in saved.models) or "no models"
+        names = ", ".join(m.model for m in saved.models) or (
+            f"{len(saved.slices)} slice(s)" if saved.slices else "no models"
+        )
         question = (
             f"Restore the recipe you were building last time?\n\n"
             f"method {saved.method}, base {saved.base or '(none)'}, models: {names}"
