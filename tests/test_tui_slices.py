@@ -152,6 +152,29 @@ async def _override_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         assert reopened.draft.to_recipe().models == recipe.models
 
 
+def test_a_filtered_switch_keeps_its_overrides(tmp_path: Path, models: dict[str, Path]) -> None:
+    asyncio.run(_switch_flow(tmp_path, models))
+
+
+async def _switch_flow(tmp_path: Path, models: dict[str, Path]) -> None:
+    draft = _draft(tmp_path, models)
+    draft.parameters["normalize"] = {"mlp": False, "default": True}
+    app = create_app(draft=draft)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _method(pilot, app)
+        assert screen.query_one("#g-normalize", Input).value == "true"
+        assert screen.query_one("#g-normalize-filters", Input).value == "mlp=false"
+        assert not screen.query("#g-lambda-note").first().display
+        assert app.draft.parameters["normalize"] == {"mlp": False, "default": True}
+        assert "valid recipe" in _text(app, "#problems")
+        await _type(pilot, screen.query_one("#g-normalize-filters", Input), "mlp=no, lm_head=no")
+        assert list(app.draft.parameters["normalize"].items()) == [
+            ("mlp", False),
+            ("lm_head", False),
+            ("default", True),
+        ]
+
+
 async def _wait_for_check(pilot: Any, app: MergeTuiApp) -> str:
     for _ in range(400):
         await pilot.pause(0.05)

@@ -194,7 +194,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         limits = param.range_text()
         default = "required" if param.required else f"default {param.default}"
         hint = f"{param.name} ({param.kind.__name__}{' in ' + limits if limits else ''}; {default}): {param.help}"
-        if param.kind is bool:
+        if param.kind is bool and not isinstance(value, dict):  # overrides of a switch: rare
             text = values.value_text(param, value)
             self._texts[field_id] = [text, ""]
             return [
@@ -354,7 +354,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
                 target.pop(name, None)
             else:
                 target[name] = value
-        if param.kind is not bool:
+        if self.query(f"#{key}-note"):
             plain = values.parse_value(param, texts[0])[0]
             note = self.query_one(f"#{key}-note", Static)
             self._show_note(note, plain, overrides, problem or "")
