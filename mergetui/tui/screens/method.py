@@ -168,8 +168,11 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
             if draft.models:
                 fields.append(
                     Static(
-                        "[b red]✗[/] this recipe has [[slices]]: the models chosen in step 1 "
-                        "cannot be added to it; put them in the slices' sources in the TOML",
+                        Text.assemble(
+                            ("✗ ", "bold red"),
+                            "this recipe has [[slices]]: the models chosen in step 1 cannot be "
+                            "added to it; put them in the slices' sources in the TOML",
+                        ),
                         classes="param-help",
                     )
                 )
