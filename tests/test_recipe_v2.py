@@ -616,3 +616,42 @@ def test_stacked_output_rebuilds_per_layer_config_lists(tmp_path: Path) -> None:
     ]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert len(model.model.layers) == 5
+
+
+def test_compare_lines_up_the_models_of_slices(models: dict[str, Path], tmp_path: Path) -> None:
+    """compare/eval --recipe and the TUI's compare step: a merge of slices, its base and each model
+    its slices take layers from, once each."""
+    from mergetui.evaluate.lineup import recipe_lineup
+
+    recipe = load_recipe(
+        slices_recipe(
+            models,
+            """\
+            version = 2
+            [merge]
+            method = "slerp"
+            base = "{base}"
+            [merge.parameters]
+            t = 0.5
+            [[slices]]
+            [[slices.sources]]
+            model = "{base}"
+            layer_range = [0, 1]
+            [[slices.sources]]
+            model = "{ft_a}"
+            layer_range = [0, 1]
+            [[slices]]
+            [[slices.sources]]
+            model = "{ft_a}"
+            layer_range = [1, 2]
+            [[slices]]
+            [[slices.sources]]
+            model = "{ft_c}"
+            layer_range = [1, 2]
+            """,
+            tmp_path,
+        )
+    )
+    lineup = recipe_lineup(recipe, include_merged=False)
+    assert lineup.names == ["base", "ft_a", "ft_c"]
+    assert lineup.parents == ["ft_a", "ft_c"]

@@ -66,6 +66,10 @@ def write_support_files(
     return written
 
 
+def _span(first: int, last: int) -> str:
+    return str(first) if first == last else f"{first}-{last}"
+
+
 def layer_spans(plan: MergePlan) -> list[tuple[str, str]]:
     """The output layers of a merge of slices, one row per slice: ``("0-23", "./a 0-23")``, or
     several sources joined by `` + `` when the slice merges them."""
@@ -74,9 +78,9 @@ def layer_spans(plan: MergePlan) -> list[tuple[str, str]]:
         origins = [o for o in plan.layers if o.slice_index == index]
         if not origins:
             continue
-        span = f"{origins[0].layer}-{origins[-1].layer}"
+        span = _span(origins[0].layer, origins[-1].layer)
         parts = [
-            f"{model} {first}-{last}"
+            f"{model} {_span(first, last)}"
             for (model, first), (_, last) in zip(
                 origins[0].sources, origins[-1].sources, strict=True
             )

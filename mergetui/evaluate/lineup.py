@@ -57,10 +57,12 @@ def recipe_lineup(recipe: Any, *, include_merged: bool = True) -> Lineup:
             "base" if short == "base" else f"base ({short})",
             model_path(recipe.base, recipe.base_dir),
         )
-    for entry in recipe.models:
+    parents = [entry.model for entry in recipe.models]
+    parents += [s.model for piece in recipe.slices for s in piece.sources]  # a merge of slices
+    for model in dict.fromkeys(parents):
+        if model == recipe.base:
+            continue
         lineup.parents.append(
-            lineup.add(
-                short_name(entry.model, recipe.base_dir), model_path(entry.model, recipe.base_dir)
-            )
+            lineup.add(short_name(model, recipe.base_dir), model_path(model, recipe.base_dir))
         )
     return lineup
