@@ -12,6 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import TINY_LLAMA
 from test_cli import run_cli
 
 from mergetui.engine.plan import build_plan
@@ -572,12 +573,7 @@ def test_stacked_output_rebuilds_per_layer_config_lists(tmp_path: Path) -> None:
     from mergetui.engine.executor import run_merge
 
     config = Qwen2Config(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **{**TINY_LLAMA, "num_hidden_layers": 4},
         use_sliding_window=True,
         sliding_window=16,
         max_window_layers=2,
