@@ -55,6 +55,7 @@ RecipeArg = Annotated[
     Path,
     typer.Argument(
         help="Recipe TOML file, or a mergekit config (.yaml), translated in memory.",
+        metavar="RECIPE",
         show_default=False,
     ),
 ]
@@ -212,7 +213,9 @@ def open_recipe(recipe: RecipeArg) -> None:
 
 @app.command("import")
 def import_config(
-    config: Annotated[Path, typer.Argument(help="mergekit config (.yaml).", show_default=False)],
+    config: Annotated[
+        Path, typer.Argument(help="mergekit config (.yaml).", metavar="CONFIG", show_default=False)
+    ],
     output: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="Recipe to write (default: CONFIG with .toml)."),
