@@ -651,3 +651,38 @@ def test_compare_lines_up_the_models_of_slices(models: dict[str, Path], tmp_path
     lineup = recipe_lineup(recipe, include_merged=False)
     assert lineup.names == ["base", "ft_a", "ft_c"]
     assert lineup.parents == ["ft_a", "ft_c"]
+
+
+def test_export_warns_where_mergekit_would_refuse(tmp_path: Path) -> None:
+    """mergetui copies a one-source slice under any method; mergekit's task-vector methods refuse
+    a slice without its base, and the exported YAML says so where it happens."""
+    from mergetui.recipe.mergekit_yaml import recipe_to_mergekit
+
+    recipe = parse_recipe(
+        textwrap.dedent(
+            """\
+            version = 2
+            [merge]
+            method = "ties"
+            base = "org/base"
+            [merge.parameters]
+            weight = 1.0
+            [[slices]]
+            [[slices.sources]]
+            model = "org/base"
+            layer_range = [0, 2]
+            [[slices.sources]]
+            model = "org/code"
+            layer_range = [0, 2]
+            [[slices]]
+            [[slices.sources]]
+            model = "org/code"
+            layer_range = [2, 4]
+            [output]
+            path = "./out"
+            """
+        )
+    )
+    text = recipe_to_mergekit(recipe, target_dir=tmp_path)
+    assert "# slices[1] has one source and no base" in text
+    assert "slices[0] has" not in text

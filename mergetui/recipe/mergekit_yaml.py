@@ -617,6 +617,14 @@ def recipe_to_mergekit(recipe: Recipe, *, target_dir: Path | None = None) -> str
         "# mergetui computes in float32, so this config asks mergekit to (dtype: float32).\n"
     )
     spec = get_method(recipe.method)
+    if spec is not None and spec.needs_base:
+        for index, piece in enumerate(recipe.slices):
+            base = piece.base or recipe.base
+            if len(piece.sources) == 1 and piece.sources[0].model != base:
+                header += (
+                    f"# slices[{index}] has one source and no base: mergetui copies its layers, "
+                    f"but mergekit's {recipe.method} refuses a slice without its base_model.\n"
+                )
     if spec is not None and spec.randomized:
         header += (
             f"# mergetui's seed {recipe.seed} draws each tensor's mask from the seed and the "
