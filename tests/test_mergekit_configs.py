@@ -151,6 +151,54 @@ CONFIGS = {
           weight: 0.5
         dtype: float32
     """,
+    # methods beyond the first seven (issue 12)
+    "model-stock": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+          - model: {ft3}
+        merge_method: model_stock
+        base_model: {base}
+        dtype: float32
+    """,
+    "model-stock-filter-wise": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+        merge_method: model_stock
+        base_model: {base}
+        parameters:
+          filter_wise: true
+        dtype: float32
+    """,
+    "karcher": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+          - model: {ft3}
+        merge_method: karcher
+        parameters:
+          max_iter: 20
+          tol: 1.0e-6
+        dtype: float32
+    """,
+    "karcher-with-base": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+        merge_method: karcher
+        base_model: {base}
+        dtype: float32
+    """,
+    "nearswap": """
+        models:
+          - model: {ft1}
+        merge_method: nearswap
+        base_model: {base}
+        parameters:
+          t: [0.0001, 0.01]
+        dtype: float32
+    """,
 }
 
 

@@ -297,7 +297,7 @@ def test_parameter_of_another_method_on_a_model() -> None:
 def test_parameter_of_another_method_in_merge_parameters() -> None:
     message = only_problem(edit(TIES, "normalize = true", "t = 0.5"))
     assert message.startswith(
-        "merge.parameters.t: the ties method takes no `t` (it belongs to slerp)"
+        "merge.parameters.t: the ties method takes no `t` (it belongs to slerp, nearswap)"
     )
     assert message.endswith("ties takes: weight, density, normalize, lambda")
 

@@ -255,6 +255,73 @@ METHODS: dict[str, MethodSpec] = {
             randomized=True,
         ),
         MethodSpec(
+            name="model_stock",
+            summary="Move from the base towards the models' average by how aligned their task "
+            "vectors are (Model Stock).",
+            when_to_use="Several fine-tunes of one base from similar recipes (seeds, data orders); "
+            "needs no weights to tune.",
+            kernel="mergetui.methods.stock:model_stock",
+            params=(
+                ParamSpec(
+                    "filter_wise",
+                    bool,
+                    "measure alignment per row (output channel) instead of over the whole tensor",
+                    default=False,
+                ),
+            ),
+            needs_base=True,
+            min_models=2,
+            work_buffers=3,
+        ),
+        MethodSpec(
+            name="karcher",
+            summary="The Karcher (Riemannian) mean of the models' directions, at their mean norm.",
+            when_to_use="Averaging three or more models where a linear average would shrink the "
+            "weights' norms; no weights to tune.",
+            kernel="mergetui.methods.stock:karcher",
+            params=(
+                ParamSpec(
+                    "max_iter",
+                    int,
+                    "most iterations of the mean's fixed-point search",
+                    default=10,
+                    minimum=1,
+                ),
+                ParamSpec(
+                    "tol",
+                    float,
+                    "stop when a step is shorter than this (and ignore models whose norm is below)",
+                    default=1e-5,
+                    minimum=0.0,
+                    min_inclusive=False,
+                ),
+            ),
+            min_models=1,
+            work_buffers=3,
+            notes=("The base, if given, is not averaged: list it under [[models]] to include it.",),
+        ),
+        MethodSpec(
+            name="nearswap",
+            summary="Take the other model's values where they are within t of the base's, blend "
+            "beyond.",
+            when_to_use="Grafting a fine-tune's small, precise changes onto a base while keeping "
+            "the base wherever the fine-tune moved far.",
+            kernel="mergetui.methods.nearswap:nearswap",
+            params=(
+                ParamSpec(
+                    "t",
+                    float,
+                    "distance under which the other model's value is taken whole",
+                    minimum=0.0,
+                    min_inclusive=False,
+                ),
+            ),
+            needs_base=True,
+            min_models=1,
+            max_models=1,
+            work_buffers=2,
+        ),
+        MethodSpec(
             name="passthrough",
             summary="Copy one model's tensors unchanged (optionally scaled).",
             when_to_use="Re-saving a model in another dtype or shard size, or folding in a LoRA.",

@@ -409,12 +409,12 @@ class _Translator:
             entry.update(self.parameters(item.get("parameters"), at + ("parameters",), where))
             self.origin(f"models[{len(entries)}]", at)
             entries.append(entry)
-        if spec is not None and spec.name == "linear" and base and not base_listed:
-            # mergekit appends base_model as one more weighted input of a linear merge
+        if spec is not None and _base_is_an_input(spec) and base and not base_listed:
+            # mergekit appends base_model as one more input of a method that has no base role
             entries.append({"model": base})
             self.notes.append(
-                f"{self.lines.where(('base_model',))}: mergekit averages base_model into a "
-                "linear merge as one more model; it is listed under [[models]]"
+                f"{self.lines.where(('base_model',))}: mergekit merges base_model into a "
+                f"{spec.name} merge as one more model; it is listed under [[models]]"
             )
         return entries
 
@@ -470,6 +470,13 @@ class _Translator:
             table["sources"] = sources
             result.append(table)
         return result
+
+
+def _base_is_an_input(spec: Any) -> bool:
+    """mergekit appends ``base_model`` to ``models`` as one more input; for a method without a
+    base role (linear, karcher) that makes it one more averaged model, where mergetui only takes
+    config and tokenizer from its base."""
+    return not spec.needs_base and spec.name != "passthrough"
 
 
 def translate_mergekit(
@@ -572,7 +579,9 @@ def recipe_to_mergekit(recipe: Recipe, *, target_dir: Path | None = None) -> str
     config: dict[str, Any] = {"merge_method": recipe.method}
     if recipe.base:
         listed = [e.model for e in recipe.models if e.lora is None]
-        if recipe.method != "linear" or recipe.base in listed or recipe.slices:
+        spec = get_method(recipe.method)
+        appended = spec is not None and _base_is_an_input(spec)
+        if not appended or recipe.base in listed or recipe.slices:
             config["base_model"] = ref(recipe.base)
     config["dtype"] = "float32"
     if recipe.dtype:

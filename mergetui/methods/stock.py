@@ -1,0 +1,93 @@
+"""Geometric averages of fine-tunes: model_stock (Jang et al., 2024) and the Karcher mean.
+
+Both look at the models as points around a centre: model_stock measures how aligned the task
+vectors are and moves from the base towards their average by that much; the Karcher mean averages
+the directions on the unit sphere and restores the average norm. mergekit's 0.1.5 arithmetic, in
+float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mergetui.methods.inputs import TensorInputs
+
+_COS_EPS = 1e-6
+_SINGULAR = 1e-6
+
+
+def model_stock(inputs: TensorInputs) -> torch.Tensor:
+    """t·mean(models) + (1−t)·base, with t = N·c/(1+(N−1)·c) from the mean pairwise cosine c of
+    the task vectors (per row with ``filter_wise``). Where 1+(N−1)·c vanishes there is no finite
+    estimate and the base is kept, as mergekit 0.1.5 does."""
+    base = inputs.require_base()
+    shape = base.shape
+    filter_wise = bool(inputs.params.get("filter_wise", False))
+    if filter_wise:
+        rows = base if base.dim() > 1 else base.unsqueeze(0)
+        others = [m if m.dim() > 1 else m.unsqueeze(0) for m in inputs.models]
+    else:
+        rows = base.reshape(-1)
+        others = [m.reshape(-1) for m in inputs.models]
+    offsets = [m - rows for m in others]
+    cosines = []
+    for index, first in enumerate(offsets):
+        for second in offsets[index + 1 :]:
+            norms = torch.linalg.vector_norm(first, dim=-1) * torch.linalg.vector_norm(
+                second, dim=-1
+            )
+            cosines.append(((first * second).sum(dim=-1) / norms.clamp(min=_COS_EPS)).clamp(-1, 1))
+    del offsets
+    cosine = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    count = len(others)
+    denominator = 1 + (count - 1) * cosine
+    singular = denominator.abs() < _SINGULAR
+    safe = torch.where(singular, torch.ones_like(denominator), denominator)
+    t = torch.where(singular, torch.zeros_like(cosine), (count * cosine) / safe)
+    average = sum(others[1:], others[0].clone()) / count
+    return (t * average + (1 - t) * rows).reshape(shape)
+
+
+def karcher(inputs: TensorInputs) -> torch.Tensor:
+    """The equal-weight Karcher (Riemannian) mean of the models' directions on the unit sphere,
+    scaled by their mean norm: a fixed-point iteration of at most ``max_iter`` steps that stops when
+    the tangent step is shorter than ``tol``."""
+    tensors = list(inputs.models)
+    if len(tensors) == 1:
+        return tensors[0]
+    max_iter = int(inputs.params.get("max_iter", 10))
+    tol = float(inputs.params.get("tol", 1e-5))
+    alphas = [1.0 / len(tensors)] * len(tensors)
+    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    units = [
+        torch.zeros_like(t) if float(n) == 0.0 else t / n
+        for t, n in zip(tensors, norms, strict=True)
+    ]
+    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if not valid:
+        return torch.zeros_like(tensors[0])
+    total = sum(alphas[i] for i in valid)
+    weights = [alphas[i] / total for i in valid]
+    directions = [units[i] for i in valid]
+    mean = torch.zeros_like(directions[0])
+    for weight, unit in zip(weights, directions, strict=True):
+        mean += weight * unit
+    mean_norm = torch.linalg.vector_norm(mean)
+    mean = directions[0].clone() if float(mean_norm) < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for weight, unit in zip(weights, directions, strict=True):
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) < tol:
+                continue
+            tangent += weight * (theta / torch.sin(theta)) * (unit - dot * mean)
+        tangent_norm = torch.linalg.vector_norm(tangent)
+        if float(tangent_norm) < tol:
+            break
+        mean = torch.cos(tangent_norm) * mean + torch.sin(tangent_norm) * (tangent / tangent_norm)
+        unit_norm = torch.linalg.vector_norm(mean)
+        if float(unit_norm) > tol:
+            mean = mean / unit_norm
+    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
+    return scale * mean

@@ -1,0 +1,80 @@
+"""model_stock, karcher and nearswap on the edge cases every method must survive: a model identical
+to the base (a zero task vector), identical models, a single model, tiny 1-D tensors, and half-precision
+storage. Their agreement with mergekit is in test_mergekit_configs.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mergetui.methods.inputs import TensorInputs
+from mergetui.methods.registry import get_method
+
+
+def run(method: str, base: torch.Tensor | None, models: list[torch.Tensor], **params: object):
+    spec = get_method(method)
+    assert spec is not None
+    defaults = {p.name: p.default for p in spec.global_params if not p.required}
+    inputs = TensorInputs(
+        name="model.layers.0.mlp.up_proj.weight",
+        base=None if base is None else base.clone(),
+        models=[m.clone() for m in models],
+        model_params=[{} for _ in models],
+        params={**defaults, **params},
+    )
+    return spec.load_kernel()(inputs)
+
+
+@pytest.fixture
+def tensors() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return [torch.randn(6, 5, generator=generator) for _ in range(4)]
+
+
+def test_models_identical_to_the_base_give_the_base(tensors: list[torch.Tensor]) -> None:
+    base = tensors[0]
+    for filter_wise in (False, True):
+        out = run("model_stock", base, [base, base], filter_wise=filter_wise)
+        assert torch.equal(out, base)
+    assert torch.equal(run("nearswap", base, [base], t=0.01), base)
+
+
+def test_identical_models_give_that_model(tensors: list[torch.Tensor]) -> None:
+    model = tensors[1]
+    torch.testing.assert_close(run("karcher", None, [model, model, model]), model)
+    torch.testing.assert_close(run("model_stock", tensors[0], [model, model]), model)
+
+
+def test_a_single_model(tensors: list[torch.Tensor]) -> None:
+    assert torch.equal(run("karcher", None, [tensors[1]]), tensors[1])
+
+
+def test_zero_tensors_stay_finite() -> None:
+    zero = torch.zeros(8)
+    assert torch.equal(run("karcher", None, [zero, zero]), zero)
+    out = run("model_stock", zero, [zero, torch.ones(8)], filter_wise=True)
+    assert torch.isfinite(out).all()
+
+
+def test_tiny_one_dimensional_tensors() -> None:
+    base, a, b = torch.tensor([1.0]), torch.tensor([1.5]), torch.tensor([0.5])
+    out = run("model_stock", base, [a, b], filter_wise=True)
+    # opposite task vectors: cos = -1, so t = 2·(-1)/(1-1) is singular and the base is kept
+    assert torch.equal(out, base)
+    assert torch.equal(run("nearswap", base, [a], t=1.0), a)  # within t: taken whole
+    torch.testing.assert_close(run("nearswap", base, [a], t=0.1), base + 0.2 * (a - base))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_storage(tensors: list[torch.Tensor], dtype: torch.dtype) -> None:
+    """The engine hands kernels float32 copies of half-precision inputs; the results are finite and
+    close to the float32 ones on the rounded inputs."""
+    rounded = [t.to(dtype).float() for t in tensors]
+    for method, base, models, params in (
+        ("model_stock", rounded[0], rounded[1:], {}),
+        ("karcher", None, rounded[1:], {}),
+        ("nearswap", rounded[0], rounded[1:2], {"t": 0.5}),
+    ):
+        out = run(method, base, models, **params)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), method
+        assert torch.isfinite(out.to(dtype)).all(), method
