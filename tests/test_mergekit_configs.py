@@ -199,6 +199,45 @@ CONFIGS = {
           t: [0.0001, 0.01]
         dtype: float32
     """,
+    "breadcrumbs": """
+        models:
+          - model: {ft1}
+            parameters:
+              weight: 1.0
+              density: 0.6
+              gamma: 0.05
+          - model: {ft2}
+            parameters:
+              weight: 0.5
+              density: [0.9, 0.3]
+              gamma: 0.0
+        merge_method: breadcrumbs
+        base_model: {base}
+        dtype: float32
+    """,
+    "breadcrumbs-ties-rescaled": """
+        models:
+          - model: {ft1}
+            parameters:
+              weight: 1.0
+              density: 0.5
+          - model: {ft2}
+            parameters:
+              weight: 0.7
+              density: 0.4
+              gamma: 0.3
+          - model: {ft3}
+            parameters:
+              weight: 0.4
+              density: 0.8
+              gamma: 0.5
+        merge_method: breadcrumbs_ties
+        base_model: {base}
+        parameters:
+          rescale: true
+          normalize: true
+        dtype: float32
+    """,
 }
 
 

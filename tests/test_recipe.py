@@ -288,7 +288,7 @@ def test_parameter_of_another_method_on_a_model() -> None:
     assert len(error.problems) == 2
     message = problem_for(error, "models[1].density")
     assert (
-        "the linear method takes no `density` (it belongs to ties, dare_ties, dare_linear)"
+        "the linear method takes no `density` (it belongs to ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties)"
         in message
     )
     assert message.endswith("linear takes: weight, normalize")

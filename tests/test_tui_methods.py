@@ -1,5 +1,6 @@
-"""The method step's form for the methods added after the first seven: each shows the fields its
-registry entry declares, validates them as typed, and previews the recipe."""
+"""The method step's form for the methods added after the first seven (model_stock, karcher,
+breadcrumbs_ties, nearswap): each shows the fields its registry entry declares, validates them as
+typed, and previews the recipe."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from textual.widgets import Input, Select, Static
 from mergetui.tui.app import create_app
 
 
-def test_forms_of_model_stock_karcher_and_nearswap(tmp_path: Path, models: dict[str, Path]) -> None:
+def test_forms_of_the_newer_methods(tmp_path: Path, models: dict[str, Path]) -> None:
     asyncio.run(_forms(tmp_path, models))
 
 
@@ -39,6 +40,17 @@ async def _forms(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause()
         assert "valid recipe" in str(problems.render())
         assert "max_iter = 25" in str(preview.render())
+
+        screen.query_one("#method", Select).value = "breadcrumbs_ties"
+        await pilot.pause()
+        gamma = screen.query_one("#m1-gamma", Input)  # per model, beside weight and density
+        gamma.value = "1.5"
+        await pilot.pause()
+        assert "models[1].gamma: must be in [0, 1]" in str(problems.render())
+        gamma.value = "0.05"
+        await pilot.pause()
+        assert "valid recipe" in str(problems.render())
+        assert "gamma = 0.05" in str(preview.render())
 
         screen.query_one("#method", Select).value = "nearswap"
         await pilot.pause()

@@ -162,6 +162,15 @@ _DENSITY = ParamSpec(
     maximum=1.0,
     min_inclusive=False,
 )
+_GAMMA = ParamSpec(
+    "gamma",
+    float,
+    "fraction of this model's largest task-vector entries (outliers) to drop",
+    scope="model",
+    default=0.01,
+    minimum=0.0,
+    maximum=1.0,
+)
 _LAMBDA = ParamSpec(
     "lambda",
     float,
@@ -253,6 +262,27 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
+        ),
+        MethodSpec(
+            name="breadcrumbs",
+            summary="Drop each task vector's largest outliers and smallest entries (Model "
+            "Breadcrumbs), then add them up.",
+            when_to_use="Fine-tunes whose few huge deltas hurt when summed; keeps the mid-sized "
+            "changes that carry the skill.",
+            kernel=f"{_TA_KERNELS}:breadcrumbs",
+            params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
+            needs_base=True,
+            work_buffers=2,
+        ),
+        MethodSpec(
+            name="breadcrumbs_ties",
+            summary="Model Breadcrumbs' sparsification, then TIES sign election.",
+            when_to_use="Like breadcrumbs, for several fine-tunes whose task vectors disagree in "
+            "sign.",
+            kernel=f"{_TA_KERNELS}:breadcrumbs_ties",
+            params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
+            needs_base=True,
+            work_buffers=2,
         ),
         MethodSpec(
             name="model_stock",

@@ -1,4 +1,5 @@
-"""The task-vector family: task_arithmetic, ties, dare_ties and dare_linear.
+"""The task-vector family: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs and
+breadcrumbs_ties.
 
 All four share one pipeline per tensor (the "generalized task arithmetic" of mergekit):
 
@@ -51,6 +52,17 @@ def dare_ties(inputs: TensorInputs) -> torch.Tensor:
 def dare_linear(inputs: TensorInputs) -> torch.Tensor:
     """DARE drop-and-rescale followed by a weighted sum."""
     return _merge(inputs, sparsify="random", sign_election=False)
+
+
+def breadcrumbs(inputs: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs: drop each task vector's largest outliers and its smallest entries, then
+    a weighted sum."""
+    return _merge(inputs, sparsify="outliers", sign_election=False)
+
+
+def breadcrumbs_ties(inputs: TensorInputs) -> torch.Tensor:
+    """Model Breadcrumbs' sparsification followed by TIES sign election."""
+    return _merge(inputs, sparsify="outliers", sign_election=True)
 
 
 def _chunks(flat: torch.Tensor) -> list[torch.Tensor]:
@@ -176,6 +188,50 @@ def magnitude_prune_(delta: torch.Tensor, density: float) -> torch.Tensor:
     return delta
 
 
+def outlier_prune_(
+    delta: torch.Tensor, density: float, gamma: float, rescale: bool
+) -> torch.Tensor:
+    """Breadcrumbs, in place: of the N entries ranked by magnitude, keep k = int(density·N) just
+    below the int(gamma·N) largest (mergekit 0.1.5's ranks [N−k−top, N−top), moved down to [0, k)
+    when the two overlap). The bounds are found by selection (two ``kthvalue`` calls), not a sort;
+    entries tied at a bound are kept lowest index first. With ``rescale`` the kept entries are
+    scaled to the task vector's L1 norm."""
+    if density >= 1.0:
+        return delta
+    flat = _flat(delta)
+    count = flat.numel()
+    keep = int(density * count)
+    top = int(gamma * count)
+    start = max(0, count - keep - top)
+    l1_before = _l1(flat) if rescale else 0.0
+    _keep_ranks_(flat, start, keep)
+    if rescale:
+        l1_after = _l1(flat)
+        if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
+            delta.mul_(l1_before / l1_after)
+    return delta
+
+
+def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
+    """Zero every entry whose rank by ascending magnitude is outside ``[start, start + count)``;
+    equal magnitudes rank in index order."""
+    if count <= 0:
+        flat.zero_()
+        return
+    if start == 0 and count >= flat.numel():
+        return
+    magnitude = flat.abs()
+    low = magnitude.kthvalue(start + 1).values
+    high = magnitude.kthvalue(start + count).values
+    keep = (magnitude > low) & (magnitude < high)
+    for bound in {float(low), float(high)}:
+        equal = magnitude == bound
+        below = int(torch.count_nonzero(magnitude < bound))
+        ranks = torch.cumsum(equal, 0).add_(below - 1)
+        keep |= equal & (ranks >= start) & (ranks < start + count)
+    flat.masked_fill_(~keep, 0.0)
+
+
 def random_drop_(
     delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator
 ) -> torch.Tensor:
@@ -212,7 +268,8 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
     densities = [float(p.get("density", 1.0)) for p in inputs.model_params]
     normalize = bool(params.get("normalize", False))
     scale = float(params.get("lambda", 1.0))
-    library = native.available_for(base) if sign_election else None
+    # the C loops know TIES' magnitude selection and DARE's drop; breadcrumbs' ranks run here
+    library = native.available_for(base) if sign_election and sparsify != "outliers" else None
     if library is not None:
         return _merge_native(library, inputs, sparsify, weights, densities, normalize, scale)
 
@@ -224,6 +281,9 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
     for index, delta in enumerate(deltas):
         if sparsify == "magnitude":
             magnitude_prune_(delta, densities[index])
+        if sparsify == "outliers":
+            gamma = float(inputs.model_params[index].get("gamma", 0.01))
+            outlier_prune_(delta, densities[index], gamma, bool(params.get("rescale", False)))
         if weights[index] != 1.0:
             delta.mul_(weights[index])
     flats = [_flat(d) for d in deltas]

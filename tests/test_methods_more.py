@@ -1,4 +1,4 @@
-"""model_stock, karcher and nearswap on the edge cases every method must survive: a model identical
+"""model_stock, karcher, nearswap and breadcrumbs on the edge cases every method must survive: a model identical
 to the base (a zero task vector), identical models, a single model, tiny 1-D tensors, and half-precision
 storage. Their agreement with mergekit is in test_mergekit_configs.py."""
 
@@ -12,15 +12,19 @@ from mergetui.methods.registry import get_method
 
 
 def run(method: str, base: torch.Tensor | None, models: list[torch.Tensor], **params: object):
+    """The method's kernel on copies of the tensors: defaults filled in, a weight of 1 for every
+    model, and each keyword given to the level (method-wide or per model) it belongs to."""
     spec = get_method(method)
     assert spec is not None
     defaults = {p.name: p.default for p in spec.global_params if not p.required}
+    per_model = {p.name: (1.0 if p.required else p.default) for p in spec.model_params}
+    per_model.update({k: v for k, v in params.items() if k in per_model})
     inputs = TensorInputs(
         name="model.layers.0.mlp.up_proj.weight",
         base=None if base is None else base.clone(),
         models=[m.clone() for m in models],
-        model_params=[{} for _ in models],
-        params={**defaults, **params},
+        model_params=[dict(per_model) for _ in models],
+        params={**defaults, **{k: v for k, v in params.items() if k not in per_model}},
     )
     return spec.load_kernel()(inputs)
 
@@ -78,3 +82,55 @@ def test_half_precision_storage(tensors: list[torch.Tensor], dtype: torch.dtype)
         out = run(method, base, models, **params)
         assert out.dtype == torch.float32 and torch.isfinite(out).all(), method
         assert torch.isfinite(out.to(dtype)).all(), method
+
+
+# --- breadcrumbs -----------------------------------------------------------------------------------
+
+
+def sorted_reference(delta: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """mergekit 0.1.5's rule by a full sort: ranks [N-k-top, N-top), moved to [0, k) on overlap."""
+    count = delta.numel()
+    keep, top = int(density * count), int(gamma * count)
+    start = max(0, count - keep - top)
+    order = torch.sort(delta.abs().reshape(-1), stable=True).indices
+    mask = torch.zeros(count)
+    mask[order[start : start + keep]] = 1
+    return delta * mask.reshape(delta.shape)
+
+
+@pytest.mark.parametrize(
+    ("density", "gamma"), [(0.5, 0.01), (0.3, 0.2), (0.9, 0.5), (0.2, 0.0), (0.05, 0.9)]
+)
+def test_breadcrumbs_selection_equals_a_full_sort(density: float, gamma: float) -> None:
+    from mergetui.methods.task_arithmetic import outlier_prune_
+
+    generator = torch.Generator().manual_seed(3)
+    delta = torch.randn(37, 29, generator=generator)
+    expected = sorted_reference(delta, density, gamma)
+    assert torch.equal(outlier_prune_(delta.clone(), density, gamma, rescale=False), expected)
+
+
+def test_breadcrumbs_ties_at_the_bounds_keep_exactly_k_lowest_index_first() -> None:
+    from mergetui.methods.task_arithmetic import outlier_prune_
+
+    delta = torch.tensor([1.0, -1.0, 1.0, 2.0, -1.0, 3.0, 1.0, 0.5])
+    # N = 8, k = 4, top = 1: ranks [3, 7) by magnitude, index order among equals
+    kept = outlier_prune_(delta.clone(), 0.5, 0.125, rescale=False)
+    assert torch.count_nonzero(kept) == 4
+    assert torch.equal(kept, sorted_reference(delta, 0.5, 0.125))
+
+
+def test_breadcrumbs_edge_cases() -> None:
+    from mergetui.methods.task_arithmetic import outlier_prune_
+
+    zero = torch.zeros(10)
+    assert torch.equal(outlier_prune_(zero.clone(), 0.5, 0.1, rescale=True), zero)
+    one = torch.tensor([0.25])
+    assert torch.equal(outlier_prune_(one.clone(), 0.5, 0.01, rescale=False), torch.zeros(1))
+    assert torch.equal(outlier_prune_(one.clone(), 1.0, 0.5, rescale=False), one)
+    delta = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    rescaled = outlier_prune_(delta.clone(), 0.4, 0.1, rescale=True)
+    torch.testing.assert_close(rescaled.abs().sum(), delta.abs().sum())
+    base = torch.randn(6, 5)
+    same = run("breadcrumbs", base, [base, base], gamma=0.1)
+    assert torch.equal(same, base)
