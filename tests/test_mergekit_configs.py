@@ -238,6 +238,25 @@ CONFIGS = {
           normalize: true
         dtype: float32
     """,
+    "sce": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+          - model: {ft3}
+        merge_method: sce
+        base_model: {base}
+        parameters:
+          select_topk: 0.3
+        dtype: float32
+    """,
+    "sce-all": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+        merge_method: sce
+        base_model: {base}
+        dtype: float32
+    """,
 }
 
 

@@ -134,3 +134,17 @@ def test_breadcrumbs_edge_cases() -> None:
     base = torch.randn(6, 5)
     same = run("breadcrumbs", base, [base, base], gamma=0.1)
     assert torch.equal(same, base)
+
+
+# --- sce -------------------------------------------------------------------------------------------
+
+
+def test_sce_edge_cases(tensors: list[torch.Tensor]) -> None:
+    base = tensors[0]
+    assert torch.equal(run("sce", base, [base, base], select_topk=0.5), base)  # zero task vectors
+    torch.testing.assert_close(run("sce", base, [tensors[1]]), tensors[1])  # one model: itself
+    assert torch.equal(run("sce", base, [tensors[1], tensors[2]], select_topk=0.0), base)
+    one = torch.tensor([0.5])
+    out = run("sce", one, [torch.tensor([1.0]), torch.tensor([-2.0])], select_topk=1.0)
+    # the sum of the deltas (0.5 - 2.5) is negative: only the second model's sign survives
+    torch.testing.assert_close(out, torch.tensor([-2.0]))

@@ -1,5 +1,5 @@
 """The method step's form for the methods added after the first seven (model_stock, karcher,
-breadcrumbs_ties, nearswap): each shows the fields its registry entry declares, validates them as
+breadcrumbs_ties, sce, nearswap): each shows the fields its registry entry declares, validates them as
 typed, and previews the recipe."""
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ async def _forms(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause()
         assert "valid recipe" in str(problems.render())
         assert "gamma = 0.05" in str(preview.render())
+
+        screen.query_one("#method", Select).value = "sce"
+        await pilot.pause()
+        screen.query_one("#g-select_topk", Input).value = "0.25"
+        await pilot.pause()
+        assert "valid recipe" in str(problems.render())
+        assert "select_topk = 0.25" in str(preview.render())
 
         screen.query_one("#method", Select).value = "nearswap"
         await pilot.pause()

@@ -285,6 +285,26 @@ METHODS: dict[str, MethodSpec] = {
             work_buffers=2,
         ),
         MethodSpec(
+            name="sce",
+            summary="Keep the elements where the models differ most, weight each task vector by "
+            "its energy, erase sign conflicts, average (SCE).",
+            when_to_use="Several fine-tunes and no time to tune weights: SCE derives them from the "
+            "task vectors themselves.",
+            kernel="mergetui.methods.sce:sce",
+            params=(
+                ParamSpec(
+                    "select_topk",
+                    float,
+                    "fraction of the elements (those of highest variance across the models) kept",
+                    default=1.0,
+                    minimum=0.0,
+                    maximum=1.0,
+                ),
+            ),
+            needs_base=True,
+            work_buffers=4,
+        ),
+        MethodSpec(
             name="model_stock",
             summary="Move from the base towards the models' average by how aligned their task "
             "vectors are (Model Stock).",
