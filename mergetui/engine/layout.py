@@ -15,7 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mergetui.engine.layers import group_by_layer, layer_count, layer_index, position_in, with_layer
+from mergetui.engine.layers import (
+    group_by_layer,
+    layer_count,
+    layer_index,
+    per_layer_config,
+    position_in,
+    with_layer,
+)
 from mergetui.methods.registry import MethodSpec, ParamSpec
 from mergetui.recipe.params import Filtered, Missing, ParamValue, resolve_chain
 from mergetui.recipe.schema import Recipe, Slice
@@ -347,8 +354,6 @@ def layout_slices(
     last_index = len(recipe.slices) - 1
     for name in after:
         tensors += context.tensor(last_index, last, name, [name] * len(last.sources), None, 0.0)
-    from mergetui.engine.layers import per_layer_config
-
     updates = per_layer_config(files_config, layer_count(files_config) or 0, layer_sources)
     problems += resolver.problems + resolver.unmatched_filter_warnings()
     return Layout(tensors, problems, updates, origins)

@@ -49,12 +49,15 @@ class Problem:
 
 @dataclass
 class Source:
-    """One input model as the plan sees it. ``role`` is ``base`` or ``models[i]``."""
+    """One input model as the plan sees it. ``role`` is ``base``, ``models[i]`` or
+    ``slices[i].sources[j]`` (where a model first appears); ``lora_ref`` is the adapter reference
+    as the recipe writes it, so a slice source finds its Source by ``(model, lora)``."""
 
     role: str
     ref: ModelRef
     checkpoint: Checkpoint
     lora: LoraAdapter | None = None
+    lora_ref: str | None = None
 
     @property
     def label(self) -> str:
@@ -139,38 +142,33 @@ def open_sources(
     enough to check and plan; LoRA adapters are always fetched (they are small).
     """
     sources: list[Source] = []
+
+    def open_one(role: str, model: str, lora_text: str | None = None) -> Source:
+        ref = parse_ref(model, recipe.base_dir)
+        checkpoint = open_model(ref, f"{role} ({ref})", fetch=fetch, on_download=on_download)
+        lora = None
+        if lora_text:
+            lora_ref = parse_ref(lora_text, recipe.base_dir)
+            try:
+                lora = open_lora(resolve_dir(lora_ref, on_download), f"{role}.lora ({lora_ref})")
+            except BaseException:
+                checkpoint.close()
+                raise
+        return Source(role, ref, checkpoint, lora, lora_text)
+
     try:
         if recipe.base:
-            ref = parse_ref(recipe.base, recipe.base_dir)
-            checkpoint = open_model(ref, f"base ({ref})", fetch=fetch, on_download=on_download)
-            sources.append(Source("base", ref, checkpoint))
+            sources.append(open_one("base", recipe.base))
         for index, entry in enumerate(recipe.models):
-            role = f"models[{index}]"
-            ref = parse_ref(entry.model, recipe.base_dir)
-            checkpoint = open_model(ref, f"{role} ({ref})", fetch=fetch, on_download=on_download)
-            lora = None
-            if entry.lora:
-                lora_ref = parse_ref(entry.lora, recipe.base_dir)
-                lora = open_lora(resolve_dir(lora_ref, on_download), f"{role}.lora ({lora_ref})")
-            sources.append(Source(role, ref, checkpoint, lora))
+            sources.append(open_one(f"models[{index}]", entry.model, entry.lora))
+        # a model shared by several slices (or the base among them) is opened once
         seen: set[tuple[str, str | None]] = {(recipe.base, None)} if recipe.base else set()
         for index, piece in enumerate(recipe.slices):
             for number, item in enumerate(piece.sources):
-                if (item.model, item.lora) in seen:
-                    continue
-                seen.add((item.model, item.lora))
-                role = f"slices[{index}].sources[{number}]"
-                ref = parse_ref(item.model, recipe.base_dir)
-                checkpoint = open_model(
-                    ref, f"{role} ({ref})", fetch=fetch, on_download=on_download
-                )
-                lora = None
-                if item.lora:
-                    lora_ref = parse_ref(item.lora, recipe.base_dir)
-                    lora = open_lora(
-                        resolve_dir(lora_ref, on_download), f"{role}.lora ({lora_ref})"
-                    )
-                sources.append(Source(role, ref, checkpoint, lora))
+                if (item.model, item.lora) not in seen:
+                    seen.add((item.model, item.lora))
+                    role = f"slices[{index}].sources[{number}]"
+                    sources.append(open_one(role, item.model, item.lora))
     except BaseException:
         for source in sources:
             source.checkpoint.close()
@@ -253,8 +251,7 @@ def _layout(plan: MergePlan) -> Layout:
         return Layout([], [])  # nothing to lay out across architectures; already reported
     by_key: dict[tuple[str, str | None], Source] = {}
     for source in plan.sources:
-        lora = None if source.lora is None else _lora_text(recipe, source.role)
-        by_key.setdefault((source.ref.text, lora), source)
+        by_key.setdefault((source.ref.text, source.lora_ref), source)
 
     def source_of(model: str, lora: str | None) -> Source:
         return by_key[(model, lora)]
@@ -262,15 +259,6 @@ def _layout(plan: MergePlan) -> Layout:
     return layout_slices(
         recipe, plan.method, source_of, plan.out_dtype, plan.files_from.checkpoint.config
     )
-
-
-def _lora_text(recipe: Recipe, role: str) -> str | None:
-    """The adapter a slice source's role was opened with (roles are ``slices[i].sources[j]``)."""
-    if not role.startswith("slices["):
-        return None
-    index = int(role.split("[")[1].split("]")[0])
-    number = int(role.split("[")[2].split("]")[0])
-    return recipe.slices[index].sources[number].lora
 
 
 def _is_vocab_tensor(name: str) -> bool:
