@@ -9,7 +9,8 @@ test session and then merges one request at a time.
   ``mergekit.merge(yaml_text, out_dir)`` runs a merge as ``mergekit-yaml`` would;
 - :func:`assert_same_model`: same tensors, shapes, dtypes and values (within a relative tolerance);
 - :func:`assert_same_config`: same ``config.json``, but for :data:`CONFIG_IGNORE`;
-- :func:`build_zoo` (the session fixture ``mk_zoo``): float32 tiny models both tools merge.
+- :func:`build_zoo` (the session fixture ``mk_zoo``, and ``arch_zoo`` for other architectures):
+  float32 tiny models both tools merge.
 
 Without ``$MERGETUI_MERGEKIT_PYTHON`` the tests that use the fixture skip, loudly; with
 ``MERGETUI_REQUIRE_MERGEKIT=1`` (as in CI) they fail instead.
@@ -23,7 +24,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, NoReturn
@@ -263,9 +264,17 @@ def read_tensors(directory: Path) -> dict[str, Any]:
 def assert_same_model(ours: Path, theirs: Path, rel: float = 1e-6) -> None:
     """``ours`` and ``theirs`` hold the same tensor names, shapes, dtypes, and values within
     ``rel``: for each tensor, ``max|a - b| <= rel * max(1, max|b|)`` (NaNs must coincide)."""
+    assert_same_tensors(read_tensors(ours), read_tensors(theirs), ours, theirs, rel)
+
+
+def assert_same_tensors(
+    a: dict[str, Any], b: dict[str, Any], ours: object, theirs: object, rel: float = 1e-6
+) -> None:
+    """:func:`assert_same_model` on tensors already read (``ours``/``theirs`` name them in the
+    message): for outputs compared another way than file by file, e.g. as transformers loads them.
+    """
     import torch
 
-    a, b = read_tensors(ours), read_tensors(theirs)
     assert a.keys() == b.keys(), (
         f"tensor names differ: only in {ours}: {sorted(a.keys() - b.keys())}; "
         f"only in {theirs}: {sorted(b.keys() - a.keys())}"
@@ -369,19 +378,43 @@ def save_finetune_f32(base: Path, directory: Path, seed: int, scale: float = 0.0
     return directory
 
 
-def build_zoo(root: Path) -> dict[str, Path]:
-    """float32 tiny Llamas with 4 layers: ``base`` and ``ft1``..``ft3`` (base + seeded noise), each
-    with the demo's character tokenizer, so both tools copy one.
+def tiny_llama_config() -> Any:
+    """The zoo's default architecture: the test suite's tiny Llama (``conftest.TINY_LLAMA``), with
+    4 layers so layer gradients and slices have room."""
+    from conftest import TINY_LLAMA
+    from transformers import LlamaConfig
+
+    settings: dict[str, Any] = {**TINY_LLAMA, "num_hidden_layers": 4}
+    return LlamaConfig(**settings)
+
+
+def save_random_f32(directory: Path, config: Any, seed: int) -> Path:
+    """A causal LM of ``config``'s architecture with transformers' own random init under
+    ``seed``, saved float32 with ``save_pretrained`` (so in the layout a real checkpoint has)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.to(torch.float32).save_pretrained(directory)
+    return directory
+
+
+def build_zoo(
+    root: Path, config: Callable[[], Any] = tiny_llama_config, seed: int = 10
+) -> dict[str, Path]:
+    """float32 tiny models of one architecture (``config()``, a transformers config; by default
+    the Llama of :func:`tiny_llama_config`): ``base`` (random, ``seed``) and ``ft1``..``ft3``
+    (base + noise seeded ``seed + n``), each with the demo's character tokenizer, so both tools
+    copy one.
 
     float32 because mergekit computes in the storage dtype and mergetui in float32: with float32
     inputs both compute in float32 and the comparisons can be tight.
     """
-    from conftest import save_llama
-
     from mergetui.demo import save_char_tokenizer
 
-    zoo = {"base": save_llama(root / "base", seed=10, dtype="float32", num_hidden_layers=4)}
+    zoo = {"base": save_random_f32(root / "base", config(), seed=seed)}
     save_char_tokenizer(zoo["base"])
     for n in (1, 2, 3):
-        zoo[f"ft{n}"] = save_finetune_f32(zoo["base"], root / f"ft{n}", seed=10 + n)
+        zoo[f"ft{n}"] = save_finetune_f32(zoo["base"], root / f"ft{n}", seed=seed + n)
     return zoo
