@@ -12,9 +12,10 @@ Steps:
    with an index and a LlamaConfig ``config.json``;
 2. measure an I/O floor per method: read every input file once and write an output-sized file once,
    in the same cache state as the merges, so "x floor" says how far a tool is from pure I/O;
-3. per method write a mergetui recipe and the equivalent mergekit YAML, run both under
-   ``/usr/bin/time -v`` (alternating, ``--repeats`` times), and parse wall clock and peak RSS;
-4. print a table (and optionally write JSON).
+3. per method write a mergetui recipe and the equivalent mergekit YAML, both from the method's row
+   of :data:`METHOD_TABLE`, run both under ``/usr/bin/time -v`` (alternating, ``--repeats``
+   times), and parse wall clock and peak RSS;
+4. print a table (and optionally write JSON, and a Markdown table for the README).
 
 Run ``python bench/bench_merge.py --help`` for the options; bench/README.md has examples.
 """
@@ -34,10 +35,10 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import safe_open
@@ -391,14 +392,149 @@ def measure_floor(
     return Floor(input_bytes=read, output_bytes=output_bytes, read_s=read_s, write_s=write_s)
 
 
-# --- recipes --------------------------------------------------------------------------------------
+# --- methods --------------------------------------------------------------------------------------
 
-DENSITY_METHODS = {"ties", "dare_ties", "dare_linear"}
-BASE_METHODS = {"ties", "dare_ties", "dare_linear", "task_arithmetic", "slerp", "gradient_slerp"}
-#: Jobs written as one mergekit YAML that both tools run (mergetui runs YAML directly): mergekit's
-#: gradient-slerp example (attention and MLP curves) and a frankenmerge stacking 3/4 of one model
-#: on the last 3/4 of another (the 44-layer example's shape).
-YAML_JOBS = {"gradient_slerp", "frankenmerge"}
+#: A parameter value both tools read the same way (mergekit coerces booleans and ints from floats).
+Value = float | int | bool
+
+
+@dataclass(frozen=True)
+class BenchMethod:
+    """How the benchmark runs one method: which inputs it takes and the parameters both tools get.
+
+    One entry writes both the mergetui recipe and the mergekit YAML (the two tools share mergekit's
+    parameter names), so the tools cannot drift apart on what they are asked to compute, and a new
+    method is one more row of :data:`METHOD_TABLE` rather than another special case.
+
+    ``base_input``: the base takes part in the math: it is mergekit's ``base_model`` and counts in
+    the I/O floor. Otherwise mergekit gets no ``base_model`` (it would append the base as one more
+    averaged input) and mergetui reads only the base's config and tokenizer.
+    ``finetunes``: how many of the generated fine-tunes the method merges; None for all of them.
+    ``weights``: ``"equal"`` gives each fine-tune 1/n, a tuple one weight per fine-tune, None no
+    weight (methods that take none, or derive their own).
+    ``model_params``: per-model parameters, the same value beside every fine-tune.
+    ``global_params``: method-wide parameters (``[merge.parameters]``, top-level ``parameters:``).
+    ``yaml``: for a job that is one mergekit YAML both tools run as is (mergetui runs mergekit YAML
+    directly), the function that writes it; the parameter fields above are then unused.
+    ``registry_name``: the mergetui method the job exercises, where it is not the job's name.
+    ``mergekit_samples``: mergekit draws at random where mergetui may not (arcee_fusion subsamples
+    tensors over 1e6 elements for its quantiles), so ``--compare`` expects no equality either.
+    """
+
+    base_input: bool
+    finetunes: int | None = None
+    weights: Literal["equal"] | tuple[float, ...] | None = "equal"
+    model_params: Mapping[str, Value] = field(default_factory=dict)
+    global_params: Mapping[str, Value] = field(default_factory=dict)
+    yaml: Callable[[MergeJob], str] | None = None
+    registry_name: str | None = None
+    mergekit_samples: bool = False
+
+
+def gradient_slerp_yaml(job: MergeJob) -> str:
+    """mergekit's gradient-slerp example: one t curve for attention, another for the MLP."""
+    count = job.layers
+    return (
+        "slices:\n  - sources:\n"
+        f"      - model: {_q(job.base)}\n        layer_range: [0, {count}]\n"
+        f"      - model: {_q(job.models[0])}\n        layer_range: [0, {count}]\n"
+        f"merge_method: slerp\nbase_model: {_q(job.base)}\n"
+        "parameters:\n  t:\n"
+        "    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
+        "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n"
+        "    - value: 0.5\n"
+        "dtype: bfloat16\n"
+    )
+
+
+def frankenmerge_yaml(job: MergeJob) -> str:
+    """A frankenmerge stacking 3/4 of one model on the last 3/4 of another (the 44-layer shape)."""
+    count = job.layers
+    quarter = count // 4
+    return (
+        "slices:\n"
+        f"  - sources:\n    - model: {_q(job.models[0])}\n      layer_range: [0, {count - quarter}]\n"
+        f"  - sources:\n    - model: {_q(job.models[1])}\n      layer_range: [{quarter}, {count}]\n"
+        "merge_method: passthrough\ndtype: bfloat16\n"
+    )
+
+
+_DENSITY: dict[str, Value] = {"density": 0.5}
+_BREADCRUMBS: dict[str, Value] = {"density": 0.5, "gamma": 0.01}
+_DELLA: dict[str, Value] = {"density": 0.5, "epsilon": 0.1}
+
+#: Every method the benchmark knows, in the order ``--methods all`` runs them. Parameters left out
+#: keep their defaults, which mergetui's registry takes from mergekit (normalize on for linear,
+#: ties and della; rescale on for dare_* and della*; ...).
+METHOD_TABLE: dict[str, BenchMethod] = {
+    "linear": BenchMethod(base_input=False),
+    "slerp": BenchMethod(base_input=True, finetunes=1, weights=None, global_params={"t": 0.5}),
+    "task_arithmetic": BenchMethod(base_input=True),
+    "ties": BenchMethod(base_input=True, model_params=_DENSITY),
+    "dare_ties": BenchMethod(base_input=True, model_params=_DENSITY),
+    "dare_linear": BenchMethod(base_input=True, model_params=_DENSITY),
+    "breadcrumbs": BenchMethod(base_input=True, model_params=_BREADCRUMBS),
+    "breadcrumbs_ties": BenchMethod(base_input=True, model_params=_BREADCRUMBS),
+    "della": BenchMethod(base_input=True, model_params=_DELLA),
+    "della_linear": BenchMethod(base_input=True, model_params=_DELLA),
+    "sce": BenchMethod(base_input=True, weights=None, global_params={"select_topk": 0.5}),
+    "model_stock": BenchMethod(base_input=True, weights=None),
+    "karcher": BenchMethod(base_input=False, weights=None),
+    "nearswap": BenchMethod(base_input=True, finetunes=1, weights=None, global_params={"t": 0.001}),
+    "nuslerp": BenchMethod(base_input=True, finetunes=2, weights=(0.4, 0.6)),
+    "multislerp": BenchMethod(base_input=True),
+    "arcee_fusion": BenchMethod(base_input=True, finetunes=1, weights=None, mergekit_samples=True),
+    "ram": BenchMethod(base_input=True, weights=None),
+    "ramplus_tl": BenchMethod(base_input=True, weights=None),
+    "passthrough": BenchMethod(base_input=False, finetunes=1, weights=None),
+    "gradient_slerp": BenchMethod(
+        base_input=True, finetunes=1, yaml=gradient_slerp_yaml, registry_name="slerp"
+    ),
+    "frankenmerge": BenchMethod(
+        base_input=False, finetunes=2, yaml=frankenmerge_yaml, registry_name="passthrough"
+    ),
+}
+
+
+def mergetui_method(name: str) -> Any | None:
+    """mergetui's registry entry for ``name``; None when the installed mergetui lacks the method.
+
+    Raises ImportError when mergetui cannot be imported here (a ``--mergetui-cmd`` elsewhere): the
+    caller then cannot tell and lets the CLI run decide.
+    """
+    from mergetui.methods.registry import get_method
+
+    return get_method(name)
+
+
+def missing_in_mergetui(methods: Iterable[str]) -> list[str]:
+    """The methods whose mergetui method the installed mergetui does not have yet.
+
+    Methods land in mergetui's registry one by one while the table already lists them all; a run
+    skips these instead of failing on them. Empty when mergetui cannot be imported here.
+    """
+    try:
+        return [m for m in methods if mergetui_method(METHOD_TABLE[m].registry_name or m) is None]
+    except ImportError:
+        return []
+
+
+def why_not_compared(method: str) -> str | None:
+    """Why ``--compare`` expects the two tools' outputs of ``method`` to differ; None if it does not.
+
+    Randomized methods (the registry's ``randomized`` flag: dare_*, della*, ...) draw their masks
+    differently in each tool, so a difference there says nothing about either tool's correctness.
+    """
+    spec = METHOD_TABLE[method]
+    if spec.mergekit_samples:
+        return "mergekit samples at random"
+    try:
+        entry = mergetui_method(spec.registry_name or method)
+    except ImportError:
+        return None
+    if entry is not None and entry.randomized:
+        return "randomized: the tools draw their masks differently"
+    return None
 
 
 @dataclass
@@ -412,17 +548,40 @@ class MergeJob:
     layers: int = 0
 
     @property
-    def weight(self) -> float:
-        return round(1.0 / len(self.models), 4)
+    def spec(self) -> BenchMethod:
+        return METHOD_TABLE[self.method]
+
+    def weights(self) -> list[float | None]:
+        """Each fine-tune's weight, None where the method takes no weight."""
+        weights = self.spec.weights
+        if weights is None:
+            return [None] * len(self.models)
+        if weights == "equal":
+            return [round(1.0 / len(self.models), 4)] * len(self.models)
+        if len(weights) != len(self.models):
+            raise ValueError(f"{self.method}: {len(weights)} weights for {len(self.models)} models")
+        return list(weights)
+
+    def model_params(self) -> list[dict[str, Value]]:
+        """Each fine-tune's parameters, weight first, as both tools write them beside the model."""
+        return [
+            ({} if weight is None else {"weight": weight}) | dict(self.spec.model_params)
+            for weight in self.weights()
+        ]
 
     def input_models(self) -> list[Path]:
-        """The models whose tensors the merge reads (linear ignores the base's weights)."""
-        if self.method == "frankenmerge":
-            return self.models[:2]
-        return ([self.base] if self.method in BASE_METHODS else []) + self.models
+        """The models whose tensors the merge reads (linear, karcher, ... ignore the base's)."""
+        return ([self.base] if self.spec.base_input else []) + self.models
 
     def input_files(self) -> list[Path]:
         return [f for model in self.input_models() for f in safetensors_files(model)]
+
+    def inputs_text(self) -> str:
+        """``base + 3`` or ``2 fine-tunes``: what the merge reads, for the Markdown table."""
+        count = len(self.models)
+        if self.spec.base_input:
+            return f"base + {count}"
+        return f"{count} fine-tune{'s' if count > 1 else ''}"
 
 
 def _q(text: str | Path) -> str:
@@ -430,8 +589,22 @@ def _q(text: str | Path) -> str:
     return json.dumps(str(text))
 
 
+def _value(value: Value) -> str:
+    """A parameter value as both TOML and YAML read it.
+
+    YAML 1.1 (PyYAML, hence mergekit) reads ``1e-05`` as a string: an exponent gets a ``.0``.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    mantissa, exp, power = text.partition("e")
+    if exp and "." not in mantissa:
+        text = f"{mantissa}.0e{power}"
+    return text
+
+
 def mergetui_recipe(job: MergeJob, output: Path) -> str:
-    """The recipe TOML for ``mergetui run``."""
+    """The recipe TOML for ``mergetui run``, from the job's :class:`BenchMethod` entry."""
     lines = [
         "version = 1",
         "",
@@ -444,65 +617,38 @@ def mergetui_recipe(job: MergeJob, output: Path) -> str:
         "",
         "[merge.parameters]",
     ]
-    if job.method == "slerp":
-        lines.append("t = 0.5")
-    for model in job.models:
+    lines += [f"{name} = {_value(value)}" for name, value in job.spec.global_params.items()]
+    for model, params in zip(job.models, job.model_params(), strict=True):
         lines += ["", "[[models]]", f"model = {_q(model)}"]
-        if job.method != "slerp":
-            lines.append(f"weight = {job.weight}")
-        if job.method in DENSITY_METHODS:
-            lines.append("density = 0.5")
+        lines += [f"{name} = {_value(value)}" for name, value in params.items()]
     lines += ["", "[output]", f"path = {_q(output)}", 'shard_size = "2GB"', ""]
     return "\n".join(lines)
-
-
-def yaml_job_config(job: MergeJob) -> str:
-    """The mergekit YAML of a gradient slerp or a frankenmerge (see :data:`YAML_JOBS`)."""
-    count = job.layers
-    if job.method == "gradient_slerp":
-        return (
-            "slices:\n  - sources:\n"
-            f"      - model: {_q(job.base)}\n        layer_range: [0, {count}]\n"
-            f"      - model: {_q(job.models[0])}\n        layer_range: [0, {count}]\n"
-            f"merge_method: slerp\nbase_model: {_q(job.base)}\n"
-            "parameters:\n  t:\n"
-            "    - filter: self_attn\n      value: [0, 0.5, 0.3, 0.7, 1]\n"
-            "    - filter: mlp\n      value: [1, 0.5, 0.7, 0.3, 0]\n"
-            "    - value: 0.5\n"
-            "dtype: bfloat16\n"
-        )
-    quarter = count // 4
-    return (
-        "slices:\n"
-        f"  - sources:\n    - model: {_q(job.models[0])}\n      layer_range: [0, {count - quarter}]\n"
-        f"  - sources:\n    - model: {_q(job.models[1])}\n      layer_range: [{quarter}, {count}]\n"
-        "merge_method: passthrough\ndtype: bfloat16\n"
-    )
 
 
 def mergekit_config(job: MergeJob) -> str:
     """The equivalent mergekit YAML.
 
-    Defaults that matter (normalize for linear/ties on, off for task_arithmetic/dare_ties; rescale
-    on for dare) are the same in both tools, so they are left implicit. Linear gets no base_model:
-    mergekit would otherwise expect the base among the weighted inputs, while mergetui only takes
-    the config from it. Slerp lists the base among ``models``, as mergekit requires.
+    The base is ``base_model`` only where it takes part in the math (see
+    :attr:`BenchMethod.base_input`); mergekit appends it to ``models`` itself, as slerp, nearswap
+    and arcee_fusion need. ``out_dtype`` keeps the output bf16 like mergetui's ``dtype``: mergekit
+    saves what a method returns, and arcee_fusion and ramplus_tl return float32.
     """
-    if job.method in YAML_JOBS:
-        return yaml_job_config(job)
+    spec = job.spec
+    if spec.yaml is not None:
+        return spec.yaml(job)
     lines = [f"merge_method: {job.method}"]
-    if job.method in BASE_METHODS:
+    if spec.base_input:
         lines.append(f"base_model: {_q(job.base)}")
-    lines.append("dtype: bfloat16")
-    if job.method == "slerp":
-        lines += ["parameters:", "  t: 0.5", "models:", f"  - model: {_q(job.base)}"]
-        lines += [f"  - model: {_q(m)}" for m in job.models]
-        return "\n".join(lines) + "\n"
+    lines += ["dtype: bfloat16", "out_dtype: bfloat16"]
+    if spec.global_params:
+        lines.append("parameters:")
+        lines += [f"  {name}: {_value(value)}" for name, value in spec.global_params.items()]
     lines.append("models:")
-    for model in job.models:
-        lines += [f"  - model: {_q(model)}", "    parameters:", f"      weight: {job.weight}"]
-        if job.method in DENSITY_METHODS:
-            lines.append("      density: 0.5")
+    for model, params in zip(job.models, job.model_params(), strict=True):
+        lines.append(f"  - model: {_q(model)}")
+        if params:
+            lines.append("    parameters:")
+            lines += [f"      {name}: {_value(value)}" for name, value in params.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -650,8 +796,8 @@ def log_tail(path: str, lines: int = 15) -> str:
 def compare_outputs(left: Path, right: Path) -> dict[str, Any]:
     """How far two merged checkpoints are apart, tensor by tensor (max |a - b| and how many differ).
 
-    A quick cross-check that both tools computed the same merge; randomized methods (dare_*) are
-    expected to differ because the tools draw their masks differently.
+    A quick cross-check that both tools computed the same merge. Randomized methods never get here
+    (see :func:`expects_equal`): the tools draw their masks differently.
     """
 
     def index(path: Path) -> dict[str, Path]:
@@ -724,7 +870,8 @@ def summarize(
 
 def _fmt(value: Any, spec: str) -> str:
     """Format a number, or a right-aligned dash of the same width for a missing one."""
-    width = int(re.match(r"\d*", spec).group() or 0)
+    digits = re.match(r"\d*", spec)
+    width = int(digits.group() or 0) if digits else 0
     return "-".rjust(width) if value is None else format(value, spec)
 
 
@@ -755,6 +902,60 @@ def print_table(rows: list[dict[str, Any]], floors: dict[str, Floor]) -> None:
         )
 
 
+def _cell(row: dict[str, Any] | None, key: str, spec: str, suffix: str = "") -> str:
+    """One Markdown cell: the number, ``failed`` when every run failed, a dash when not run."""
+    if row is None:
+        return "–"
+    if row.get(key) is None:
+        return "failed" if row["ok"] == 0 else "–"
+    return format(row[key], spec) + suffix
+
+
+def markdown_table(
+    rows: list[dict[str, Any]], inputs: Mapping[str, str], caption: str, footer: Sequence[str]
+) -> str:
+    """The results as one Markdown table, a row per method, for the README.
+
+    The README's performance table is pasted from this output rather than retyped, so the two
+    cannot disagree; ``caption`` says what was measured and where, ``footer`` adds notes below.
+    """
+    by_method: dict[str, dict[str, dict[str, Any]]] = {}
+    for row in rows:
+        by_method.setdefault(row["method"], {})[row["tool"]] = row
+    lines = [
+        caption,
+        "",
+        "| method | inputs | mergetui wall s | mergekit wall s | speed-up | mergetui peak RSS MiB "
+        "| mergekit peak RSS MiB | mergetui × I/O floor | mergekit × I/O floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for method, tools in by_method.items():
+        mt, mk = tools.get("mergetui"), tools.get("mergekit")
+        cells = [
+            f"`{method}`",
+            inputs.get(method, ""),
+            _cell(mt, "wall_s", ".2f"),
+            _cell(mk, "wall_s", ".2f"),
+            _cell(mk, "time_ratio_mk_mt", ".2f", "×") if mt and mk else "–",
+            _cell(mt, "rss_mib", ".0f"),
+            _cell(mk, "rss_mib", ".0f"),
+            _cell(mt, "x_floor", ".2f"),
+            _cell(mk, "x_floor", ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if footer:
+        lines += ["", *footer]
+    return "\n".join(lines) + "\n"
+
+
+def mergekit_version(venv: Path | None) -> str | None:
+    """The mergekit version installed in ``venv``, from its dist-info folder (no import)."""
+    if venv is None:
+        return None
+    found = sorted(venv.glob("lib/python*/site-packages/mergekit-*.dist-info"))
+    return found[-1].name.removeprefix("mergekit-").removesuffix(".dist-info") if found else None
+
+
 # --- main -----------------------------------------------------------------------------------------
 
 
@@ -782,8 +983,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--methods",
-        default="linear,ties,task_arithmetic,dare_ties,slerp",
-        help="comma-separated merge methods",
+        default="all",
+        help="comma-separated methods, or all (default; those the installed mergetui lacks are "
+        f"skipped with a note): {', '.join(METHOD_TABLE)}",
     )
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per tool")
     parser.add_argument(
@@ -820,21 +1022,155 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--generate-only", action="store_true", help="only generate the models")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        help="also write the results as a Markdown table (one row per method) to this file",
+    )
     args = parser.parse_args(argv)
-    args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "all" in names:
+        names = [m for m in names if m != "all"] + list(METHOD_TABLE)
+    if unknown := [m for m in names if m not in METHOD_TABLE]:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; known: {', '.join(METHOD_TABLE)}")
+    args.methods = list(dict.fromkeys(names))
     return args
 
 
 def build_jobs(
-    args: argparse.Namespace, models: ModelSet, runs_root: Path, layers: int
+    methods: Sequence[str], models: ModelSet, runs_root: Path, layers: int
 ) -> list[MergeJob]:
+    """One job per method, with the fine-tunes its :class:`BenchMethod` entry asks for."""
     jobs = []
-    for method in args.methods:
-        chosen = models.finetunes[:1] if "slerp" in method else models.finetunes
-        if method == "frankenmerge":
-            chosen = models.finetunes[:2]
+    for method in methods:
+        spec = METHOD_TABLE[method]
+        if spec.finetunes is not None and spec.finetunes > len(models.finetunes):
+            print(f"  skipping {method}: it takes {spec.finetunes} fine-tunes (--finetunes)")
+            continue
+        chosen = models.finetunes[: spec.finetunes]
         jobs.append(MergeJob(method, models.base, chosen, runs_root / method, layers))
     return jobs
+
+
+@dataclass
+class Tools:
+    """How to start each tool; None for a tool this invocation does not run."""
+
+    mergetui: list[str] | None
+    mergekit: list[str] | None
+    mergetui_args: list[str]
+    mergekit_args: list[str]
+
+
+def find_tools(args: argparse.Namespace) -> Tools | str:
+    """The command lines of both tools, or why one cannot be started."""
+    mergetui_cmd: list[str] | None = None
+    if not args.skip_mergetui:
+        mergetui_cmd = shlex.split(args.mergetui_cmd)
+        if not shutil.which(mergetui_cmd[0]):
+            # Not on PATH: the venv running this script (python -m venv ... && pip install -e .)
+            # is the usual place for a development install.
+            beside = Path(sys.executable).parent / mergetui_cmd[0]
+            if mergetui_cmd[0] != "mergetui" or not beside.is_file():
+                return f"{mergetui_cmd[0]!r} not found; pass --mergetui-cmd or --skip-mergetui"
+            mergetui_cmd[0] = str(beside)
+    mergekit_cmd: list[str] | None = None
+    if args.mergekit_venv:
+        binary = args.mergekit_venv / "bin" / "mergekit-yaml"
+        if not binary.is_file():
+            return f"{binary} does not exist"
+        mergekit_cmd = [str(binary)]
+    return Tools(
+        mergetui_cmd,
+        mergekit_cmd,
+        shlex.split(args.mergetui_args),
+        shlex.split(args.mergekit_args),
+    )
+
+
+def write_job_files(job: MergeJob, outputs: dict[str, Path], validate: bool) -> tuple[Path, Path]:
+    """Write the job's mergekit YAML and mergetui recipe; returns (what mergetui runs, the YAML).
+
+    A YAML job's recipe is the YAML itself. ``validate`` checks the recipe with mergetui's own
+    validator first, so a recipe-format mismatch stops the run before any timing starts.
+    """
+    job.run_dir.mkdir(parents=True, exist_ok=True)
+    config = job.run_dir / "mergekit.yaml"
+    config.write_text(mergekit_config(job))
+    recipe = config
+    if job.spec.yaml is None:
+        recipe = job.run_dir / "recipe.toml"
+        recipe.write_text(mergetui_recipe(job, outputs["mergetui"]))
+    if validate and (problem := validate_with_mergetui(recipe)):
+        raise ValueError(f"mergetui rejects {recipe}:\n{problem}")
+    return recipe, config
+
+
+def job_commands(
+    job: MergeJob, tools: Tools, outputs: dict[str, Path], recipe: Path, config: Path
+) -> dict[str, list[str]]:
+    """Each tool's command line for ``job``, in the order the runs alternate."""
+    commands: dict[str, list[str]] = {}
+    if tools.mergetui:
+        # mergetui runs a YAML job's config as is; the output and device then come from flags.
+        flags = ["-o", str(outputs["mergetui"]), "--device", "cpu"] if recipe == config else []
+        commands["mergetui"] = [*tools.mergetui, "run", str(recipe), "--force", *flags]
+        commands["mergetui"] += tools.mergetui_args
+    if tools.mergekit:
+        # --out-shard-size: its help says parameters, but mergekit's TensorWriter compares it
+        # with numel * element_size, i.e. bytes; "2B" = 2e9 bytes = mergetui's "2GB".
+        commands["mergekit"] = [
+            *tools.mergekit,
+            str(config),
+            str(outputs["mergekit"]),
+            "--random-seed",
+            "0",
+            "--out-shard-size",
+            "2B",
+            *tools.mergekit_args,
+        ]
+    return commands
+
+
+def run_job(
+    job: MergeJob,
+    commands: dict[str, list[str]],
+    outputs: dict[str, Path],
+    repeats: int,
+    cache_mode: str,
+) -> list[Run]:
+    """Run both tools on ``job``, alternating, ``repeats`` times each; prints a line per run."""
+    runs: list[Run] = []
+    for repeat in range(repeats):
+        for tool, cmd in commands.items():
+            shutil.rmtree(outputs[tool], ignore_errors=True)
+            prepare_cache(cache_mode, job.input_files())
+            run = timed_run(cmd, job.method, tool, repeat, outputs[tool], job.run_dir / "logs")
+            runs.append(run)
+            state = "ok" if run.ok else f"FAILED (exit {run.exit_code}, see {run.log})"
+            print(
+                f"  {job.method:16s} {tool:9s} #{repeat}  {run.wall_s:7.2f}s  "
+                f"{run.max_rss_kib / 1024:7.0f} MiB  {len(run.output_files)} shard(s)  {state}",
+                flush=True,
+            )
+            if not run.ok:
+                print(log_tail(run.log))
+    return runs
+
+
+def compare_job(job: MergeJob, outputs: dict[str, Path]) -> dict[str, Any] | None:
+    """``--compare`` for one job: the tensor differences, or why they are not expected to be 0."""
+    if not all(outputs[t].is_dir() for t in ("mergetui", "mergekit")):
+        return None
+    if reason := why_not_compared(job.method):
+        return {"not_compared": reason}
+    result = compare_outputs(outputs["mergetui"], outputs["mergekit"])
+    result["identical"] = (
+        result.get("max_abs_diff") == 0.0
+        and not result.get("only_in_mergetui")
+        and not result.get("only_in_mergekit")
+    )
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -860,23 +1196,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.generate_only:
         return 0
 
-    mergetui_cmd = shlex.split(args.mergetui_cmd)
-    run_mergetui = not args.skip_mergetui
-    if run_mergetui and not shutil.which(mergetui_cmd[0]):
-        # Not on PATH: the venv running this script (python -m venv ... && pip install -e .) is
-        # the usual place for a development install.
-        beside = Path(sys.executable).parent / mergetui_cmd[0]
-        if mergetui_cmd[0] != "mergetui" or not beside.is_file():
-            print(f"error: {mergetui_cmd[0]!r} not found; pass --mergetui-cmd or --skip-mergetui")
-            return 2
-        mergetui_cmd[0] = str(beside)
-    mergekit_cmd: list[str] | None = None
-    if args.mergekit_venv:
-        binary = args.mergekit_venv / "bin" / "mergekit-yaml"
-        if not binary.is_file():
-            print(f"error: {binary} does not exist")
-            return 2
-        mergekit_cmd = [str(binary)]
+    tools = find_tools(args)
+    if isinstance(tools, str):
+        print(f"error: {tools}")
+        return 2
 
     cache_mode = args.cache
     cache_note = ""
@@ -885,7 +1208,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     note = f"  ({cache_note})" if cache_note else ""
     print(f"page cache before each run: {cache_mode}{note}")
 
-    jobs = build_jobs(args, models, workdir / "runs" / tag, shape.layers)
+    missing = set(missing_in_mergetui(args.methods))
+    for method in args.methods:
+        if method in missing:
+            lacking = METHOD_TABLE[method].registry_name or method
+            what = "skipped" if tools.mergetui else "mergekit only, recipe not validated"
+            print(f"  {method}: the installed mergetui has no method {lacking!r} yet; {what}")
+    skipped = [m for m in args.methods if m in missing and tools.mergetui]
+    methods = [m for m in args.methods if m not in skipped]
+    jobs = build_jobs(methods, models, workdir / "runs" / tag, shape.layers)
     floors: dict[str, Floor] = {}
     by_inputs: dict[tuple[Path, ...], Floor] = {}
     model_bytes = sum(f.stat().st_size for f in safetensors_files(models.base))
@@ -898,69 +1229,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         floors[job.method] = by_inputs[key]
 
     help_times: dict[str, float | None] = {}
-    if run_mergetui:
-        help_times["mergetui"] = time_help(mergetui_cmd)
-    if mergekit_cmd:
-        help_times["mergekit"] = time_help(mergekit_cmd)
+    if tools.mergetui:
+        help_times["mergetui"] = time_help(tools.mergetui)
+    if tools.mergekit:
+        help_times["mergekit"] = time_help(tools.mergekit)
 
     runs: list[Run] = []
     comparisons: dict[str, Any] = {}
-    failed = False
     for job in jobs:
-        job.run_dir.mkdir(parents=True, exist_ok=True)
         outputs = {tool: job.run_dir / f"{tool}-out" for tool in ("mergetui", "mergekit")}
-        config = job.run_dir / "mergekit.yaml"
-        config.write_text(mergekit_config(job))
-        recipe = job.run_dir / "recipe.toml"
-        output_option: list[str] = []
-        if job.method in YAML_JOBS:  # mergetui runs the very same YAML
-            recipe, output_option = config, ["-o", str(outputs["mergetui"]), "--device", "cpu"]
-        else:
-            recipe.write_text(mergetui_recipe(job, outputs["mergetui"]))
-        if problem := validate_with_mergetui(recipe):
-            print(f"error: mergetui rejects {recipe}:\n{problem}")
+        try:
+            recipe, config = write_job_files(job, outputs, validate=job.method not in missing)
+        except ValueError as exc:
+            print(f"error: {exc}")
             return 2
-        commands: dict[str, list[str]] = {}
-        if run_mergetui:
-            commands["mergetui"] = [
-                *mergetui_cmd,
-                "run",
-                str(recipe),
-                "--force",
-                *output_option,
-                *shlex.split(args.mergetui_args),
-            ]
-        if mergekit_cmd:
-            # --out-shard-size: its help says parameters, but mergekit's TensorWriter compares it
-            # with numel * element_size, i.e. bytes; "2B" = 2e9 bytes = mergetui's "2GB".
-            commands["mergekit"] = [
-                *mergekit_cmd,
-                str(config),
-                str(outputs["mergekit"]),
-                "--random-seed",
-                "0",
-                "--out-shard-size",
-                "2B",
-                *shlex.split(args.mergekit_args),
-            ]
-        for repeat in range(args.repeats):
-            for tool, cmd in commands.items():
-                shutil.rmtree(outputs[tool], ignore_errors=True)
-                prepare_cache(cache_mode, job.input_files())
-                run = timed_run(cmd, job.method, tool, repeat, outputs[tool], job.run_dir / "logs")
-                runs.append(run)
-                state = "ok" if run.ok else f"FAILED (exit {run.exit_code}, see {run.log})"
-                print(
-                    f"  {job.method:16s} {tool:9s} #{repeat}  {run.wall_s:7.2f}s  "
-                    f"{run.max_rss_kib / 1024:7.0f} MiB  {len(run.output_files)} shard(s)  "
-                    f"{state}",
-                    flush=True,
-                )
-                if not run.ok:
-                    failed = True
-                    print(log_tail(run.log))
-        if args.compare and all(outputs[t].is_dir() for t in ("mergetui", "mergekit")):
-            comparisons[job.method] = compare_outputs(outputs["mergetui"], outputs["mergekit"])
+        commands = job_commands(job, tools, outputs, recipe, config)
+        runs += run_job(job, commands, outputs, args.repeats, cache_mode)
+        if args.compare and (result := compare_job(job, outputs)) is not None:
+            comparisons[job.method] = result
 
     print()
     rows = summarize(runs, floors, help_times)
@@ -969,6 +1255,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{tool} --help: {_fmt(seconds, '.3f')}s (median of 5)")
     for method, result in comparisons.items():
         print(f"compare {method}: {result}")
+    if skipped:
+        print(f"not in the installed mergetui yet, skipped: {', '.join(skipped)}")
+
+    if args.markdown:
+        cpus = os.cpu_count()
+        version = mergekit_version(args.mergekit_venv)
+        caption = (
+            f"{tag}: {params / 1e6:.0f}M parameters, bf16, base + {len(models.finetunes)} "
+            f"fine-tunes of {args.shards} shards each; page cache {cache_mode}; median of "
+            f"{args.repeats} run(s) per tool; {cpus} CPUs, {platform.machine()}"
+            + (f"; mergekit {version}" if version else "")
+            + "."
+        )
+        footer = []
+        if help_times:
+            startup = ", ".join(f"{t} {_fmt(s, '.2f')} s" for t, s in help_times.items())
+            footer.append(f"Start-up (`--help`, median of 5): {startup}.")
+        if skipped:
+            footer.append(f"Not in the installed mergetui yet: {', '.join(skipped)}.")
+        inputs = {job.method: job.inputs_text() for job in jobs}
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(markdown_table(rows, inputs, caption, footer))
+        print(f"Markdown table written to {args.markdown}")
 
     if args.json:
         result = {
@@ -992,11 +1301,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "summary": rows,
             "runs": [asdict(r) for r in runs],
             "comparisons": comparisons,
+            "skipped": skipped,
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"results written to {args.json}")
-    return 1 if failed else 0
+    return 0 if all(r.ok for r in runs) else 1
 
 
 if __name__ == "__main__":
