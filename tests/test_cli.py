@@ -106,6 +106,9 @@ def test_invalid_recipe_exits_2_and_creates_nothing(
     assert "recipe.toml" in result.stderr and "merge.parameters.densty" in result.stderr
     assert "did you mean `density`" in result.stderr
     assert not (tmp_path / "merged").exists()
+    no_output = write_recipe(text.split("[output]")[0], "no-output.toml")
+    result = run_cli("check", str(no_output))
+    assert "add an [output] table" in result.stderr  # table names are not eaten as markup
 
 
 def test_incompatible_models_exit_2(
@@ -158,17 +161,18 @@ def test_check_table_and_dry_run_read_no_weights(
 def test_methods_lists_registry() -> None:
     result = run_cli("methods")
     assert result.returncode == 0
-    for name in (
-        "linear",
-        "slerp",
-        "task_arithmetic",
-        "ties",
-        "dare_ties",
-        "dare_linear",
-        "passthrough",
-    ):
-        assert name in result.stdout
+    from mergetui.methods.registry import METHODS
+
+    listed = {line.split(" — ")[0] for line in result.stdout.splitlines() if " — " in line}
+    assert listed == set(METHODS)
+    mergekit_015 = {  # every method mergekit 0.1.5 registers
+        "arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "dare_linear", "dare_ties", "della",
+        "della_linear", "karcher", "linear", "model_stock", "multislerp", "nearswap", "nuslerp",
+        "passthrough", "ram", "ramplus_tl", "sce", "slerp", "task_arithmetic", "ties",
+    }  # fmt: skip
+    assert listed == mergekit_015
     assert "density (float in (0, 1]" in result.stdout
+    assert "epsilon (float in [0, 1), default 0.15, per model)" in result.stdout
 
 
 @pytest.mark.timeout(3600)  # when no demo run has trained the shared models yet, it trains them

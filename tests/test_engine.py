@@ -96,6 +96,9 @@ def test_linear_merge_is_the_weighted_mean_and_loads(
         ("ties", "", "weight = 0.5\ndensity = 0.4"),
         ("dare_ties", "", "weight = 0.5\ndensity = 0.6"),
         ("dare_linear", "", "weight = 0.5\ndensity = 0.6"),
+        ("della", "", "weight = 0.5\ndensity = 0.6\nepsilon = 0.2"),
+        ("multislerp", "", "weight = 0.5"),
+        ("ramplus_tl", "r = 0.3", ""),
     ],
 )
 def test_task_vector_methods_merge_three_models(
@@ -109,6 +112,7 @@ def test_task_vector_methods_merge_three_models(
     assert len(generate(out)) == 6
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and f"- {method}" in card and "float32" in card
+    assert "- the base took part in the merge arithmetic" in card
     replay = (out / "mergetui.toml").read_text()
     assert f'method = "{method}"' in replay and str(models["ft_a"]) in replay
 

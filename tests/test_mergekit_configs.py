@@ -257,6 +257,105 @@ CONFIGS = {
         base_model: {base}
         dtype: float32
     """,
+    "nuslerp": """
+        models:
+          - model: {ft1}
+            parameters:
+              weight: 0.3
+          - model: {ft2}
+            parameters:
+              weight: 0.7
+        merge_method: nuslerp
+        base_model: {base}
+        dtype: float32
+    """,
+    "nuslerp-rows-no-base": """
+        models:
+          - model: {ft1}
+            parameters:
+              weight: [1.0, 0.2]
+          - model: {ft3}
+            parameters:
+              weight: 0.6
+        merge_method: nuslerp
+        parameters:
+          nuslerp_flatten: false
+        dtype: float32
+    """,
+    "nuslerp-columns": """
+        models:
+          - model: {ft2}
+            parameters:
+              weight: 0.5
+          - model: {ft3}
+            parameters:
+              weight: 0.5
+        merge_method: nuslerp
+        base_model: {base}
+        parameters:
+          nuslerp_flatten: false
+          nuslerp_row_wise: true
+        dtype: float32
+    """,
+    "multislerp": """
+        models:
+          - model: {ft1}
+            parameters:
+              weight: 1.0
+          - model: {ft2}
+            parameters:
+              weight: 0.5
+          - model: {ft3}
+            parameters:
+              weight: [0.2, 0.8]
+        merge_method: multislerp
+        base_model: {base}
+        dtype: float32
+    """,
+    "multislerp-no-base": """
+        models:
+          - model: {ft1}
+            parameters:
+              weight: 2.0
+          - model: {ft2}
+            parameters:
+              weight: 1.0
+        merge_method: multislerp
+        parameters:
+          normalize_weights: false
+        dtype: float32
+    """,
+    "arcee-fusion": """
+        models:
+          - model: {ft1}
+        merge_method: arcee_fusion
+        base_model: {base}
+        dtype: float32
+    """,
+    "ram": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+          - model: {ft3}
+        merge_method: ram
+        base_model: {base}
+        parameters:
+          epsilon: 0.03
+        dtype: float32
+    """,
+    "ramplus-tl": """
+        models:
+          - model: {ft1}
+          - model: {ft2}
+          - model: {ft3}
+        merge_method: ramplus_tl
+        base_model: {base}
+        parameters:
+          epsilon: 0.04
+          r: 0.5
+          alpha: 0.3
+        dtype: float32
+    """,
 }
 
 

@@ -8,10 +8,16 @@ import pytest
 import torch
 
 from mergetui.methods.inputs import TensorInputs
-from mergetui.methods.registry import get_method
+from mergetui.methods.registry import METHODS, get_method
 
 
-def run(method: str, base: torch.Tensor | None, models: list[torch.Tensor], **params: object):
+def run(
+    method: str,
+    base: torch.Tensor | None,
+    models: list[torch.Tensor],
+    seed: int = 0,
+    **params: object,
+):
     """The method's kernel on copies of the tensors: defaults filled in, a weight of 1 for every
     model, and each keyword given to the level (method-wide or per model) it belongs to."""
     spec = get_method(method)
@@ -25,6 +31,7 @@ def run(method: str, base: torch.Tensor | None, models: list[torch.Tensor], **pa
         models=[m.clone() for m in models],
         model_params=[dict(per_model) for _ in models],
         params={**defaults, **{k: v for k, v in params.items() if k not in per_model}},
+        seed=seed,
     )
     return spec.load_kernel()(inputs)
 
@@ -148,3 +155,166 @@ def test_sce_edge_cases(tensors: list[torch.Tensor]) -> None:
     out = run("sce", one, [torch.tensor([1.0]), torch.tensor([-2.0])], select_topk=1.0)
     # the sum of the deltas (0.5 - 2.5) is negative: only the second model's sign survives
     torch.testing.assert_close(out, torch.tensor([-2.0]))
+
+
+# --- nuslerp, multislerp, arcee_fusion, ram, ramplus_tl --------------------------------------------
+
+SPHERICAL_AND_MASKED = [
+    ("nuslerp", {}),
+    ("nuslerp", {"nuslerp_flatten": False}),
+    ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+    ("multislerp", {}),
+    ("arcee_fusion", {}),
+    ("ram", {}),
+    ("ramplus_tl", {"r": 0.5, "alpha": 0.5}),
+]
+
+
+def models_for(method: str, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """As many models as the method takes, from ``tensors[1:]``."""
+    spec = get_method(method)
+    assert spec is not None
+    return tensors[1 : 1 + (spec.max_models or 3)]
+
+
+@pytest.mark.parametrize(("method", "params"), SPHERICAL_AND_MASKED)
+def test_models_identical_to_the_base_give_the_base_for_every_newer_method(
+    tensors: list[torch.Tensor], method: str, params: dict[str, object]
+) -> None:
+    base = tensors[0]
+    chosen = [base.clone() for _ in models_for(method, tensors)]
+    assert torch.equal(run(method, base, chosen, **params), base)
+
+
+@pytest.mark.parametrize(("method", "params"), SPHERICAL_AND_MASKED)
+def test_identical_models_give_that_model_for_every_newer_method(
+    tensors: list[torch.Tensor], method: str, params: dict[str, object]
+) -> None:
+    model = tensors[1]
+    chosen = [model.clone() for _ in models_for(method, tensors)]
+    out = run(method, tensors[0], chosen, **params)
+    if method == "arcee_fusion":  # only the outlying changes are taken, the rest stays at the base
+        assert torch.all(torch.isclose(out, model) | (out == tensors[0]))
+        assert not torch.equal(out, tensors[0])
+    else:
+        torch.testing.assert_close(out, model)
+
+
+@pytest.mark.parametrize(("method", "params"), SPHERICAL_AND_MASKED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_newer_methods_on_tiny_half_precision_tensors(
+    method: str, params: dict[str, object], dtype: torch.dtype
+) -> None:
+    """1-D tensors of a few entries (norms, biases), stored in half precision: finite results of
+    the right shape, also after rounding back to the storage dtype."""
+    generator = torch.Generator().manual_seed(7)
+    base = torch.randn(5, generator=generator).to(dtype).float()
+    others = [(base + torch.randn(5, generator=generator)).to(dtype).float() for _ in range(3)]
+    out = run(method, base, models_for(method, [base, *others]), **params)
+    assert out.shape == base.shape and torch.isfinite(out.to(dtype)).all()
+
+
+def test_single_models_and_no_base() -> None:
+    a, b = torch.tensor([[3.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 3.0], [1.0, 0.0]])
+    assert torch.equal(run("multislerp", None, [a]), a)
+    # orthogonal rows of equal norm at t = 0.5: the midpoint on the circle, norm kept
+    out = run("nuslerp", None, [a, b], nuslerp_flatten=False)
+    torch.testing.assert_close(torch.linalg.vector_norm(out, dim=-1), torch.tensor([3.0, 1.0]))
+    torch.testing.assert_close(out[0], torch.tensor([3.0, 3.0]) / 2**0.5)
+    base = torch.zeros(2, 2)
+    assert torch.equal(run("ram", base, [a]), a)  # a lone model's changes are all unique
+    assert torch.equal(run("ram", base, [a, a]), a)  # shared changes are averaged
+
+
+def test_multislerp_on_tensors_no_model_changed_keeps_the_base() -> None:
+    """mergekit fails with 'The weighted sum of the input tensors is zero' here (a frozen
+    embedding in three fine-tunes, say); there is nothing to interpolate, so the base is kept."""
+    base = torch.randn(4, 3, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(run("multislerp", base, [base.clone()] * 3), base)
+
+
+def test_multislerp_antipodal_models_with_cancelling_weights() -> None:
+    base = torch.zeros(4)
+    up = torch.tensor([1.0, 2.0, 0.0, -1.0])
+    # two: the weighted sum (here zero); three: no barycentre, an error naming the tensor
+    assert torch.equal(run("multislerp", base, [up, -up]), base)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.up_proj\.weight: .*weights"):
+        run("multislerp", base, [up, -up, torch.zeros(4)])
+
+
+def test_ramplus_scales_unique_changes_by_the_shared_share() -> None:
+    """Model 0 changes entries 0 and 1, model 1 changes 1 and 2: each has one unique and one shared
+    change, so λ = 1 + r·min(1/1, alpha) for both; the shared entry is averaged."""
+    base = torch.zeros(4)
+    first, second = torch.tensor([1.0, 2.0, 0.0, 0.0]), torch.tensor([0.0, 4.0, 3.0, 0.0])
+    out = run("ramplus_tl", base, [first, second], r=0.5, alpha=0.4)
+    torch.testing.assert_close(out, torch.tensor([1.2, 3.0, 3.6, 0.0]))
+    torch.testing.assert_close(
+        run("ram", base, [first, second]), torch.tensor([1.0, 3.0, 3.0, 0.0])
+    )
+
+
+def test_arcee_fusion_takes_only_the_outlying_changes() -> None:
+    """A row where one entry moved far and the rest barely: only that entry is taken."""
+    base = torch.zeros(8, 16)
+    other = base + 1e-3 * torch.randn(8, 16, generator=torch.Generator().manual_seed(4))
+    other[3, 5] = 4.0
+    out = run("arcee_fusion", base, [other])
+    assert out[3, 5] == 4.0
+    assert int(torch.count_nonzero(out)) < 8 * 16 // 4
+
+
+# --- the registry's block declarations ------------------------------------------------------------
+
+
+def sample_params(method: str) -> dict[str, object]:
+    """Values for the method's required parameters (the rest keep their defaults)."""
+    spec = get_method(method)
+    assert spec is not None
+    values = {"t": 0.3, "weight": 0.7}
+    return {p.name: values[p.name] for p in spec.params if p.required}
+
+
+@pytest.mark.parametrize(
+    "method", [name for name, spec in METHODS.items() if spec.blocks.independent]
+)
+def test_methods_declared_block_independent_give_the_same_result_block_by_block(
+    method: str,
+) -> None:
+    """What a later streaming engine will rely on: a method that declares no whole-tensor
+    statistic gives, on a tensor cut into blocks of rows, the rows of its whole-tensor result."""
+    generator = torch.Generator().manual_seed(9)
+    base = torch.randn(12, 7, generator=generator)
+    models = [base + 0.1 * torch.randn(12, 7, generator=generator) for _ in range(3)]
+    chosen = models_for(method, [base, *models])
+    params = sample_params(method)
+    whole = run(method, base, chosen, **params)
+    pieces = [
+        run(method, base[rows], [m[rows] for m in chosen], **params)
+        for rows in (slice(0, 5), slice(5, 6), slice(6, 12))
+    ]
+    assert torch.equal(torch.cat(pieces), whole)
+
+
+def test_every_method_declares_how_it_divides_and_the_statistics_are_real() -> None:
+    """Methods with a whole-tensor statistic really need it: cut into blocks, they differ."""
+    generator = torch.Generator().manual_seed(10)
+    base = torch.randn(16, 9, generator=generator)
+    models = [base + 0.1 * torch.randn(16, 9, generator=generator) ** 3 for _ in range(3)]
+    for name, spec in METHODS.items():
+        assert spec.blocks.unit in ("elements", "rows"), name
+        if spec.blocks.independent or spec.randomized:
+            continue
+        chosen = models_for(name, [base, *models])
+        params = {**sample_params(name), "density": 0.5, "select_topk": 0.5}
+        params = {k: v for k, v in params.items() if spec.param(k) is not None}
+        if name == "ramplus_tl":  # unique changes, and a scale the cap does not flatten
+            params.update(epsilon=0.02, alpha=100.0, r=0.5)
+        whole = run(name, base, chosen, **params)
+        halves = torch.cat(
+            [
+                run(name, base[r], [m[r] for m in chosen], **params)
+                for r in (slice(0, 8), slice(8, 16))
+            ]
+        )
+        assert not torch.equal(halves, whole), name

@@ -127,6 +127,8 @@ def valid_data(spec: MethodSpec, *, every_param: bool = False) -> dict[str, Any]
         for param in spec.model_params:
             if param.required or every_param:
                 entry[param.name] = sample_value(param, alternative=every_param)
+        if every_param and spec.tensor_rules and "epsilon" in entry:
+            entry["epsilon"] = 0.1  # DELLA's rule across fields: density 0.3 ± epsilon in (0, 1)
         models.append(entry)
     merge: dict[str, Any] = {"method": spec.name}
     if spec.needs_base:
@@ -149,7 +151,13 @@ def valid_data(spec: MethodSpec, *, every_param: bool = False) -> dict[str, Any]
 ALL_METHODS = pytest.mark.parametrize("spec", list(METHODS.values()), ids=list(METHODS))
 BASE_METHODS = [spec for spec in METHODS.values() if spec.needs_base]
 BASELESS_METHODS = [spec for spec in METHODS.values() if not spec.needs_base]
-WEIGHTED = [spec for spec in METHODS.values() if spec.param("weight") is not None]
+#: Methods that divide by the sum of the weights, and the switch that makes them.
+NORMALIZED = [
+    (spec, switch)
+    for spec in METHODS.values()
+    for switch in ("normalize", "normalize_weights")
+    if spec.param("weight") is not None and spec.param(switch) is not None
+]
 
 
 # --- the happy path ------------------------------------------------------------------------------
@@ -288,8 +296,8 @@ def test_parameter_of_another_method_on_a_model() -> None:
     assert len(error.problems) == 2
     message = problem_for(error, "models[1].density")
     assert (
-        "the linear method takes no `density` (it belongs to ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties)"
-        in message
+        "the linear method takes no `density` (it belongs to ties, dare_ties, dare_linear, "
+        "breadcrumbs, breadcrumbs_ties, della, della_linear)" in message
     )
     assert message.endswith("linear takes: weight, normalize")
 
@@ -509,17 +517,17 @@ def test_parameter_type_errors(text: str, key: str, problem: str) -> None:
 # --- weights that sum to zero --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", WEIGHTED, ids=[s.name for s in WEIGHTED])
-def test_weights_summing_to_zero_under_normalize(spec: MethodSpec) -> None:
+@pytest.mark.parametrize(("spec", "switch"), NORMALIZED, ids=[s.name for s, _ in NORMALIZED])
+def test_weights_summing_to_zero_under_normalize(spec: MethodSpec, switch: str) -> None:
     data = valid_data(spec)
-    data["merge"].setdefault("parameters", {})["normalize"] = True
+    data["merge"].setdefault("parameters", {})[switch] = True
     data["models"][0]["weight"] = 0.5
     data["models"][1]["weight"] = -0.5
     message = only_problem(data)
-    assert message.startswith("models: the weights sum to 0 and normalize is on")
-    assert "set normalize = false under [merge.parameters]" in message
+    assert message.startswith(f"models: the weights sum to 0 and {switch} is on")
+    assert f"set {switch} = false under [merge.parameters]" in message
     assert "(weights: 0.5, -0.5)" in message
-    data["merge"]["parameters"]["normalize"] = False  # a difference of task vectors is fine
+    data["merge"]["parameters"][switch] = False  # a difference of task vectors is fine
     assert parse(data).models[1].parameters["weight"] == -0.5
 
 

@@ -1,6 +1,7 @@
 """The method step's form for the methods added after the first seven (model_stock, karcher,
-breadcrumbs_ties, sce, nearswap): each shows the fields its registry entry declares, validates them as
-typed, and previews the recipe."""
+breadcrumbs_ties, sce, nearswap, della, nuslerp, multislerp, arcee_fusion, ram, ramplus_tl): each
+shows the fields its registry entry declares, validates them as typed (rules across fields too),
+and previews the recipe."""
 
 from __future__ import annotations
 
@@ -67,3 +68,54 @@ async def _forms(tmp_path: Path, models: dict[str, Path]) -> None:
         # two fine-tunes are chosen; nearswap takes exactly one besides the base
         assert "nearswap takes exactly 1" in str(problems.render())
         assert "t = 0.001" in str(preview.render())
+
+        screen.query_one("#method", Select).value = "della"
+        await pilot.pause()
+        for index in (0, 1):  # per model: weight, density and DELLA's epsilon
+            screen.query_one(f"#m{index}-weight", Input).value = "1.0"
+        screen.query_one("#m0-density", Input).value = "0.5"
+        epsilon = screen.query_one("#m0-epsilon", Input)
+        epsilon.value = "0.6"
+        await pilot.pause()
+        # a rule across two fields: density ± epsilon must stay inside (0, 1)
+        assert "models[0]: density 0.5 ± epsilon 0.6 spans" in str(problems.render())
+        epsilon.value = "0.2"
+        await pilot.pause()
+        assert "valid recipe" in str(problems.render())
+        assert "epsilon = 0.2" in str(preview.render())
+
+        screen.query_one("#method", Select).value = "nuslerp"
+        await pilot.pause()
+        assert screen.query_one("#g-nuslerp_flatten")
+        assert screen.query_one("#g-nuslerp_row_wise")
+        for index, weight in ((0, "0.3"), (1, "0.7")):
+            screen.query_one(f"#m{index}-weight", Input).value = weight
+        await pilot.pause()
+        assert "valid recipe" in str(problems.render())  # two models besides the base
+        assert 'method = "nuslerp"' in str(preview.render())
+
+        screen.query_one("#method", Select).value = "multislerp"
+        await pilot.pause()
+        assert screen.query_one("#g-normalize_weights")
+        eps = screen.query_one("#g-eps", Input)
+        eps.value = "-1"
+        await pilot.pause()
+        assert "merge.parameters.eps: must be in [0, inf)" in str(problems.render())
+        eps.value = "1e-7"
+        await pilot.pause()
+        assert "valid recipe" in str(problems.render())
+
+        screen.query_one("#method", Select).value = "arcee_fusion"
+        await pilot.pause()
+        assert "arcee_fusion takes exactly 1" in str(problems.render())
+
+        for method in ("ram", "ramplus_tl"):
+            screen.query_one("#method", Select).value = method
+            await pilot.pause()
+            screen.query_one("#g-epsilon", Input).value = "0.001"
+            await pilot.pause()
+            assert "valid recipe" in str(problems.render()), method
+            assert "epsilon = 0.001" in str(preview.render()), method
+        screen.query_one("#g-alpha", Input).value = "0.5"
+        await pilot.pause()
+        assert "alpha = 0.5" in str(preview.render())

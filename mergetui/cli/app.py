@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from mergetui import __version__
 from mergetui.cli import evaluate as evaluate_commands
@@ -180,7 +181,7 @@ def _execute(
         plan.close()
         raise
     for problem in plan.warnings:
-        err_console.print(f"[yellow]warning:[/yellow] {problem.message}", soft_wrap=True)
+        err_console.print(f"[yellow]warning:[/yellow] {escape(problem.message)}", soft_wrap=True)
     with signals_stop_the_merge(ignore_after=last_step) as cancel:
         if as_json:
             return run_merge(plan, force=force, on_event=emit, cancel=cancel)

@@ -12,6 +12,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from mergetui import __version__
 from mergetui.errors import EXIT_INTERRUPTED, EXIT_MERGE_FAILED, MergeTuiError
@@ -45,7 +46,8 @@ def fail(message: str, code: int, *, as_json: bool = False) -> NoReturn:
     if as_json:
         terminal = CancelledEvent if code == EXIT_INTERRUPTED else ErrorEvent
         emit(terminal(message=message, exit_code=code))
-    err_console.print(f"[bold red]error:[/bold red] {message}", soft_wrap=True)
+    # escaped: messages name TOML tables such as [output], which Rich would take for markup
+    err_console.print(f"[bold red]error:[/bold red] {escape(message)}", soft_wrap=True)
     if code == EXIT_MERGE_FAILED and log_path:
         err_console.print(f"details: {log_path[0]}")
     raise typer.Exit(code)

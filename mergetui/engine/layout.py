@@ -31,9 +31,6 @@ from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS
 if TYPE_CHECKING:
     from mergetui.engine.plan import Source
 
-#: Methods that still run their kernel on a single input (a weight or scale applies to it); every
-#: other method passes a lone input through unchanged, as mergekit does.
-_KERNEL_ON_ONE_INPUT = ("linear", "passthrough")
 _MAX_SAME_PROBLEMS = 3
 
 
@@ -148,6 +145,17 @@ class _Resolver:
                 )
             )
 
+    def check_rules(self, tensor: PlannedTensor, key_of: Callable[[int], str]) -> None:
+        """The method's own rules on this tensor's resolved parameters (e.g. DELLA's density ±
+        epsilon); each problem is reported for at most a few tensors."""
+        for rule in self.method.tensor_rules:
+            for index, problem in rule(tensor.params, tensor.model_params):
+                where = "merge.parameters" if index is None else key_of(index)
+                count = self._missing.get(f"{where}: {problem}", 0)
+                self._missing[f"{where}: {problem}"] = count + 1
+                if count < _MAX_SAME_PROBLEMS:
+                    self.problems.append(("error", f"{where}: tensor {tensor.name}: {problem}"))
+
     def unmatched_filter_warnings(self) -> list[tuple[str, str]]:
         warnings = []
         for where, (value, seen) in self.filters.items():
@@ -179,7 +187,7 @@ def layout_models(
     merged from the same-named tensor of every model (and of the base when the method uses it)."""
     resolver = _Resolver(method)
     by_role = {s.role: s for s in sources}
-    base = by_role.get("base") if method.needs_base else None
+    base = by_role.get("base") if method.uses_base else None
     model_roles = [f"models[{i}]" for i in range(len(recipe.models))]
     specs = sorted(
         reference.checkpoint.tensors.values(), key=lambda s: (str(s.file), s.offset, s.name)
@@ -236,22 +244,24 @@ def layout_models(
         )
         planned.bytes_in = _bytes_in(planned.reads, by_role)
         _check_weight_sum(resolver, planned)
-        tensors.append(as_byte_copy(planned, spec, by_role))
+        resolver.check_rules(planned, lambda index: f"models[{index}]")
+        tensors.append(as_byte_copy(planned, spec, by_role, method))
     problems = resolver.problems + resolver.unmatched_filter_warnings()
     return Layout(tensors, problems)
 
 
 def as_byte_copy(
-    tensor: PlannedTensor, spec: TensorSpec, by_role: dict[str, Source]
+    tensor: PlannedTensor, spec: TensorSpec, by_role: dict[str, Source], method: MethodSpec
 ) -> PlannedTensor:
-    """A tensor that only copies one input unchanged (a lone source, or passthrough with scale 1)
-    already stored in the output dtype, without a LoRA adapter, is copied as stored bytes: no
-    float32 round trip (which would give the same bits, three passes later)."""
+    """A tensor that only copies one input unchanged (a lone source, or a method whose parameters
+    make it the identity, such as passthrough with scale 1) already stored in the output dtype,
+    without a LoRA adapter, is copied as stored bytes: no float32 round trip (which would give the
+    same bits, three passes later)."""
     unchanged = tensor.copy or (
         tensor.base is None
         and len(tensor.model_params) == 1
-        and tensor.model_params[0].get("scale", None) == 1.0
-        and set(tensor.model_params[0]) == {"scale"}
+        and not tensor.params
+        and method.returns_lone_input(tensor.model_params[0])
     )
     if (
         not unchanged
@@ -283,7 +293,8 @@ def _bytes_in(reads: tuple[TensorInput, ...], by_role: dict[str, Source]) -> int
 def _check_weight_sum(resolver: _Resolver, tensor: PlannedTensor) -> None:
     """Weights that sum to zero under ``normalize`` would divide by zero (rejected up front for
     scalar weights; gradients and filters are checked here, tensor by tensor)."""
-    if not tensor.params.get("normalize") or not tensor.model_params:
+    switch = resolver.method.normalize_switch
+    if switch is None or not tensor.params.get(switch) or not tensor.model_params:
         return
     weights = [p.get("weight") for p in tensor.model_params]
     if len(weights) < 2 or not all(isinstance(w, float) for w in weights):
@@ -293,8 +304,8 @@ def _check_weight_sum(resolver: _Resolver, tensor: PlannedTensor) -> None:
             (
                 "error",
                 f"tensor {tensor.name}: the weights sum to 0 there ({', '.join(map(str, weights))})"
-                " and normalize is on, which would divide by zero; change the weights' values "
-                "for this part of the model or set normalize = false",
+                f" and {switch} is on, which would divide by zero; change the weights' values "
+                f"for this part of the model or set {switch} = false",
             )
         )
 
@@ -466,7 +477,7 @@ class _SliceContext:
         out_bytes = lead.numel * _out_size(self.out_dtype)
         method = self.method
         slice_base = piece.base or self.recipe.base
-        if len(reads) == 1 and method.name not in _KERNEL_ON_ONE_INPUT:
+        if len(reads) == 1 and not method.merges_lone_input:
             copied = PlannedTensor(
                 out_name,
                 lead.shape,
@@ -478,15 +489,17 @@ class _SliceContext:
                 copy=True,
                 layer=out_layer,
             )
-            return [as_byte_copy(copied, lead, by_role)]
+            return [as_byte_copy(copied, lead, by_role, method)]
         base_input = None
         inputs: list[TensorInput] = []
         model_params: list[dict[str, Any]] = []
+        input_keys: list[str] = []
         for (number, read), item in zip(reads, piece.sources, strict=True):
-            if method.needs_base and item.model == slice_base and item.lora is None:
+            if method.uses_base and item.model == slice_base and item.lora is None:
                 base_input = read
                 continue
             inputs.append(read)
+            input_keys.append(f"{where}sources[{number}]")
             model_params.append(
                 {
                     p.name: self.resolver.resolve(
@@ -528,7 +541,8 @@ class _SliceContext:
             layer=out_layer,
         )
         _check_weight_sum(self.resolver, planned)
-        return [as_byte_copy(planned, lead, by_role)]
+        self.resolver.check_rules(planned, lambda index: input_keys[index])
+        return [as_byte_copy(planned, lead, by_role, method)]
 
     def _problem(self, key: str, message: str) -> None:
         if (key, message) not in self._reported and len(self._reported) < 20:

@@ -137,6 +137,10 @@ def model_card(plan: MergePlan) -> str:
         f"- output dtype: {plan.out_dtype}; all merge arithmetic was done in float32",
         f"- config, tokenizer and chat template from: `{plan.files_from.ref.text}`",
     ]
+    if recipe.base and plan.method.uses_base:
+        lines.append("- the base took part in the merge arithmetic")
+    elif recipe.base:
+        lines.append(f"- the base only supplied the architecture ({recipe.method} does not use it)")
     if recipe.chat_template is not None:
         shown = recipe.chat_template if len(recipe.chat_template) < 40 else "a Jinja template"
         lines.append(f"- chat template: {shown} (merge.chat_template)")

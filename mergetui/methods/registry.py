@@ -18,6 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Scope = Literal["global", "model"]
+#: The smallest piece of a tensor a kernel's math can be applied to on its own, once the
+#: method's whole-tensor statistics are known: any run of elements, or whole rows.
+BlockUnit = Literal["elements", "rows"]
+#: A check of the parameters resolved for one tensor: ``(method-wide, per model) -> problems``,
+#: each naming the model it concerns by its index among the tensor's inputs (None: all of them).
+TensorRule = Callable[[dict[str, Any], tuple[dict[str, Any], ...]], list[tuple[int | None, str]]]
 
 
 class _Required:
@@ -97,12 +103,39 @@ def _fmt(number: float) -> str:
 
 
 @dataclass(frozen=True)
+class Blocks:
+    """How a method's math divides over one tensor, so that very large tensors can be streamed in
+    blocks of rows without touching the math.
+
+    ``unit``: the smallest piece the math applies to independently (``"rows"`` when something is
+    computed per row, such as DELLA's magnitude ranks or a row-wise norm). ``statistics``: what a
+    first pass over the whole tensor must compute before any block can be merged (a top-k
+    threshold, a norm, a cosine, an L1 norm to rescale to); empty when every block is independent.
+    """
+
+    unit: BlockUnit = "elements"
+    statistics: tuple[str, ...] = ()
+
+    @property
+    def independent(self) -> bool:
+        """True when blocks can be merged in one pass, each on its own."""
+        return not self.statistics
+
+
+@dataclass(frozen=True)
 class MethodSpec:
     """A merge method: what it takes, what it needs, and where its kernel lives.
 
     ``needs_base``: the base takes part in the math (task vectors are ``model - base``). Methods that do
     not need it still accept a base, which then only supplies the architecture reference, config and
-    tokenizer.
+    tokenizer, unless ``optional_base`` says the math uses it when one is given (nuslerp and
+    multislerp interpolate task vectors then, the models themselves without one).
+    ``merges_lone_input``: the kernel still runs when a tensor has a single input (a weight or a
+    scale applies to it); otherwise a lone input is passed through unchanged, as mergekit does.
+    ``identity``: parameter values with which the kernel returns a lone input unchanged, so the
+    engine may copy its stored bytes instead. ``blocks``: how the math divides over a tensor.
+    ``tensor_rules``: checks of the parameters resolved for one tensor (gradients and filters
+    make them vary by tensor), run on the plan before any weight is read.
     ``work_buffers``: how many float32 temporaries of one tensor's full size the kernel holds at its
     peak beyond its inputs (chunked temporaries do not count); the planner uses it for the memory
     estimate. The built-in kernels work in place and in chunks, so theirs is 0.
@@ -114,11 +147,32 @@ class MethodSpec:
     kernel: str
     params: tuple[ParamSpec, ...] = ()
     needs_base: bool = False
+    optional_base: bool = False
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False
     work_buffers: int = 0
+    merges_lone_input: bool = False
+    identity: tuple[tuple[str, Any], ...] = ()
+    blocks: Blocks = Blocks()
+    tensor_rules: tuple[TensorRule, ...] = ()
     notes: tuple[str, ...] = field(default=())
+
+    @property
+    def normalize_switch(self) -> str | None:
+        """The parameter that makes the method divide by the sum of the weights, if any."""
+        if self.param("weight") is None:
+            return None
+        return next((n for n in ("normalize", "normalize_weights") if self.param(n)), None)
+
+    @property
+    def uses_base(self) -> bool:
+        """The base takes part in the math whenever one is given."""
+        return self.needs_base or self.optional_base
+
+    def returns_lone_input(self, model_params: dict[str, Any]) -> bool:
+        """With these parameters and a single input, the kernel returns that input unchanged."""
+        return bool(self.identity) and model_params == dict(self.identity)
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
@@ -171,6 +225,17 @@ _GAMMA = ParamSpec(
     minimum=0.0,
     maximum=1.0,
 )
+_EPSILON = ParamSpec(
+    "epsilon",
+    float,
+    "spread of the keep probability around density: a row's smallest entries are kept with "
+    "density - epsilon, its largest with density + epsilon",
+    scope="model",
+    default=0.15,
+    minimum=0.0,
+    maximum=1.0,
+    max_inclusive=False,
+)
 _LAMBDA = ParamSpec(
     "lambda",
     float,
@@ -197,7 +262,39 @@ def _rescale(default: bool) -> ParamSpec:
     )
 
 
+def _della_bounds(
+    params: dict[str, Any], model_params: tuple[dict[str, Any], ...]
+) -> list[tuple[int | None, str]]:
+    """DELLA keeps entries with probabilities from density - epsilon to density + epsilon, which
+    must lie strictly inside (0, 1) wherever a task vector is pruned."""
+    problems: list[tuple[int | None, str]] = []
+    for index, values in enumerate(model_params):
+        density, epsilon = values.get("density"), values.get("epsilon")
+        if not isinstance(density, float) or not isinstance(epsilon, float) or density >= 1.0:
+            continue
+        if density - epsilon <= 0.0 or density + epsilon >= 1.0:
+            problems.append(
+                (
+                    index,
+                    f"density {density:g} ± epsilon {epsilon:g} spans "
+                    f"[{density - epsilon:g}, {density + epsilon:g}], but keep probabilities must "
+                    f"lie inside (0, 1); set epsilon below {min(density, 1.0 - density):g}",
+                )
+            )
+    return problems
+
+
+_RAM_EPSILON = ParamSpec(
+    "epsilon",
+    float,
+    "a task-vector entry larger than this in magnitude counts as a change",
+    default=1e-5,
+    minimum=0.0,
+)
+
 _TA_KERNELS = "mergetui.methods.task_arithmetic"
+_RESCALE_STATISTIC = "each task vector's L1 norm before and after the drop (with rescale)"
+_OUTLIER_STATISTIC = "each task vector's two magnitude-rank bounds"
 
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
@@ -210,6 +307,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _normalize(True)),
             min_models=1,
             notes=("The base, if given, is not averaged: list it under [[models]] to include it.",),
+            merges_lone_input=True,
         ),
         MethodSpec(
             name="slerp",
@@ -228,6 +326,7 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             min_models=1,
             max_models=1,
+            blocks=Blocks("elements", ("both tensors' norms and their dot product",)),
         ),
         MethodSpec(
             name="task_arithmetic",
@@ -244,6 +343,7 @@ METHODS: dict[str, MethodSpec] = {
             kernel=f"{_TA_KERNELS}:ties",
             params=(_WEIGHT, _DENSITY, _normalize(True), _LAMBDA),
             needs_base=True,
+            blocks=Blocks("elements", ("each task vector's k-th largest magnitude",)),
         ),
         MethodSpec(
             name="dare_ties",
@@ -253,6 +353,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
+            blocks=Blocks("elements", (_RESCALE_STATISTIC,)),
         ),
         MethodSpec(
             name="dare_linear",
@@ -262,6 +363,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
+            blocks=Blocks("elements", (_RESCALE_STATISTIC,)),
         ),
         MethodSpec(
             name="breadcrumbs",
@@ -273,6 +375,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
             work_buffers=2,
+            blocks=Blocks("elements", (_OUTLIER_STATISTIC, _RESCALE_STATISTIC)),
         ),
         MethodSpec(
             name="breadcrumbs_ties",
@@ -283,6 +386,32 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
             work_buffers=2,
+            blocks=Blocks("elements", (_OUTLIER_STATISTIC, _RESCALE_STATISTIC)),
+        ),
+        MethodSpec(
+            name="della",
+            summary="Drop task-vector entries at random, the small ones more often (DELLA's "
+            "MagPrune), rescale, elect signs, merge the agreeing.",
+            when_to_use="Like dare_ties, when the largest changes carry the skill: they are kept "
+            "more often than the small ones.",
+            kernel=f"{_TA_KERNELS}:della",
+            params=(_WEIGHT, _DENSITY, _EPSILON, _normalize(True), _rescale(True), _LAMBDA),
+            needs_base=True,
+            randomized=True,
+            tensor_rules=(_della_bounds,),
+            blocks=Blocks("rows", (_RESCALE_STATISTIC,)),
+        ),
+        MethodSpec(
+            name="della_linear",
+            summary="DELLA's magnitude-ranked random drop and rescale, then a weighted sum.",
+            when_to_use="Like dare_linear, keeping the larger changes more often than the small "
+            "ones.",
+            kernel=f"{_TA_KERNELS}:della_linear",
+            params=(_WEIGHT, _DENSITY, _EPSILON, _normalize(False), _rescale(True), _LAMBDA),
+            needs_base=True,
+            randomized=True,
+            tensor_rules=(_della_bounds,),
+            blocks=Blocks("rows", (_RESCALE_STATISTIC,)),
         ),
         MethodSpec(
             name="sce",
@@ -303,6 +432,10 @@ METHODS: dict[str, MethodSpec] = {
             ),
             needs_base=True,
             work_buffers=4,
+            blocks=Blocks(
+                "elements",
+                ("the variance threshold of the top-k selection", "each task vector's mean square"),
+            ),
         ),
         MethodSpec(
             name="model_stock",
@@ -322,6 +455,9 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             min_models=2,
             work_buffers=3,
+            blocks=Blocks(
+                "rows", ("the task vectors' pairwise cosines (per row with filter_wise)",)
+            ),
         ),
         MethodSpec(
             name="karcher",
@@ -349,6 +485,7 @@ METHODS: dict[str, MethodSpec] = {
             min_models=1,
             work_buffers=3,
             notes=("The base, if given, is not averaged: list it under [[models]] to include it.",),
+            blocks=Blocks("elements", ("the norms, and the mean direction found by iteration",)),
         ),
         MethodSpec(
             name="nearswap",
@@ -372,6 +509,129 @@ METHODS: dict[str, MethodSpec] = {
             work_buffers=2,
         ),
         MethodSpec(
+            name="nuslerp",
+            summary="SLERP between two models at t = w2/(w1+w2), of their task vectors when a "
+            "base is given, over the whole tensor, per row or per column.",
+            when_to_use="Two models (or two fine-tunes of a base) blended by relative weights; "
+            "row- or column-wise angles for tensors whose rows changed unevenly.",
+            kernel="mergetui.methods.slerp:nuslerp",
+            params=(
+                ParamSpec(
+                    "weight",
+                    float,
+                    "this model's share of the interpolation: t = w2/(w1+w2)",
+                    scope="model",
+                ),
+                ParamSpec(
+                    "nuslerp_flatten",
+                    bool,
+                    "take the angle over the whole tensor (off: per row, or per column with "
+                    "nuslerp_row_wise)",
+                    default=True,
+                ),
+                ParamSpec(
+                    "nuslerp_row_wise",
+                    bool,
+                    "without nuslerp_flatten, interpolate each column instead of each row "
+                    "(mergekit's name, whose docs say the opposite)",
+                    default=False,
+                ),
+            ),
+            optional_base=True,
+            min_models=2,
+            max_models=2,
+            work_buffers=3,
+            blocks=Blocks(
+                "rows",
+                ("the two vectors' norms and dot product (the whole tensor with nuslerp_flatten)",),
+            ),
+        ),
+        MethodSpec(
+            name="multislerp",
+            summary="The weighted barycentre of several models (or task vectors, with a base) "
+            "on the hypersphere, at their weighted mean norm.",
+            when_to_use="SLERP's norm-keeping blend for three or more models, with weights.",
+            kernel="mergetui.methods.slerp:multislerp",
+            params=(
+                _WEIGHT,
+                ParamSpec(
+                    "normalize_weights",
+                    bool,
+                    "divide the weights by their sum",
+                    default=True,
+                ),
+                ParamSpec(
+                    "eps",
+                    float,
+                    "added to norms before dividing by them",
+                    default=1e-8,
+                    minimum=0.0,
+                ),
+            ),
+            optional_base=True,
+            min_models=1,
+            work_buffers=3,
+            blocks=Blocks(
+                "elements", ("the task vectors' norms and their weighted mean direction",)
+            ),
+        ),
+        MethodSpec(
+            name="arcee_fusion",
+            summary="Take the other model's changes only where their importance (change times "
+            "the row's KL divergence) is an outlier; keep the base elsewhere.",
+            when_to_use="Grafting the few changes of a fine-tune that matter most onto its "
+            "base, with nothing to tune.",
+            kernel="mergetui.methods.fusion:arcee_fusion",
+            needs_base=True,
+            min_models=1,
+            max_models=1,
+            work_buffers=4,
+            blocks=Blocks("rows", ("the quartiles of the importance scores",)),
+            notes=(
+                "Quartiles are exact; mergekit estimates them from a random sample of a million "
+                "scores on larger tensors.",
+            ),
+        ),
+        MethodSpec(
+            name="ram",
+            summary="Keep each model's unique changes whole, average the changes several models "
+            "share (RAM).",
+            when_to_use="Fine-tunes that changed mostly different weights (agents, skills): "
+            "unique changes are not diluted by averaging.",
+            kernel="mergetui.methods.ram:ram",
+            params=(_RAM_EPSILON,),
+            needs_base=True,
+            work_buffers=4,
+        ),
+        MethodSpec(
+            name="ramplus_tl",
+            summary="RAM, with each model's unique changes scaled up by how much of its change "
+            "the others share (RAM+, per tensor).",
+            when_to_use="Like ram, when a model whose changes overlap the others' would "
+            "otherwise lose weight.",
+            kernel="mergetui.methods.ram:ramplus_tl",
+            params=(
+                ParamSpec(
+                    "r",
+                    float,
+                    "how strongly overlap scales unique changes up",
+                    default=0.1,
+                    minimum=0.0,
+                ),
+                ParamSpec(
+                    "alpha",
+                    float,
+                    "cap on the shared-to-unique ratio used for the scale",
+                    default=0.2,
+                    minimum=0.0,
+                ),
+                _RAM_EPSILON,
+            ),
+            needs_base=True,
+            work_buffers=4,
+            blocks=Blocks("elements", ("each model's counts of unique and shared changes",)),
+        ),
+        MethodSpec(
             name="passthrough",
             summary="Copy one model's tensors unchanged (optionally scaled).",
             when_to_use="Re-saving a model in another dtype or shard size, or folding in a LoRA.",
@@ -387,6 +647,8 @@ METHODS: dict[str, MethodSpec] = {
             ),
             min_models=1,
             max_models=1,
+            merges_lone_input=True,
+            identity=(("scale", 1.0),),
         ),
     )
 }

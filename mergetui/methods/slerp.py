@@ -1,4 +1,5 @@
-"""Spherical linear interpolation between the base and one other model."""
+"""The spherical family: SLERP between the base and one other model, NuSLERP between two models
+(or their task vectors), and Multi-SLERP, the barycentre of several on the hypersphere."""
 
 from __future__ import annotations
 
@@ -37,3 +38,103 @@ def slerp(inputs: TensorInputs) -> torch.Tensor:
         coef0 = math.sin((1.0 - t) * theta) / sin_theta
         coef1 = math.sin(t * theta) / sin_theta
     return v0.mul_(coef0).add_(v1, alpha=coef1)
+
+
+_UNIT_EPS = 1e-7
+_COLINEAR_EPS = 1e-8
+_WEIGHT_SUM_EPS = 1e-6
+
+
+def nuslerp(inputs: TensorInputs) -> torch.Tensor:
+    """NuSLERP: SLERP between two models at t = w₁/(w₀+w₁) (0.5 when the weights cancel), of their
+    task vectors when a base is given (the base is added back), of the models themselves without.
+
+    The angle is taken over the whole tensor (``nuslerp_flatten``, the default), or per row — each
+    ``W[i, :]`` — or, with ``nuslerp_row_wise``, per column. Where the two vectors are (anti)
+    parallel the interpolation is linear. mergekit 0.1.5's ``nuslerp``, in float32.
+    """
+    first, second = inputs.models
+    weights = [float(w) for w in inputs.per_model("weight")]
+    total = sum(weights)
+    t = 0.5 if abs(total) < _WEIGHT_SUM_EPS else weights[1] / total
+    base = inputs.base
+    if base is not None:
+        first.sub_(base)
+        second.sub_(base)
+    flatten = bool(inputs.params.get("nuslerp_flatten", True))
+    row_wise = bool(inputs.params.get("nuslerp_row_wise", False))
+    shape = first.shape
+    if flatten:
+        v0, v1 = first.reshape(-1), second.reshape(-1)
+    elif row_wise:
+        v0, v1 = first.transpose(0, -1), second.transpose(0, -1)
+    else:
+        v0, v1 = first, second
+    cos_theta = (_unit(v0) * _unit(v1)).sum(dim=-1, keepdim=True).clamp_(-1, 1)
+    colinear = (1 - cos_theta.square()) <= _COLINEAR_EPS**2
+    theta = torch.acos(torch.where(colinear, 0, cos_theta))
+    sin_theta = torch.sin(theta)
+    spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / sin_theta
+    result = torch.where(colinear, (1 - t) * v0 + t * v1, spherical)
+    if row_wise and not flatten:
+        result = result.transpose(0, -1)
+    result = result.reshape(shape)
+    return result.add_(base) if base is not None else result
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    """Each vector along the last axis divided by its norm (at least ``_UNIT_EPS``)."""
+    return vectors / torch.linalg.vector_norm(vectors, dim=-1, keepdim=True).clamp(min=_UNIT_EPS)
+
+
+def multislerp(inputs: TensorInputs) -> torch.Tensor:
+    """Multi-SLERP: the weighted barycentre of several models on the hypersphere — their directions
+    averaged in the tangent space at their weighted mean direction, mapped back, and scaled to
+    their weighted mean norm. Task vectors when a base is given (the base is added back).
+
+    Two antipodal models whose weights cancel fall back to a weighted sum; more models that cancel
+    have no barycentre, which is an error naming the tensor. Where every task vector is zero (a
+    tensor no fine-tune changed) the base is returned; mergekit fails there. Otherwise mergekit
+    0.1.5's ``multislerp``.
+    """
+    models = inputs.models
+    if len(models) == 1:
+        return models[0]
+    base = inputs.base
+    eps = float(inputs.params.get("eps", 1e-8))
+    weights = torch.tensor(inputs.per_model("weight"), dtype=torch.float32)
+    if bool(inputs.params.get("normalize_weights", True)):
+        weights = weights / weights.sum()
+    vectors = [(m.sub_(base) if base is not None else m).reshape(-1) for m in models]
+    norms = [torch.linalg.vector_norm(v) for v in vectors]
+    units = [v / (n + eps) for v, n in zip(vectors, norms, strict=True)]
+    mean = units[0] * weights[0]
+    for unit, weight in zip(units[1:], weights[1:], strict=True):
+        mean.add_(unit * weight)
+    mean_norm = torch.linalg.vector_norm(mean)
+    if mean_norm < eps:
+        if all(float(n) == 0.0 for n in norms):  # no model moved: nothing to interpolate
+            result = vectors[0].view(models[0].shape)  # zeros
+            return result.add_(base) if base is not None else result
+        if len(units) == 2:  # antipodal pair: the weighted sum of the (restored) task vectors
+            result = (vectors[0] * weights[0]).add_(vectors[1] * weights[1])
+            result = result.view(models[0].shape)
+            return result.add_(base) if base is not None else result
+        raise ValueError(
+            f"{inputs.name}: the models' weighted mean direction is zero (antipodal task vectors "
+            "whose weights cancel), so multislerp has no barycentre here; change the weights"
+        )
+    del vectors
+    mean.div_(mean_norm)
+    tangent = torch.zeros_like(mean)
+    for unit, weight in zip(units, weights, strict=True):
+        dot = (unit * mean).sum()
+        tangent.add_((unit - dot * mean) * weight)
+    del units
+    tangent_norm = torch.linalg.vector_norm(tangent) + eps
+    result = mean.mul_(torch.cos(tangent_norm)).add_(
+        tangent.mul_(torch.sin(tangent_norm) / tangent_norm)
+    )
+    average_norm = (torch.stack(norms) * weights).sum()
+    result = result.mul_(average_norm).view(models[0].shape)
+    return result.add_(base) if base is not None else result

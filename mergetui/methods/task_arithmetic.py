@@ -1,11 +1,13 @@
-"""The task-vector family: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs and
-breadcrumbs_ties.
+"""The task-vector family: task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs,
+breadcrumbs_ties, della and della_linear.
 
-All four share one pipeline per tensor (the "generalized task arithmetic" of mergekit):
+All share one pipeline per tensor (the "generalized task arithmetic" of mergekit):
 
 1. task vectors δᵢ = xᵢ − base;
 2. sparsify each δᵢ: TIES keeps the top-k magnitudes over the whole tensor, DARE drops entries at
-   random and optionally rescales to the original L1 norm;
+   random, Breadcrumbs drops the largest outliers and the smallest entries, DELLA drops at random
+   with a probability that falls with the entry's magnitude rank in its row; DARE and DELLA
+   optionally rescale to the original L1 norm;
 3. weight them, δᵢ ← wᵢ·δᵢ (before sign election, as mergekit does);
 4. with sign election (ties, dare_ties): the majority sign is the sign of Σδᵢ (zero counts as +), only
    entries agreeing with it are summed, and ``normalize`` divides by the per-element sum of the
@@ -63,6 +65,16 @@ def breadcrumbs(inputs: TensorInputs) -> torch.Tensor:
 def breadcrumbs_ties(inputs: TensorInputs) -> torch.Tensor:
     """Model Breadcrumbs' sparsification followed by TIES sign election."""
     return _merge(inputs, sparsify="outliers", sign_election=True)
+
+
+def della(inputs: TensorInputs) -> torch.Tensor:
+    """DELLA: magnitude-ranked random drop and rescale, then TIES sign election."""
+    return _merge(inputs, sparsify="della", sign_election=True)
+
+
+def della_linear(inputs: TensorInputs) -> torch.Tensor:
+    """DELLA's magnitude-ranked random drop and rescale, then a weighted sum."""
+    return _merge(inputs, sparsify="della", sign_election=False)
 
 
 def _chunks(flat: torch.Tensor) -> list[torch.Tensor]:
@@ -256,6 +268,71 @@ def random_drop_(
     return delta
 
 
+def della_prune_(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    rescale: bool,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """DELLA's MagPrune, in place: in each row (a 1-D tensor is one row; rows run along dimension
+    1, as in mergekit), the entry of ascending magnitude rank r among n is kept with probability
+    p = density − ε + 2ε·r/(n−1), so the smallest are kept least often and the mean is density.
+
+    Ranks come from one stable sort per row (equal magnitudes rank in index order, where mergekit's
+    unstable double argsort ranks them arbitrarily); a row of one entry has p = density (mergekit
+    fails there). Entry j is kept when u_j < p_j, u drawn from ``generator`` in row-major order
+    block by block, so a seed gives the same mask on every device and thread count. With
+    ``rescale`` the kept entries are scaled to the task vector's L1 norm (a whole-tensor
+    statistic; everything else is row-local).
+    """
+    if density >= 1.0:
+        return delta
+    if density <= 0.0:
+        return delta.zero_()
+    rows = _as_rows(delta)
+    width = rows.shape[1]
+    l1_before = _l1(_flat(delta)) if rescale else 0.0
+    step = max(1, CHUNK // max(width, 1))
+    positions = torch.arange(width, dtype=torch.int64, device=delta.device)
+    for block in rows.split(step):
+        order = torch.sort(block.abs(), dim=1, stable=True).indices
+        ranks = torch.empty(block.shape, dtype=torch.float32, device=delta.device)
+        ranks.scatter_(1, order, positions.to(torch.float32).expand_as(ranks))
+        del order
+        if width > 1:
+            probability = ranks.div_(width - 1).clamp_(0, 1)
+            probability = probability.mul_(2).mul_(epsilon).add_(density - epsilon)
+        else:
+            probability = ranks.fill_(density)
+        uniform = torch.rand(block.numel(), generator=generator, dtype=torch.float32)
+        keep = uniform.view(block.shape).to(delta.device).lt_(probability)
+        block.mul_(keep)
+    if delta.dim() > 2:
+        _restore_rows(delta, rows)
+    if rescale:
+        l1_after = _l1(_flat(delta))
+        if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
+            delta.mul_(l1_before / l1_after)
+    return delta
+
+
+def _as_rows(delta: torch.Tensor) -> torch.Tensor:
+    """A 2-D view whose rows run along dimension 1 (a 1-D tensor is one row); a copy for tensors
+    of more than two dimensions, written back by :func:`_restore_rows`."""
+    if delta.dim() < 2:
+        return delta.view(1, -1)
+    if delta.dim() == 2:
+        return delta
+    moved = delta.movedim(1, -1).contiguous()
+    return moved.view(-1, moved.shape[-1])
+
+
+def _restore_rows(delta: torch.Tensor, rows: torch.Tensor) -> None:
+    shape = list(delta.movedim(1, -1).shape)
+    delta.copy_(rows.view(shape).movedim(-1, 1))
+
+
 def _l1(flat: torch.Tensor) -> float:
     return float(sum(chunk.abs().sum(dtype=torch.float64) for chunk in _chunks(flat)))
 
@@ -269,7 +346,11 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
     normalize = bool(params.get("normalize", False))
     scale = float(params.get("lambda", 1.0))
     # the C loops know TIES' magnitude selection and DARE's drop; breadcrumbs' ranks run here
-    library = native.available_for(base) if sign_election and sparsify != "outliers" else None
+    library = (
+        native.available_for(base)
+        if sign_election and sparsify in (None, "magnitude", "random")
+        else None
+    )
     if library is not None:
         return _merge_native(library, inputs, sparsify, weights, densities, normalize, scale)
 
@@ -278,6 +359,11 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
         if sparsify == "random":
             generator = tensor_generator(inputs.seed, inputs.name, index)
             random_drop_(delta, densities[index], bool(params.get("rescale", True)), generator)
+        if sparsify == "della":
+            generator = tensor_generator(inputs.seed, inputs.name, index)
+            epsilon = float(inputs.model_params[index].get("epsilon", 0.15))
+            rescale = bool(params.get("rescale", True))
+            della_prune_(delta, densities[index], epsilon, rescale, generator)
     for index, delta in enumerate(deltas):
         if sparsify == "magnitude":
             magnitude_prune_(delta, densities[index])

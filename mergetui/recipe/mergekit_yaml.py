@@ -395,7 +395,7 @@ class _Translator:
             model, lora = pair
             is_base = model == base and lora is None
             base_listed = base_listed or is_base
-            if is_base and spec is not None and spec.needs_base:
+            if is_base and spec is not None and spec.uses_base:
                 if item.get("parameters"):
                     self.notes.append(
                         f"{self.lines.where(at + ('parameters',))}: the base model's parameters "
@@ -476,7 +476,7 @@ def _base_is_an_input(spec: Any) -> bool:
     """mergekit appends ``base_model`` to ``models`` as one more input; for a method without a
     base role (linear, karcher) that makes it one more averaged model, where mergetui only takes
     config and tokenizer from its base."""
-    return not spec.needs_base and spec.name != "passthrough"
+    return not spec.uses_base and spec.name != "passthrough"
 
 
 def translate_mergekit(

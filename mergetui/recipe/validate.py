@@ -181,6 +181,7 @@ def validate_recipe_data(
     if spec is not None and models:  # an empty list was already reported
         _check_model_count(out, spec, len(models))
         _check_weight_sum(out, spec, global_params, models)
+        _check_rules(out, spec, global_params, models)
     model_names = [m.model for m in models or []] + [
         s.model for piece in slices for s in piece.sources
     ]
@@ -360,7 +361,7 @@ def _validate_models(
                     )
                 else:
                     params[param.name] = param.default
-            if spec.needs_base and base is not None and model == base and lora is None:
+            if spec.uses_base and base is not None and model == base and lora is None:
                 out.add(
                     f"{where}model: this is the base model itself, whose task vector is zero; "
                     "remove it from [[models]] (the base is set by merge.base)"
@@ -531,10 +532,12 @@ def _check_slice(
             )
             return
         others -= 1
+    elif spec.optional_base and slice_base is not None and slice_base in models:
+        others -= 1
     too_few = others < spec.min_models
     too_many = spec.max_models is not None and others > spec.max_models
     if too_few or too_many:
-        besides = " besides the base" if spec.needs_base else ""
+        besides = " besides the base" if spec.uses_base else ""
         out.add(
             f"{where}sources: {spec.name} merges {spec.model_count_text()} source(s){besides}, "
             f"got {others}; a slice with one source is copied as it is"
@@ -555,7 +558,7 @@ def _check_model_count(out: _Collector, spec: MethodSpec, count: int) -> None:
     too_few = count < spec.min_models
     too_many = spec.max_models is not None and count > spec.max_models
     if too_few or too_many:
-        besides = " besides merge.base" if spec.needs_base else ""
+        besides = " besides merge.base" if spec.uses_base else ""
         fix = "remove the extra entries" if too_many else "add [[models]] entries"
         out.add(
             f"models: {spec.name} takes {spec.model_count_text()} [[models]] "
@@ -563,10 +566,30 @@ def _check_model_count(out: _Collector, spec: MethodSpec, count: int) -> None:
         )
 
 
+def _check_rules(
+    out: _Collector, spec: MethodSpec, params: dict[str, Any], models: list[ModelEntry]
+) -> None:
+    """The method's per-tensor rules on the values that are plain numbers (gradients and filters
+    are checked per tensor by the planner, where their values are known)."""
+
+    def plain(values: dict[str, Any]) -> dict[str, Any]:
+        return {
+            k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+            for k, v in values.items()
+            if not is_varying(v)
+        }
+
+    model_params = tuple(plain(m.parameters) for m in models)
+    for rule in spec.tensor_rules:
+        for index, problem in rule(plain(params), model_params):
+            out.add(f"{'merge.parameters' if index is None else f'models[{index}]'}: {problem}")
+
+
 def _check_weight_sum(
     out: _Collector, spec: MethodSpec, params: dict[str, Any], models: list[ModelEntry]
 ) -> None:
-    if not params.get("normalize") or spec.param("weight") is None:
+    switch = spec.normalize_switch
+    if switch is None or not params.get(switch):
         return
     weights = [m.parameters.get("weight") for m in models]
     if any(is_varying(w) for w in weights):
@@ -576,7 +599,7 @@ def _check_weight_sum(
         return
     if abs(sum(numbers)) < 1e-8:
         out.add(
-            f"models: the weights sum to 0 and normalize is on, which would divide by zero; "
-            f"change a weight or set normalize = false under [merge.parameters] "
+            f"models: the weights sum to 0 and {switch} is on, which would divide by zero; "
+            f"change a weight or set {switch} = false under [merge.parameters] "
             f"(weights: {', '.join(str(w) for w in weights)})"
         )
