@@ -431,7 +431,7 @@ METHODS: dict[str, MethodSpec] = {
                 ),
             ),
             needs_base=True,
-            work_buffers=4,
+            work_buffers=1,
             blocks=Blocks(
                 "elements",
                 ("the variance threshold of the top-k selection", "each task vector's mean square"),

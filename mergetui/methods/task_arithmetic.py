@@ -180,8 +180,14 @@ def magnitude_prune_(delta: torch.Tensor, density: float) -> torch.Tensor:
     """
     if density >= 1.0:
         return delta
-    flat = _flat(delta)
-    keep_count = max(1, int(density * flat.numel()))
+    keep_largest_(delta, max(1, int(density * delta.numel())))
+    return delta
+
+
+def keep_largest_(tensor: torch.Tensor, keep_count: int) -> torch.Tensor:
+    """Zero all but the ``keep_count`` (>= 1) largest-magnitude entries of ``tensor``, in place:
+    the threshold by selection, entries equal to it kept lowest index first."""
+    flat = _flat(tensor)
     threshold, greater = kth_largest_magnitude(flat, keep_count)
     ties_to_keep = keep_count - greater
     for chunk in _chunks(flat):
@@ -197,7 +203,7 @@ def magnitude_prune_(delta: torch.Tensor, density: float) -> torch.Tensor:
             drop |= tied
         ties_to_keep -= min(tied_count, ties_to_keep)
         chunk.masked_fill_(drop, 0.0)
-    return delta
+    return tensor
 
 
 def outlier_prune_(
