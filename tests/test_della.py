@@ -239,3 +239,46 @@ def test_density_plus_epsilon_past_one_is_refused_before_any_weight_is_read(
     assert "density 0.9 ± epsilon 0.15 spans [0.75, 1.05]" in errors[0]
     assert "set epsilon below 0.1" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_della_config_imports_and_exports_with_its_epsilon(
+    mk_zoo: dict[str, Path], tmp_path: Path
+) -> None:
+    """epsilon is per model in both tools: import → export → import keeps it, and the exported
+    YAML names it where mergekit reads it."""
+    import yaml
+
+    from mergetui.recipe.mergekit_yaml import mergekit_to_toml, recipe_to_mergekit
+
+    text = della_config(mk_zoo, "della", rescale=True)
+    toml_text, _ = mergekit_to_toml(
+        text, source_file="a.yaml", base_dir=tmp_path, target_dir=tmp_path
+    )
+    (tmp_path / "a.toml").write_text(toml_text, encoding="utf-8")
+    recipe = load_recipe(tmp_path / "a.toml")
+    assert recipe.models[0].parameters["epsilon"] == 0.2
+    exported = yaml.safe_load(recipe_to_mergekit(recipe, target_dir=tmp_path))
+    assert exported["merge_method"] == "della"
+    assert exported["models"][0]["parameters"]["epsilon"] == 0.2
+    assert exported["parameters"]["rescale"] is True
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (1, 7), (6, 1), (9,), (3, 4, 5), (64, 2100)])
+def test_the_c_loops_give_the_torch_paths_bits(
+    shape: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The radix ranks of the C loops and torch's stable sort rank alike (ties included: bf16
+    values repeat), so the kept entries, the signs of the zeros and the rescale are the same."""
+    from mergetui.methods import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here")
+    generator = torch.Generator().manual_seed(sum(shape))
+    delta = torch.randn(shape, generator=generator).to(torch.bfloat16).float()
+    delta.view(-1)[::5] = 0.0
+    results = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MERGETUI_NATIVE", mode)
+        out = della_prune_(delta.clone(), 0.45, 0.3, True, tensor_generator(3, NAME, 0))
+        results.append(out.view(torch.int32))
+    assert torch.equal(results[0], results[1])

@@ -119,3 +119,8 @@ async def _forms(tmp_path: Path, models: dict[str, Path]) -> None:
         screen.query_one("#g-alpha", Input).value = "0.5"
         await pilot.pause()
         assert "alpha = 0.5" in str(preview.render())
+
+        screen.query_one("#method", Select).value = "della_linear"
+        await pilot.pause()
+        assert screen.query_one("#m1-epsilon", Input)
+        assert 'method = "della_linear"' in str(preview.render())

@@ -93,6 +93,10 @@ def _declare(library: ctypes.CDLL) -> None:
         "mt_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_count_equal": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32]),
         "mt_tie_cutoff": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32, _I64]),
+        "mt_della_rows": (
+            _I64,
+            [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float],
+        ),
         "mt_ties_elect": (
             None,
             [_PTR, _PTR, ctypes.c_int32, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int32,
@@ -145,17 +149,18 @@ def _pool() -> tuple[ThreadPoolExecutor, int]:
         return _state["pool"], _state["workers"]
 
 
-def ranges(count: int) -> list[tuple[int, int]]:
-    """[start, end) pieces of ``range(count)``, one per worker, aligned to ``_ALIGN``."""
+def ranges(count: int, align: int = _ALIGN) -> list[tuple[int, int]]:
+    """[start, end) pieces of ``range(count)``, one per worker, aligned to ``align``."""
     _, workers = _pool()
     step = -(-count // workers)
-    step = -(-step // _ALIGN) * _ALIGN
+    step = -(-step // align) * align
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
-def parallel(call: Callable[[int, int], Any], count: int) -> list[Any]:
-    """``call(start, end)`` for each piece of ``range(count)``, concurrently; results in order."""
-    pieces = ranges(count)
+def parallel(call: Callable[[int, int], Any], count: int, align: int = _ALIGN) -> list[Any]:
+    """``call(start, end)`` for each piece of ``range(count)``, concurrently; results in order.
+    ``align``: pieces start at multiples of it (elements: whole cache lines; rows: 1)."""
+    pieces = ranges(count, align)
     if len(pieces) == 1:
         return [call(*pieces[0])]
     pool, _ = _pool()

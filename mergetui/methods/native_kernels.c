@@ -210,3 +210,76 @@ void mt_ties_elect(float *restrict base, const float *const *deltas, int32_t mod
         }
     }
 }
+
+/* DELLA's MagPrune on rows [row_start, row_end) of a rows x width matrix, in place. In each row the
+ * entry of ascending magnitude rank r (equal magnitudes ranked in index order) is kept when
+ * uniform[j] < p(r), with p(r) = (r / (width - 1)) * 2 * epsilon + low (low = density - epsilon),
+ * or p = density for a row of one entry; otherwise it is zeroed. The arithmetic is the torch path's
+ * (della_prune_), operation for operation in float32. Ranks come from a stable LSD radix sort of
+ * the 31-bit magnitude patterns (three 11-bit digits; a digit every key shares is skipped), which
+ * costs a few passes over a row that stays in cache, where a comparison sort costs log2(width).
+ * Returns 0, or -1 when the scratch buffers cannot be allocated. */
+#define DIGIT_BITS 11
+#define DIGITS (1 << DIGIT_BITS)
+int64_t mt_della_rows(float *restrict delta, const float *restrict uniform, int64_t width,
+                      int64_t row_start, int64_t row_end, float low, float epsilon, float density) {
+    uint32_t *keys = malloc(2 * (size_t)width * sizeof *keys);
+    uint32_t *order = malloc(2 * (size_t)width * sizeof *order);
+    int64_t *counts = malloc(DIGITS * sizeof *counts);
+    if (keys == NULL || order == NULL || counts == NULL) {
+        free(keys);
+        free(order);
+        free(counts);
+        return -1;
+    }
+    const float span = (float)(width - 1);
+    for (int64_t row = row_start; row < row_end; row++) {
+        float *values = delta + row * width;
+        const float *draws = uniform + row * width;
+        uint32_t *key_in = keys, *key_out = keys + width;
+        uint32_t *order_in = order, *order_out = order + width;
+        for (int64_t j = 0; j < width; j++) {
+            key_in[j] = magnitude_bits(values[j]);
+            order_in[j] = (uint32_t)j;
+        }
+        for (int shift = 0; shift < 31; shift += DIGIT_BITS) {
+            memset(counts, 0, DIGITS * sizeof *counts);
+            for (int64_t j = 0; j < width; j++) counts[(key_in[j] >> shift) & (DIGITS - 1)]++;
+            if (counts[(key_in[0] >> shift) & (DIGITS - 1)] == width) continue; /* all alike */
+            int64_t total = 0;
+            for (int64_t d = 0; d < DIGITS; d++) {
+                int64_t here = counts[d];
+                counts[d] = total;
+                total += here;
+            }
+            for (int64_t j = 0; j < width; j++) {
+                int64_t at = counts[(key_in[j] >> shift) & (DIGITS - 1)]++;
+                key_out[at] = key_in[j];
+                order_out[at] = order_in[j];
+            }
+            uint32_t *swap = key_in;
+            key_in = key_out;
+            key_out = swap;
+            swap = order_in;
+            order_in = order_out;
+            order_out = swap;
+        }
+        for (int64_t rank = 0; rank < width; rank++) {
+            uint32_t j = order_in[rank];
+            float p;
+            if (width > 1) {
+                p = (float)rank / span;
+                p = p * 2.0f;
+                p = p * epsilon;
+                p = p + low;
+            } else {
+                p = density;
+            }
+            if (!(draws[j] < p)) values[j] = values[j] * 0.0f; /* as torch's mul_: -0, NaN */
+        }
+    }
+    free(keys);
+    free(order);
+    free(counts);
+    return 0;
+}

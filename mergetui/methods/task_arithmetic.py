@@ -286,11 +286,12 @@ def della_prune_(
     p = density − ε + 2ε·r/(n−1), so the smallest are kept least often and the mean is density.
 
     Ranks come from one stable sort per row (equal magnitudes rank in index order, where mergekit's
-    unstable double argsort ranks them arbitrarily); a row of one entry has p = density (mergekit
-    fails there). Entry j is kept when u_j < p_j, u drawn from ``generator`` in row-major order
-    block by block, so a seed gives the same mask on every device and thread count. With
-    ``rescale`` the kept entries are scaled to the task vector's L1 norm (a whole-tensor
-    statistic; everything else is row-local).
+    unstable double argsort ranks them arbitrarily): on float32 CPU tensors a radix sort in the C
+    loops, threads over rows (``native.mt_della_rows``), elsewhere ``torch.sort``; both give the
+    same bits. A row of one entry has p = density (mergekit fails there). Entry j is kept when
+    u_j < p_j, u drawn from ``generator`` in row-major order block by block, so a seed gives the
+    same mask on every device and thread count. With ``rescale`` the kept entries are scaled to
+    the task vector's L1 norm (a whole-tensor statistic; everything else is row-local).
     """
     if density >= 1.0:
         return delta
@@ -301,7 +302,12 @@ def della_prune_(
     l1_before = _l1(_flat(delta)) if rescale else 0.0
     step = max(1, CHUNK // max(width, 1))
     positions = torch.arange(width, dtype=torch.int64, device=delta.device)
+    library = native.available_for(rows)
     for block in rows.split(step):
+        if library is not None:
+            uniform = torch.rand(block.numel(), generator=generator, dtype=torch.float32)
+            _della_rows_native(library, block, uniform, density, epsilon)
+            continue
         order = torch.sort(block.abs(), dim=1, stable=True).indices
         ranks = torch.empty(block.shape, dtype=torch.float32, device=delta.device)
         ranks.scatter_(1, order, positions.to(torch.float32).expand_as(ranks))
@@ -321,6 +327,23 @@ def della_prune_(
         if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
             delta.mul_(l1_before / l1_after)
     return delta
+
+
+def _della_rows_native(
+    library: Any, block: torch.Tensor, uniform: torch.Tensor, density: float, epsilon: float
+) -> None:
+    """One block of rows through the C loops, the rows split across the worker threads."""
+    width = block.shape[1]
+
+    def rows(start: int, end: int) -> None:
+        status = library.mt_della_rows(
+            block.data_ptr(), uniform.data_ptr(), width, start, end,
+            density - epsilon, epsilon, density,
+        )  # fmt: skip
+        if status != 0:
+            raise MemoryError(f"out of memory for DELLA's rank buffers ({width} entries a row)")
+
+    native.parallel(rows, block.shape[0], align=1)
 
 
 def _as_rows(delta: torch.Tensor) -> torch.Tensor:
