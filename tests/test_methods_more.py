@@ -318,3 +318,19 @@ def test_every_method_declares_how_it_divides_and_the_statistics_are_real() -> N
             ]
         )
         assert not torch.equal(halves, whole), name
+
+
+@pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.01), (0.3, 0.2), (0.9, 0.05), (0.2, 0.0)])
+def test_breadcrumbs_across_chunks_with_many_ties_equals_a_full_sort(
+    density: float, gamma: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Equal magnitudes at a bound that span several chunks are ranked in index order across
+    them (bf16-rounded values repeat a lot; chunks of 64 entries)."""
+    from mergetui.methods import task_arithmetic
+
+    monkeypatch.setattr(task_arithmetic, "CHUNK", 64)
+    generator = torch.Generator().manual_seed(11)
+    delta = (torch.randn(41, 23, generator=generator) * 4).round() / 4
+    expected = sorted_reference(delta, density, gamma)
+    kept = task_arithmetic.outlier_prune_(delta.clone(), density, gamma, rescale=False)
+    assert torch.equal(kept, expected)

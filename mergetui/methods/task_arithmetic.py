@@ -230,24 +230,51 @@ def outlier_prune_(
     return delta
 
 
+def _kth_largest_value(flat: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest |x|: by the C loops' selection on float32 CPU tensors, else by
+    :func:`kth_largest_magnitude`; the same exact value either way."""
+    library = native.available_for(flat)
+    if library is None:
+        return kth_largest_magnitude(flat, k)[0]
+    step = _SAMPLE_STEP if flat.numel() >= 64 * _SAMPLE_STEP * 1024 else 1
+    sample = _magnitude_bits(flat[::step].contiguous())
+    pattern, _ = _native_kth(library, flat, k, sample, step)
+    return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0]
+
+
 def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
     """Zero every entry whose rank by ascending magnitude is outside ``[start, start + count)``;
-    equal magnitudes rank in index order."""
+    equal magnitudes rank in index order.
+
+    The magnitudes at the two bounds come from the radix selection TIES uses
+    (:func:`kth_largest_magnitude`); one chunked pass counts the entries below each bound, and one
+    keeps the entries strictly between them plus, at each bound, those of its equal entries whose
+    rank (counted in index order across the chunks) falls inside the range. No sort, no copy.
+    """
+    total = flat.numel()
     if count <= 0:
         flat.zero_()
         return
-    if start == 0 and count >= flat.numel():
+    stop = min(start + count, total)
+    if start == 0 and stop >= total:
         return
-    magnitude = flat.abs()
-    low = magnitude.kthvalue(start + 1).values
-    high = magnitude.kthvalue(start + count).values
-    keep = (magnitude > low) & (magnitude < high)
-    for bound in {float(low), float(high)}:
-        equal = magnitude == bound
-        below = int(torch.count_nonzero(magnitude < bound))
-        ranks = torch.cumsum(equal, 0).add_(below - 1)
-        keep |= equal & (ranks >= start) & (ranks < start + count)
-    flat.masked_fill_(~keep, 0.0)
+    low = _kth_largest_value(flat, total - start)  # the magnitude of ascending rank start
+    high = _kth_largest_value(flat, total - stop + 1)  # ... and of rank stop - 1
+    bounds = [low] if bool(low == high) else [low, high]
+    below = [0] * len(bounds)
+    for chunk in _chunks(flat):
+        magnitude = chunk.abs()
+        for index, bound in enumerate(bounds):
+            below[index] += int(torch.count_nonzero(magnitude < bound))
+    for chunk in _chunks(flat):
+        magnitude = chunk.abs()
+        keep = (magnitude > low) & (magnitude < high)
+        for index, bound in enumerate(bounds):
+            equal = magnitude == bound
+            ranks = torch.cumsum(equal, 0).add_(below[index] - 1)
+            keep |= equal & (ranks >= start) & (ranks < stop)
+            below[index] += int(torch.count_nonzero(equal))  # later chunks rank after these
+        chunk.masked_fill_(~keep, 0.0)
 
 
 def random_drop_(
