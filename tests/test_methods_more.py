@@ -334,3 +334,38 @@ def test_breadcrumbs_across_chunks_with_many_ties_equals_a_full_sort(
     expected = sorted_reference(delta, density, gamma)
     kept = task_arithmetic.outlier_prune_(delta.clone(), density, gamma, rescale=False)
     assert torch.equal(kept, expected)
+
+
+def karcher_reference(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:
+    """mergekit 0.1.5's karcher, literally: every step run until ``tol`` or ``max_iter``."""
+    norms = [torch.linalg.vector_norm(t) for t in tensors]
+    units = [t / n for t, n in zip(tensors, norms, strict=True)]
+    mean = sum(u / len(units) for u in units)
+    mean = mean / torch.linalg.vector_norm(mean)
+    for _ in range(max_iter):
+        tangent = torch.zeros_like(mean)
+        for unit in units:
+            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
+            theta = torch.arccos(dot)
+            if float(theta) >= tol:
+                tangent += (1 / len(units)) * (theta / torch.sin(theta)) * (unit - dot * mean)
+        size = torch.linalg.vector_norm(tangent)
+        if float(size) < tol:
+            break
+        mean = torch.cos(size) * mean + torch.sin(size) * (tangent / size)
+        mean = mean / torch.linalg.vector_norm(mean)
+    return sum(n / len(norms) for n in norms) * mean
+
+
+@pytest.mark.parametrize("spread", [0.5, 0.01, 1e-4])
+def test_karcher_stopping_when_steps_stop_shrinking_agrees_with_running_every_step(
+    spread: float,
+) -> None:
+    """With a tol float32 cannot reach, mergekit runs all max_iter steps; mergetui stops once a
+    step is no shorter than the last, at rounding noise: the results agree to float32 precision."""
+    generator = torch.Generator().manual_seed(12)
+    centre = torch.randn(64, 48, generator=generator)
+    models = [centre + spread * torch.randn(64, 48, generator=generator) for _ in range(3)]
+    expected = karcher_reference(models, max_iter=50, tol=1e-12)
+    out = run("karcher", None, models, max_iter=50, tol=1e-12)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)

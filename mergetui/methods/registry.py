@@ -374,7 +374,7 @@ METHODS: dict[str, MethodSpec] = {
             kernel=f"{_TA_KERNELS}:breadcrumbs",
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
-            work_buffers=2,
+            work_buffers=0,
             blocks=Blocks("elements", (_OUTLIER_STATISTIC, _RESCALE_STATISTIC)),
         ),
         MethodSpec(
@@ -385,7 +385,7 @@ METHODS: dict[str, MethodSpec] = {
             kernel=f"{_TA_KERNELS}:breadcrumbs_ties",
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
-            work_buffers=2,
+            work_buffers=0,
             blocks=Blocks("elements", (_OUTLIER_STATISTIC, _RESCALE_STATISTIC)),
         ),
         MethodSpec(
