@@ -173,6 +173,7 @@ def test_methods_lists_registry() -> None:
     assert listed == mergekit_015
     assert "density (float in (0, 1]" in result.stdout
     assert "epsilon (float in [0, 1), default 0.15, per model)" in result.stdout
+    assert "merge.base optional (given, the models are merged as task vectors" in result.stdout
 
 
 @pytest.mark.timeout(3600)  # when no demo run has trained the shared models yet, it trains them

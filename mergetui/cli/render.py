@@ -135,15 +135,14 @@ def render_methods(console: Console, only: MethodSpec | None = None) -> None:
     for spec in [only] if only else METHODS.values():
         console.print(f"[bold]{spec.name}[/bold] — {escape(spec.summary)}")
         lines = [f"  when: {spec.when_to_use}"]
-        needs = (
-            "merge.base + "
-            if spec.needs_base
-            else "(merge.base, which the math uses when given) + "
-            if spec.optional_base
-            else ""
-        )
+        needs = "merge.base + " if spec.needs_base else ""
         lines.append(
             f"  models: {needs}{spec.model_count_text()} under [[models]]"
+            + (
+                "; merge.base optional (given, the models are merged as task vectors against it)"
+                if spec.optional_base
+                else ""
+            )
             + ("; randomised (uses merge.seed)" if spec.randomized else "")
         )
         for param in spec.params:
