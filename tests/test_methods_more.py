@@ -369,3 +369,21 @@ def test_karcher_stopping_when_steps_stop_shrinking_agrees_with_running_every_st
     expected = karcher_reference(models, max_iter=50, tol=1e-12)
     out = run("karcher", None, models, max_iter=50, tol=1e-12)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("spread", [0.5, 0.01])
+def test_karcher_c_loops_give_the_torch_paths_bits(
+    spread: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mergetui.methods import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here")
+    generator = torch.Generator().manual_seed(13)
+    centre = torch.randn(300, 70, generator=generator)
+    models = [centre + spread * torch.randn(300, 70, generator=generator) for _ in range(3)]
+    results = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MERGETUI_NATIVE", mode)
+        results.append(run("karcher", None, models, max_iter=20, tol=1e-9).view(torch.int32))
+    assert torch.equal(results[0], results[1])

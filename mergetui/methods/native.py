@@ -97,6 +97,8 @@ def _declare(library: ctypes.CDLL) -> None:
             _I64,
             [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float],
         ),
+        "mt_karcher_term": (None, [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, ctypes.c_float]),
+        "mt_add_scaled": (None, [_PTR, _PTR, _I64, _I64, ctypes.c_float]),
         "mt_ties_elect": (
             None,
             [_PTR, _PTR, ctypes.c_int32, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int32,
