@@ -387,3 +387,19 @@ def test_karcher_c_loops_give_the_torch_paths_bits(
         monkeypatch.setenv("MERGETUI_NATIVE", mode)
         results.append(run("karcher", None, models, max_iter=20, tol=1e-9).view(torch.int32))
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("method", ["ram", "ramplus_tl"])
+def test_ram_in_small_chunks_gives_the_same_bits(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunks only bound the temporaries: ramplus_tl's whole-tensor counts come first."""
+    from mergetui.methods import ram as ram_module
+
+    generator = torch.Generator().manual_seed(14)
+    base = torch.randn(33, 29, generator=generator)
+    models = [base + 0.1 * torch.randn(33, 29, generator=generator) ** 3 for _ in range(3)]
+    params = {"epsilon": 0.01, "r": 0.5, "alpha": 5.0} if method == "ramplus_tl" else {}
+    whole = run(method, base, models, **params)
+    monkeypatch.setattr(ram_module, "CHUNK", 100)
+    assert torch.equal(run(method, base, models, **params), whole)

@@ -5,6 +5,9 @@ exactly one model changed it, that model's change is kept as it is; where severa
 changes are averaged; where none did, the base stays. ``ramplus_tl`` also scales each model's
 unique changes up by how much of its change the others share (at most ``1 + r·alpha``).
 mergekit 0.1.5's ``ram`` and ``ramplus_tl``, in float32.
+
+Everything is per element but ramplus_tl's scales, which count over the whole tensor: the work
+runs in chunks (one counting pass first for ramplus_tl), so the temporaries are chunk-sized.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from mergetui.methods.inputs import TensorInputs
+from mergetui.methods.task_arithmetic import CHUNK
 
 
 def ram(inputs: TensorInputs) -> torch.Tensor:
@@ -27,39 +31,53 @@ def _ram(inputs: TensorInputs, plus: bool) -> torch.Tensor:
     if not inputs.models:
         return base
     epsilon = float(inputs.params.get("epsilon", 1e-5))
-    deltas = [model.sub_(base) for model in inputs.models]
-    changed = [delta.abs() > epsilon for delta in deltas]
-    counts = torch.zeros(base.shape, dtype=torch.int32, device=base.device)
+    deltas = [model.sub_(base).view(-1) for model in inputs.models]
+    scales = _unique_scales(inputs, deltas, epsilon) if plus else None
+    flat_base = base.view(-1)
+    for start in range(0, flat_base.numel(), CHUNK):
+        parts = [delta[start : start + CHUNK] for delta in deltas]
+        changed, counts = _masks(parts, epsilon)
+        unique, shared = counts == 1, counts > 1
+        divisor = counts.clamp_(min=1).to(parts[0].dtype)
+        merged = torch.zeros_like(parts[0])
+        for index, (part, mask) in enumerate(zip(parts, changed, strict=True)):
+            part.mul_(mask)
+            unique_part = part * unique
+            if scales is not None:
+                unique_part.mul_(scales[index])
+            merged.add_(unique_part.add_(part.mul_(shared).div_(divisor)))
+        flat_base[start : start + CHUNK].add_(merged)
+    return base
+
+
+def _masks(parts: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Per model where it changed, and how many models changed each entry."""
+    changed = [part.abs() > epsilon for part in parts]
+    counts = torch.zeros(parts[0].shape, dtype=torch.int32, device=parts[0].device)
     for mask in changed:
         counts.add_(mask)
-    unique = counts == 1
-    shared = counts > 1
-    divisor = counts.clamp_(min=1).to(base.dtype)
-    scales = _unique_scales(inputs, changed, unique, shared) if plus else None
-    merged = torch.zeros_like(base)
-    for index, (delta, mask) in enumerate(zip(deltas, changed, strict=True)):
-        delta.mul_(mask)
-        unique_part = delta * unique
-        if scales is not None:
-            unique_part.mul_(scales[index])
-        merged.add_(unique_part.add_(delta.mul_(shared).div_(divisor)))
-    return base.add_(merged)
+    return changed, counts
 
 
 def _unique_scales(
-    inputs: TensorInputs,
-    changed: list[torch.Tensor],
-    unique: torch.Tensor,
-    shared: torch.Tensor,
+    inputs: TensorInputs, deltas: list[torch.Tensor], epsilon: float
 ) -> list[torch.Tensor]:
     """Per model λ = 1 + r·clamp(S/max(U, ε), 0, alpha), S and U the counts of its changes that
     others share and that are its alone (float32, as mergekit computes them)."""
     r = float(inputs.params.get("r", 0.1))
     alpha = float(inputs.params.get("alpha", 0.2))
-    epsilon = float(inputs.params.get("epsilon", 1e-5))
+    shared_counts = [0] * len(deltas)
+    unique_counts = [0] * len(deltas)
+    for start in range(0, deltas[0].numel(), CHUNK):
+        changed, counts = _masks([d[start : start + CHUNK] for d in deltas], epsilon)
+        unique, shared = counts == 1, counts > 1
+        for index, mask in enumerate(changed):
+            shared_counts[index] += int(torch.count_nonzero(mask & shared))
+            unique_counts[index] += int(torch.count_nonzero(mask & unique))
     scales = []
-    for mask in changed:
-        shared_count = torch.tensor(float(torch.count_nonzero(mask & shared)))
-        unique_count = torch.tensor(float(torch.count_nonzero(mask & unique))).clamp(min=epsilon)
-        scales.append(1 + r * (shared_count / unique_count).clamp(min=0, max=alpha))
+    for shared_count, unique_count in zip(shared_counts, unique_counts, strict=True):
+        ratio = torch.tensor(float(shared_count)) / torch.tensor(float(unique_count)).clamp(
+            min=epsilon
+        )
+        scales.append(1 + r * ratio.clamp(min=0, max=alpha))
     return scales
