@@ -601,7 +601,7 @@ METHODS: dict[str, MethodSpec] = {
             kernel="mergetui.methods.ram:ram",
             params=(_RAM_EPSILON,),
             needs_base=True,
-            work_buffers=4,
+            work_buffers=0,
         ),
         MethodSpec(
             name="ramplus_tl",
@@ -628,7 +628,7 @@ METHODS: dict[str, MethodSpec] = {
                 _RAM_EPSILON,
             ),
             needs_base=True,
-            work_buffers=4,
+            work_buffers=0,
             blocks=Blocks("elements", ("each model's counts of unique and shared changes",)),
         ),
         MethodSpec(
