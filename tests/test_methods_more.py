@@ -403,3 +403,20 @@ def test_ram_in_small_chunks_gives_the_same_bits(
     whole = run(method, base, models, **params)
     monkeypatch.setattr(ram_module, "CHUNK", 100)
     assert torch.equal(run(method, base, models, **params), whole)
+
+
+def test_keep_largest_gives_the_same_entries_on_both_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SCE's top-k of the variance and TIES' magnitude prune share this selection; the C loops'
+    and the torch path keep the same entries, ties at the threshold lowest index first."""
+    from mergetui.methods import native, task_arithmetic
+
+    if native.library() is None:
+        pytest.skip("no C compiler here")
+    generator = torch.Generator().manual_seed(15)
+    values = (torch.randn(301, 37, generator=generator) * 4).round() / 4  # many equal values
+    kept = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MERGETUI_NATIVE", mode)
+        kept.append(task_arithmetic.keep_largest_(values.clone(), 2000))
+    assert torch.equal(kept[0], kept[1])
+    assert int(torch.count_nonzero(kept[0])) == 2000

@@ -188,7 +188,7 @@ def keep_largest_(tensor: torch.Tensor, keep_count: int) -> torch.Tensor:
     """Zero all but the ``keep_count`` (>= 1) largest-magnitude entries of ``tensor``, in place:
     the threshold by selection, entries equal to it kept lowest index first."""
     flat = _flat(tensor)
-    threshold, greater = kth_largest_magnitude(flat, keep_count)
+    threshold, greater = _kth_largest(flat, keep_count)
     ties_to_keep = keep_count - greater
     for chunk in _chunks(flat):
         magnitude = chunk.abs()
@@ -230,16 +230,16 @@ def outlier_prune_(
     return delta
 
 
-def _kth_largest_value(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest |x|: by the C loops' selection on float32 CPU tensors, else by
-    :func:`kth_largest_magnitude`; the same exact value either way."""
+def _kth_largest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+    """The k-th largest |x| and how many |x| are larger: by the C loops' selection on float32 CPU
+    tensors, else by :func:`kth_largest_magnitude`; the same exact answer either way."""
     library = native.available_for(flat)
     if library is None:
-        return kth_largest_magnitude(flat, k)[0]
+        return kth_largest_magnitude(flat, k)
     step = _SAMPLE_STEP if flat.numel() >= 64 * _SAMPLE_STEP * 1024 else 1
     sample = _magnitude_bits(flat[::step].contiguous())
-    pattern, _ = _native_kth(library, flat, k, sample, step)
-    return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0]
+    pattern, greater = _native_kth(library, flat, k, sample, step)
+    return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0], greater
 
 
 def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
@@ -258,8 +258,8 @@ def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
     stop = min(start + count, total)
     if start == 0 and stop >= total:
         return
-    low = _kth_largest_value(flat, total - start)  # the magnitude of ascending rank start
-    high = _kth_largest_value(flat, total - stop + 1)  # ... and of rank stop - 1
+    low, _ = _kth_largest(flat, total - start)  # the magnitude of ascending rank start
+    high, _ = _kth_largest(flat, total - stop + 1)  # ... and of rank stop - 1
     bounds = [low] if bool(low == high) else [low, high]
     below = [0] * len(bounds)
     for chunk in _chunks(flat):
