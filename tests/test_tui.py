@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from conftest import MergeGate, ties_recipe, tree_digest
@@ -414,6 +415,15 @@ async def _quit_cancel_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     assert not (tmp_path / "merged").exists()
 
 
+async def _wait_for(pilot: object, condition: Callable[[], bool], what: str = "") -> None:
+    """Pause until ``condition`` holds; a generous hang detector, not a timing assertion."""
+    for _ in range(600):
+        if condition():
+            return
+        await pilot.pause(0.05)  # type: ignore[attr-defined]
+    raise AssertionError(f"still waiting after 30 s {what}")
+
+
 def test_the_draft_is_autosaved_and_offered_back(tmp_path: Path, models: dict[str, Path]) -> None:
     asyncio.run(_autosave_flow(tmp_path, models))
 
@@ -427,8 +437,7 @@ async def _autosave_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause(app.AUTOSAVE_S + 0.5)  # the app ends abruptly, without quitting
     again = create_app(tmp_path)
     async with again.run_test(size=(100, 36)) as pilot:
-        await pilot.pause()
-        assert isinstance(again.screen, ChoiceScreen)
+        await _wait_for(pilot, lambda: isinstance(again.screen, ChoiceScreen))
         again.screen.query_one("#choice-restore", Button).press()
         await pilot.pause()
         assert again.draft.base == str(models["base"])
@@ -437,8 +446,7 @@ async def _autosave_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         assert again.screen.query_one("#base", Input).value == str(models["base"])
     declined = create_app(tmp_path)
     async with declined.run_test(size=(100, 36)) as pilot:
-        await pilot.pause()
-        assert isinstance(declined.screen, ChoiceScreen)
+        await _wait_for(pilot, lambda: isinstance(declined.screen, ChoiceScreen))
         await pilot.press("escape")  # the safe answer: start afresh, and forget it
         await pilot.pause()
         assert declined.draft.models == []

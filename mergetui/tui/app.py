@@ -123,7 +123,12 @@ class MergeTuiApp(App[None]):
         def answer(choice: str | None) -> None:
             if choice == "restore":
                 self.draft = saved
-                self.switch_screen(ModelsScreen())
+                # the models screen shows it in place: switching screens races Textual's Header,
+                # whose title watcher on the screen being removed then finds no HeaderTitle
+                if isinstance(self.screen, ModelsScreen):
+                    self.screen.show_draft()
+                else:
+                    self.switch_screen(ModelsScreen())
                 self.notify("restored the autosaved recipe")
             else:
                 RecipeDraft.discard_autosave()

@@ -108,10 +108,19 @@ Ctrl+N checks compatibility, before any weight is read.
         yield Footer()
 
     def on_mount(self) -> None:
+        self.query_one("#chosen", DataTable).add_columns("#", "model", "LoRA")
+        self.show_draft()
+        self.query_one("#cached", DataTable).add_columns("model", "revision", "size", "offline")
+        self.query_one("#hub-results", DataTable).add_columns(
+            "model", "task", "parameters", "downloads"
+        )
+        self.query_one("#base", Input).focus()
+        self.load_cache()
+
+    def show_draft(self) -> None:
+        """Fill the fields from the app's draft (on mount, and when a saved draft is restored)."""
         draft = self.draft
         self.query_one("#base", Input).value = draft.base
-        chosen = self.query_one("#chosen", DataTable)
-        chosen.add_columns("#", "model", "LoRA")
         self._refresh_chosen()
         note = self.query_one("#slices-note", Static)
         note.display = bool(draft.slices)
@@ -122,12 +131,6 @@ Ctrl+N checks compatibility, before any weight is read.
                     "method step shows them:\n" + "\n".join(draft.slice_lines())
                 )
             )
-        self.query_one("#cached", DataTable).add_columns("model", "revision", "size", "offline")
-        self.query_one("#hub-results", DataTable).add_columns(
-            "model", "task", "parameters", "downloads"
-        )
-        self.query_one("#base", Input).focus()
-        self.load_cache()
 
     # -- the chosen models -------------------------------------------------------------------------
     def _refresh_chosen(self, select: int | None = None) -> None:
