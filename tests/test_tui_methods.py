@@ -121,6 +121,9 @@ async def _forms(tmp_path: Path, models: dict[str, Path]) -> None:
         assert "alpha = 0.5" in str(preview.render())
 
         screen.query_one("#method", Select).value = "della_linear"
-        await pilot.pause()
+        for _ in range(600):  # a hang detector: the preview follows the form's rebuild
+            await pilot.pause(0.05)
+            if 'method = "della_linear"' in str(preview.render()):
+                break
         assert screen.query_one("#m1-epsilon", Input)
         assert 'method = "della_linear"' in str(preview.render())
