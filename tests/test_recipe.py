@@ -722,9 +722,13 @@ def test_tokenizer_may_be_base_or_a_model() -> None:
 
 def test_tokenizer_must_be_base_or_a_model() -> None:
     message = only_problem(TIES.replace('tokenizer = "base"', 'tokenizer = "./models/ft-mth"'))
-    assert message.startswith("merge.tokenizer: './models/ft-mth' is neither \"base\" nor a model")
+    assert message.startswith(
+        "merge.tokenizer: './models/ft-mth' is neither \"base\", \"union\" nor a model"
+    )
     assert "(did you mean `./models/ft-math`?)" in message
-    assert 'use "base" or one of the [[models]] `model` values' in message
+    assert 'use "base", "union", "models[i]" or a model\'s `model` value' in message
+    message = only_problem(TIES.replace('tokenizer = "base"', 'tokenizer = "unoin"'))
+    assert "(did you mean `union`?)" in message
     # the base path itself is not a model of the recipe: "base" is how to name it
     message = only_problem(TIES.replace('tokenizer = "base"', 'tokenizer = "./models/base"'))
     assert message.startswith("merge.tokenizer: './models/base' is neither")

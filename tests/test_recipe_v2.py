@@ -542,8 +542,12 @@ def test_chat_template_is_written_and_loads(models: dict[str, Path], tmp_path: P
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ("llama3", "merge.chat_template: mergekit's built-in 'llama3' template is not shipped"),
-        ("chatlm", "merge.chat_template: 'chatlm' is neither auto, chatml, a .jinja file nor"),
+        ("mistral", "merge.chat_template: mergekit's built-in 'mistral' template is not shipped"),
+        (
+            "chatlm",
+            "merge.chat_template: 'chatlm' is neither auto, base, models[i], chatml, llama3, a "
+            ".jinja file nor",
+        ),
     ],
 )
 def test_bad_chat_template_names(value: str, expected: str) -> None:

@@ -5,7 +5,9 @@ copied). With it:
 
 - ``auto``: the template most of the models share (the first one seen wins a tie; base first, then
   the models in recipe order), as mergekit's ``auto`` does, but in a fixed order;
+- ``base`` / ``models[i]``: that model's own template;
 - ``chatml``: the ChatML format (``<|im_start|>role ... <|im_end|>``);
+- ``llama3``: Llama 3's format (``<|start_header_id|>role<|end_header_id|> ... <|eot_id|>``);
 - a path ending in ``.jinja`` (recipe-relative): that file's text;
 - anything else: the Jinja template text itself.
 
@@ -19,6 +21,9 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mergetui.recipe.vocab import model_index
+from mergetui.sources.chat_template import template_of
+
 if TYPE_CHECKING:
     from mergetui.engine.plan import Source
     from mergetui.recipe.schema import Recipe
@@ -29,31 +34,19 @@ CHATML = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-BUILT_IN = {"chatml": CHATML}
-
-
-def template_of(directory: Path) -> str | None:
-    """A model's chat template: ``chat_template.jinja``, else ``chat_template.json``, else the
-    ``chat_template`` of ``tokenizer_config.json`` (a dict of named templates gives ``default``)."""
-    jinja = directory / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    for name in ("chat_template.json", "tokenizer_config.json"):
-        path = directory / name
-        if not path.is_file():
-            continue
-        try:
-            value = json.loads(path.read_text(encoding="utf-8")).get("chat_template")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if isinstance(value, list):  # [{"name": ..., "template": ...}, ...]
-            named = {
-                item.get("name"): item.get("template") for item in value if isinstance(item, dict)
-            }
-            value = named.get("default")
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
+#: Llama 3's header/turn format: each message is ``<|start_header_id|>role<|end_header_id|>``, a
+#: blank line, the content and ``<|eot_id|>``, after ``<|begin_of_text|>``.
+LLAMA3 = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' "
+    "+ message['content'] | trim + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+BUILT_IN = {"chatml": CHATML, "llama3": LLAMA3}
 
 
 def resolve_chat_template(recipe: Recipe, sources: list[Source]) -> tuple[str | None, list[str]]:
@@ -73,6 +66,28 @@ def resolve_chat_template(recipe: Recipe, sources: list[Source]) -> tuple[str | 
         return next(t for t in found if counts[t] == best), []
     if setting in BUILT_IN:
         return BUILT_IN[setting], []
+    if setting == "base" or model_index(setting) is not None:
+        role = "base" if setting == "base" else setting
+        source = next((s for s in sources if s.role == role), None)
+        if source is None or source.checkpoint.remote:
+            return None, [
+                f"merge.chat_template = {setting}: its files are not here yet; checked "
+                "when the model is downloaded"
+            ]
+        template = template_of(source.checkpoint.directory)
+        if template is None:
+            have = [
+                s.role
+                for s in sources
+                if not s.checkpoint.remote and template_of(s.checkpoint.directory)
+            ]
+            hint = f"; {', '.join(have)} has one" if have else ""
+            raise ValueError(
+                f"merge.chat_template = {setting}: {source.label} has no chat template "
+                f"(no chat_template.jinja, nor one in tokenizer_config.json){hint}; choose "
+                "another model, chatml, llama3 or a .jinja file"
+            )
+        return template, []
     if setting.endswith(".jinja"):
         return recipe.resolve_path(setting).read_text(encoding="utf-8"), []
     return setting, []

@@ -17,6 +17,7 @@ opened for reading, and an output folder that overlaps a source is refused up fr
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import shutil
@@ -39,6 +40,7 @@ from mergetui.engine.progress import (
     peak_rss,
 )
 from mergetui.engine.report import plan_event
+from mergetui.engine.vocabulary import align_rows
 from mergetui.engine.writer import OutputTensor, ShardedWriter
 from mergetui.errors import (
     CompatibilityError,
@@ -288,21 +290,39 @@ class _Run:
             self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
             return _Loaded(tensor, raw=raw)
         plan = self.plan
-        nbytes = tensor.numel * 4 * len(tensor.reads)
+        shapes = [self._stored_shape(tensor, read) for read in tensor.reads]
+        nbytes = sum(math.prod(shape) for shape in shapes) * 4
         if not self.buffers.reserve(nbytes, self.cancel):
             return None
         loaded = _Loaded(tensor, reserved_bytes=nbytes)
-        for read in tensor.reads:
-            buffer = self.buffers.take(tensor.shape, plan.device)
+        values: dict[TensorInput, torch.Tensor] = {}
+        for read, shape in zip(tensor.reads, shapes, strict=True):
+            buffer = self.buffers.take(shape, plan.device)
             loaded.buffers.append(buffer)
             source = self.by_role[read.role]
             self.bytes_read += source.checkpoint.read_into(read.name, buffer, staging)
-            value = buffer if source.lora is None else source.lora.apply(read.name, buffer)
+            values[read] = buffer if source.lora is None else source.lora.apply(read.name, buffer)
+        if tensor.vocabulary is not None:
+            # rows in the output vocabulary's order: new tensors; the stored ones go back now
+            aligned = align_rows(
+                tensor.vocabulary, {read.role: values[read] for read in tensor.reads}, tensor.name
+            )
+            values = {read: aligned[read.role] for read in tensor.reads}
+            self.buffers.release(loaded.buffers, loaded.reserved_bytes)
+            loaded.buffers.clear()
+            loaded.reserved_bytes = 0
+        for read in tensor.reads:
             if read is tensor.base:
-                loaded.base = value
-            else:
-                loaded.models.append(value)
+                loaded.base = values[read]
+            elif read not in tensor.for_alignment:
+                loaded.models.append(values[read])
         return loaded
+
+    def _stored_shape(self, tensor: PlannedTensor, read: TensorInput) -> tuple[int, ...]:
+        """The shape ``read`` has on disk: the output's, except for rows not yet aligned."""
+        if tensor.vocabulary is None:
+            return tensor.shape
+        return self.by_role[read.role].checkpoint.tensors[read.name].shape
 
     # -- stage 3: writing ----------------------------------------------------------------------
     def _writer(

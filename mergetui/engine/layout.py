@@ -30,6 +30,7 @@ from mergetui.sources.checkpoint import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS
 
 if TYPE_CHECKING:
     from mergetui.engine.plan import Source
+    from mergetui.engine.vocabulary import VocabularyPlan
 
 _MAX_SAME_PROBLEMS = 3
 
@@ -64,6 +65,10 @@ class PlannedTensor:
     model_params: tuple[dict[str, Any], ...] = ()
     copy: bool = False
     layer: int | None = None
+    #: rows aligned to this output vocabulary before merging (None: rows merged as stored)
+    vocabulary: VocabularyPlan | None = None
+    #: inputs read only for the alignment's default rows (the base, for a method that ignores it)
+    for_alignment: tuple[TensorInput, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -71,8 +76,9 @@ class PlannedTensor:
 
     @property
     def reads(self) -> tuple[TensorInput, ...]:
-        """Every input, the base first."""
-        return ((self.base,) if self.base is not None else ()) + self.inputs
+        """Every input, the base first (then any read for the alignment only)."""
+        base = (self.base,) if self.base is not None else ()
+        return base + self.inputs + self.for_alignment
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,14 @@ from typing import TYPE_CHECKING
 
 from mergetui import __version__
 from mergetui.engine.chat_templates import write_chat_template
+from mergetui.errors import MergeFailed
 from mergetui.pauses import pause_point
 from mergetui.recipe.toml_io import recipe_to_toml
+from mergetui.sources.vocabulary import TOKENIZER_FILES
 
 if TYPE_CHECKING:
     from mergetui.engine.plan import MergePlan
+    from mergetui.engine.vocabulary import VocabularyPlan
 
 #: Files copied from the model chosen by ``merge.tokenizer`` when present.
 SUPPORT_FILES = (
@@ -34,6 +37,46 @@ SUPPORT_FILES = (
 RECIPE_FILE = "mergetui.toml"
 
 
+def write_tokenizer(vocabulary: VocabularyPlan, source_dir: Path, directory: Path) -> list[Path]:
+    """The output tokenizer when it gains tokens: the source's, loaded with transformers, the new
+    tokens added in the planned order (flags kept), saved. Every token must land on the id its row
+    was aligned to; anything else would scramble the model, so it is an error, not a warning."""
+    from tokenizers import AddedToken as Token
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(source_dir))
+    new: list[str | Token] = [
+        token
+        if info is None
+        else Token(
+            info.content,
+            single_word=info.single_word,
+            lstrip=info.lstrip,
+            rstrip=info.rstrip,
+            normalized=info.normalized,
+            special=info.special,
+        )
+        for token, info in vocabulary.new_tokens
+    ]
+    tokenizer.add_tokens(new)
+    ids = tokenizer.get_vocab()
+    wrong = [
+        (token, index, ids.get(token))
+        for index, token in enumerate(vocabulary.tokens)
+        if ids.get(token) != index
+    ]
+    if wrong:
+        shown = ", ".join(f"{t!r} at {got} (planned {want})" for t, want, got in wrong[:5])
+        raise MergeFailed(
+            f"the output tokenizer does not put {len(wrong)} token(s) where their rows were "
+            f"aligned: {shown}; this tokenizer ({type(tokenizer).__name__}) cannot take a union "
+            'here; use tokenizer = "base" or a model\'s'
+        )
+    before = set(directory.iterdir())
+    tokenizer.save_pretrained(str(directory))
+    return sorted(set(directory.iterdir()) - before)
+
+
 def write_support_files(
     plan: MergePlan, directory: Path, cancel: threading.Event | None = None
 ) -> list[Path]:
@@ -50,9 +93,14 @@ def write_support_files(
     written.append(config_path)
     pause_point("support-files", cancel)
     source_dir = plan.files_from.checkpoint.directory
+    vocabulary = plan.vocabulary
+    built = vocabulary is not None and vocabulary.builds_tokenizer
+    if built:
+        assert vocabulary is not None
+        written += write_tokenizer(vocabulary, source_dir, directory)
     for name in SUPPORT_FILES:
         source = source_dir / name
-        if source.is_file():
+        if source.is_file() and not (built and name in TOKENIZER_FILES):
             shutil.copyfile(source, directory / name)
             written.append(directory / name)
     if plan.chat_template is not None:

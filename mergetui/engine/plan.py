@@ -20,7 +20,13 @@ from mergetui.engine.layout import (
     layout_models,
     layout_slices,
 )
-from mergetui.errors import MergeTuiError
+from mergetui.engine.vocabulary import (
+    VocabularyPlan,
+    apply_to_layout,
+    check_template_tokens,
+    plan_vocabulary,
+)
+from mergetui.errors import MergeTuiError, SourceError
 from mergetui.methods.registry import MethodSpec, get_method
 from mergetui.recipe.schema import Recipe
 from mergetui.sources.checkpoint import Checkpoint
@@ -33,7 +39,6 @@ from mergetui.units import format_bytes
 BASELINE_RSS = 240 * 1024**2
 #: Staging buffers, output conversions in flight and the kernels' temporaries.
 FIXED_WORKING_BYTES = 48 * 1024**2
-_VOCAB_TENSOR_HINTS = ("embed", "lm_head", "wte", "word_embeddings", "output.weight")
 
 
 @dataclass
@@ -92,6 +97,8 @@ class MergePlan:
     layers: list[LayerOrigin] = field(default_factory=list)
     #: the chat template to write (``merge.chat_template``); None keeps the copied one
     chat_template: str | None = None
+    #: the output vocabulary and how each model's rows map to it (None: not planned)
+    vocabulary: VocabularyPlan | None = None
 
     @property
     def bytes_to_read(self) -> int:
@@ -192,10 +199,20 @@ def build_plan(
     assert method is not None  # guaranteed by recipe validation
     sources = open_sources(recipe, fetch=fetch, on_download=on_download)
     reference = sources[0]
+    problems: list[Problem] = []
+    vocabulary: VocabularyPlan | None = None
+    try:
+        vocabulary = plan_vocabulary(recipe, sources)
+        problems += [Problem(severity, message) for severity, message in vocabulary.problems]
+        problems += [Problem("warning", note) for note in vocabulary.notes]
+    except SourceError as exc:
+        problems.append(Problem("error", str(exc)))
     files_from = reference
-    if recipe.tokenizer != "base":
-        files_from = next(s for s in sources if s.ref.text == recipe.tokenizer and s.role != "base")
-    problems = check_compatibility(sources, same_depth=not recipe.slices)
+    if vocabulary is not None:
+        files_from = next(s for s in sources if s.role == vocabulary.tokenizer_from)
+    problems = (
+        check_compatibility(sources, same_depth=not recipe.slices, vocabulary=vocabulary) + problems
+    )
     out_dtype = recipe.dtype or reference.checkpoint.storage_dtype
     if out_dtype not in ("float32", "float16", "bfloat16"):
         out_dtype = "float32"
@@ -209,6 +226,7 @@ def build_plan(
         out_dtype=out_dtype,
         device=device or resolve_device(recipe.device),
         problems=problems,
+        vocabulary=vocabulary,
     )
     try:
         plan.chat_template, notes = resolve_chat_template(recipe, sources)
@@ -221,9 +239,18 @@ def build_plan(
                 "(relative to the recipe's folder)",
             )
         )
+    except ValueError as exc:
+        plan.problems.append(Problem("error", str(exc)))
+    _check_template_tokens(plan)
     layout = _layout(plan)
     plan.tensors = layout.tensors
+    if vocabulary is not None and not any(p.severity == "error" for p in plan.problems):
+        by_role = {s.role: s for s in sources}
+        out_size = _element_size(out_dtype)
+        plan.tensors = apply_to_layout(vocabulary, plan.tensors, by_role, out_size)
     plan.config_updates = layout.config_updates
+    if vocabulary is not None:
+        plan.config_updates.update(vocabulary_config(vocabulary, files_from))
     plan.layers = layout.layers
     plan.problems += [Problem(severity, message) for severity, message in layout.problems]
     plan.estimates = estimate(plan)
@@ -261,8 +288,53 @@ def _layout(plan: MergePlan) -> Layout:
     )
 
 
-def _is_vocab_tensor(name: str) -> bool:
-    return any(hint in name for hint in _VOCAB_TENSOR_HINTS)
+def _element_size(dtype: str) -> int:
+    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+def vocabulary_config(vocabulary: VocabularyPlan, files_from: Source) -> dict[str, Any]:
+    """config.json changes for the output vocabulary: ``vocab_size`` when the rows changed, and
+    ``tie_word_embeddings`` when the recipe changes it."""
+    updates: dict[str, Any] = {}
+    config = files_from.checkpoint.config
+    if vocabulary.tokens and vocabulary.rows and config.get("vocab_size") != vocabulary.rows:
+        updates["vocab_size"] = vocabulary.rows
+    if vocabulary.tied_changed:
+        updates["tie_word_embeddings"] = vocabulary.out_tied
+    return updates
+
+
+def _check_template_tokens(plan: MergePlan) -> None:
+    """Warn when the chat template the output gets names special tokens the output lacks."""
+    from mergetui.sources.chat_template import template_of
+
+    vocabulary = plan.vocabulary
+    if vocabulary is None:
+        return
+    template = plan.chat_template
+    if template is None and not plan.files_from.checkpoint.remote:
+        template = template_of(plan.files_from.checkpoint.directory)
+    if not template:
+        return
+    missing = check_template_tokens(template, vocabulary)
+    if missing:
+        holders = [
+            m.role
+            for m in vocabulary.models.values()
+            if m.vocabulary is not None and all(t in m.vocabulary.ids for t in missing)
+        ]
+        fix = (
+            f'tokenizer = "union" (or "{holders[0]}") brings them in'
+            if holders
+            else "add them with [merge.tokens] (a row from a model, or zero)"
+        )
+        plan.problems.append(
+            Problem(
+                "warning",
+                f"the output's chat template uses {', '.join(map(repr, missing))}, which the "
+                f"output vocabulary lacks: each would be split into several tokens; {fix}",
+            )
+        )
 
 
 def _names(names: list[str], limit: int = 5) -> str:
@@ -270,7 +342,9 @@ def _names(names: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
-def check_compatibility(sources: list[Source], same_depth: bool = True) -> list[Problem]:
+def check_compatibility(
+    sources: list[Source], same_depth: bool = True, vocabulary: VocabularyPlan | None = None
+) -> list[Problem]:
     """Every reason these models cannot be merged, from config.json and headers only: each model
     against the first (the reference), then each LoRA adapter against its model.
 
@@ -280,8 +354,10 @@ def check_compatibility(sources: list[Source], same_depth: bool = True) -> list[
     reference = sources[0]
     problems = _custom_code_warnings(sources)
     for source in sources[1:]:
-        check = _compare_with_reference if same_depth else _architecture_problem
-        problems += check(reference, source)
+        if same_depth:
+            problems += _compare_with_reference(reference, source, vocabulary)
+        else:
+            problems += _architecture_problem(reference, source)
     problems += _adapter_problems(sources)
     return problems
 
@@ -314,7 +390,9 @@ def _architecture_problem(reference: Source, source: Source) -> list[Problem]:
     return []
 
 
-def _compare_with_reference(reference: Source, source: Source) -> list[Problem]:
+def _compare_with_reference(
+    reference: Source, source: Source, vocabulary: VocabularyPlan | None
+) -> list[Problem]:
     """Architecture, depth, tensor names and shapes, vocabulary: ``source`` against the reference."""
     ref_ckpt, ckpt = reference.checkpoint, source.checkpoint
     different = _architecture_problem(reference, source)
@@ -343,13 +421,21 @@ def _compare_with_reference(reference: Source, source: Source) -> list[Problem]:
             )
         )
         return problems
-    return problems + _tensor_name_problems(reference, source) + _shape_problems(reference, source)
+    return (
+        problems
+        + _tensor_name_problems(reference, source, vocabulary)
+        + _shape_problems(reference, source, vocabulary)
+    )
 
 
-def _tensor_name_problems(reference: Source, source: Source) -> list[Problem]:
+def _tensor_name_problems(
+    reference: Source, source: Source, vocabulary: VocabularyPlan | None
+) -> list[Problem]:
     ref_tensors, tensors = reference.checkpoint.tensors, source.checkpoint.tensors
-    missing = [n for n in ref_tensors if n not in tensors]
-    extra = [n for n in tensors if n not in ref_tensors]
+    # a tied model stores no head: the vocabulary plan takes its embedding as its head
+    head = vocabulary.head_name if vocabulary is not None else None
+    missing = [n for n in ref_tensors if n not in tensors and n != head]
+    extra = [n for n in tensors if n not in ref_tensors and n != head]
     problems = []
     if missing:
         problems.append(
@@ -370,37 +456,29 @@ def _tensor_name_problems(reference: Source, source: Source) -> list[Problem]:
     return problems
 
 
-def _shape_problems(reference: Source, source: Source) -> list[Problem]:
-    """Shapes that differ; a difference in the vocabulary dimension only is said once, with the
-    vocabulary sizes and how to fix it."""
+def _shape_problems(
+    reference: Source, source: Source, vocabulary: VocabularyPlan | None
+) -> list[Problem]:
+    """Shapes that differ, outside the vocabulary-indexed tensors (whose rows the vocabulary plan
+    aligns, or says why it cannot)."""
     ref_ckpt, ckpt = reference.checkpoint, source.checkpoint
+    indexed: set[str] = set()
+    if vocabulary is not None:
+        for role in (reference.role, source.role):
+            model = vocabulary.models.get(role)
+            indexed |= set(model.tensors) if model is not None else set()
     problems = []
-    vocab_shapes = []
     for name, spec in ref_ckpt.tensors.items():
         other = ckpt.tensors.get(name)
         if other is None or other.shape == spec.shape:
             continue
-        if _is_vocab_tensor(name) and other.shape[1:] == spec.shape[1:]:
-            vocab_shapes.append(name)
+        if name in indexed and other.shape[1:] == spec.shape[1:]:
             continue
         problems.append(
             Problem(
                 "error",
                 f"shape mismatch in {name}: {reference.label} has {list(spec.shape)}, "
                 f"{source.label} has {list(other.shape)}",
-            )
-        )
-    ref_vocab = ref_ckpt.config_value("vocab_size")
-    vocab = ckpt.config_value("vocab_size")
-    if vocab_shapes or (ref_vocab != vocab and ref_vocab is not None and vocab is not None):
-        problems.append(
-            Problem(
-                "error",
-                f"vocabulary size mismatch: {reference.label} has {ref_vocab} tokens, {source.label} "
-                f"has {vocab} ({_names(vocab_shapes) or 'config.json'} differ). Rows of different "
-                "vocabularies cannot be averaged. Fix: merge only models that share the base's "
-                "tokenizer, or resize the model's embeddings to the base's vocabulary "
-                "(model.resize_token_embeddings) and re-save it, if its added tokens are not needed",
             )
         )
     return problems

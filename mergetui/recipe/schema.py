@@ -11,16 +11,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergetui.recipe.vocab import (
+    DEFAULT_MISSING_TOKENS,
+    TokenOverride,
+    VocabularySettings,
+    model_index,
+)
+
 #: The version written by this mergetui. Version 1 recipes (no gradients, filters or slices) are
 #: read unchanged and still written as version 1, so older mergetui releases replay them.
 RECIPE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_SHARD_SIZE = 2 * 1000**3
-#: ``merge.chat_template`` names; any other value is a ``.jinja`` file or the template text itself.
-CHAT_TEMPLATE_NAMES = ("auto", "chatml")
+#: ``merge.chat_template`` names (besides ``base`` and ``models[i]``); any other value is a
+#: ``.jinja`` file or the template text itself.
+CHAT_TEMPLATE_NAMES = ("auto", "chatml", "llama3")
 #: mergekit's built-in template names that mergetui does not ship.
-MERGEKIT_ONLY_TEMPLATES = ("alpaca", "exaone", "llama3", "mistral")
+MERGEKIT_ONLY_TEMPLATES = ("alpaca", "exaone", "mistral")
 
 
 def looks_like_template(text: str) -> bool:
@@ -90,6 +98,10 @@ class Recipe:
     device: str = "auto"
     tokenizer: str = "base"
     chat_template: str | None = None
+    missing_tokens: str = DEFAULT_MISSING_TOKENS
+    pad_to_multiple_of: int | None = None
+    tie_word_embeddings: bool | None = None
+    tokens: tuple[TokenOverride, ...] = ()
     parameters: dict[str, Any] = field(default_factory=dict)
     shard_size: int = DEFAULT_SHARD_SIZE
     version: int = RECIPE_VERSION
@@ -114,6 +126,17 @@ class Recipe:
         return list(dict.fromkeys(refs))
 
     @property
+    def vocabulary(self) -> VocabularySettings:
+        """The vocabulary keys together (:mod:`mergetui.recipe.vocab`)."""
+        return VocabularySettings(
+            self.tokenizer,
+            self.missing_tokens,
+            self.pad_to_multiple_of,
+            self.tie_word_embeddings,
+            self.tokens,
+        )
+
+    @property
     def uses_v2(self) -> bool:
         """Whether the recipe needs version 2 (slices, gradients or filters) to be written."""
         from mergetui.recipe.params import is_varying
@@ -125,4 +148,12 @@ class Recipe:
             values += piece.parameters.values()
             for source in piece.sources:
                 values += source.parameters.values()
-        return bool(self.slices) or any(is_varying(v) for v in values)
+        chat_v2 = self.chat_template is not None and (
+            self.chat_template in ("base", "llama3") or model_index(self.chat_template) is not None
+        )
+        return (
+            bool(self.slices)
+            or any(is_varying(v) for v in values)
+            or self.vocabulary.needs_v2
+            or chat_v2
+        )

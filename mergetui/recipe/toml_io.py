@@ -11,6 +11,7 @@ from mergetui.errors import RecipeError
 from mergetui.recipe.params import value_data
 from mergetui.recipe.schema import DEFAULT_SHARD_SIZE, Recipe
 from mergetui.recipe.validate import validate_recipe_data
+from mergetui.recipe.vocab import TOKENIZER_CHOICES, model_index, vocabulary_data
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,7 +72,9 @@ def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str,
         merge["dtype"] = recipe.dtype
     merge["seed"] = recipe.seed
     merge["device"] = recipe.device
-    merge["tokenizer"] = recipe.tokenizer if recipe.tokenizer == "base" else ref(recipe.tokenizer)
+    keeps_name = recipe.tokenizer in TOKENIZER_CHOICES or model_index(recipe.tokenizer) is not None
+    merge["tokenizer"] = recipe.tokenizer if keeps_name else ref(recipe.tokenizer)
+    merge.update(vocabulary_data(recipe.vocabulary))
     if recipe.chat_template is not None:
         template = recipe.chat_template
         merge["chat_template"] = ref(template) if template.endswith(".jinja") else template
@@ -149,16 +152,38 @@ def _blocks(path: str, table: dict[str, Any], *, array: bool) -> list[str]:
     def is_tables(value: Any) -> bool:
         return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
 
+    if path == "merge.tokens":  # one line per token: `"<|im_end|>" = { source = "models[1]" }`
+        lines = [f"{_key(k)} = {_inline(v)}" for k, v in table.items()]
+        return [f"[{path}]\n" + "\n".join(lines) + "\n"]
     plain = {k: v for k, v in table.items() if not isinstance(v, dict) and not is_tables(v)}
     header = f"[[{path}]]" if array else f"[{path}]"
     blocks = [header + "\n" + tomli_w.dumps(plain)]
     for key, value in table.items():
         if isinstance(value, dict):
-            blocks += _blocks(f"{path}.{key}", value, array=False)
+            blocks += _blocks(f"{path}.{_key(key)}", value, array=False)
         elif is_tables(value):
             for item in value:
                 blocks += _blocks(f"{path}.{key}", item, array=True)
     return blocks
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _key(key: str) -> str:
+    """A TOML key part: bare when it can be, else a quoted string (tokens such as ``<|im_end|>``)."""
+    import tomli_w
+
+    return key if _BARE_KEY.match(key) else tomli_w.dumps({"k": key})[4:].strip()
+
+
+def _inline(value: Any) -> str:
+    """A value on one line: a string, or an inline table of plain values."""
+    import tomli_w
+
+    if not isinstance(value, dict):
+        return tomli_w.dumps({"k": value})[4:].strip()
+    return "{ " + ", ".join(f"{_key(k)} = {_inline(v)}" for k, v in value.items()) + " }"
 
 
 _NUMBER_ARRAY = re.compile(r"\[\n((?:[ \t]+[-+0-9.eEinf]+,\n)+)[ \t]*\]")

@@ -28,6 +28,7 @@ from mergetui.recipe.schema import (
     SliceSource,
     looks_like_template,
 )
+from mergetui.recipe.vocab import model_index, validate_vocabulary
 from mergetui.units import parse_size
 
 TOP_KEYS = ("version", "merge", "models", "slices", "output")
@@ -41,6 +42,10 @@ MERGE_KEYS = (
     "device",
     "tokenizer",
     "chat_template",
+    "missing_tokens",
+    "pad_to_multiple_of",
+    "tie_word_embeddings",
+    "tokens",
     "parameters",
 )
 MODEL_KEYS = ("model", "lora")
@@ -157,7 +162,6 @@ def validate_recipe_data(
     if not _DEVICE_RE.match(device):
         out.add(f"merge.device: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
 
-    tokenizer = out.string(merge, "tokenizer", "merge.") or "base"
     chat_template = _chat_template(out, merge)
 
     global_raw = out.table(merge, "parameters", "merge.") or {}
@@ -182,20 +186,32 @@ def validate_recipe_data(
         _check_model_count(out, spec, len(models))
         _check_weight_sum(out, spec, global_params, models)
         _check_rules(out, spec, global_params, models)
-    model_names = [m.model for m in models or []] + [
-        s.model for piece in slices for s in piece.sources
-    ]
-    if tokenizer != "base" and tokenizer not in model_names:
-        choices = ["base", *dict.fromkeys(model_names)]
-        out.add(
-            f'merge.tokenizer: {tokenizer!r} is neither "base" nor a model of this recipe'
-            f'{did_you_mean(tokenizer, choices)}; use "base" or one of the [[models]] `model` values'
-        )
+    vocabulary = validate_vocabulary(
+        merge,
+        models=[m.model for m in models or []],
+        slice_models=list(dict.fromkeys(s.model for piece in slices for s in piece.sources)),
+        has_base=base is not None,
+        add=out.add,
+    )
+    if chat_template is not None and model_index(chat_template) is not None:
+        index = model_index(chat_template)
+        if not models or index is None or index >= len(models):
+            out.add(
+                f"merge.chat_template: {chat_template!r} does not exist; name a model of this "
+                "recipe (models[0] ...), base, or a template"
+            )
+    if chat_template == "base" and base is None:
+        out.add('merge.chat_template: "base" but the recipe has no merge.base')
     recipe_values: list[Any] = list(global_params.values())
     for entry in models or []:
         recipe_values += entry.parameters.values()
     if version < 2 and (slices or any(is_varying(v) for v in recipe_values)):
         out.add("version: gradients, filters and slices need recipe version 2; set version = 2")
+    if version < 2 and vocabulary.needs_v2:
+        out.add(
+            "version: tokenizer union or models[i], missing_tokens, pad_to_multiple_of, "
+            "tie_word_embeddings and [merge.tokens] need recipe version 2; set version = 2"
+        )
 
     output = out.table(data, "output", "")
     output_path = None
@@ -227,8 +243,12 @@ def validate_recipe_data(
         dtype=dtype,
         seed=seed,
         device=device,
-        tokenizer=tokenizer,
+        tokenizer=vocabulary.tokenizer,
         chat_template=chat_template,
+        missing_tokens=vocabulary.missing_tokens,
+        pad_to_multiple_of=vocabulary.pad_to_multiple_of,
+        tie_word_embeddings=vocabulary.tie_word_embeddings,
+        tokens=vocabulary.tokens,
         parameters=global_params,
         shard_size=shard_size,
         version=version,
@@ -245,17 +265,24 @@ def _chat_template(out: _Collector, merge: dict[str, Any]) -> str | None:
     if not isinstance(value, str) or not value.strip():
         out.add(f"merge.chat_template: must be a non-empty string, not {value!r}")
         return None
-    if value in CHAT_TEMPLATE_NAMES or value.endswith(".jinja") or looks_like_template(value):
+    if (
+        value in CHAT_TEMPLATE_NAMES
+        or value == "base"
+        or model_index(value) is not None
+        or value.endswith(".jinja")
+        or looks_like_template(value)
+    ):
         return value
     if value in MERGEKIT_ONLY_TEMPLATES:
         out.add(
             f"merge.chat_template: mergekit's built-in {value!r} template is not shipped with "
-            "mergetui; give its Jinja text, or a .jinja file, or use auto (the models' own) or "
-            "chatml"
+            "mergetui; give its Jinja text, or a .jinja file, or use auto (the models' own), "
+            "base, models[i], chatml or llama3"
         )
     else:
         out.add(
-            f"merge.chat_template: {value!r} is neither auto, chatml, a .jinja file nor a Jinja "
+            f"merge.chat_template: {value!r} is neither auto, base, models[i], chatml, llama3, a "
+            ".jinja file nor a Jinja "
             "template (at least 20 characters, with {{ }} or {% %})"
         )
     return None
