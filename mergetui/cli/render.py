@@ -20,7 +20,13 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from mergetui.engine.report import estimate_lines, full_reference, layer_lines, report_rows
+from mergetui.engine.report import (
+    estimate_lines,
+    full_reference,
+    layer_lines,
+    report_rows,
+    vocabulary_lines,
+)
 from mergetui.events import Event, PhaseEvent, PlanEvent, TensorEvent
 from mergetui.methods.registry import METHODS, MethodSpec
 from mergetui.units import format_bytes, format_count, format_duration
@@ -118,6 +124,11 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
     lines = layer_lines(report)
     if lines:
         console.print(Text("output layers (from [[slices]]):"))
+        for line in lines:
+            console.print(Text(f"  {line}"), soft_wrap=True)
+    lines = vocabulary_lines(report)
+    if lines:
+        console.print(Text("vocabulary:"))
         for line in lines:
             console.print(Text(f"  {line}"), soft_wrap=True)
     for problem in report["problems"]:

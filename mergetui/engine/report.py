@@ -7,6 +7,7 @@ from typing import Any
 
 from mergetui.engine.outputs import layer_spans
 from mergetui.engine.plan import MergePlan, Source
+from mergetui.engine.vocabulary import describe, summary_rows
 from mergetui.events import PlanEvent
 from mergetui.units import format_bytes, format_count
 
@@ -136,12 +137,33 @@ def report_rows(report: dict[str, Any]) -> list[ReportRow]:
         ),
         ("size on disk", "size_on_disk", [format_bytes(m["size_on_disk"] or 0) for m in models]),
     ]
+    vocabulary = report.get("vocabulary") or {}
+    by_role = {row["role"]: row for row in vocabulary.get("models", [])}
+    if by_role:
+        spec += [
+            ("tokens", "tokens", [by_role.get(m["role"], {}).get("tokens", "") for m in models]),
+            (
+                "lacks/drops",
+                "lacks",
+                [
+                    f"{r['lacks']}/{r['drops']}" if (r := by_role.get(m["role"])) else ""
+                    for m in models
+                ],
+            ),
+            ("special", "special", [by_role.get(m["role"], {}).get("special", "") for m in models]),
+            (
+                "chat template",
+                "chat_template",
+                [by_role.get(m["role"], {}).get("chat_template", "") for m in models],
+            ),
+        ]
     if any(m.get("lora") for m in models):
         loras = [lora_reference(m) for m in models]
         spec.insert(1, ("LoRA", "lora", [short_reference(r) if r else "" for r in loras]))
     rows = []
     for label, key, cells in spec:
-        check = key in MUST_MATCH
+        # vocabularies may differ when their rows are aligned by token
+        check = key in MUST_MATCH and not (key == "vocab_size" and vocabulary.get("aligned"))
         rows.append(ReportRow(label, cells, [check and c != cells[0] for c in cells]))
     return rows
 
@@ -161,8 +183,48 @@ def plan_report(plan: MergePlan) -> dict[str, Any]:
         "problems": [{"severity": p.severity, "message": p.message} for p in plan.problems],
         "estimates": estimates,
         "layers": [{"output": span, "from": origin} for span, origin in layer_spans(plan)],
+        "vocabulary": vocabulary_report(plan),
         "ok": not plan.errors,
     }
+
+
+def vocabulary_report(plan: MergePlan) -> dict[str, Any]:
+    """The vocabulary situation: the setting, the output's size, what the setting does (plain
+    lines), and per model its tokens, how many output tokens it lacks, how many of its own the
+    output drops, its special tokens and whether it has a chat template."""
+    vocabulary = plan.vocabulary
+    if vocabulary is None:
+        return {}
+    models = []
+    for role, size, lacks, drops, special in summary_rows(vocabulary):
+        model = vocabulary.models[role]
+        has_template = model.vocabulary is not None and model.vocabulary.has_chat_template
+        models.append(
+            {
+                "role": role,
+                "tokens": size,
+                "lacks": lacks,
+                "drops": drops,
+                "special": special,
+                "chat_template": "yes" if has_template else "no",
+            }
+        )
+    return {
+        "setting": vocabulary.setting,
+        "tokens": len(vocabulary.tokens),
+        "rows": vocabulary.rows,
+        "aligned": not vocabulary.identity,
+        "added": [token for token, _ in vocabulary.new_tokens],
+        "tied": vocabulary.out_tied,
+        "lines": describe(vocabulary),
+        "models": models,
+    }
+
+
+def vocabulary_lines(report: dict[str, Any]) -> list[str]:
+    """What the vocabulary setting will do, as plain lines (the CLI's check and the TUI's check
+    step alike); none when there is no vocabulary to speak of."""
+    return list((report.get("vocabulary") or {}).get("lines", []))
 
 
 def layer_lines(report: dict[str, Any]) -> list[str]:
