@@ -723,7 +723,7 @@ def test_tokenizer_may_be_base_or_a_model() -> None:
 def test_tokenizer_must_be_base_or_a_model() -> None:
     message = only_problem(TIES.replace('tokenizer = "base"', 'tokenizer = "./models/ft-mth"'))
     assert message.startswith(
-        "merge.tokenizer: './models/ft-mth' is neither \"base\", \"union\" nor a model"
+        'merge.tokenizer: \'./models/ft-mth\' is neither "base", "union" nor a model'
     )
     assert "(did you mean `./models/ft-math`?)" in message
     assert 'use "base", "union", "models[i]" or a model\'s `model` value' in message

@@ -412,8 +412,6 @@ def test_yaml_problems_name_key_and_line(tmp_path: Path) -> None:
         "slerp_factor (line 13): not a mergekit config key (mergekit would ignore it silently); "
         "remove it or fix its name; keys: merge_method, base_model, models, slices, parameters, "
         "dtype, out_dtype, tokenizer_source, tokenizer, chat_template, modules",
-        "tokenizer_source (line 12): a union vocabulary needs embedding alignment, which mergetui "
-        "does not do yet; use `base` (the models must then share the base's vocabulary) or a model",
         "parameters.t[0].pattern (line 10): mergekit 0.1.5 has no `pattern` key and ignores it, so "
         "there this entry matches every tensor and hides the entries after it; write `filter:` for "
         "a per-tensor value (or drop the key for a default)",
@@ -690,3 +688,56 @@ def test_export_warns_where_mergekit_would_refuse(tmp_path: Path) -> None:
     text = recipe_to_mergekit(recipe, target_dir=tmp_path)
     assert "# slices[1] has one source and no base" in text
     assert "slices[0] has" not in text
+
+
+def test_yaml_tokenizer_block_round_trips(tmp_path: Path) -> None:
+    """mergekit's tokenizer block (source, tokens, pad_to_multiple_of) becomes merge.tokenizer,
+    [merge.tokens] and merge.pad_to_multiple_of, and is exported back to the same block."""
+    from mergetui.recipe.mergekit_yaml import recipe_from_mergekit, recipe_to_mergekit
+    from mergetui.recipe.vocab import TokenOverride
+
+    text = textwrap.dedent(
+        """\
+        merge_method: ties
+        base_model: org/base
+        tokenizer:
+          source: union
+          pad_to_multiple_of: 64
+          tokens:
+            <|im_end|>: {source: org/chat}
+            <|x|>: {source: {kind: model_token, model: org/chat, token: "<|y|>"}, force: true}
+            <|z|>: {source: {kind: zero}}
+            <s>: {source: org/base}
+        parameters: {density: 0.5}
+        models:
+          - model: org/chat
+            parameters: {weight: 1.0}
+          - model: org/code
+            parameters: {weight: 1.0}
+        """
+    )
+    recipe = recipe_from_mergekit(text, source_file="c.yaml", base_dir=tmp_path)
+    assert (recipe.tokenizer, recipe.pad_to_multiple_of) == ("union", 64)
+    assert recipe.tokens == (
+        TokenOverride("<|im_end|>", "org/chat"),
+        TokenOverride("<|x|>", "org/chat", from_token="<|y|>", force=True),
+        TokenOverride("<|z|>", "zero"),
+        TokenOverride("<s>", "base"),
+    )
+    again = recipe_from_mergekit(recipe_to_mergekit(recipe), base_dir=tmp_path)
+    assert again.vocabulary == recipe.vocabulary
+    # a token without a source fails mid-merge in mergekit; here, up front, with its line
+    broken = text.replace("<|z|>: {source: {kind: zero}}", "<|z|>: {force: true}")
+    with pytest.raises(RecipeError) as info:
+        translate_mergekit(broken, source_file="c.yaml", base_dir=tmp_path)
+    assert info.value.problems[0].startswith("tokenizer.tokens.<|z|> (line 9): no source")
+    # tokenizer_source naming a model keeps that model's vocabulary
+    plain = recipe_from_mergekit(
+        text.replace(
+            "tokenizer:\n  source: union", "tokenizer_source: org/code\ntokenizer_x:"
+        ).split("tokenizer_x:")[0]
+        + "parameters: {density: 0.5}\nmodels:\n  - model: org/chat\n    parameters: {weight: 1}\n"
+        "  - model: org/code\n    parameters: {weight: 1}\n",
+        base_dir=tmp_path,
+    )
+    assert plain.tokenizer == "org/code" and not plain.tokens

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from mergetui.recipe.schema import (
     Recipe,
     looks_like_template,
 )
+from mergetui.recipe.vocab import model_index
 
 TOP_KEYS = (
     "merge_method",
@@ -337,38 +339,101 @@ class _Translator:
             return
 
     def tokenizer(self, data: dict[str, Any], merge: dict[str, Any]) -> None:
+        """``tokenizer_source`` or ``tokenizer: {source, tokens, pad_to_multiple_of}`` →
+        ``merge.tokenizer`` (``base``, ``union`` or the model), ``[merge.tokens]`` and
+        ``merge.pad_to_multiple_of``. mergekit's default source in the block form is union."""
         if "tokenizer" in data and "tokenizer_source" in data:
             self.problem(("tokenizer",), "give tokenizer or tokenizer_source, not both")
             return
         path: tuple[Any, ...] = ("tokenizer_source",)
         source = data.get("tokenizer_source")
-        if isinstance(data.get("tokenizer"), dict):
-            config = data["tokenizer"]
+        config = data.get("tokenizer")
+        if isinstance(config, dict):
             path = ("tokenizer", "source")
-            extra = [k for k in config if k != "source"]
-            if extra:
-                self.problem(
-                    ("tokenizer", extra[0]),
-                    "token-level settings (tokens, pad_to_multiple_of) need vocabulary "
-                    "alignment, which mergetui does not do yet; remove them",
-                )
+            for key in config:
+                if key not in ("source", "tokens", "pad_to_multiple_of"):
+                    self.problem(
+                        ("tokenizer", key),
+                        "unknown key (mergekit ignores it silently); allowed: source, tokens, "
+                        "pad_to_multiple_of",
+                    )
             source = config.get("source", "union")
-        elif "tokenizer" in data:
+            pad = config.get("pad_to_multiple_of")
+            if pad is not None:
+                merge["pad_to_multiple_of"] = pad
+                self.origin("merge.pad_to_multiple_of", ("tokenizer", "pad_to_multiple_of"))
+            if config.get("tokens") is not None:
+                tokens = self.tokens(config["tokens"], data)
+                if tokens:
+                    merge["tokens"] = tokens
+                    self.origin("merge.tokens", ("tokenizer", "tokens"))
+        elif config is not None:
             self.problem(("tokenizer",), "must be a mapping with source (and tokens)")
             return
-        if source is None or source == "base":
+        if source is None:
             return
-        if source == "union":
-            self.problem(
-                path,
-                "a union vocabulary needs embedding alignment, which mergetui does not do yet; "
-                "use `base` (the models must then share the base's vocabulary) or a model",
-            )
-            return
-        pair = self.reference(source, path)
-        if pair:
-            merge["tokenizer"] = pair[0]
+        if source in ("base", "union"):
+            merge["tokenizer"] = source
             self.origin("merge.tokenizer", path)
+            return
+        name = self.model_name(source, path, data)
+        if name:
+            merge["tokenizer"] = name
+            self.origin("merge.tokenizer", path)
+
+    def model_name(self, value: Any, path: tuple[Any, ...], data: dict[str, Any]) -> str | None:
+        """A model reference as the recipe names it: ``base`` for the base model, else its
+        ``model`` value (a LoRA-folded model keeps its ``+lora`` for mergetui to match)."""
+        pair = self.reference(value, path)
+        if pair is None:
+            return None
+        base = data.get("base_model")
+        base_pair = self.reference(base, ("base_model",)) if base else None
+        if base_pair is not None and pair == base_pair:
+            return "base"
+        return pair[0]  # mergetui names the model; a LoRA folded into it comes along
+
+    def tokens(self, raw: Any, data: dict[str, Any]) -> dict[str, Any]:
+        """mergekit's ``tokenizer.tokens`` → ``[merge.tokens]``: a source model, ``{kind: zero}``
+        or ``{kind: model_token, model, token | token_id}``, and ``force``."""
+        if not isinstance(raw, dict):
+            self.problem(("tokenizer", "tokens"), "must be a mapping of token: {source, force}")
+            return {}
+        tokens: dict[str, Any] = {}
+        for token, entry in raw.items():
+            path = ("tokenizer", "tokens", token)
+            if not isinstance(entry, dict):
+                self.problem(path, "must be a mapping with source (and force)")
+                continue
+            source = entry.get("source")
+            row: dict[str, Any] = {}
+            if isinstance(source, dict) and source.get("kind") == "zero":
+                row["source"] = "zero"
+            elif isinstance(source, dict) and source.get("kind") == "model_token":
+                name = self.model_name(source.get("model"), (*path, "source", "model"), data)
+                if name is None:
+                    continue
+                row["source"] = name
+                if source.get("token") is not None:
+                    row["token"] = source["token"]
+                if source.get("token_id") is not None:
+                    row["token_id"] = source["token_id"]
+            elif source is None:
+                self.problem(
+                    path,
+                    "no source (mergekit fails on it mid-merge); say where the row comes from: "
+                    "source: a model, {kind: zero} or {kind: model_token, model, token}",
+                )
+                continue
+            else:
+                name = self.model_name(source, (*path, "source"), data)
+                if name is None:
+                    continue
+                row["source"] = name
+            if entry.get("force"):
+                row["force"] = True
+            tokens[str(token)] = row
+        return tokens
 
     def models(
         self, raw: Any, spec: Any, base_pair: tuple[str, str | None] | None
@@ -586,8 +651,7 @@ def recipe_to_mergekit(recipe: Recipe, *, target_dir: Path | None = None) -> str
     config["dtype"] = "float32"
     if recipe.dtype:
         config["out_dtype"] = recipe.dtype
-    if recipe.tokenizer != "base":
-        config["tokenizer_source"] = ref(recipe.tokenizer)
+    config.update(_mergekit_tokenizer(recipe, ref))
     if recipe.chat_template is not None:
         template = recipe.chat_template
         if template.endswith(".jinja"):  # mergekit takes the text, not a path
@@ -659,3 +723,46 @@ def _mergekit_params(params: dict[str, Any]) -> dict[str, Any]:
         else:
             result[name] = value_data(value)
     return result
+
+
+def _mergekit_tokenizer(recipe: Recipe, ref: Callable[..., str]) -> dict[str, Any]:
+    """``tokenizer_source`` or, with token overrides or padding, the ``tokenizer`` block. ``base``
+    alone is left implicit: mergekit then merges rows by index, as mergetui does when the models
+    share the base's vocabulary (when they do not, mergekit wants ``tokenizer_source: base``)."""
+
+    def model(text: str) -> str:
+        if text == "base":
+            return ref(recipe.base) if recipe.base else ref(recipe.models[0].model)
+        index = model_index(text)
+        if index is not None:
+            entry = recipe.models[index]
+            return ref(entry.model, entry.lora)
+        return ref(text)
+
+    source = recipe.tokenizer
+    source_text = source if source in ("base", "union") else model(source)
+    if not recipe.tokens and recipe.pad_to_multiple_of is None:
+        return {} if source == "base" else {"tokenizer_source": source_text}
+    block: dict[str, Any] = {"source": source_text}
+    if recipe.pad_to_multiple_of is not None:
+        block["pad_to_multiple_of"] = recipe.pad_to_multiple_of
+    if recipe.tokens:
+        tokens: dict[str, Any] = {}
+        for override in recipe.tokens:
+            entry: dict[str, Any]
+            if override.source == "zero":
+                entry = {"source": {"kind": "zero"}}
+            elif override.from_token is not None or override.from_id is not None:
+                inner: dict[str, Any] = {"kind": "model_token", "model": model(override.source)}
+                if override.from_token is not None:
+                    inner["token"] = override.from_token
+                else:
+                    inner["token_id"] = override.from_id
+                entry = {"source": inner}
+            else:
+                entry = {"source": model(override.source)}
+            if override.force:
+                entry["force"] = True
+            tokens[override.token] = entry
+        block["tokens"] = tokens
+    return {"tokenizer": block}
