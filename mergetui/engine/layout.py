@@ -322,6 +322,7 @@ def layout_slices(
     source_of: Callable[[str, str | None], Source],
     out_dtype: str,
     files_config: dict[str, Any],
+    vocabulary_names: frozenset[str] = frozenset(),
 ) -> Layout:
     """An output made of layer ranges (mergekit's ``slices``): output layers numbered on across
     the slices, output layer ``k`` of a slice read from layer ``start + k`` of each of its sources;
@@ -341,6 +342,7 @@ def layout_slices(
     _, before, _ = group_by_layer(first_source.checkpoint.tensors)
     _, _, after = group_by_layer(last_source.checkpoint.tensors)
     context = _SliceContext(recipe, method, source_of, out_dtype, resolver, problems)
+    context.vocabulary_names = vocabulary_names
     for name in before:
         tensors += context.tensor(0, first, name, [name] * len(first.sources), None, 0.0)
     out_layer = 0
@@ -427,6 +429,8 @@ class _SliceContext:
         self.resolver = resolver
         self.problems = problems
         self._reported: set[tuple[str, str]] = set()
+        #: vocabulary-indexed tensors: their row counts may differ (the vocabulary plan aligns them)
+        self.vocabulary_names: frozenset[str] = frozenset()
 
     def tensor(
         self,
@@ -451,7 +455,10 @@ class _SliceContext:
                     "architecture",
                 )
                 return []
-            if specs and spec.shape != specs[0].shape:
+            rows_only = (
+                name in self.vocabulary_names and specs and spec.shape[1:] == specs[0].shape[1:]
+            )
+            if specs and spec.shape != specs[0].shape and not rows_only:
                 self._problem(
                     f"{where}shape",
                     f"{where}sources: shape mismatch in {name}: "

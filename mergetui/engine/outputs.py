@@ -189,6 +189,18 @@ def model_card(plan: MergePlan) -> str:
         lines.append("- the base took part in the merge arithmetic")
     elif recipe.base:
         lines.append(f"- the base only supplied the architecture ({recipe.method} does not use it)")
+    vocabulary = plan.vocabulary
+    if vocabulary is not None and vocabulary.tokens and not vocabulary.identity:
+        added = len(vocabulary.new_tokens)
+        lines.append(
+            f"- vocabulary: tokenizer = {vocabulary.setting}, {len(vocabulary.tokens)} tokens in "
+            f"{vocabulary.rows} embedding rows"
+            + (f" ({added} added to its tokenizer)" if added else "")
+            + f"; rows aligned by token, missing_tokens = {vocabulary.missing_rule}"
+        )
+    if vocabulary is not None and vocabulary.tied_changed:
+        state = "tied to" if vocabulary.out_tied else "separate from"
+        lines.append(f"- output head {state} the embedding (merge.tie_word_embeddings)")
     if recipe.chat_template is not None:
         shown = recipe.chat_template if len(recipe.chat_template) < 40 else "a Jinja template"
         lines.append(f"- chat template: {shown} (merge.chat_template)")

@@ -29,6 +29,7 @@ from mergetui.engine.vocabulary import (
 from mergetui.errors import MergeTuiError, SourceError
 from mergetui.methods.registry import MethodSpec, get_method
 from mergetui.recipe.schema import Recipe
+from mergetui.recipe.vocab import model_index
 from mergetui.sources.checkpoint import Checkpoint
 from mergetui.sources.lora import LoraAdapter, open_lora
 from mergetui.sources.refs import ModelRef, parse_ref
@@ -283,8 +284,11 @@ def _layout(plan: MergePlan) -> Layout:
     def source_of(model: str, lora: str | None) -> Source:
         return by_key[(model, lora)]
 
+    names: frozenset[str] = frozenset()
+    if plan.vocabulary is not None:
+        names = frozenset(n for m in plan.vocabulary.models.values() for n in m.tensors)
     return layout_slices(
-        recipe, plan.method, source_of, plan.out_dtype, plan.files_from.checkpoint.config
+        recipe, plan.method, source_of, plan.out_dtype, plan.files_from.checkpoint.config, names
     )
 
 
@@ -304,6 +308,32 @@ def vocabulary_config(vocabulary: VocabularyPlan, files_from: Source) -> dict[st
     return updates
 
 
+def _check_turn_end(plan: MergePlan, vocabulary: VocabularyPlan) -> None:
+    """A chat template taken from a model whose eos_token is not the output's: generation would
+    not stop at the end of a turn (a classic of merged chat models)."""
+    setting = plan.recipe.chat_template
+    if setting is None or not (setting == "base" or model_index(setting) is not None):
+        return
+    role = "base" if setting == "base" else setting
+    donor = vocabulary.models.get(role)
+    output = vocabulary.models.get(vocabulary.tokenizer_from)
+    if donor is None or output is None or donor.vocabulary is None or output.vocabulary is None:
+        return
+    theirs = donor.vocabulary.special.get("eos_token")
+    ours = output.vocabulary.special.get("eos_token")
+    if theirs and ours and theirs != ours:
+        plan.problems.append(
+            Problem(
+                "warning",
+                f"merge.chat_template = {setting}: {donor.label} ends a turn with its eos_token "
+                f"{theirs!r}, the output's eos_token is {ours!r} (from {output.label}), so "
+                f"generation may not stop after a reply; set tokenizer = {role!r} to take its "
+                f"tokenizer whole, or set eos_token to {theirs!r} in the output's "
+                "tokenizer_config.json and generation_config.json after the merge",
+            )
+        )
+
+
 def _check_template_tokens(plan: MergePlan) -> None:
     """Warn when the chat template the output gets names special tokens the output lacks."""
     from mergetui.sources.chat_template import template_of
@@ -316,6 +346,7 @@ def _check_template_tokens(plan: MergePlan) -> None:
         template = template_of(plan.files_from.checkpoint.directory)
     if not template:
         return
+    _check_turn_end(plan, vocabulary)
     missing = check_template_tokens(template, vocabulary)
     if missing:
         holders = [
