@@ -10,12 +10,24 @@ from pathlib import Path
 from typing import Any
 
 from mergetui.logs import log_dir
+from mergetui.recipe.vocab import DEFAULT_MISSING_TOKENS
 
 #: The recipe being built is written here as it changes, and offered back at the next start.
 AUTOSAVE_NAME = "draft.json"
 PROMPTS_NAME = "prompts.json"
 #: the ``[merge]`` keys the wizard edits; any other is kept as it was (``RecipeDraft.merge_extra``)
-DRAFT_MERGE_KEYS = ("method", "base", "dtype", "seed", "device", "parameters")
+DRAFT_MERGE_KEYS = (
+    "method",
+    "base",
+    "dtype",
+    "seed",
+    "device",
+    "tokenizer",
+    "missing_tokens",
+    "pad_to_multiple_of",
+    "chat_template",
+    "parameters",
+)
 
 
 @dataclass
@@ -50,8 +62,16 @@ class RecipeDraft:
     base_dir: Path = field(default_factory=Path.cwd)
     #: ``[[slices]]`` as recipe data (each ``{"sources": [{"model", "layer_range", ...}], ...}``)
     slices: list[dict[str, Any]] = field(default_factory=list)
-    #: the recipe's other ``[merge]`` keys (``tokenizer``, ``chat_template``, …), kept as given:
-    #: the wizard does not edit them, but a recipe opened and saved again keeps them
+    #: ``merge.tokenizer``: ``base``, ``union``, ``models[i]`` or (version 1) a model's reference
+    tokenizer: str = "base"
+    #: ``merge.missing_tokens``: a rule of ``mergetui.recipe.vocab.MISSING_TOKEN_RULES``
+    missing_tokens: str = DEFAULT_MISSING_TOKENS
+    #: ``merge.pad_to_multiple_of``: None when not set; an int, or the text as typed (like ``seed``)
+    pad_to_multiple_of: int | str | None = None
+    #: ``merge.chat_template``: None keeps the template of the model the tokenizer comes from
+    chat_template: str | None = None
+    #: the recipe's other ``[merge]`` keys (``tie_word_embeddings``, ``[merge.tokens]``, …), kept
+    #: as given: the wizard does not edit them, but a recipe opened and saved again keeps them
     merge_extra: dict[str, Any] = field(default_factory=dict)
     #: likewise the other ``[output]`` keys (``shard_size``)
     output_extra: dict[str, Any] = field(default_factory=dict)
@@ -62,7 +82,33 @@ class RecipeDraft:
         values = list(self.parameters.values())
         for entry in self.models:
             values += entry.parameters.values()
-        return bool(self.slices) or any(isinstance(v, (list, dict)) for v in values)
+        return (
+            bool(self.slices)
+            or any(isinstance(v, (list, dict)) for v in values)
+            or self._vocabulary_recipe().uses_v2
+        )
+
+    def _vocabulary_recipe(self) -> Any:
+        """The draft's vocabulary and chat template keys on an otherwise empty recipe, so the
+        recipe layer's own rule says whether they need version 2 (the values need not be valid)."""
+        from mergetui.recipe.schema import Recipe
+        from mergetui.recipe.vocab import TokenOverride
+
+        tokens = self.merge_extra.get("tokens")
+        tie = self.merge_extra.get("tie_word_embeddings")
+        return Recipe(
+            method=self.method,
+            models=(),
+            output_path=self.output,
+            tokenizer=self.tokenizer,
+            chat_template=self.chat_template,
+            missing_tokens=self.missing_tokens,
+            pad_to_multiple_of=None if self.pad_to_multiple_of is None else 1,
+            tie_word_embeddings=None if tie is None else bool(tie),
+            tokens=tuple(TokenOverride(str(t), "zero") for t in tokens or {})
+            if isinstance(tokens, dict)
+            else (),
+        )
 
     def to_data(self) -> dict[str, Any]:
         """The draft as recipe data (the TOML's structure), for validation and saving."""
@@ -71,7 +117,17 @@ class RecipeDraft:
             merge["base"] = self.base
         if self.dtype:
             merge["dtype"] = self.dtype
+        # the vocabulary keys in the recipe layer's order and form (toml_io.recipe_to_data), the
+        # defaults left out
+        if self.tokenizer != "base":
+            merge["tokenizer"] = self.tokenizer
+        if self.missing_tokens != DEFAULT_MISSING_TOKENS:
+            merge["missing_tokens"] = self.missing_tokens
+        if self.pad_to_multiple_of is not None:
+            merge["pad_to_multiple_of"] = self.pad_to_multiple_of
         merge.update(copy.deepcopy(self.merge_extra))
+        if self.chat_template is not None:
+            merge["chat_template"] = self.chat_template
         if self.parameters:
             merge["parameters"] = copy.deepcopy(self.parameters)
         models = []
@@ -100,6 +156,8 @@ class RecipeDraft:
             models.append(ModelDraft(model, lora, row))
         slices = data.get("slices", [])
         output = data.get("output", {})
+        pad = merge.get("pad_to_multiple_of")
+        template = merge.get("chat_template")
         return cls(
             base=str(merge.get("base", "")),
             models=models,
@@ -111,11 +169,11 @@ class RecipeDraft:
             seed=merge.get("seed", 0),
             base_dir=base_dir,
             slices=[dict(s) for s in slices] if isinstance(slices, list) else [],
-            merge_extra={
-                k: v
-                for k, v in merge.items()
-                if k not in DRAFT_MERGE_KEYS and (k, v) != ("tokenizer", "base")  # the default
-            },
+            tokenizer=str(merge.get("tokenizer", "base")),
+            missing_tokens=str(merge.get("missing_tokens", DEFAULT_MISSING_TOKENS)),
+            pad_to_multiple_of=pad if pad is None or type(pad) is int else str(pad),
+            chat_template=None if template is None else str(template),
+            merge_extra={k: v for k, v in merge.items() if k not in DRAFT_MERGE_KEYS},
             output_extra={k: v for k, v in output.items() if k != "path"},
         )
 
