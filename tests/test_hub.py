@@ -402,6 +402,9 @@ def test_check_reads_hub_headers_not_weights(
     assert not [p for p in _cached_files(hf_home) if p.suffix in (".safetensors", ".bin")]
     header_reads = [r for m, p, r in hub.requests if p.endswith(".safetensors") and m == "GET"]
     assert header_reads and all(r and r.startswith("bytes=0-") for r in header_reads)
+    # the vocabulary is checked from the tokenizer files alone (small; fetched, weights not)
+    assert "tokenizer = base" in ok.stdout and "same ids" in " ".join(ok.stdout.split())
+    assert "tokenizer.json" in {p.name for p in _cached_files(hf_home)}
 
     mixed = cli("check", str(_hub_recipe(tmp_path, "acme/tiny-code", "acme/tiny-qwen")))
     assert mixed.returncode == 2

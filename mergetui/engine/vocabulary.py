@@ -151,9 +151,12 @@ class VocabularyPlan:
 def _model_vocabularies(sources: list[Source]) -> dict[str, ModelVocabulary]:
     found = {}
     for source in sources:
-        vocabulary = None
-        if not source.checkpoint.remote:
-            vocabulary = read_vocabulary(source.checkpoint.directory, source.label)
+        directory = source.checkpoint.directory
+        if source.checkpoint.remote:  # not downloaded: its tokenizer files alone are fetched
+            from mergetui.sources.hub import support_files
+
+            directory = support_files(source.ref)
+        vocabulary = read_vocabulary(directory, source.label)
         found[source.role] = ModelVocabulary(
             source.role, source.label, vocab_rows(source), vocabulary, vocabulary_tensors(source)
         )

@@ -634,6 +634,24 @@ def download(ref: ModelRef, on_progress: Callable[[DownloadProgress], None] | No
     return folder
 
 
+def support_files(ref: ModelRef) -> Path:
+    """A snapshot folder with only the small files of ``ref`` (config, tokenizer, chat template):
+    what checking a vocabulary needs, without a weight (``check`` on a model not downloaded)."""
+    from huggingface_hub import snapshot_download
+
+    assert ref.repo_id is not None
+    name = ref_name(ref)
+    with hub_errors(name, ref):
+        return Path(
+            with_retries(
+                lambda: snapshot_download(
+                    ref.repo_id, revision=ref.revision, allow_patterns=SUPPORT_FILE_PATTERNS
+                ),
+                name,
+            )
+        )
+
+
 def _require_usable(folder: Path, ref: ModelRef) -> None:
     names = {p.name for p in folder.iterdir()}
     if "config.json" not in names and "adapter_config.json" not in names:
