@@ -7,6 +7,7 @@ output layout, and estimates of output size, free disk space and peak memory.
 
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -560,12 +561,19 @@ def estimate(plan: MergePlan) -> Estimates:
     fixed staging buffers. It is an upper bound: the bench measures 5-20% below it.
     """
     on_cpu = plan.device == "cpu"
+    by_role = {s.role: s for s in plan.sources}
     peak_host = 0
     peak_device = 0
     largest = ""
     for tensor in plan.tensors:
         numel = tensor.numel if tensor.merge else 0
         float_set = numel * 4 * (len(tensor.reads) + plan.method.work_buffers)
+        if tensor.vocabulary is not None:  # the stored rows and the aligned ones, for a moment
+            float_set += 4 * sum(
+                math.prod(spec.shape)
+                for read in tensor.reads
+                if (spec := by_role[read.role].checkpoint.tensors.get(read.name)) is not None
+            )
         host = 3 * tensor.bytes_out + (float_set if on_cpu else 0)
         if host + float_set > peak_host + peak_device:
             largest = tensor.name
