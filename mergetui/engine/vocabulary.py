@@ -229,9 +229,14 @@ def plan_vocabulary(recipe: Recipe, sources: list[Source]) -> VocabularyPlan:
         own = holder.usable()
         plan.maps[holder.role] = [own.get(token, -1) for token in plan.tokens]
     _resolve_overrides(plan, recipe, sources, ids)
-    plan.identity = not plan.overrides and all(
-        holder.rows == rows and plan.maps[holder.role] == list(range(len(plan.tokens)))
-        for holder in holders
+    forced = any(override.force for override, _, _ in plan.overrides.values())
+    plan.identity = (
+        not forced
+        and not plan.new_tokens
+        and all(
+            holder.rows == rows and plan.maps[holder.role] == list(range(len(plan.tokens)))
+            for holder in holders
+        )
     )
     if not plan.identity:
         _explain_missing(plan, holders)
@@ -245,7 +250,8 @@ def _decide_tying(plan: VocabularyPlan, recipe: Recipe, sources: list[Source]) -
     embeddings = [m.embedding for m in models.values() if m.embedding]
     plan.head_name = heads[0] if heads else None
     plan.embedding_name = embeddings[0] if embeddings else None
-    reference = sources[0]
+    # the output's config.json comes from the model whose vocabulary it has
+    reference = next(s for s in sources if s.role == plan.tokenizer_from)
     config = reference.checkpoint.config
     donor_tied = config.get("tie_word_embeddings")
     stored_tied = models[reference.role].tied
@@ -329,14 +335,25 @@ def _plan_without_tokenizers(plan: VocabularyPlan, holders: list[ModelVocabulary
                 "(tokenizer.json ...) to each model's folder",
             )
         )
-    if plan.setting == "union":
+    source = plan.models[plan.tokenizer_from]
+    if plan.setting != "base":
         plan.problems.append(
             (
                 "error",
-                f"tokenizer = union: {plan.models[plan.tokenizer_from].label} has no tokenizer "
-                "files; copy them into its folder, or use tokenizer = base",
+                f"tokenizer = {plan.setting}: {source.label} has no tokenizer files; copy them "
+                "into its folder, or choose a model that has them",
             )
         )
+    else:
+        have = [m.role for m in holders if m.vocabulary is not None]
+        if have:
+            plan.problems.append(
+                (
+                    "warning",
+                    f"{source.label} has no tokenizer files, so the output will have none; "
+                    f'set tokenizer = "{have[0]}" to take that model\'s',
+                )
+            )
 
 
 def _add_union_tokens(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> None:
