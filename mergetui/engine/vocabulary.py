@@ -240,7 +240,29 @@ def plan_vocabulary(recipe: Recipe, sources: list[Source]) -> VocabularyPlan:
     )
     if not plan.identity:
         _explain_missing(plan, holders)
+    _explain_dropped(plan, holders)
     return plan
+
+
+def _explain_dropped(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> None:
+    """A warning per model whose tokens the output vocabulary lacks (their rows are left out)."""
+    present = set(plan.tokens)
+    for holder in holders:
+        if holder.assumed:
+            continue
+        own = sorted(holder.usable().items(), key=lambda item: item[1])
+        dropped = [token for token, _ in own if token not in present]
+        if dropped:
+            shown = ", ".join(map(repr, dropped[:_SHOWN]))
+            more = f" and {len(dropped) - _SHOWN} more" if len(dropped) > _SHOWN else ""
+            plan.problems.append(
+                (
+                    "warning",
+                    f"{holder.label} has {len(dropped)} token(s) the output vocabulary lacks "
+                    f"({shown}{more}): their rows are left out (tokenizer = {plan.setting}); "
+                    'set tokenizer = "union" to keep them',
+                )
+            )
 
 
 def _decide_tying(plan: VocabularyPlan, recipe: Recipe, sources: list[Source]) -> None:
