@@ -1,6 +1,8 @@
 """Render the README's screenshots: one SVG per step of the TUI, at 120×36.
 
-    python screenshots/make.py [--size 120x36] [--demo DIR]
+    python screenshots/make.py [--size 120x36] [--demo DIR] [SCENE ...]
+
+Without SCENE every scene is rendered; with some (``2-check-vocabulary``), only those.
 
 The scenes are the snapshot tests' (``tests/snapshot_scenes.py``): tiny random models built
 here (a few seconds, cached under ``screenshots/.work/``, which git ignores), a recipe that names
@@ -77,16 +79,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="120x36", help="terminal size, COLUMNSxROWS")
     parser.add_argument("--demo", type=Path, default=HERE / ".work" / "demo", help="demo folder")
+    parser.add_argument("scenes", nargs="*", help=f"of {', '.join(SCENES)} (default: all)")
     args = parser.parse_args()
+    unknown = [scene for scene in args.scenes if scene not in SCENES]
+    if unknown:
+        parser.error(f"no scene {', '.join(unknown)}; the scenes: {', '.join(SCENES)}")
     columns, rows = (int(n) for n in args.size.split("x"))
     work = HERE / ".work"
     models = build_models(work / "models")
     workspace = prepare(work / "workspace", models)
-    if not (args.demo / "merged" / "config.json").is_file():
+    scenes = args.scenes or list(SCENES)
+    if "5-compare" in scenes and not (args.demo / "merged" / "config.json").is_file():
         subprocess.run(
             [sys.executable, "-m", "mergetui", "demo", "--dir", str(args.demo)], check=True
         )
-    for scene in SCENES:
+    for scene in scenes:
         with pytest.MonkeyPatch.context() as patch, tempfile.TemporaryDirectory() as state:
             pin_environment(patch, Path(state))
             if scene == "5-compare":

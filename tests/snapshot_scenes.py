@@ -52,6 +52,26 @@ def build_models(folder: Path) -> dict[str, Path]:
     return paths
 
 
+#: The tokens the vocabulary scenes' chat fine-tune adds to the base's tokenizer.
+CHAT_TOKENS = ["<|im_start|>", "<|im_end|>"]
+
+
+def save_chat_finetune(base: Path, directory: Path) -> Path:
+    """A fine-tune whose vocabulary differs from its base's: the base's tokenizer plus the ChatML
+    tokens (special), its embedding resized to fit, saved like a real checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(4)  # the rows the resize adds are drawn at random
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer.add_tokens(CHAT_TOKENS, special_tokens=True)
+    model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
 def make_draft(workspace: Path) -> Any:
     from mergetui.tui.state import ModelDraft, RecipeDraft
 
@@ -92,6 +112,29 @@ layer_range = [1, 2]
 weight = 0.3
 [output]
 path = "merged-slices"
+"""
+
+
+#: A merge of models whose vocabularies differ: ft-chatml added the ChatML tokens to the base's.
+VOCAB_RECIPE = """version = 2
+[merge]
+method = "ties"
+base = "models/base"
+device = "cpu"
+tokenizer = "union"
+missing_tokens = "base_mean"
+pad_to_multiple_of = 8
+chat_template = "chatml"
+[[models]]
+model = "models/ft-code"
+weight = 1.0
+density = 0.6
+[[models]]
+model = "models/ft-chatml"
+weight = 1.0
+density = 0.5
+[output]
+path = "merged-vocab"
 """
 
 
@@ -152,6 +195,9 @@ def prepare(workspace: Path, models: dict[str, Path]) -> Path:
     draft = make_draft(workspace)
     draft.save(Path("recipe.toml"))
     (workspace / "slices.toml").write_text(SLICES_RECIPE, encoding="utf-8")
+    if not (workspace / "models" / "ft-chatml" / "config.json").is_file():
+        save_chat_finetune(models["base"], workspace / "models" / "ft-chatml")
+    (workspace / "vocab.toml").write_text(VOCAB_RECIPE, encoding="utf-8")
     if not (workspace / "merged" / "config.json").is_file():
         from mergetui.engine.executor import run_merge
         from mergetui.engine.plan import build_plan
@@ -243,6 +289,17 @@ async def method_gradient_step(pilot: Any) -> None:
     await _settle(pilot, lambda: True)
 
 
+async def method_vocabulary_step(pilot: Any) -> None:
+    """The method step scrolled to the vocabulary fields."""
+    pilot.app.action_method()
+    await _settle(pilot, lambda: bool(pilot.app.screen.query("#vocabulary")))
+    screen = pilot.app.screen
+    screen.query_one("#method-form").scroll_to_widget(
+        screen.query_one("#vocabulary"), animate=False, top=True
+    )
+    await _settle(pilot, lambda: True)
+
+
 async def run_step(pilot: Any) -> None:
     await _settle(pilot, lambda: getattr(pilot.app.screen, "outcome", "") == "done")
 
@@ -259,15 +316,17 @@ async def help_overlay(pilot: Any) -> None:
     await _settle(pilot, lambda: True)
 
 
-#: scene name → (which app: "draft" opens the recipe, "slices" the recipe of slices, "job" finds
-#: the recorded merge; run_before)
+#: scene name → (which app: "draft" opens the recipe, "slices" the recipe of slices, "vocab" the
+#: recipe of models whose vocabularies differ, "job" finds the recorded merge; run_before)
 SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
     "1-models": ("draft", models_step),
     "2-check": ("draft", check_step),
     "2-check-slices": ("slices", check_step),
+    "2-check-vocabulary": ("vocab", check_step),
     "3-method": ("draft", method_step),
     "3-method-gradient": ("draft", method_gradient_step),
     "3-method-slices": ("slices", method_step),
+    "3-method-vocabulary": ("vocab", method_vocabulary_step),
     "4-run": ("job", run_step),
     "5-compare": ("draft", compare_step),
     "help": ("draft", help_overlay),
@@ -275,8 +334,8 @@ SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
 
 
 def scene_app(kind: str, workspace: Path, state: Path) -> Any:
-    """The app a scene starts from: the workspace's recipe (``slices``: its recipe of slices)
-    opened, or (``job``) a fresh start that finds the recorded merge and reattaches to it."""
+    """The app a scene starts from: the workspace's recipe (``slices``: its recipe of slices,
+    ``vocab``: its recipe of models whose vocabularies differ) opened, or (``job``) a fresh start that finds the recorded merge and reattaches to it."""
     from mergetui.recipe import load_recipe
     from mergetui.tui.app import create_app
     from mergetui.tui.state import RecipeDraft
@@ -289,5 +348,5 @@ def scene_app(kind: str, workspace: Path, state: Path) -> Any:
         import shutil
 
         shutil.rmtree(runs)
-    recipe = workspace / ("slices.toml" if kind == "slices" else "recipe.toml")
+    recipe = workspace / {"slices": "slices.toml", "vocab": "vocab.toml"}.get(kind, "recipe.toml")
     return create_app(draft=RecipeDraft.from_recipe(load_recipe(recipe)))

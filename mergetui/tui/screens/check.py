@@ -31,7 +31,12 @@ The same check as `mergetui check`, from each model's `config.json` and safetens
 no weight is read. One column per model: architecture, layers, hidden size, vocabulary, dtype,
 parameters and size on disk (a value that differs from the first model's where it must match is
 red). **← →** highlight a model: its full path or Hub id shows under the table. For a recipe
-made of `[[slices]]`, the output's layers and which model's layers each run comes from. Below:
+made of `[[slices]]`, the output's layers and which model's layers each run comes from.
+
+**Vocabulary**: the rows *tokens*, *lacks/drops* (how many output tokens a model lacks, how many
+of its own the output drops), *special* and *chat template*, and under the table what the
+vocabulary setting of step 3 (`tokenizer`, `missing_tokens`, `pad_to_multiple_of`) will do: the
+output's tokens and rows, the tokens added to its tokenizer, how rows are aligned. Below:
 every problem, and the estimates of the output's size, the free disk and the peak memory of the
 merge.
 
@@ -54,6 +59,7 @@ merge.
             yield DataTable(id="check-table", cursor_type="column")
             yield Static("", id="check-path", classes="param-help")
             yield Static("", id="check-layers")
+            yield Static("", id="check-vocabulary")
             yield Static("", id="check-problems")
             yield Static("", id="check-estimates")
             yield Checkbox("I have read the warnings; merge anyway", id="ack", disabled=True)
@@ -128,6 +134,7 @@ merge.
             full_reference,
             layer_lines,
             report_rows,
+            vocabulary_lines,
         )
 
         table = self.query_one("#check-table", DataTable)
@@ -162,6 +169,12 @@ merge.
             Text("\n").join(
                 [Text("output layers (from [[slices]]):", "bold")] + [Text(line) for line in lines]
             )
+        )
+        vocabulary = self.query_one("#check-vocabulary", Static)
+        lines = vocabulary_lines(report)
+        vocabulary.display = bool(lines)
+        vocabulary.update(
+            Text("\n").join([Text("vocabulary:", "bold")] + [Text(line) for line in lines])
         )
         ack = self.query_one("#ack", Checkbox)
         ack.display = bool(self.warnings)

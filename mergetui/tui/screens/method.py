@@ -8,12 +8,17 @@ A numeric parameter takes a number or a gradient across the layers (a list, draw
 beside it), and per-tensor overrides in a second field (see :mod:`mergetui.tui.values`). A recipe
 made of ``[[slices]]`` shows its slices read-only (they are edited in the TOML) and its
 method-wide parameters, which are every slice source's defaults.
+
+The vocabulary keys (``tokenizer``, ``missing_tokens``, ``pad_to_multiple_of``, ``chat_template``)
+have fields of their own; the choices come from :mod:`mergetui.recipe.vocab` and the draft's
+models, and what is wrong with a value is the recipe validator's message, shown under them.
+``tie_word_embeddings`` and ``[merge.tokens]`` are kept as the recipe gives them.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
 from textual import on
@@ -24,14 +29,124 @@ from textual.validation import ValidationResult, Validator
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
 from mergetui.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
+from mergetui.recipe.schema import CHAT_TEMPLATE_NAMES, looks_like_template
+from mergetui.recipe.vocab import MISSING_TOKEN_RULES, TOKENIZER_CHOICES, model_index
 from mergetui.tui import values
 from mergetui.tui.screens.base import StepScreen
+
+if TYPE_CHECKING:
+    from mergetui.tui.state import RecipeDraft
 
 #: the line above the parameters that says how to type gradients and overrides
 VALUES_HELP = (
     "numbers: a value, or a gradient across the layers (0, 0.5, 1); overrides: filter=value "
     "(mlp=0.7, self_attn=[0, 1]), the first filter found in a tensor's name winning"
 )
+
+
+#: the line under "vocabulary" that says what its fields are for
+VOCABULARY_HELP = "when the models' vocabularies differ (step 2 shows what these do)"
+TOKENIZER_LABELS = {"base": "base: the base's", "union": "union: every model's tokens"}
+#: the chat template choices that are not a value of their own: a .jinja file typed in the field
+#: beside, and Jinja text given in the recipe (kept as it is)
+TEMPLATE_FILE = "<a .jinja file>"
+TEMPLATE_TEXT = "<the recipe's Jinja text>"
+#: the recipe keys the vocabulary fields edit or keep → the field that shows their problems
+VOCABULARY_KEYS = {
+    "merge.tokenizer": "#vocab-tokenizer",
+    "merge.missing_tokens": "#vocab-missing",
+    "merge.pad_to_multiple_of": "#vocab-pad",
+    "merge.chat_template": "#vocab-template",
+    "merge.tie_word_embeddings": "",
+    "merge.tokens": "",
+}
+
+
+def _short(reference: str) -> str:
+    """A model's last path part (``models/ft-code`` → ``ft-code``), for a choice's label."""
+    return reference.rstrip("/").rsplit("/", 1)[-1] or reference
+
+
+def _vocabulary_key(problem: str) -> str | None:
+    """The vocabulary key a validator problem is about (``merge.tokens.'<|x|>': …`` →
+    ``merge.tokens``), None for any other."""
+    where = problem.split(": ", 1)[0]
+    for key in VOCABULARY_KEYS:
+        if where == key or where.startswith(key + "."):
+            return key
+    return None
+
+
+def template_choice(value: str | None) -> tuple[Any, str]:
+    """``(choice, file text)`` for a ``chat_template`` value: a name is its own choice, Jinja
+    text is :data:`TEMPLATE_TEXT`, anything else (a path) is :data:`TEMPLATE_FILE` with the path
+    in the field beside (where the validator says what is wrong with it)."""
+    if value is None:
+        return Select.NULL, ""
+    if value in CHAT_TEMPLATE_NAMES or value == "base" or model_index(value) is not None:
+        return value, ""
+    if looks_like_template(value) and not value.endswith(".jinja"):
+        return TEMPLATE_TEXT, ""
+    return TEMPLATE_FILE, value
+
+
+def _slice_models(draft: RecipeDraft) -> list[str]:
+    """Every model the draft's slices name, in order, once."""
+    found: list[str] = []
+    for piece in draft.slices:
+        sources = piece.get("sources")
+        for source in sources if isinstance(sources, list) else []:
+            if isinstance(source, dict) and isinstance(source.get("model"), str):
+                found.append(source["model"])
+    return list(dict.fromkeys(found))
+
+
+def _with_value(options: list[tuple[str, Any]], value: Any) -> list[tuple[str, Any]]:
+    """``options`` plus ``value`` as given when none of them is it (a model reference of a version
+    1 recipe, a model no longer chosen, a typo): the field shows what the draft holds, and the
+    validator says what is wrong with it."""
+    if value is not Select.NULL and value not in [v for _, v in options]:
+        options.append((f"{value} (as given)", value))
+    return options
+
+
+def tokenizer_choices(draft: RecipeDraft) -> list[tuple[str, str]]:
+    """``merge.tokenizer``'s choices: base, union, each model (by reference in a recipe of slices,
+    which has no ``models[i]``)."""
+    options = [(TOKENIZER_LABELS.get(name, name), name) for name in TOKENIZER_CHOICES]
+    if draft.slices:
+        options += [(_short(reference), reference) for reference in _slice_models(draft)]
+    else:
+        options += [
+            (f"models[{i}]: {_short(entry.model)}", f"models[{i}]")
+            for i, entry in enumerate(draft.models)
+        ]
+    return _with_value(options, draft.tokenizer)
+
+
+def missing_token_choices(draft: RecipeDraft) -> list[tuple[str, str]]:
+    return _with_value([(name, name) for name in MISSING_TOKEN_RULES], draft.missing_tokens)
+
+
+def template_choices(draft: RecipeDraft) -> list[tuple[str, Any]]:
+    """``merge.chat_template``'s choices (besides the blank one, the tokenizer model's): base,
+    each model, the built-in ones, a .jinja file, and the recipe's Jinja text when it has some."""
+    options: list[tuple[str, Any]] = [("base: the base's", "base")] if draft.base else []
+    if not draft.slices:
+        options += [
+            (f"models[{i}]: {_short(entry.model)}'s", f"models[{i}]")
+            for i, entry in enumerate(draft.models)
+        ]
+    options += [
+        ("auto: the one most models share", "auto"),
+        ("chatml", "chatml"),
+        ("llama3", "llama3"),
+        ("a .jinja file…", TEMPLATE_FILE),
+    ]
+    choice, _ = template_choice(draft.chat_template)
+    if choice == TEMPLATE_TEXT:
+        options.append(("the recipe's Jinja text (kept)", TEMPLATE_TEXT))
+    return _with_value(options, choice)
 
 
 class _Syntax(Validator):
@@ -69,6 +184,14 @@ found in a tensor's name wins, and the value on the left is the default for the 
 A recipe made of **[[slices]]** (layer ranges, e.g. opened from a mergekit config) shows its
 slices read-only: edit them in the TOML. Its parameters here are the defaults of every slice.
 
+**Vocabulary**, for models whose vocabularies differ (a fine-tune that added chat tokens): the
+output's **tokenizer** (`base`, the `union` of every model's tokens, or `models[i]`'s), what a
+model that lacks one of its tokens contributes for it (**missing tokens**, its rule described
+under the field), the embedding rows rounded **up to a multiple** (e.g. 64; empty: as they are)
+and the **chat template** (empty: the one of the model the tokenizer comes from). Step 2 shows
+what the setting does before anything runs. `tie_word_embeddings` and `[merge.tokens]` are edited
+in the TOML and kept as given.
+
 Then the output folder, the dtype (default: the base's), the device (`auto` takes a GPU when there
 is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the headless command);
 **Ctrl+R** runs the merge.
@@ -81,6 +204,8 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         self._texts: dict[str, list[str]] = {}
         #: field key → why its text cannot be read (the draft keeps its last readable value)
         self._problems: dict[str, str] = {}
+        #: Jinja text the recipe gives as ``chat_template`` (kept while its choice is chosen)
+        self._template_text = ""
 
     def compose(self) -> ComposeResult:
         draft = self.draft
@@ -99,6 +224,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
                 )
                 yield Static("", id="method-help")
                 yield Vertical(id="params")
+                yield from self._vocabulary_fields()
                 yield Label("output", classes="model-title")
                 yield Label(
                     "output.path: the folder the merged model is written to", classes="param-help"
@@ -135,6 +261,119 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
     async def on_mount(self) -> None:
         await self._build_fields()
 
+    # -- vocabulary ----------------------------------------------------------------------------
+    def _vocabulary_fields(self) -> ComposeResult:
+        """The vocabulary keys' fields, showing the draft's values (see ``tokenizer_choices``
+        and the others for what each offers)."""
+        draft = self.draft
+        tokenizers = tokenizer_choices(draft)
+        rules = missing_token_choices(draft)
+        choice, file_text = template_choice(draft.chat_template)
+        templates = template_choices(draft)
+        if choice == TEMPLATE_TEXT:
+            self._template_text = draft.chat_template or ""
+        pad = draft.pad_to_multiple_of
+        with Vertical(id="vocabulary"):
+            yield Label("vocabulary", classes="model-title")
+            yield Static(VOCABULARY_HELP, classes="param-help")
+            with Horizontal(classes="row"):
+                yield Label("tokenizer", classes="field-label vocab-label")
+                yield Select(
+                    tokenizers, value=draft.tokenizer, allow_blank=False, id="vocab-tokenizer"
+                )
+            with Horizontal(classes="row"):
+                yield Label("missing tokens", classes="field-label vocab-label")
+                yield Select(
+                    rules, value=draft.missing_tokens, allow_blank=False, id="vocab-missing"
+                )
+            yield Static(
+                self._rule_help(draft.missing_tokens), id="vocab-missing-help", classes="param-help"
+            )
+            with Horizontal(classes="row"):
+                yield Label("pad to multiple", classes="field-label vocab-label")
+                yield Input(
+                    "" if pad is None else str(pad),
+                    placeholder="of N rows, e.g. 64 (empty: no padding)",
+                    id="vocab-pad",
+                    validate_on=(),  # marked from the recipe validator's problems (_validate)
+                )
+            with Horizontal(classes="row"):
+                yield Label("chat template", classes="field-label vocab-label")
+                yield Select(
+                    templates, value=choice, prompt="the tokenizer model's", id="vocab-template"
+                )
+            with Horizontal(classes="row", id="vocab-file-row") as row:
+                row.display = choice == TEMPLATE_FILE
+                yield Label(".jinja file", classes="field-label vocab-label")
+                yield Input(
+                    file_text,
+                    placeholder="template.jinja (next to the recipe)",
+                    id="vocab-template-file",
+                    validate_on=(),
+                )
+            yield Static("", id="vocab-note", classes="field-note")
+
+    @staticmethod
+    def _rule_help(rule: str) -> str:
+        description = MISSING_TOKEN_RULES.get(rule)
+        if description is None:
+            return f"{rule}: not a rule; choose one of {', '.join(MISSING_TOKEN_RULES)}"
+        return f"a model that lacks an output token gives {description}"
+
+    @on(Select.Changed, "#vocab-tokenizer, #vocab-missing, #vocab-template")
+    def vocabulary_chosen(self, event: Select.Changed) -> None:
+        draft = self.draft
+        value = event.value
+        if event.select.id == "vocab-tokenizer":
+            draft.tokenizer = str(value)
+        elif event.select.id == "vocab-missing":
+            draft.missing_tokens = str(value)
+            self.query_one("#vocab-missing-help", Static).update(self._rule_help(str(value)))
+        else:
+            row = self.query_one("#vocab-file-row", Horizontal)
+            row.display = value == TEMPLATE_FILE
+            if value is Select.NULL:
+                draft.chat_template = None
+            elif value == TEMPLATE_FILE:
+                draft.chat_template = self.query_one("#vocab-template-file", Input).value.strip()
+            elif value == TEMPLATE_TEXT:
+                draft.chat_template = self._template_text
+            else:
+                draft.chat_template = str(value)
+        self._validate()
+
+    @on(Input.Changed, "#vocab-pad, #vocab-template-file")
+    def vocabulary_typed(self, event: Input.Changed) -> None:
+        draft = self.draft
+        text = event.value.strip()
+        if event.input.id == "vocab-pad":
+            # like the seed: a number once it is one, else the text, for the validator to name
+            draft.pad_to_multiple_of = (
+                None if not text else int(text) if text.lstrip("-").isdigit() else text
+            )
+        elif self.query_one("#vocab-template", Select).value == TEMPLATE_FILE:
+            draft.chat_template = text
+        self._validate()
+
+    def _show_vocabulary_problems(self, found: list[str]) -> None:
+        """The recipe validator's problems with the vocabulary keys, under their fields; the
+        field each is about marked invalid."""
+        mine = [(key, p) for p in found if (key := _vocabulary_key(p)) is not None]
+        note = self.query_one("#vocab-note", Static)
+        note.update(Text("\n").join(Text.assemble(("✗ ", "bold red"), p) for _, p in mine))
+        note.display = bool(mine)
+        keys = {key for key, _ in mine}
+        file_chosen = self.query_one("#vocab-template", Select).value == TEMPLATE_FILE
+        for key, selector in VOCABULARY_KEYS.items():
+            if not selector:
+                continue
+            if key == "merge.chat_template" and file_chosen:
+                selector = "#vocab-template-file"
+            self.query_one(selector).set_class(key in keys, "-invalid")
+        if not file_chosen:
+            self.query_one("#vocab-template-file").set_class(False, "-invalid")
+
+    # -- parameters ----------------------------------------------------------------------------
     @property
     def spec(self) -> MethodSpec:
         spec = get_method(self.draft.method)
@@ -328,7 +567,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         cannot be read leaves the draft's value as it was and says why, under the field and
         among the problems (saving waits until it is fixed)."""
         field_id = event.input.id or ""
-        if field_id.startswith(("out-", "save-")):
+        if field_id.startswith(("out-", "save-", "vocab-")):
             return
         key = field_id.removesuffix("-filters")
         scope, _, name = key.partition("-")
@@ -379,13 +618,17 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
             Text.assemble(("✗ ", "bold red"), f"{self._where(key)}: {problem}")
             for key, problem in self._problems.items()
         ]
+        found: list[str] = []
         try:
             draft.to_recipe()
         except RecipeError as exc:
-            found = [Text.assemble(("✗ ", "bold red"), p) for p in exc.problems]
-            problems.update(Text("\n").join(unread + found))
+            found = exc.problems
+        if found:
+            listed = [Text.assemble(("✗ ", "bold red"), p) for p in found]
+            problems.update(Text("\n").join(unread + listed))
         else:
             problems.update(
                 Text("\n").join(unread) if unread else Text("✓ valid recipe", "bold green")
             )
+        self._show_vocabulary_problems(found)
         self.query_one("#preview", Static).update(data_to_toml(draft.to_data()))
