@@ -862,16 +862,6 @@ def test_slices_align_vocabularies_as_mergekit(
     assert_same_as_mergekit(*slices_merge(zoo, mergekit, tmp_path, first="domain", last="pad"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine/vocabulary.py _default_rows counts the base, read for the alignment only "
-        "(PlannedTensor.for_alignment), as a holder of a token: in a slice whose sources are "
-        "slim (lacks ';') and chat, slim gets the base's row of ';' where mergekit (and "
-        "mergetui's own borrow rule, 'the row of the one model that has the token') gives "
-        "chat's"
-    ),
-)
 def test_slices_borrow_from_the_one_source_that_has_the_token(
     zoo: dict[str, Path], mergekit: MergekitReference, tmp_path: Path
 ) -> None:
@@ -1361,17 +1351,6 @@ def gap_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "engine/vocabulary.py plan_vocabulary lists the output tokens by position "
-        "(plan.tokens[i] is taken to be id i): a tokenizer with a gap in its ids (<gap> at 60 of "
-        "54 tokens in 64 rows) is compacted, <gap>'s row moved to 53 and rows 54-63 made padding, "
-        "while the copied tokenizer still maps <gap> to 60; so models that all share one "
-        "tokenizer are not an identity plan, and even a recipe without any vocabulary key gives "
-        "other weights than mergekit's merge by index"
-    ),
-)
 def test_tokenizer_with_a_gap_in_its_ids_is_merged_by_index(
     gap_zoo: dict[str, Path], mergekit: MergekitReference, tmp_path: Path
 ) -> None:
@@ -1440,16 +1419,6 @@ def assert_refused_or_consistent(plan: MergePlan) -> None:
     assert "<extra>" not in tokenizer.get_vocab()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "tokenizer = union with a source tokenizer that has a token past its embedding rows: "
-        "plan_vocabulary only notes that the token 'is left out of the vocabulary' (no error), "
-        "then, after every tensor is merged, outputs.write_tokenizer loads the source tokenizer "
-        "with the token still at id 53, adds the new tokens after it and raises MergeFailed "
-        "'the output tokenizer does not put 2 token(s) where their rows were aligned'"
-    ),
-)
 def test_union_with_a_base_tokenizer_past_its_rows(zoo: dict[str, Path], tmp_path: Path) -> None:
     models = outgrown_base(zoo, tmp_path)
     plan = plan_of(
@@ -1465,16 +1434,6 @@ def test_union_with_a_base_tokenizer_past_its_rows(zoo: dict[str, Path], tmp_pat
     assert_refused_or_consistent(plan)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "tokenizer = base with a base tokenizer that has a token past its embedding rows: the "
-        "plan notes the token 'is left out of the vocabulary', but outputs.write_support_files "
-        "copies the base's tokenizer files unchanged, so the output tokenizer has 54 tokens for "
-        "53 rows (vocab_size 53) and <extra> encodes to id 53, which has no row (mergekit strips "
-        "such tokens from the base tokenizer, or refuses the tokenizer when it cannot)"
-    ),
-)
 def test_base_tokenizer_past_its_rows(zoo: dict[str, Path], tmp_path: Path) -> None:
     models = outgrown_base(zoo, tmp_path)
     plan = plan_of(

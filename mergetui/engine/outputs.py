@@ -63,7 +63,7 @@ def write_tokenizer(vocabulary: VocabularyPlan, source_dir: Path, directory: Pat
     wrong = [
         (token, index, ids.get(token))
         for index, token in enumerate(vocabulary.tokens)
-        if ids.get(token) != index
+        if token is not None and ids.get(token) != index
     ]
     if wrong:
         shown = ", ".join(f"{t!r} at {got} (planned {want})" for t, want, got in wrong[:5])
@@ -193,7 +193,7 @@ def model_card(plan: MergePlan) -> str:
     if vocabulary is not None and vocabulary.tokens and not vocabulary.identity:
         added = len(vocabulary.new_tokens)
         lines.append(
-            f"- vocabulary: tokenizer = {vocabulary.setting}, {len(vocabulary.tokens)} tokens in "
+            f"- vocabulary: tokenizer = {vocabulary.setting}, {vocabulary.size} tokens in "
             f"{vocabulary.rows} embedding rows"
             + (f" ({added} added to its tokenizer)" if added else "")
             + f"; rows aligned by token, missing_tokens = {vocabulary.missing_rule}"

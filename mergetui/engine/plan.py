@@ -249,7 +249,9 @@ def build_plan(
     if vocabulary is not None and not any(p.severity == "error" for p in plan.problems):
         by_role = {s.role: s for s in sources}
         out_size = _element_size(out_dtype)
-        plan.tensors = apply_to_layout(vocabulary, plan.tensors, by_role, out_size)
+        plan.tensors = apply_to_layout(
+            vocabulary, plan.tensors, by_role, out_size, base_holds=not recipe.slices
+        )
     plan.config_updates = layout.config_updates
     if vocabulary is not None:
         plan.config_updates.update(vocabulary_config(vocabulary, files_from))

@@ -211,7 +211,7 @@ def vocabulary_report(plan: MergePlan) -> dict[str, Any]:
         )
     return {
         "setting": vocabulary.setting,
-        "tokens": len(vocabulary.tokens),
+        "tokens": vocabulary.size,
         "rows": vocabulary.rows,
         "aligned": not vocabulary.identity,
         "added": [token for token, _ in vocabulary.new_tokens],

@@ -118,7 +118,8 @@ class VocabularyPlan:
 
     setting: str
     tokenizer_from: str  # role whose tokenizer files are the output's starting point
-    tokens: list[str]
+    #: the output's tokens by id; None where the tokenizer has no token for an id (a gap)
+    tokens: list[str | None]
     rows: int
     maps: dict[str, list[int]]
     models: dict[str, ModelVocabulary]
@@ -145,7 +146,12 @@ class VocabularyPlan:
         return not self.identity and any(name in m.tensors for m in self.models.values())
 
     def token_ids(self) -> dict[str, int]:
-        return {token: index for index, token in enumerate(self.tokens)}
+        return {token: index for index, token in enumerate(self.tokens) if token is not None}
+
+    @property
+    def size(self) -> int:
+        """How many tokens the output vocabulary has (ids without a token not counted)."""
+        return sum(1 for token in self.tokens if token is not None)
 
 
 def _model_vocabularies(sources: list[Source]) -> dict[str, ModelVocabulary]:
@@ -209,11 +215,19 @@ def plan_vocabulary(recipe: Recipe, sources: list[Source]) -> VocabularyPlan:
         _plan_without_tokenizers(plan, holders)
         return plan
     usable = source_vocab.usable()
-    plan.tokens = [token for token, _ in sorted(usable.items(), key=lambda item: item[1])]
-    past_end = len(source_vocab.vocabulary) - len(usable)
+    # by id, as the source's tokenizer files (copied) will keep them: an id without a token
+    # stays a row of its own
+    plan.tokens = [None] * (max(usable.values(), default=-1) + 1)
+    for token, index in usable.items():
+        plan.tokens[index] = token
+    past_end = sorted(
+        (index, token)
+        for token, index in source_vocab.vocabulary.ids.items()
+        if token not in usable
+    )
     if past_end:
         plan.notes.append(
-            f"{source_vocab.label}: its tokenizer has {past_end} token(s) with ids past its "
+            f"{source_vocab.label}: its tokenizer has {len(past_end)} token(s) with ids past its "
             f"{source_vocab.rows} embedding rows; they have no row and are left out of the "
             "vocabulary"
         )
@@ -227,7 +241,14 @@ def plan_vocabulary(recipe: Recipe, sources: list[Source]) -> VocabularyPlan:
     ids = plan.token_ids()
     for holder in holders:
         own = holder.usable()
-        plan.maps[holder.role] = [own.get(token, -1) for token in plan.tokens]
+        own_ids = set(own.values())
+        plan.maps[holder.role] = [
+            own.get(token, -1)
+            if token is not None
+            # an id without a token matches the same gap of a model (the same tokenizer)
+            else (index if index not in own_ids and index < (holder.rows or 0) else -1)
+            for index, token in enumerate(plan.tokens)
+        ]
     _resolve_overrides(plan, recipe, sources, ids)
     forced = any(override.force for override, _, _ in plan.overrides.values())
     plan.identity = (
@@ -240,8 +261,39 @@ def plan_vocabulary(recipe: Recipe, sources: list[Source]) -> VocabularyPlan:
     )
     if not plan.identity:
         _explain_missing(plan, holders)
+        _refuse_unalignable(plan, source_vocab, past_end)
     _explain_dropped(plan, holders)
     return plan
+
+
+def _refuse_unalignable(
+    plan: VocabularyPlan, source: ModelVocabulary, past_end: list[tuple[int, str]]
+) -> None:
+    """Rows can only be aligned to a tokenizer whose every token has a row and whose new tokens
+    land where planned: a source tokenizer with tokens past its rows, or with ids without a token
+    when tokens are to be added, is refused before any weight is read."""
+    if past_end:
+        shown = ", ".join(f"{token!r} at {index}" for index, token in past_end[:_SHOWN])
+        plan.problems.append(
+            (
+                "error",
+                f"{source.label}: its tokenizer has token(s) past its {source.rows} embedding rows "
+                f"({shown}), so rows cannot be aligned to it (the copied tokenizer would encode "
+                "them to rows that do not exist); resize its embeddings to its tokenizer "
+                "(model.resize_token_embeddings(len(tokenizer))) and re-save it, or take another "
+                'model\'s vocabulary (tokenizer = "models[i]")',
+            )
+        )
+    gaps = [index for index, token in enumerate(plan.tokens[: len(plan.tokens)]) if token is None]
+    if gaps and plan.new_tokens:
+        plan.problems.append(
+            (
+                "error",
+                f"{source.label}: its tokenizer has {len(gaps)} id(s) without a token (first: "
+                f"{gaps[0]}), so tokens cannot be added after its last id where their rows are "
+                'planned; use tokenizer = "base" or a model\'s vocabulary, without new tokens',
+            )
+        )
 
 
 def _explain_dropped(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> None:
@@ -382,7 +434,7 @@ def _add_union_tokens(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> N
     """mergekit's union order: the base's tokens, then every model's regular tokens the base
     lacks, then every added token (the first definition's flags win); models in recipe order,
     each model's tokens in id order (mergekit's order there follows a hash map)."""
-    present = set(plan.tokens)
+    present = {token for token in plan.tokens if token is not None}
     order = [plan.models[plan.tokenizer_from]] + [
         h for h in holders if h.role != plan.tokenizer_from
     ]
@@ -411,7 +463,7 @@ def _add_union_tokens(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> N
 
 
 def _add_override_tokens(plan: VocabularyPlan, recipe: Recipe, sources: list[Source]) -> None:
-    present = set(plan.tokens)
+    present = {token for token in plan.tokens if token is not None}
     for override in recipe.tokens:
         if override.token not in present:
             plan.tokens.append(override.token)
@@ -475,7 +527,9 @@ def _explain_missing(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> No
     nobody = [
         token
         for index, token in enumerate(plan.tokens)
-        if index not in plan.overrides and all(plan.maps[h.role][index] < 0 for h in holders)
+        if token is not None
+        and index not in plan.overrides
+        and all(plan.maps[h.role][index] < 0 for h in holders)
     ]
     if nobody:
         plan.problems.append(
@@ -503,7 +557,11 @@ def summary_rows(plan: VocabularyPlan) -> list[tuple[str, str, str, str, str]]:
             rows.append((role, f"? ({model.rows} rows)", "no tokenizer files", "", ""))
             continue
         usable = model.usable()
-        lacks = sum(1 for index in plan.maps.get(role, []) if index < 0)
+        lacks = sum(
+            1
+            for index, token in zip(plan.maps.get(role, []), plan.tokens, strict=False)
+            if token is not None and index < 0
+        )
         dropped = sum(1 for token in usable if token not in out)
         size = f"{len(usable)} ({model.rows} rows)" + (" assumed" if model.assumed else "")
         rows.append(
@@ -523,7 +581,7 @@ def describe(plan: VocabularyPlan) -> list[str]:
         "union": "the union of the models' vocabularies",
     }.get(plan.setting, f"the vocabulary of {source.label}")
     lines.append(
-        f"tokenizer = {plan.setting}: the output has {what}: {len(plan.tokens)} tokens in "
+        f"tokenizer = {plan.setting}: the output has {what}: {plan.size} tokens in "
         f"{plan.rows} embedding rows"
     )
     if plan.identity:
@@ -656,11 +714,15 @@ def apply_to_layout(
     tensors: list[PlannedTensor],
     by_role: dict[str, Source],
     out_size: int,
+    *,
+    base_holds: bool = True,
 ) -> list[PlannedTensor]:
     """The layout with the vocabulary's changes: the head dropped for a tied output (or added for
     an untied one whose reference is tied), tied inputs reading their embedding as their head,
-    aligned tensors sized to the output vocabulary and given the alignment (and the base's tensor
-    when the defaults need it), and vocabulary-indexed tensors never byte-copied when aligned."""
+    aligned tensors sized to the output vocabulary and given the alignment (and, with
+    ``base_holds``, the base's tensor, whose rows the defaults use even when the method does not:
+    mergekit gathers the base of whole models, not of slices), and vocabulary-indexed tensors
+    never byte-copied when aligned."""
     from mergetui.engine.layout import TensorInput
 
     result = []
@@ -682,7 +744,7 @@ def apply_to_layout(
         if not plan.aligned(tensor.name) and tensor.name != head:
             continue
         if plan.aligned(tensor.name):
-            _align(tensor, plan, by_role, out_size, TensorInput)
+            _align(tensor, plan, by_role, out_size, TensorInput, base_holds)
         tensor.bytes_in = sum(
             spec.nbytes
             for read in tensor.reads
@@ -728,6 +790,7 @@ def _align(
     by_role: dict[str, Source],
     out_size: int,
     make: Callable[[str, str], TensorInput],
+    base_holds: bool,
 ) -> None:
     if not tensor.merge:  # a byte copy: merge it again (the kernel sees one input, or the same)
         tensor.merge = True
@@ -736,12 +799,13 @@ def _align(
     tensor.shape = (plan.rows, *tensor.shape[1:])
     tensor.bytes_out = math.prod(tensor.shape) * out_size
     roles = {read.role for read in tensor.reads}
-    if plan.base_role is not None and plan.base_role not in roles and plan.base_role in by_role:
+    base = plan.base_role
+    if base_holds and base is not None and base not in roles and base in by_role:
         name = tensor.name
-        model = plan.models[plan.base_role]
+        model = plan.models[base]
         if name not in model.tensors and model.tied and model.embedding:
             name = model.embedding
-        tensor.for_alignment = (make(plan.base_role, name),)
+        tensor.for_alignment = (make(base, name),)
 
 
 def check_template_tokens(template: str, plan: VocabularyPlan) -> list[str]:

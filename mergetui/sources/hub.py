@@ -639,13 +639,14 @@ def support_files(ref: ModelRef) -> Path:
     what checking a vocabulary needs, without a weight (``check`` on a model not downloaded)."""
     from huggingface_hub import snapshot_download
 
-    assert ref.repo_id is not None
+    repo_id = ref.repo_id
+    assert repo_id is not None
     name = ref_name(ref)
     with hub_errors(name, ref):
         return Path(
             with_retries(
                 lambda: snapshot_download(
-                    ref.repo_id, revision=ref.revision, allow_patterns=SUPPORT_FILE_PATTERNS
+                    repo_id, revision=ref.revision, allow_patterns=SUPPORT_FILE_PATTERNS
                 ),
                 name,
             )
