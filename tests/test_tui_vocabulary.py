@@ -6,6 +6,7 @@ autosaved draft shows its choices again, and the check step says what the settin
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import pytest
@@ -288,3 +289,55 @@ async def _reference_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         assert "version = 2" in _text(screen, "#preview")
         assert "valid recipe" in _text(screen, "#problems")
     assert recipe_to_toml(RecipeDraft.from_recipe(recipe).to_recipe()) == recipe_to_toml(recipe)
+
+
+def test_an_instruct_model_with_chat_tokens_merges_from_the_tui(
+    tmp_path: Path, vocab_models: dict[str, Path]
+) -> None:
+    """The issue's "done when", in the TUI: a base, a model of the base's vocabulary and an
+    instruct fine-tune that added the ChatML tokens, merged with tokenizer = union and the
+    instruct model's chat template, run from the method step. The output loads with matching
+    sizes, keeps the instruct model's ids for its tokens and its template."""
+    asyncio.run(_merge_union_from_the_tui(tmp_path, vocab_models))
+
+
+async def _merge_union_from_the_tui(tmp_path: Path, models: dict[str, Path]) -> None:
+    import shutil
+
+    from test_tui import _wait_outcome
+    from transformers import AutoTokenizer
+
+    from mergetui.tui.screens.run import RunScreen
+
+    instruct = tmp_path / "instruct"  # the chat fine-tune, with a ChatML template of its own
+    shutil.copytree(models["chat"], instruct)
+    template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+        "{% endfor %}"
+    )
+    (instruct / "chat_template.jinja").write_text(template, encoding="utf-8")
+    models = {**models, "chat": instruct}
+    output = tmp_path / "merged"
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        screen = await _method_step(pilot, app, models)
+        screen.query_one("#vocab-tokenizer", Select).value = "union"
+        screen.query_one("#vocab-template", Select).value = "models[1]"
+        await _wait_for(pilot, lambda: 'chat_template = "models[1]"' in _text(screen, "#preview"))
+        screen.query_one("#out-path", Input).value = str(output)
+        screen.query_one("#out-device", Input).value = "cpu"
+        await _wait_for(pilot, lambda: "valid recipe" in _text(screen, "#problems"))
+        await pilot.press("ctrl+r")
+        await _wait_for(pilot, lambda: isinstance(app.screen, RunScreen), "for the run step")
+        run = app.screen
+        assert await _wait_outcome(pilot, run) == "done", str(
+            run.query_one("#run-status", Static).render()
+        )
+    merged = AutoTokenizer.from_pretrained(output)
+    chat = AutoTokenizer.from_pretrained(models["chat"])
+    assert [merged.convert_tokens_to_ids(t) for t in CHAT_TOKENS] == [
+        chat.convert_tokens_to_ids(t) for t in CHAT_TOKENS
+    ]
+    assert merged.chat_template == chat.chat_template == template
+    config = json.loads((output / "config.json").read_text())
+    assert len(merged) == config["vocab_size"] == len(chat)
