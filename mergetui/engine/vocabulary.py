@@ -92,6 +92,8 @@ class ModelVocabulary:
     vocabulary: Vocabulary | None  # None: no tokenizer files
     tensors: dict[str, str]
     assumed: bool = False  # no tokenizer of its own: taken to be the reference's
+    _usable: dict[str, int] | None = field(default=None, repr=False)
+    _by_id: list[str | None] | None = field(default=None, repr=False)
 
     @property
     def embedding(self) -> str | None:
@@ -107,9 +109,24 @@ class ModelVocabulary:
         return self.embedding is not None and self.head is None
 
     def usable(self) -> dict[str, int]:
-        if self.vocabulary is None:
-            return {}
-        return self.vocabulary.within(self.rows) if self.rows else dict(self.vocabulary.ids)
+        """Its tokens that have a row (computed once: vocabularies run to 256k tokens)."""
+        if self._usable is None:
+            vocabulary = self.vocabulary
+            if vocabulary is None:
+                self._usable = {}
+            else:
+                self._usable = vocabulary.within(self.rows) if self.rows else dict(vocabulary.ids)
+        return self._usable
+
+    def by_id(self) -> list[str | None]:
+        """Its tokens that have a row, by id (None for an id without a token)."""
+        if self._by_id is None:
+            usable = self.usable()
+            tokens: list[str | None] = [None] * (max(usable.values(), default=-1) + 1)
+            for token, index in usable.items():
+                tokens[index] = token
+            self._by_id = tokens
+        return self._by_id
 
 
 @dataclass
@@ -217,9 +234,8 @@ def plan_vocabulary(recipe: Recipe, sources: list[Source]) -> VocabularyPlan:
     usable = source_vocab.usable()
     # by id, as the source's tokenizer files (copied) will keep them: an id without a token
     # stays a row of its own
-    plan.tokens = [None] * (max(usable.values(), default=-1) + 1)
-    for token, index in usable.items():
-        plan.tokens[index] = token
+    plan.tokens = list(source_vocab.by_id())
+    source_count = len(plan.tokens)
     past_end = sorted(
         (index, token)
         for token, index in source_vocab.vocabulary.ids.items()
@@ -241,6 +257,11 @@ def plan_vocabulary(recipe: Recipe, sources: list[Source]) -> VocabularyPlan:
     ids = plan.token_ids()
     for holder in holders:
         own = holder.usable()
+        if own == usable:  # the same tokenizer: the same ids, then none of the added tokens
+            plan.maps[holder.role] = list(range(source_count)) + [-1] * (
+                len(plan.tokens) - source_count
+            )
+            continue
         own_ids = set(own.values())
         plan.maps[holder.role] = [
             own.get(token, -1)
@@ -302,8 +323,7 @@ def _explain_dropped(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> No
     for holder in holders:
         if holder.assumed:
             continue
-        own = sorted(holder.usable().items(), key=lambda item: item[1])
-        dropped = [token for token, _ in own if token not in present]
+        dropped = [t for t in holder.by_id() if t is not None and t not in present]
         if dropped:
             shown = ", ".join(map(repr, dropped[:_SHOWN]))
             more = f" and {len(dropped) - _SHOWN} more" if len(dropped) > _SHOWN else ""
@@ -440,14 +460,20 @@ def _add_union_tokens(plan: VocabularyPlan, holders: list[ModelVocabulary]) -> N
     ]
     regular: list[str] = []
     added: dict[str, AddedToken] = {}
+    source = order[0].usable()
     for model in order:
         if model.vocabulary is None or model.assumed:
             continue
-        usable = model.usable()
-        for token, index in sorted(usable.items(), key=lambda item: item[1]):
-            info = model.vocabulary.added.get(index)
+        if model is not order[0] and model.usable() == source:
+            continue  # the source's own vocabulary: nothing new in it
+        flags = model.vocabulary.added
+        for index, token in enumerate(model.by_id()):
+            if token is None:
+                continue
+            info = flags.get(index)
             if info is None:
-                regular.append(token)
+                if token not in present:
+                    regular.append(token)
             elif token not in added:
                 added[token] = info
     for token in dict.fromkeys(regular):
