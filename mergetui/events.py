@@ -9,7 +9,7 @@ field then fails in one place (the round-trip test, and the README's list that a
 these classes) instead of as a silent ``KeyError`` in a reader.
 
 Every stream starts with :class:`StartEvent`, which carries :data:`SCHEMA_VERSION`, and ends with
-exactly one terminal event: ``done`` (merge), ``downloaded``, ``compared``, or ``cancelled`` /
+exactly one terminal event: ``done`` (merge), ``downloaded``, ``compared``, ``swept``, or ``cancelled`` /
 ``error`` (with the process's exit code). Readers ignore fields they do not know, so adding a field
 is compatible; removing or changing one bumps the schema version.
 
@@ -213,6 +213,37 @@ class ComparedEvent(Event):
     models: list[str]
     prompts: list[str]
     answers: list[AnswerSummary]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrialEvent(Event):
+    """``sweep``: one trial is over. ``values`` are its swept values by recipe key, ``scores``
+    the merge's score per task, ``objective`` what the sweep maximises (None when the trial
+    failed, with ``message`` saying why); ``best`` is the best trial's number so far."""
+
+    kind: ClassVar[str] = "trial"
+    number: int
+    trials_total: int
+    values: dict[str, Any]
+    scores: dict[str, float]
+    objective: float | None
+    merge_s: float
+    eval_s: float
+    best: int | None
+    best_objective: float | None
+    message: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweptEvent(Event):
+    """``sweep`` finished (last line): the best trial, its objective and recipe file."""
+
+    kind: ClassVar[str] = "swept"
+    trials_done: int
+    best: int | None
+    best_objective: float | None
+    best_recipe: str | None
+    output: str
 
 
 #: Nested dataclass fields, rebuilt from their dicts by :func:`parse_event`.

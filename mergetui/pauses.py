@@ -16,7 +16,8 @@ merge while it does something else (detaches the UI, kills the terminal) and the
 Moments: ``before-plan``, ``plan``, ``threads-started``, ``tensor:N`` (after the N-th tensor's
 event), ``write:N`` (the writer thread, after the N-th tensor is in its shard), ``support-files``
 (config written, tokenizer and card not yet), ``publish`` (complete, not yet renamed into
-place), ``done`` (after the ``done`` event).
+place), ``done`` (after the ``done`` event), ``trial-merged:N`` (a sweep's trial number N-1 is
+merged, not yet scored).
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from rich.markup import escape
 
 from mergetui import __version__
 from mergetui.cli import evaluate as evaluate_commands
+from mergetui.cli import sweep as sweep_commands
 from mergetui.cli.hub import hub_app
 from mergetui.cli.jobs import jobs_app
 from mergetui.cli.output import (
@@ -51,6 +52,7 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(jobs_app, name="jobs")
 app.command("compare")(evaluate_commands.compare)
 app.command("eval")(evaluate_commands.evaluate)
+app.command("sweep")(sweep_commands.sweep)
 
 RecipeArg = Annotated[
     Path,
