@@ -339,6 +339,11 @@ def load_sweep(path: str | Path) -> Sweep:
     seed = _whole(sweep, "seed", 0, 0, problems)
     keep = _whole(sweep, "keep", 1, 0, problems)
     workers = _whole(sweep, "workers", 1, 1, problems)
+    if workers != 1:
+        problems.append(
+            "sweep.workers: this mergetui runs one trial at a time; set workers = 1 (several "
+            "trials at once is planned)"
+        )
     output_text = sweep.get("output", "./sweep-out")
     if not isinstance(output_text, str) or not output_text:
         problems.append("sweep.output: a folder path")
