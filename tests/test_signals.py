@@ -71,6 +71,9 @@ def _run_held(
             stderr=subprocess.PIPE,
             text=True,
             env=env,
+            # a shell that starts a job in the background ignores SIGINT for it, and Python
+            # keeps an inherited "ignore"; a user's Ctrl-C reaches a foreground process
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
         assert process.stderr is not None
         seen = []

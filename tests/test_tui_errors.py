@@ -248,8 +248,14 @@ async def _assert_reported(pilot: Any, app: MergeTuiApp, what: str) -> None:
     assert app.last_error is not None
     summary, detail = app.last_error
     assert summary.startswith(f"{what} failed") and f"RuntimeError: {BOOM}" in summary, summary
-    toasts = [n.message for n in app._notifications if n.severity == "error"]
-    assert any(summary in toast and "F2" in toast for toast in toasts), toasts
+
+    # notify() posts a message: the toast is in the list once the app has handled it
+    def toasts() -> list[str]:
+        return [n.message for n in app._notifications if n.severity == "error"]
+
+    await _wait_until(
+        pilot, lambda: any(summary in t and "F2" in t for t in toasts()), "the error toast", 30
+    )
     under = app.screen
     await pilot.press("f2")
     await _wait_until(pilot, lambda: isinstance(app.screen, ErrorScreen), "the error detail")
