@@ -10,8 +10,9 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "mergetui"
 
 #: Each layer and the layers it may import. ``methods.registry`` is declarative data (no torch) that
-#: drives validation, help and forms, so every layer may read it.
-LAYERS = ["recipe", "sources", "methods", "engine", "evaluate", "cli", "tui"]
+#: drives validation, help and forms, so every layer may read it. ``sweep`` drives the engine and
+#: the evaluation (it sits above both) for the CLI and the TUI.
+LAYERS = ["recipe", "sources", "methods", "engine", "evaluate", "sweep", "cli", "tui"]
 SHARED = {
     "mergetui",
     "mergetui.errors",
