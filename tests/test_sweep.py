@@ -243,3 +243,17 @@ def test_sweep_help_is_listed() -> None:
         [sys.executable, "-m", "mergetui", "sweep", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "SWEEP" in result.stdout
+
+
+def test_the_plain_display_lists_trials_and_the_best(project: Path) -> None:
+    """Without --json: a line per trial (values, objective, timings) and the best trials' table
+    with the command that replays the best."""
+    path = write_sweep(
+        project, 'strategy = "grid"\noutput = "./plain"\n', '"models[0].weight" = [0.5]\n'
+    )
+    result = run_cli("sweep", str(path), cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = " ".join(result.stdout.split())
+    assert "trial 0 [1/1] models[0].weight = 0.5" in text
+    assert "→ objective" in text and "merge" in text and "eval" in text
+    assert f"best: trial 0, replay with `mergetui run {project / 'plain' / 'best.toml'}" in text

@@ -55,11 +55,35 @@ def sweep(
 
         spec = load_sweep(sweep_file)
 
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=as_json,
+            transient=True,
+        )
+        trials_bar = progress.add_task("trials", total=None)
+        now_bar = progress.add_task("starting", total=1.0)
+
         def show(event: Event) -> None:
             if as_json:
                 emit(event)
             elif isinstance(event, TrialEvent):
-                console.print(_trial_line(event), highlight=False, soft_wrap=True)
+                progress.console.print(_trial_line(event), highlight=False, soft_wrap=True)
+                best = "" if event.best_objective is None else f", best {event.best_objective:.4f}"
+                progress.update(
+                    trials_bar,
+                    total=event.trials_total,
+                    advance=1,
+                    description=f"trials{best}",
+                )
+
+        def activity(what: str, fraction: float | None) -> None:
+            progress.update(now_bar, description=what, completed=fraction or 0.0)
 
         if not as_json:
             names = ", ".join(d.key for d in spec.dimensions)
@@ -69,8 +93,15 @@ def sweep(
                 highlight=False,
                 soft_wrap=True,
             )
-        with signals_stop_the_merge(ignore_after=False) as cancel:
-            state = run_sweep(spec, restart=restart, device=device, on_event=show, cancel=cancel)
+        with progress, signals_stop_the_merge(ignore_after=False) as cancel:
+            state = run_sweep(
+                spec,
+                restart=restart,
+                device=device,
+                on_event=show,
+                cancel=cancel,
+                on_activity=None if as_json else activity,
+            )
         best = state.best()
         best_recipe = spec.output / "best.toml"
         done = SweptEvent(

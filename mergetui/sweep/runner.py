@@ -38,6 +38,8 @@ from mergetui.sweep.spec import Choice, Range, Sweep
 from mergetui.sweep.trial import applicable, grid_values, trial_recipe
 
 EventCallback = Callable[[Event], None]
+#: what the sweep is doing now and how far (0-1, None when unknown), for a live display
+ActivityCallback = Callable[[str, "float | None"], None]
 STATE_FILE = "sweep.json"
 TRIALS_FILE = "trials.jsonl"
 PARENTS_FILE = "parents.json"
@@ -150,7 +152,9 @@ class Scorer:
         self.parent_paths = [lineup.paths[lineup.names.index(n)] for n in self.parent_names]
         self.parents: dict[str, dict[str, float]] = {}
 
-    def score_parents(self, folder: Path) -> dict[str, dict[str, float]]:
+    def score_parents(
+        self, folder: Path, activity: ActivityCallback | None = None
+    ) -> dict[str, dict[str, float]]:
         cache = folder / PARENTS_FILE
         if cache.is_file():
             self.parents = json.loads(cache.read_text(encoding="utf-8"))["scores"]
@@ -163,6 +167,7 @@ class Scorer:
             self.tasks,
             device=self.device,
             limit=self.sweep.objective.limit,
+            on_progress=_scoring("scoring the parents", activity),
         )
         self.parents = {
             name: {task.name: table.value(name, task.name) for task in self.tasks}
@@ -171,11 +176,18 @@ class Scorer:
         cache.write_text(json.dumps({"scores": self.parents}, indent=2) + "\n", encoding="utf-8")
         return self.parents
 
-    def score(self, merged: Path) -> dict[str, float]:
+    def score(
+        self, merged: Path, activity: ActivityCallback | None = None, what: str = "scoring"
+    ) -> dict[str, float]:
         from mergetui.evaluate.evaluation import evaluate
 
         table = evaluate(
-            ["merged"], [merged], self.tasks, device=self.device, limit=self.sweep.objective.limit
+            ["merged"],
+            [merged],
+            self.tasks,
+            device=self.device,
+            limit=self.sweep.objective.limit,
+            on_progress=_scoring(what, activity),
         )
         return {task.name: table.value("merged", task.name) for task in self.tasks}
 
@@ -200,6 +212,17 @@ class Scorer:
                 best = min(parents)
                 shares.append(best / merged if merged > 0 else 0.0)
         return sum(shares) / len(shares)
+
+
+def _scoring(what: str, activity: ActivityCallback | None) -> Any:
+    """An evaluation progress callback that reports ``what: model task done/total``."""
+    if activity is None:
+        return None
+
+    def report(model: str, task: str, done: int, total: int) -> None:
+        activity(f"{what} {model} on {task}", done / total if total else None)
+
+    return report
 
 
 class _Sampler:
@@ -308,6 +331,7 @@ def run_sweep(
     device: str | None = None,
     on_event: EventCallback | None = None,
     cancel: threading.Event | None = None,
+    on_activity: ActivityCallback | None = None,
 ) -> SweepState:
     """Run the sweep's remaining trials; return every trial (resumed ones included)."""
     from mergetui.engine.plan import build_plan, resolve_device
@@ -317,7 +341,7 @@ def run_sweep(
     state = prepare_output(sweep, restart)
     device = device or resolve_device(sweep.recipe.device)
     scorer = Scorer(sweep, "cpu" if device == "cpu" else device)
-    scorer.score_parents(sweep.output)
+    scorer.score_parents(sweep.output, on_activity)
     sampler = _Sampler(sweep, state)
     total = sampler.total
     finished = {t.number for t in state.trials}
@@ -327,7 +351,7 @@ def run_sweep(
         trial, values = sampler.ask(number if sampler.study is None else -1)
         if trial is not None:
             number = trial.number
-        result = _run_trial(sweep, scorer, number, values, device, build_plan, cancel)
+        result = _run_trial(sweep, scorer, number, values, device, build_plan, cancel, on_activity)
         state.trials.append(result)
         _record(sweep, state, result)
         sampler.tell(trial, result.objective)
@@ -363,10 +387,16 @@ def _run_trial(
     device: str,
     build_plan: Callable[..., Any],
     cancel: threading.Event,
+    activity: ActivityCallback | None = None,
 ) -> TrialResult:
     """Merge one trial into ``trials/NNNN`` and score it; a trial that cannot be merged is
     recorded as failed (its message kept), and the sweep goes on."""
     from mergetui.engine.executor import run_merge
+    from mergetui.events import TensorEvent
+
+    def merging(event: Event) -> None:
+        if activity is not None and isinstance(event, TensorEvent) and event.tensors_total:
+            activity(f"trial {number}: merging", event.tensors_done / event.tensors_total)
 
     out = sweep.output / "trials" / f"{number:04d}"
     shutil.rmtree(out, ignore_errors=True)  # a half-finished trial of a killed run
@@ -375,7 +405,7 @@ def _run_trial(
         recipe = trial_recipe(sweep.recipe, values, out)
         plan = build_plan(recipe, device=device)
         try:
-            run_merge(plan, force=True, cancel=cancel)
+            run_merge(plan, force=True, cancel=cancel, on_event=merging)
         finally:
             plan.close()
         pause_point("trial-merged", cancel, number + 1)
@@ -387,7 +417,7 @@ def _run_trial(
         return TrialResult(number, values, {}, None, time.perf_counter() - started, 0.0, str(exc))
     merged_s = time.perf_counter() - started
     started = time.perf_counter()
-    scores = scorer.score(out)
+    scores = scorer.score(out, activity, f"trial {number}: scoring")
     return TrialResult(
         number, values, scores, scorer.objective(scores), merged_s, time.perf_counter() - started
     )
