@@ -178,7 +178,8 @@ class _Resolver:
         return warnings
 
 
-def _out_size(dtype: str) -> int:
+def out_element_size(dtype: str) -> int:
+    """Bytes per element of the output dtype."""
     return SAFETENSORS_DTYPES[TORCH_TO_SAFETENSORS[dtype]][1]
 
 
@@ -242,7 +243,7 @@ def layout_models(
             out_dtype,
             True,
             0,
-            spec.numel * _out_size(out_dtype),
+            spec.numel * out_element_size(out_dtype),
             base=base_input,
             inputs=inputs,
             params=params,
@@ -487,7 +488,7 @@ class _SliceContext:
                     layer=out_layer,
                 )
             ]
-        out_bytes = lead.numel * _out_size(self.out_dtype)
+        out_bytes = lead.numel * out_element_size(self.out_dtype)
         method = self.method
         slice_base = piece.base or self.recipe.base
         if len(reads) == 1 and not method.merges_lone_input:

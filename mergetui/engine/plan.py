@@ -20,6 +20,7 @@ from mergetui.engine.layout import (
     PlannedTensor,
     layout_models,
     layout_slices,
+    out_element_size,
 )
 from mergetui.engine.vocabulary import (
     VocabularyPlan,
@@ -248,7 +249,7 @@ def build_plan(
     plan.tensors = layout.tensors
     if vocabulary is not None and not any(p.severity == "error" for p in plan.problems):
         by_role = {s.role: s for s in sources}
-        out_size = _element_size(out_dtype)
+        out_size = out_element_size(out_dtype)
         plan.tensors = apply_to_layout(
             vocabulary, plan.tensors, by_role, out_size, base_holds=not recipe.slices
         )
@@ -293,10 +294,6 @@ def _layout(plan: MergePlan) -> Layout:
     return layout_slices(
         recipe, plan.method, source_of, plan.out_dtype, plan.files_from.checkpoint.config, names
     )
-
-
-def _element_size(dtype: str) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
 
 def vocabulary_config(vocabulary: VocabularyPlan, files_from: Source) -> dict[str, Any]:

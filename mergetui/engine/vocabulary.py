@@ -28,11 +28,11 @@ the merge reads and writes exactly what it did before.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from mergetui.engine.layers import is_pre_weight, layer_index
+from mergetui.engine.layout import TensorInput
 from mergetui.errors import MergeFailed
 from mergetui.recipe.vocab import MISSING_TOKEN_RULES, TokenOverride, model_index
 from mergetui.sources.vocabulary import AddedToken, Vocabulary, read_vocabulary
@@ -40,7 +40,7 @@ from mergetui.sources.vocabulary import AddedToken, Vocabulary, read_vocabulary
 if TYPE_CHECKING:
     import torch
 
-    from mergetui.engine.layout import PlannedTensor, TensorInput
+    from mergetui.engine.layout import PlannedTensor
     from mergetui.engine.plan import Source
     from mergetui.recipe.schema import Recipe
 
@@ -749,8 +749,6 @@ def apply_to_layout(
     ``base_holds``, the base's tensor, whose rows the defaults use even when the method does not:
     mergekit gathers the base of whole models, not of slices), and vocabulary-indexed tensors
     never byte-copied when aligned."""
-    from mergetui.engine.layout import TensorInput
-
     result = []
     head, embedding = plan.head_name, plan.embedding_name
     for tensor in tensors:
@@ -763,14 +761,14 @@ def apply_to_layout(
             and head is not None
             and all(t.name != head for t in tensors)
         ):
-            result.append(_head_from(tensor, head, plan, out_size))
+            result.append(_head_from(tensor, head))
     for tensor in result:
         if tensor.name == head:
-            _read_embedding_for_tied(tensor, plan, TensorInput)
+            _read_embedding_for_tied(tensor, plan)
         if not plan.aligned(tensor.name) and tensor.name != head:
             continue
         if plan.aligned(tensor.name):
-            _align(tensor, plan, by_role, out_size, TensorInput, base_holds)
+            _align(tensor, plan, by_role, out_size, base_holds)
         tensor.bytes_in = sum(
             spec.nbytes
             for read in tensor.reads
@@ -779,7 +777,7 @@ def apply_to_layout(
     return result
 
 
-def _head_from(embedding: PlannedTensor, head: str, plan: VocabularyPlan, out_size: int) -> Any:
+def _head_from(embedding: PlannedTensor, head: str) -> PlannedTensor:
     """An output head for an untied output whose reference stores none: a copy of the embedding's
     plan under the head's name (inputs renamed to their heads below)."""
     from dataclasses import replace
@@ -787,14 +785,12 @@ def _head_from(embedding: PlannedTensor, head: str, plan: VocabularyPlan, out_si
     return replace(
         embedding,
         name=head,
-        inputs=tuple(type(i)(i.role, head) for i in embedding.inputs),
-        base=None if embedding.base is None else type(embedding.base)(embedding.base.role, head),
+        inputs=tuple(TensorInput(i.role, head) for i in embedding.inputs),
+        base=None if embedding.base is None else TensorInput(embedding.base.role, head),
     )
 
 
-def _read_embedding_for_tied(
-    tensor: PlannedTensor, plan: VocabularyPlan, make: Callable[[str, str], TensorInput]
-) -> None:
+def _read_embedding_for_tied(tensor: PlannedTensor, plan: VocabularyPlan) -> None:
     embedding = plan.embedding_name
     if embedding is None:
         return
@@ -802,7 +798,7 @@ def _read_embedding_for_tied(
     def fix(read: TensorInput) -> TensorInput:
         model = plan.models.get(read.role)
         if model is not None and model.tied and read.name == tensor.name:
-            return make(read.role, model.embedding or embedding)
+            return TensorInput(read.role, model.embedding or embedding)
         return read
 
     tensor.inputs = tuple(fix(i) for i in tensor.inputs)
@@ -815,7 +811,6 @@ def _align(
     plan: VocabularyPlan,
     by_role: dict[str, Source],
     out_size: int,
-    make: Callable[[str, str], TensorInput],
     base_holds: bool,
 ) -> None:
     if not tensor.merge:  # a byte copy: merge it again (the kernel sees one input, or the same)
@@ -831,7 +826,7 @@ def _align(
         model = plan.models[base]
         if name not in model.tensors and model.tied and model.embedding:
             name = model.embedding
-        tensor.for_alignment = (make(base, name),)
+        tensor.for_alignment = (TensorInput(base, name),)
 
 
 def check_template_tokens(template: str, plan: VocabularyPlan) -> list[str]:

@@ -56,6 +56,16 @@ class TrialResult:
     eval_s: float
     message: str = ""
 
+    def event(self, total: int, best: list[TrialResult]) -> TrialEvent:
+        """This trial as the ``trial`` event, with the best trial so far."""
+        return TrialEvent(
+            **{k: v for k, v in self.to_dict().items() if k != "number"},
+            number=self.number,
+            trials_total=total,
+            best=best[0].number if best else None,
+            best_objective=best[0].objective if best else None,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "number": self.number,
@@ -356,21 +366,7 @@ def run_sweep(
         _record(sweep, state, result)
         sampler.tell(trial, result.objective)
         _keep_best(sweep, state, result)
-        best = state.best()
-        emit(
-            TrialEvent(
-                number=result.number,
-                trials_total=total,
-                values=result.values,
-                scores=result.scores,
-                objective=result.objective,
-                merge_s=round(result.merge_s, 3),
-                eval_s=round(result.eval_s, 3),
-                best=best[0].number if best else None,
-                best_objective=best[0].objective if best else None,
-                message=result.message,
-            )
-        )
+        emit(result.event(total, state.best()))
         finished.add(number)
     if cancel.is_set():
         raise MergeCancelled(
