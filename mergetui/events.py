@@ -235,6 +235,18 @@ class TrialEvent(Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrialProgressEvent(Event):
+    """``sweep``: what a trial in flight is doing (``trial`` None: scoring the parents), for live
+    displays; ``fraction`` of that step done (0-1, None when unknown). Sent at most a few times a
+    second per trial; a reader that only wants results can ignore it."""
+
+    kind: ClassVar[str] = "trial_progress"
+    trial: int | None
+    what: str
+    fraction: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
 class SweptEvent(Event):
     """``sweep`` finished (last line): the best trial, its objective and recipe file."""
 
