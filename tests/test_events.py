@@ -104,8 +104,8 @@ def _documented_events() -> dict[str, set[str]]:
     documented: dict[str, set[str]] = {}
     for kind, cells in re.findall(r"^\| `(\w+)` \|(.*)\|$", section, flags=re.MULTILINE):
         fields: set[str] = set()
-        for name in re.findall(r"`(\w+)`", cells.split("|")[0]):
-            fields |= documented.get(name, {name})  # "the `tensor` fields and ..."
+        for the, name in re.findall(r"(the )?`(\w+)`", cells.split("|")[0]):
+            fields |= documented.get(name, {name}) if the else {name}  # "the `tensor` fields"
         documented[kind] = fields
     return documented
 

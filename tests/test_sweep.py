@@ -257,3 +257,95 @@ def test_the_plain_display_lists_trials_and_the_best(project: Path) -> None:
     assert "trial 0 [1/1] models[0].weight = 0.5" in text
     assert "→ objective" in text and "merge" in text and "eval" in text
     assert f"best: trial 0, replay with `mergetui run {project / 'plain' / 'best.toml'}" in text
+
+
+def trial_rows(out: Path) -> list[dict[str, object]]:
+    """``trials.jsonl`` without the seconds, which differ from run to run."""
+    rows = [json.loads(line) for line in (out / "trials.jsonl").read_text().splitlines()]
+    for row in rows:
+        del row["merge_s"], row["eval_s"]
+    return rows
+
+
+GRID_SPACE = (
+    '"merge.method" = ["ties", "task_arithmetic"]\n'
+    '"models[0].weight" = { low = 0.5, high = 1.0, step = 0.5 }\n'
+)
+
+
+def test_two_worker_processes_give_the_trials_of_one(project: Path) -> None:
+    """workers = 2: trials run two at a time in worker processes, their progress comes back as
+    trial_progress events, results are told in trial order, and the trials (values, scores,
+    objectives) are those of the same grid run one at a time. The PNG plots are written."""
+    parallel = write_sweep(
+        project, 'strategy = "grid"\noutput = "./two"\nworkers = 2\n', GRID_SPACE
+    )
+    serial = write_sweep(project, 'strategy = "grid"\noutput = "./one"\n', GRID_SPACE, "one.toml")
+    result = run_cli("sweep", str(parallel), "--json", cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert [e["number"] for e in events if e["event"] == "trial"] == [0, 1, 2, 3]
+    progress = [e for e in events if e["event"] == "trial_progress"]
+    assert {e["trial"] for e in progress} == {None, 0, 1, 2, 3}  # None: the parents
+    assert any("merging" in e["what"] for e in progress)
+    assert run_cli("sweep", str(serial), "--json", cwd=project).returncode == 0
+    assert trial_rows(project / "two") == trial_rows(project / "one")
+    plots = project / "two" / "plots"
+    assert (plots / "objective.png").read_bytes()[:4] == b"\x89PNG"
+    assert (plots / "models_0_.weight.png").is_file() and (plots / "merge.method.png").is_file()
+
+
+def test_ctrl_c_stops_every_worker_and_the_sweep_resumes(project: Path) -> None:
+    """Ctrl-C in a terminal reaches the whole process group: the workers ignore it, the driver
+    stops them, and the sweep exits as interrupted with no worker left; the same command then
+    finishes the grid without repeating a recorded trial."""
+    import psutil
+
+    path = write_sweep(project, 'strategy = "grid"\noutput = "./out"\nworkers = 2\n', GRID_SPACE)
+    process = subprocess.Popen(
+        [*EXE, "sweep", str(path), "--json"],
+        cwd=project,
+        env={**os.environ, "MERGETUI_PAUSE_AT": "trial-merged:2"},  # trial 1, in a worker
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal gives it
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 300  # a hang detector
+    for line in process.stderr:
+        if "paused at trial-merged:2" in line or time.monotonic() > deadline:
+            break
+    workers = psutil.Process(process.pid).children(recursive=True)
+    assert len([w for w in workers if "python" in w.name().lower()]) >= 2
+    os.killpg(process.pid, signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130, out
+    _, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive
+    recorded = trial_rows(project / "out") if (project / "out" / "trials.jsonl").exists() else []
+    assert len(recorded) < 4
+    resumed = run_cli("sweep", str(path), "--json", cwd=project)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    rows = trial_rows(project / "out")
+    assert rows[: len(recorded)] == recorded
+    assert sorted(row["number"] for row in rows) == [0, 1, 2, 3]  # type: ignore[type-var]
+
+
+def test_the_objective_is_plotted_in_the_terminal(project: Path) -> None:
+    from mergetui.sweep.plots import best_so_far, objective_text, parameter_text
+    from mergetui.sweep.runner import TrialResult
+
+    trials = [
+        TrialResult(0, {"merge.method": "ties"}, {}, 0.5, 0, 0),
+        TrialResult(1, {"merge.method": "dare"}, {}, None, 0, 0, "failed"),
+        TrialResult(2, {"merge.method": "ties"}, {}, 0.8, 0, 0),
+        TrialResult(3, {"merge.method": "dare"}, {}, 0.6, 0, 0),
+    ]
+    assert best_so_far(trials) == ([0, 2, 3], [0.5, 0.8, 0.6], [0.5, 0.8, 0.8])
+    text = objective_text(trials, width=60, height=12)
+    assert "objective" in text and "best so far" in text and "\x1b" not in text
+    assert len(text.splitlines()) == 12
+    by_method = parameter_text(trials, "merge.method", width=60, height=12)
+    assert "ties" in by_method and "dare" in by_method
+    assert objective_text(trials[1:2]) == ""  # nothing scored yet: nothing to plot

@@ -1,4 +1,5 @@
-"""Run a sweep: merge and score one trial after another, keep the best, resume after a kill.
+"""Run a sweep: merge and score trials (a batch of ``workers`` at once, here or on a Ray
+cluster: :mod:`mergetui.sweep.executors`), keep the best, resume after a kill.
 
 The output folder holds:
 
@@ -11,7 +12,8 @@ The output folder holds:
   from the trials it has seen rather than start over;
 - ``best/`` and ``best.toml``: the best merge so far and a recipe that replays it bit for bit;
   ``trials/NNNN/``: the next best outputs, up to ``keep`` in all; a trial in progress merges into
-  ``trials/NNNN`` too, and is deleted unless it is among the best.
+  ``trials/NNNN`` too, and is deleted unless it is among the best;
+- ``plots/``: the objective over trials and against each swept value, as PNG (with matplotlib).
 
 Resuming: finished trials (in ``trials.jsonl``) are not repeated; a trial that was running when
 the sweep was killed is run again with the same values.
@@ -25,21 +27,19 @@ import itertools
 import json
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from mergetui.errors import MergeCancelled, MergeTuiError, RecipeError
+from mergetui.errors import MergeCancelled, RecipeError
 from mergetui.events import Event, TrialEvent
-from mergetui.pauses import pause_point
+from mergetui.sweep.executors import InlineExecutor, ProcessExecutor, RayExecutor
+from mergetui.sweep.plots import write_pngs
 from mergetui.sweep.spec import Choice, Range, Sweep
 from mergetui.sweep.trial import applicable, grid_values, trial_recipe
+from mergetui.sweep.work import STOPPED, Report, TrialJob, TrialOutcome, load_tasks, objective
 
 EventCallback = Callable[[Event], None]
-#: what the sweep is doing now and how far (0-1, None when unknown), for a live display
-ActivityCallback = Callable[[str, "float | None"], None]
 STATE_FILE = "sweep.json"
 TRIALS_FILE = "trials.jsonl"
 PARENTS_FILE = "parents.json"
@@ -55,6 +55,26 @@ class TrialResult:
     merge_s: float
     eval_s: float
     message: str = ""
+
+    @classmethod
+    def of(
+        cls,
+        outcome: TrialOutcome,
+        sweep: Sweep,
+        tasks: list[Any],
+        parents: dict[str, dict[str, float]],
+    ) -> TrialResult:
+        """A finished trial with its objective (None when it failed)."""
+        value = objective(sweep, tasks, parents, outcome.scores) if outcome.scores else None
+        return cls(
+            outcome.number,
+            outcome.values,
+            outcome.scores,
+            value,
+            outcome.merge_s,
+            outcome.eval_s,
+            outcome.message,
+        )
 
     def event(self, total: int, best: list[TrialResult]) -> TrialEvent:
         """This trial as the ``trial`` event, with the best trial so far."""
@@ -139,102 +159,6 @@ def prepare_output(sweep: Sweep, restart: bool) -> SweepState:
     return state
 
 
-class Scorer:
-    """Scores a merged model on the sweep's tasks; the parents are scored once (cached in
-    ``parents.json``) and each trial only scores its merge."""
-
-    def __init__(self, sweep: Sweep, device: str) -> None:
-        from transformers.utils import logging as transformers_logging
-
-        from mergetui.evaluate.lineup import recipe_lineup
-        from mergetui.evaluate.tasks import load_answer_task, load_text_task
-
-        transformers_logging.disable_progress_bar()  # a bar per model load, every trial
-
-        self.sweep = sweep
-        self.device = device
-        self.tasks = [
-            load_answer_task(name, path) if path.suffix == ".jsonl" else load_text_task(name, path)
-            for name, path in sweep.objective.tasks.items()
-        ]
-        lineup = recipe_lineup(sweep.recipe, include_merged=False)
-        self.parent_names = list(lineup.parents)
-        self.parent_paths = [lineup.paths[lineup.names.index(n)] for n in self.parent_names]
-        self.parents: dict[str, dict[str, float]] = {}
-
-    def score_parents(
-        self, folder: Path, activity: ActivityCallback | None = None
-    ) -> dict[str, dict[str, float]]:
-        cache = folder / PARENTS_FILE
-        if cache.is_file():
-            self.parents = json.loads(cache.read_text(encoding="utf-8"))["scores"]
-            return self.parents
-        from mergetui.evaluate.evaluation import evaluate
-
-        table = evaluate(
-            self.parent_names,
-            self.parent_paths,
-            self.tasks,
-            device=self.device,
-            limit=self.sweep.objective.limit,
-            on_progress=_scoring("scoring the parents", activity),
-        )
-        self.parents = {
-            name: {task.name: table.value(name, task.name) for task in self.tasks}
-            for name in self.parent_names
-        }
-        cache.write_text(json.dumps({"scores": self.parents}, indent=2) + "\n", encoding="utf-8")
-        return self.parents
-
-    def score(
-        self, merged: Path, activity: ActivityCallback | None = None, what: str = "scoring"
-    ) -> dict[str, float]:
-        from mergetui.evaluate.evaluation import evaluate
-
-        table = evaluate(
-            ["merged"],
-            [merged],
-            self.tasks,
-            device=self.device,
-            limit=self.sweep.objective.limit,
-            on_progress=_scoring(what, activity),
-        )
-        return {task.name: table.value("merged", task.name) for task in self.tasks}
-
-    def objective(self, scores: dict[str, float]) -> float:
-        """The number the sweep maximises: the mean share of the best parent's score kept
-        (``mean_retained``), the mean accuracy, or one task's score (perplexity negated)."""
-        wanted = self.sweep.objective.score
-        by_name = {task.name: task for task in self.tasks}
-        if wanted in by_name:
-            task = by_name[wanted]
-            return scores[wanted] if task.higher_is_better else -scores[wanted]
-        if wanted == "mean_accuracy":
-            return sum(scores.values()) / len(scores)
-        shares = []
-        for task in self.tasks:
-            parents = [self.parents[p][task.name] for p in self.parent_names]
-            merged = scores[task.name]
-            if task.higher_is_better:
-                best = max(parents)
-                shares.append(merged / best if best > 0 else 0.0)
-            else:
-                best = min(parents)
-                shares.append(best / merged if merged > 0 else 0.0)
-        return sum(shares) / len(shares)
-
-
-def _scoring(what: str, activity: ActivityCallback | None) -> Any:
-    """An evaluation progress callback that reports ``what: model task done/total``."""
-    if activity is None:
-        return None
-
-    def report(model: str, task: str, done: int, total: int) -> None:
-        activity(f"{what} {model} on {task}", done / total if total else None)
-
-    return report
-
-
 class _Sampler:
     """Where the next trial's values come from: a plain product for grid, Optuna otherwise."""
 
@@ -259,9 +183,8 @@ class _Sampler:
     def total(self) -> int:
         return len(self.grid) if self.sweep.strategy == "grid" else self.sweep.trials
 
-    def ask(self, number: int) -> tuple[Any, dict[str, Any]]:
-        if self.study is None:
-            return None, self.grid[number]
+    def ask(self) -> tuple[Any, dict[str, Any]]:
+        """Optuna's next trial and its values (random and TPE; a grid is indexed instead)."""
         trial = self.study.ask()
         values: dict[str, Any] = {}
         for dimension in self.sweep.dimensions:
@@ -339,84 +262,96 @@ def run_sweep(
     *,
     restart: bool = False,
     device: str | None = None,
+    workers: int | None = None,
+    ray: str | None = None,
     on_event: EventCallback | None = None,
     cancel: threading.Event | None = None,
-    on_activity: ActivityCallback | None = None,
+    on_activity: Report | None = None,
 ) -> SweepState:
-    """Run the sweep's remaining trials; return every trial (resumed ones included)."""
-    from mergetui.engine.plan import build_plan, resolve_device
+    """Run the sweep's remaining trials; return every trial (resumed ones included).
 
+    ``workers`` trials run at once (the sweep file's ``workers`` unless given), in this process,
+    in local worker processes, or as tasks on the Ray cluster at ``ray`` (the file's ``ray``
+    unless given). Trials are asked for a batch at a time and their results told in trial order,
+    so the trials depend on the seed and ``workers``, never on which worker finished first.
+    """
     emit = on_event or (lambda event: None)
     cancel = cancel or threading.Event()
+    workers = workers or sweep.workers
+    ray = ray or sweep.ray
     state = prepare_output(sweep, restart)
-    device = device or resolve_device(sweep.recipe.device)
-    scorer = Scorer(sweep, "cpu" if device == "cpu" else device)
-    scorer.score_parents(sweep.output, on_activity)
-    sampler = _Sampler(sweep, state)
-    total = sampler.total
-    finished = {t.number for t in state.trials}
-    while len(state.trials) < total and not cancel.is_set():
-        if sampler.study is None:  # grid: the first combination not run yet
-            number = next(i for i in range(total) if i not in finished)
-        trial, values = sampler.ask(number if sampler.study is None else -1)
-        if trial is not None:
-            number = trial.number
-        result = _run_trial(sweep, scorer, number, values, device, build_plan, cancel, on_activity)
-        state.trials.append(result)
-        _record(sweep, state, result)
-        sampler.tell(trial, result.objective)
-        _keep_best(sweep, state, result)
-        emit(result.event(total, state.best()))
-        finished.add(number)
+    device = device or sweep.recipe.device
+    executor = _executor(sweep, device, cancel, on_activity, workers, ray)
+    try:
+        parents = _parents(sweep, executor)
+        tasks = load_tasks(sweep)
+        sampler = _Sampler(sweep, state)
+        total = sampler.total
+        while len(state.trials) < total and not cancel.is_set():
+            batch = _ask(sampler, state, min(workers, total - len(state.trials)))
+            running = {job.number for job, _ in batch}
+            asked = {job.number: trial for job, trial in batch}
+            finished: dict[int, TrialOutcome] = {}
+            for outcome in executor.run([job for job, _ in batch]):
+                finished[outcome.number] = outcome
+                while running and min(running) in finished:  # told in trial order
+                    done = finished.pop(min(running))
+                    running.discard(done.number)
+                    result = TrialResult.of(done, sweep, tasks, parents)
+                    state.trials.append(result)
+                    _record(sweep, state, result)
+                    sampler.tell(asked[done.number], result.objective)
+                    _keep_best(sweep, state, running)
+                    emit(result.event(total, state.best()))
+    finally:
+        executor.close()
+    write_pngs(state.trials, sweep.output)  # a stopped sweep gets its plots too
     if cancel.is_set():
-        raise MergeCancelled(
-            "sweep stopped; its finished trials are kept: run the same command again to go on"
-        )
+        raise MergeCancelled(STOPPED)
     return state
 
 
-def _run_trial(
+def _executor(
     sweep: Sweep,
-    scorer: Scorer,
-    number: int,
-    values: dict[str, Any],
     device: str,
-    build_plan: Callable[..., Any],
     cancel: threading.Event,
-    activity: ActivityCallback | None = None,
-) -> TrialResult:
-    """Merge one trial into ``trials/NNNN`` and score it; a trial that cannot be merged is
-    recorded as failed (its message kept), and the sweep goes on."""
-    from mergetui.engine.executor import run_merge
-    from mergetui.events import TensorEvent
+    report: Report | None,
+    workers: int,
+    ray: str | None,
+) -> InlineExecutor | ProcessExecutor | RayExecutor:
+    if ray:
+        return RayExecutor(sweep, device, cancel, report, workers, ray)
+    if workers > 1:
+        return ProcessExecutor(sweep, device, cancel, report, workers)
+    return InlineExecutor(sweep, device, cancel, report)
 
-    def merging(event: Event) -> None:
-        if activity is not None and isinstance(event, TensorEvent) and event.tensors_total:
-            activity(f"trial {number}: merging", event.tensors_done / event.tensors_total)
 
-    out = sweep.output / "trials" / f"{number:04d}"
-    shutil.rmtree(out, ignore_errors=True)  # a half-finished trial of a killed run
-    started = time.perf_counter()
-    try:
-        recipe = trial_recipe(sweep.recipe, values, out)
-        plan = build_plan(recipe, device=device)
-        try:
-            run_merge(plan, force=True, cancel=cancel, on_event=merging)
-        finally:
-            plan.close()
-        pause_point("trial-merged", cancel, number + 1)
-    except MergeTuiError as exc:
-        if cancel.is_set():
-            raise MergeCancelled(
-                "sweep stopped; its finished trials are kept: run the same command again to go on"
-            ) from exc
-        return TrialResult(number, values, {}, None, time.perf_counter() - started, 0.0, str(exc))
-    merged_s = time.perf_counter() - started
-    started = time.perf_counter()
-    scores = scorer.score(out, activity, f"trial {number}: scoring")
-    return TrialResult(
-        number, values, scores, scorer.objective(scores), merged_s, time.perf_counter() - started
-    )
+def _parents(
+    sweep: Sweep, executor: InlineExecutor | ProcessExecutor | RayExecutor
+) -> dict[str, dict[str, float]]:
+    """The parents' scores: from ``parents.json`` when a run before this one computed them."""
+    cache = sweep.output / PARENTS_FILE
+    if cache.is_file():
+        scores: dict[str, dict[str, float]] = json.loads(cache.read_text(encoding="utf-8"))[
+            "scores"
+        ]
+        return scores
+    scores = executor.parents()
+    cache.write_text(json.dumps({"scores": scores}, indent=2) + "\n", encoding="utf-8")
+    return scores
+
+
+def _ask(sampler: _Sampler, state: SweepState, count: int) -> list[tuple[TrialJob, Any]]:
+    """The next ``count`` trials: grid combinations not run yet, or Optuna's next asks."""
+    batch: list[tuple[TrialJob, Any]] = []
+    if sampler.study is None:
+        finished = {t.number for t in state.trials}
+        numbers = [i for i in range(sampler.total) if i not in finished][:count]
+        return [(TrialJob(n, sampler.grid[n]), None) for n in numbers]
+    for _ in range(count):
+        trial, values = sampler.ask()
+        batch.append((TrialJob(trial.number, values), trial))
+    return batch
 
 
 def _record(sweep: Sweep, state: SweepState, result: TrialResult) -> None:
@@ -443,9 +378,10 @@ def _record(sweep: Sweep, state: SweepState, result: TrialResult) -> None:
     (sweep.output / "trials.csv").write_text(out.getvalue(), encoding="utf-8")
 
 
-def _keep_best(sweep: Sweep, state: SweepState, result: TrialResult) -> None:
+def _keep_best(sweep: Sweep, state: SweepState, running: set[int]) -> None:
     """``best/`` holds the best trial's merge and ``best.toml`` its recipe; the next best stay in
-    ``trials/NNNN`` up to ``keep`` in all; every other output is deleted."""
+    ``trials/NNNN`` up to ``keep`` in all; every other output is deleted, but for the trials
+    still ``running`` (in the same batch)."""
     from mergetui.recipe.toml_io import dump_recipe
 
     kept = state.best(sweep.keep)
@@ -469,7 +405,10 @@ def _keep_best(sweep: Sweep, state: SweepState, result: TrialResult) -> None:
         recipe = trial_recipe(sweep.recipe, best.values, best_dir)
         dump_recipe(recipe, sweep.output / "best.toml", absolute_paths=True)
     for folder in trials_dir.glob("[0-9][0-9][0-9][0-9]") if trials_dir.is_dir() else []:
-        if int(folder.name) not in kept_numbers or (best and int(folder.name) == best.number):
+        number = int(folder.name)
+        if number in running:
+            continue
+        if number not in kept_numbers or (best and number == best.number):
             shutil.rmtree(folder, ignore_errors=True)
     if sweep.keep == 0 and best_dir.is_dir():
         shutil.rmtree(best_dir)

@@ -7,6 +7,7 @@ recipe = "base.toml"
 strategy = "tpe"          # grid | random | tpe
 trials = 40               # ignored by grid (every combination runs)
 seed = 0
+workers = 1               # trials at once (local processes, or Ray tasks with ray = "auto")
 output = "./sweep-out"
 keep = 1                  # merged outputs kept: the best k
 [sweep.objective]
@@ -45,7 +46,17 @@ else:  # pragma: no cover - Python 3.10
 STRATEGIES = ("grid", "random", "tpe")
 SCORES = ("mean_retained", "mean_accuracy")
 TOP_KEYS = ("version", "recipe", "sweep")
-SWEEP_KEYS = ("strategy", "trials", "seed", "workers", "output", "keep", "objective", "space")
+SWEEP_KEYS = (
+    "strategy",
+    "trials",
+    "seed",
+    "workers",
+    "ray",
+    "output",
+    "keep",
+    "objective",
+    "space",
+)
 OBJECTIVE_KEYS = ("tasks", "score", "limit")
 RANGE_KEYS = ("low", "high", "log", "step")
 _MODEL_KEY = re.compile(r"^models\[(\*|\d+)\]\.([A-Za-z_]\w*)$")
@@ -105,6 +116,7 @@ class Sweep:
     objective: Objective
     dimensions: list[Dimension]
     workers: int = 1
+    ray: str | None = None
     text_hash: str = ""
     methods: tuple[str, ...] = field(default_factory=tuple)
 
@@ -339,11 +351,13 @@ def load_sweep(path: str | Path) -> Sweep:
     seed = _whole(sweep, "seed", 0, 0, problems)
     keep = _whole(sweep, "keep", 1, 0, problems)
     workers = _whole(sweep, "workers", 1, 1, problems)
-    if workers != 1:
+    ray = sweep.get("ray")
+    if ray is not None and (not isinstance(ray, str) or not ray.strip()):
         problems.append(
-            "sweep.workers: this mergetui runs one trial at a time; set workers = 1 (several "
-            "trials at once is planned)"
+            'sweep.ray: a Ray cluster\'s address ("auto", "HOST:PORT" or "ray://HOST:PORT"), '
+            f"not {ray!r}"
         )
+        ray = None
     output_text = sweep.get("output", "./sweep-out")
     if not isinstance(output_text, str) or not output_text:
         problems.append("sweep.output: a folder path")
@@ -378,6 +392,7 @@ def load_sweep(path: str | Path) -> Sweep:
         objective=objective,
         dimensions=dimensions,
         workers=workers,
+        ray=ray,
         text_hash=hashlib.sha256(text.encode() + recipe_path.read_bytes()).hexdigest(),
         methods=methods or (recipe.method,),
     )
