@@ -1,16 +1,20 @@
-"""Background merges that outlive the UI that started them.
+"""Background merges and sweeps that outlive the UI that started them.
 
-A merge started from the TUI must survive a dropped SSH session, and the next ``mergetui`` must
-find it again. So the TUI does not own the merge process; it starts a small supervisor
+A merge or a sweep started from the TUI must survive a dropped SSH session, and the next
+``mergetui`` must find it again. So the TUI does not own the process; it starts a small supervisor
 (``python -m mergetui.jobs FOLDER``) in its own session, away from the terminal, and that
-supervisor runs ``mergetui run RECIPE --json`` with its events going to a file. Everything about a
-job lives in one folder under the state directory:
+supervisor runs ``mergetui run RECIPE --json`` (a merge) or ``mergetui sweep SWEEP --json`` (a
+sweep) with its events going to a file. Everything about a job lives in one folder under the state
+directory:
 
-- ``job.json``: the supervisor's pid and start time (to tell it from a recycled pid), the output;
-- ``recipe.toml``: the recipe, with absolute paths;
+- ``job.json``: the supervisor's pid and start time (to tell it from a recycled pid), the output
+  (a sweep's: its output folder) and the ``kind`` (``merge`` or ``sweep``);
+- ``recipe.toml``: the recipe, with absolute paths (a sweep's starting recipe);
+- ``sweep.toml``: a sweep's file (its ``recipe`` is the ``recipe.toml`` beside it); written before
+  the supervisor starts, so the supervisor knows what to run without waiting for ``job.json``;
 - ``events.jsonl``: the progress events, one JSON object per line (what ``--json`` prints);
 - ``stderr.log``: the child's error output;
-- ``exit.json``: written by the supervisor when the merge ends (its exit code);
+- ``exit.json``: written by the supervisor when the merge or sweep ends (its exit code);
 - ``cancel``: written before a cancel signal, so a cancel is known even if it lands early;
 - ``seen``: written once a UI has shown the outcome, so a finished job is offered back once.
 
@@ -36,11 +40,22 @@ from typing import Any
 import psutil
 
 from mergetui.errors import EXIT_INTERRUPTED
-from mergetui.events import DoneEvent, ErrorEvent, Event, EventFormatError, parse_event_line
+from mergetui.events import (
+    CancelledEvent,
+    DoneEvent,
+    ErrorEvent,
+    Event,
+    EventFormatError,
+    SweptEvent,
+    parse_event_line,
+)
 from mergetui.logs import log_dir
 
 #: What a job can be: still merging, or one of the ways a merge ends.
 RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
+#: What a job runs: ``mergetui run`` on its recipe, or ``mergetui sweep`` on its sweep file.
+MERGE, SWEEP = "merge", "sweep"
+SWEEP_FILE = "sweep.toml"
 #: finished jobs kept (their logs and events) before the oldest are deleted
 KEEP_JOBS = 20
 log = logging.getLogger(__name__)
@@ -60,7 +75,7 @@ class JobOutcome:
 
 @dataclass
 class Job:
-    """One background merge, read from its folder (any process may read it)."""
+    """One background merge or sweep, read from its folder (any process may read it)."""
 
     folder: Path
 
@@ -70,8 +85,17 @@ class Job:
         return json.loads((self.folder / "job.json").read_text(encoding="utf-8"))
 
     @property
+    def kind(self) -> str:
+        """``merge`` or ``sweep`` (jobs written before sweeps existed have no kind: merges)."""
+        return str(self.info.get("kind", MERGE))
+
+    @property
     def recipe_file(self) -> Path:
         return self.folder / "recipe.toml"
+
+    @property
+    def sweep_file(self) -> Path:
+        return self.folder / SWEEP_FILE
 
     @property
     def events_file(self) -> Path:
@@ -107,29 +131,45 @@ class Job:
         cancelled = (self.folder / "cancel").exists()
         if not exit_file.exists():
             if self.supervisor_alive():
-                return JobOutcome(RUNNING, "merging")
+                return JobOutcome(RUNNING, "sweeping" if self.kind == SWEEP else "merging")
             if not exit_file.exists():  # it may have finished between the two looks
                 if cancelled:
-                    return JobOutcome(CANCELLED, "cancelled before the merge started")
+                    return JobOutcome(CANCELLED, f"cancelled before the {self.kind} started")
                 return JobOutcome(
                     FAILED,
-                    "the merge process was killed without a trace (out of memory, or a reboot?); "
-                    f"see {self.stderr_file}",
+                    f"the {self.kind} process was killed without a trace (out of memory, or a "
+                    f"reboot?); see {self.stderr_file}",
                 )
         code = int(json.loads(exit_file.read_text(encoding="utf-8"))["exit_code"])
-        if code == 0 or self._merge_completed():
+        last = self._last_event()
+        if code == 0 or isinstance(last, (DoneEvent, SweptEvent)):
             # a cancel that lands after the output is complete cannot undo it: say so
-            return JobOutcome(DONE, f"merged into {self.output}", code)
+            return JobOutcome(DONE, self._done_message(last), code)
         if cancelled or code in (EXIT_INTERRUPTED, -signal.SIGTERM):
+            if self.kind == SWEEP:  # the sweep's own words: its finished trials are kept
+                said = last.message if isinstance(last, CancelledEvent) else "sweep stopped"
+                return JobOutcome(CANCELLED, f"{said} (exit code {code})", code)
             return JobOutcome(
                 CANCELLED, f"cancelled (exit code {code}); no partial output is left", code
             )
         return JobOutcome(FAILED, self.failure_summary() or f"exit code {code}", code)
 
-    def _merge_completed(self) -> bool:
-        """Whether the merge reported ``done``, which it does only once the output is in place."""
+    def _last_event(self) -> Event | None:
+        """The last event: ``done`` (a merge) and ``swept`` (a sweep) come only once the work is
+        complete and in place."""
         events = self.read_events(0)[0]
-        return bool(events) and isinstance(events[-1], DoneEvent)
+        return events[-1] if events else None
+
+    def _done_message(self, last: Event | None) -> str:
+        if self.kind != SWEEP:
+            return f"merged into {self.output}"
+        if not isinstance(last, SweptEvent) or last.best is None:
+            return f"swept into {self.output}"
+        objective = "?" if last.best_objective is None else f"{last.best_objective:.4f}"
+        return (
+            f"swept {last.trials_done} trial(s): the best is trial {last.best} "
+            f"(objective {objective}), its recipe {last.best_recipe}"
+        )
 
     def failure_summary(self) -> str:
         """The first line of the error the merge reported (its error event, else stderr)."""
@@ -169,8 +209,9 @@ class Job:
         return events, offset + end
 
     def cancel(self) -> None:
-        """Ask the merge to stop: SIGTERM to the supervisor, which passes it on to the merge once
-        (the CLI treats it like Ctrl-C and removes the partial output). Returns at once; :meth:`outcome` tells when it has stopped."""
+        """Ask the merge or sweep to stop: SIGTERM to the supervisor, which passes it on once (the
+        CLI treats it like Ctrl-C: a merge removes its partial output, a sweep keeps its finished
+        trials). Returns at once; :meth:`outcome` tells when it has stopped."""
         if (self.folder / "exit.json").exists():
             return  # already over: nothing to stop
         (self.folder / "cancel").write_text(str(time.time()), encoding="utf-8")
@@ -186,9 +227,15 @@ class Job:
         return (self.folder / "seen").exists()
 
 
-def start_job(recipe_toml: str, output: str, *, root: Path | None = None) -> Job:
+def start_job(
+    recipe_toml: str, output: str, *, root: Path | None = None, sweep_toml: str | None = None
+) -> Job:
     """Write the job folder and start its supervisor in a new session, detached from this
-    terminal, so closing the terminal (or the SSH connection) does not stop the merge."""
+    terminal, so closing the terminal (or the SSH connection) does not stop the merge.
+
+    With ``sweep_toml`` the job is a sweep of ``recipe_toml``: the sweep file must name
+    ``recipe = "recipe.toml"`` (the recipe beside it in the job folder), and ``output`` is the
+    sweep's output folder."""
     base = root or jobs_dir()
     base.mkdir(parents=True, exist_ok=True)
     prune_jobs(base)
@@ -201,6 +248,8 @@ def start_job(recipe_toml: str, output: str, *, root: Path | None = None) -> Job
         except FileExistsError:
             continue
     (folder / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
+    if sweep_toml is not None:
+        (folder / SWEEP_FILE).write_text(sweep_toml, encoding="utf-8")
     process = subprocess.Popen(
         [sys.executable, "-m", "mergetui.jobs", str(folder)],
         stdin=subprocess.DEVNULL,
@@ -214,6 +263,7 @@ def start_job(recipe_toml: str, output: str, *, root: Path | None = None) -> Job
         "pid_created": psutil.Process(process.pid).create_time(),
         "started": time.time(),
         "output": output,
+        "kind": MERGE if sweep_toml is None else SWEEP,
     }
     temporary = folder / "job.json.tmp"
     temporary.write_text(json.dumps(info), encoding="utf-8")
@@ -271,7 +321,7 @@ class _Forwarder:
 
 
 def supervise(folder: Path) -> int:
-    """Run the merge of one job folder and record its exit code (the supervisor's body).
+    """Run the merge (or sweep) of one job folder and record its exit code (the supervisor's body).
 
     A cancel is a SIGTERM to this process, which forwards it to the merge (see
     :class:`_Forwarder`) and lives on to record how the merge ended.
@@ -283,7 +333,10 @@ def supervise(folder: Path) -> int:
         if (folder / "job.json").exists():
             break
         time.sleep(0.02)
-    command = [sys.executable, "-m", "mergetui", "run", str(folder / "recipe.toml"), "--json"]
+    if (folder / SWEEP_FILE).is_file():  # written before this process started: no race
+        command = [sys.executable, "-m", "mergetui", "sweep", str(folder / SWEEP_FILE), "--json"]
+    else:
+        command = [sys.executable, "-m", "mergetui", "run", str(folder / "recipe.toml"), "--json"]
     with (
         (folder / "events.jsonl").open("wb") as events,
         (folder / "stderr.log").open("wb") as errors,

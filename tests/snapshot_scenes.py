@@ -1,10 +1,11 @@
 """Deterministic scenes of every TUI step, for the snapshot tests and ``screenshots/make.py``.
 
 A scene is a workspace (tiny random models under fixed relative names, a recipe draft that
-names them relatively, a recorded merge job) plus an async ``run_before`` that drives the app to
-the step. What would differ from run to run is pinned: the free disk the check reports, the HF
-cache listing (empty), cursor blinking, and the run step shows a recorded job (its events were
-written by a real merge once and kept), not a live one whose timings vary.
+names them relatively, a task file, a recorded merge job and a recorded sweep job) plus an async
+``run_before`` that drives the app to the step. What would differ from run to run is pinned: the
+free disk the check reports, the HF cache listing (empty), cursor blinking, and the run and sweep
+steps show recorded jobs (their events as a real merge and a real sweep write them, with fixed
+numbers), not live ones whose timings vary.
 """
 
 from __future__ import annotations
@@ -15,7 +16,16 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from mergetui.events import DoneEvent, Event, PlanEvent, StartEvent, TensorEvent
+from mergetui.events import (
+    DoneEvent,
+    Event,
+    PlanEvent,
+    StartEvent,
+    SweptEvent,
+    TensorEvent,
+    TrialEvent,
+    TrialProgressEvent,
+)
 
 FIXED_FREE_DISK = 512 * 1024**3
 
@@ -185,8 +195,87 @@ def record_job(workspace: Path, state: Path) -> None:
     (folder / "exit.json").write_text(json.dumps({"exit_code": 0, "ended": 1}), encoding="utf-8")
 
 
+#: The task file the sweep scenes score on (``tasks/add.jsonl`` in the workspace).
+SWEEP_TASK_ROWS = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
+#: A finished TPE sweep of the draft's weights and densities, as its events would say it:
+#: (first model's weight, second's, density of both, accuracy on add or None when it failed)
+SWEEP_TRIALS = [
+    (0.74, 0.41, 0.62, 0.50),
+    (1.05, 0.93, 0.35, 0.50),
+    (0.31, 1.12, 0.88, 1.00),
+    (0.52, 0.66, 0.71, None),
+    (0.96, 0.27, 0.55, 1.00),
+    (0.63, 0.58, 0.47, 0.50),
+]
+
+
+def record_sweep_job(workspace: Path, state: Path) -> None:
+    """A finished sweep's job folder, unseen (so a fresh start reattaches to it): its recipe and
+    sweep file, and the events ``mergetui sweep --json`` writes, with fixed numbers."""
+    folder = state / "runs" / "20261129-130000"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "recipe.toml").write_text(
+        (workspace / "recipe.toml").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    (folder / "sweep.toml").write_text(
+        'version = 1\nrecipe = "recipe.toml"\n[sweep]\nstrategy = "tpe"\ntrials = 6\n',
+        encoding="utf-8",
+    )
+    (folder / "job.json").write_text(
+        json.dumps(
+            {"pid": 0, "pid_created": 0, "started": 0, "output": "sweep-out", "kind": "sweep"}
+        ),
+        encoding="utf-8",
+    )
+    events: list[Event] = [
+        StartEvent(version="0.1.0", command="sweep"),
+        TrialProgressEvent(trial=None, what="scoring the parents ft-code on add", fraction=0.5),
+    ]
+    best: tuple[int, float] | None = None
+    for number, (first, second, density, accuracy) in enumerate(SWEEP_TRIALS):
+        objective = None if accuracy is None else accuracy / 1.0  # the best parent scores 1.0
+        if objective is not None and (best is None or objective > best[1]):
+            best = (number, objective)
+        events.append(TrialProgressEvent(trial=number, what="merging", fraction=0.5))
+        events.append(
+            TrialEvent(
+                number=number,
+                trials_total=len(SWEEP_TRIALS),
+                values={
+                    "models[0].weight": first,
+                    "models[1].weight": second,
+                    "models[0].density": density,
+                    "models[1].density": density,
+                },
+                scores={} if accuracy is None else {"add": accuracy},
+                objective=objective,
+                merge_s=0.1 + number / 100,
+                eval_s=0.4 + number / 50,
+                best=None if best is None else best[0],
+                best_objective=None if best is None else best[1],
+                message="" if accuracy is not None else "NaN in model.layers.1.mlp.up_proj.weight",
+            )
+        )
+    assert best is not None
+    events.append(
+        SweptEvent(
+            trials_done=len(SWEEP_TRIALS),
+            best=best[0],
+            best_objective=best[1],
+            best_recipe="sweep-out/best.toml",
+            output="sweep-out",
+        )
+    )
+    (folder / "events.jsonl").write_text(
+        "".join(e.to_json() + "\n" for e in events), encoding="utf-8"
+    )
+    (folder / "stderr.log").write_text("", encoding="utf-8")
+    (folder / "exit.json").write_text(json.dumps({"exit_code": 0, "ended": 1}), encoding="utf-8")
+
+
 def prepare(workspace: Path, models: dict[str, Path]) -> Path:
-    """The scene workspace: ``models/NAME`` (links to the models), a saved recipe, a merge."""
+    """The scene workspace: ``models/NAME`` (links to the models), a saved recipe, a task file,
+    a merge."""
     (workspace / "models").mkdir(parents=True, exist_ok=True)
     for name, path in models.items():
         link = workspace / "models" / name
@@ -198,6 +287,10 @@ def prepare(workspace: Path, models: dict[str, Path]) -> Path:
     if not (workspace / "models" / "ft-chatml" / "config.json").is_file():
         save_chat_finetune(models["base"], workspace / "models" / "ft-chatml")
     (workspace / "vocab.toml").write_text(VOCAB_RECIPE, encoding="utf-8")
+    (workspace / "tasks").mkdir(exist_ok=True)
+    (workspace / "tasks" / "add.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in SWEEP_TASK_ROWS), encoding="utf-8"
+    )
     if not (workspace / "merged" / "config.json").is_file():
         from mergetui.engine.executor import run_merge
         from mergetui.engine.plan import build_plan
@@ -309,6 +402,25 @@ async def compare_step(pilot: Any) -> None:
     await _settle(pilot, lambda: bool(getattr(pilot.app.screen, "names", [])))
 
 
+async def sweep_step(pilot: Any) -> None:
+    """The sweep form with a task file named, so it is ready to start."""
+    from textual.widgets import Input
+
+    pilot.app.action_sweep()
+    await _settle(pilot, lambda: bool(pilot.app.screen.query(".task-path")))
+    screen = pilot.app.screen
+    screen.query_one(".task-name", Input).value = "add"
+    screen.query_one(".task-path", Input).value = "tasks/add.jsonl"
+    screen.query_one("#sweep-limit", Input).value = "100"
+    await _settle(pilot, lambda: "ready" in _text(pilot.app, "#sweep-summary"))
+    screen.query_one("#sweep-form").scroll_home(animate=False)
+    await _settle(pilot, lambda: True)
+
+
+async def sweep_monitor_step(pilot: Any) -> None:
+    await _settle(pilot, lambda: getattr(pilot.app.screen, "outcome", "") == "done")
+
+
 async def help_overlay(pilot: Any) -> None:
     pilot.app.action_method()
     await _settle(pilot, lambda: True)
@@ -317,7 +429,8 @@ async def help_overlay(pilot: Any) -> None:
 
 
 #: scene name → (which app: "draft" opens the recipe, "slices" the recipe of slices, "vocab" the
-#: recipe of models whose vocabularies differ, "job" finds the recorded merge; run_before)
+#: recipe of models whose vocabularies differ, "job" finds the recorded merge, "sweep-job" the
+#: recorded sweep; run_before)
 SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
     "1-models": ("draft", models_step),
     "2-check": ("draft", check_step),
@@ -329,20 +442,23 @@ SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
     "3-method-vocabulary": ("vocab", method_vocabulary_step),
     "4-run": ("job", run_step),
     "5-compare": ("draft", compare_step),
+    "6-sweep": ("draft", sweep_step),
+    "6-sweep-monitor": ("sweep-job", sweep_monitor_step),
     "help": ("draft", help_overlay),
 }
 
 
 def scene_app(kind: str, workspace: Path, state: Path) -> Any:
     """The app a scene starts from: the workspace's recipe (``slices``: its recipe of slices,
-    ``vocab``: its recipe of models whose vocabularies differ) opened, or (``job``) a fresh start that finds the recorded merge and reattaches to it."""
+    ``vocab``: its recipe of models whose vocabularies differ) opened, or (``job``,
+    ``sweep-job``) a fresh start that finds the recorded merge or sweep and reattaches to it."""
     from mergetui.recipe import load_recipe
     from mergetui.tui.app import create_app
     from mergetui.tui.state import RecipeDraft
 
     runs = state / "runs"
-    if kind == "job":
-        record_job(workspace, state)
+    if kind in ("job", "sweep-job"):
+        (record_job if kind == "job" else record_sweep_job)(workspace, state)
         return create_app(workspace)
     if runs.exists():
         import shutil

@@ -2,9 +2,10 @@
 engine inside their workers, so the first screen is up before any heavy module loads.
 
 The app owns what every screen shares: the recipe being built (``draft``, autosaved as it
-changes and offered back at the next start), the merge job being watched (found again after a
-dropped SSH session), the last error's detail (F2), and the keys that work everywhere: F1 help,
-Ctrl+P command palette, Escape back, Ctrl+Q quit (asking first while a merge runs).
+changes and offered back at the next start), the merge and the sweep jobs being watched (found
+again after a dropped SSH session), the sweep form as last typed, the last error's detail (F2),
+and the keys that work everywhere: F1 help, Ctrl+P command palette, Escape back, Ctrl+Q quit
+(asking first while a merge or a sweep runs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.worker import Worker, WorkerState
 
-from mergetui.jobs import RUNNING, Job, job_to_reattach
+from mergetui.jobs import RUNNING, SWEEP, Job, job_to_reattach
 from mergetui.logs import setup_logging
 from mergetui.tui.screens.base import error_text
 from mergetui.tui.screens.check import CheckScreen
@@ -28,15 +29,19 @@ from mergetui.tui.screens.dialogs import ChoiceScreen, ErrorScreen, HelpScreen
 from mergetui.tui.screens.method import MethodScreen
 from mergetui.tui.screens.models import ModelsScreen
 from mergetui.tui.screens.run import RunScreen
+from mergetui.tui.screens.sweep import SweepScreen
+from mergetui.tui.screens.sweep_monitor import SweepMonitorScreen
 from mergetui.tui.state import RecipeDraft
+from mergetui.tui.sweep_form import SweepForm
 
 log = logging.getLogger("mergetui.tui")
 
 APP_HELP = """\
 # mergetui
 
-A merge in six steps: **1 Models** → **2 Check** → **3 Method** → **4 Run** → **5 Compare**,
-and **save** the recipe (Ctrl+S in step 3) to replay it headless with `mergetui run`.
+A merge in six steps: **1 Models** → **2 Check** → **3 Method** → **4 Run** → **5 Compare** →
+**6 Sweep** (many variants of the recipe merged and scored, the best kept); **save** the recipe
+(Ctrl+S in step 3) to replay it headless with `mergetui run`.
 
 | key | does |
 |---|---|
@@ -47,8 +52,8 @@ and **save** the recipe (Ctrl+S in step 3) to replay it headless with `mergetui 
 | Escape | back one step |
 | Ctrl+Q | quit (while a merge runs: detach and leave it running, or cancel it) |
 
-A merge runs in the background and survives a dropped SSH connection: start `mergetui`
-again and it reattaches. The recipe you are building is autosaved and offered back if the app
+A merge or a sweep runs in the background and survives a dropped SSH connection: start
+`mergetui` again and it reattaches. The recipe you are building is autosaved and offered back if the app
 ends before you saved it.
 """
 
@@ -68,6 +73,9 @@ class MergeTuiApp(App[None]):
         self.draft = draft or RecipeDraft()
         self.offer_restore = offer_restore
         self.watched_job: Job | None = None
+        self.watched_sweep: Job | None = None
+        #: the sweep step's fields as last typed (a second visit shows them again)
+        self.sweep_form: SweepForm | None = None
         self.last_error: tuple[str, str] | None = None
         self._autosaved = ""
         self.log_path: Path | None = None
@@ -79,10 +87,14 @@ class MergeTuiApp(App[None]):
         if job is not None and self.offer_restore:  # a plain start: back to where the user was
             self._reattach(job)
         elif job is not None and job.outcome().state == RUNNING:
-            # `mergetui open RECIPE` keeps the recipe it was asked to open; the running merge is
-            # still watched, so Run shows it and Ctrl+Q asks before leaving
-            self.watched_job = job
-            self.notify(f"a merge into {job.output} is running: Run (ctrl+r) shows it")
+            # `mergetui open RECIPE` keeps the recipe it was asked to open; the running job is
+            # still watched, so its step shows it and Ctrl+Q asks before leaving
+            if job.kind == SWEEP:
+                self.watched_sweep = job
+                self.notify(f"a sweep into {job.output} is running: Sweep (step 6) shows it")
+            else:
+                self.watched_job = job
+                self.notify(f"a merge into {job.output} is running: Run (ctrl+r) shows it")
         elif self.offer_restore:
             self._offer_restore()
         self._autosaved = self._draft_state()
@@ -138,7 +150,8 @@ class MergeTuiApp(App[None]):
         )
 
     def _reattach(self, job: Job) -> None:
-        """Show a merge found running (or finished unseen) and load its recipe as the draft."""
+        """Show a merge or a sweep found running (or finished unseen) and load its recipe (a
+        sweep's starting recipe) as the draft."""
         from mergetui.errors import MergeTuiError
         from mergetui.recipe import load_recipe
 
@@ -146,8 +159,11 @@ class MergeTuiApp(App[None]):
             self.draft = RecipeDraft.from_recipe(load_recipe(job.recipe_file))
         except MergeTuiError as exc:
             self.report_error(f"cannot read the recipe of {job.folder}", exc)
-        self.push_screen(RunScreen(job))
-        self.notify(f"reattached to the merge into {job.output}", title="merge found")
+        if job.kind == SWEEP:
+            self.push_screen(SweepMonitorScreen(job))
+        else:
+            self.push_screen(RunScreen(job))
+        self.notify(f"reattached to the {job.kind} into {job.output}", title=f"{job.kind} found")
 
     # -- steps ---------------------------------------------------------------------------------
     def action_check(self) -> None:
@@ -172,6 +188,15 @@ class MergeTuiApp(App[None]):
     def action_models(self) -> None:
         self.push_screen(ModelsScreen())
 
+    def action_sweep(self) -> None:
+        """The sweep form for the current draft; while a sweep runs, that sweep instead."""
+        job = self.watched_sweep
+        if job is not None and job.outcome().state == RUNNING:
+            self.push_screen(SweepMonitorScreen(job))
+            self.notify("a sweep is running: here it is (cancel it to start another)")
+            return
+        self.push_screen(SweepScreen())
+
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)
         yield SystemCommand("Step 1: models", "Choose the base and the models", self.action_models)
@@ -181,6 +206,9 @@ class MergeTuiApp(App[None]):
         yield SystemCommand("Step 3: method", "Method, parameters, output", self.action_method)
         yield SystemCommand("Step 4: run", "Run the merge in the background", self.action_run)
         yield SystemCommand("Step 5: compare", "Prompts and quick eval", self.action_compare)
+        yield SystemCommand(
+            "Step 6: sweep", "Merge and score many variants, keep the best", self.action_sweep
+        )
         yield SystemCommand("Help", "Keys and steps (F1)", self.action_help)
         yield SystemCommand(
             "Last error", "The full detail of the last error (F2)", self.action_error_detail
@@ -227,27 +255,38 @@ class MergeTuiApp(App[None]):
 
     # -- quitting --------------------------------------------------------------------------------
     async def action_quit(self) -> None:
-        """Quit; while a merge runs, ask whether to leave it running (detach) or cancel it."""
-        job = self.watched_job
-        if job is None or job.outcome().state != RUNNING:
+        """Quit; while a merge or a sweep runs, ask whether to leave it running (detach) or
+        cancel it."""
+        running = [
+            job
+            for job in (self.watched_job, self.watched_sweep)
+            if job is not None and job.outcome().state == RUNNING
+        ]
+        if not running:
             self._exit_saving()
             return
 
         def answer(choice: str | None) -> None:
-            if choice == "cancel" and job is not None:
-                job.cancel()
+            if choice == "cancel":
+                for job in running:
+                    job.cancel()
                 self._exit_saving()
             elif choice == "detach":
                 self._exit_saving(
-                    f"the merge into {job.output} keeps running; run mergetui again to reattach "
-                    f"(job folder {job.folder})"
+                    "; ".join(
+                        f"the {job.kind} into {job.output} keeps running (job folder {job.folder})"
+                        for job in running
+                    )
+                    + "; run mergetui again to reattach"
                 )
 
+        what = " and a ".join(job.kind for job in running)
         self.push_screen(
             ChoiceScreen(
-                "A merge is running. Leave it running in the background (run mergetui again to "
-                "reattach), or cancel it?",
-                [("detach", "Detach"), ("cancel", "Cancel merge"), ("stay", "Stay")],
+                f"A {what} {'is' if len(running) == 1 else 'are'} running. Leave "
+                f"{'it' if len(running) == 1 else 'them'} running in the background (run mergetui "
+                f"again to reattach), or cancel {'it' if len(running) == 1 else 'them'}?",
+                [("detach", "Detach"), ("cancel", f"Cancel {what}"), ("stay", "Stay")],
             ),
             answer,
         )

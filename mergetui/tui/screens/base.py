@@ -36,7 +36,7 @@ def error_text(error: BaseException, *, first_line: bool = True) -> str:
 
 
 class StepScreen(Screen[None]):
-    """A step of the wizard (models, check, method, run, compare)."""
+    """A step of the wizard (models, check, method, run, compare, sweep)."""
 
     @property
     def merge_app(self) -> MergeTuiApp:

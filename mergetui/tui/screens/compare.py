@@ -27,6 +27,7 @@ class CompareScreen(StepScreen):
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("ctrl+g", "generate", "Generate", show=True),
+        Binding("ctrl+n", "app.sweep", "Sweep", show=True),
     ]
     REDRAW_S = 0.1
     HELP = """\
@@ -39,6 +40,9 @@ load one at a time when they do not fit together. Prompts you use are saved for 
 **Quick eval**: give task files as `NAME=FILE.jsonl` (rows of `prompt` and `answer`) and press
 Score: each model's accuracy, and the share of the best parent's score the merge kept.
 Headless: `mergetui compare --recipe OUT/mergetui.toml -p PROMPT` and `mergetui eval --recipe …`.
+
+**Ctrl+N** goes on to step 6, **Sweep**: many variants of this recipe merged and scored on task
+files, the best kept.
 """
 
     def __init__(self) -> None:
