@@ -5,7 +5,8 @@ The sweep runs as ``mergetui sweep SWEEP.toml --json`` under the job supervisor
 the UI down. This screen only reads the job's ``events.jsonl`` (the events scripts get): a
 ``trial`` per finished trial (a row of the table, and the best so far), ``trial_progress`` for
 what each trial in flight is doing (one line each: with several workers, several run at once),
-then ``swept``, or ``cancelled`` / ``error``.
+then ``swept``, or ``cancelled`` / ``error``. Beside the table, where the terminal is wide
+enough, the objective over the trials (:func:`mergetui.sweep.plots.objective_text`).
 
 When it is over, **Load best** puts the best trial's recipe (``best.toml``) into the draft, with
 the draft's own output folder, so the user goes on from the best recipe in step 3.
@@ -15,10 +16,10 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from rich.text import Text
-from textual import on
+from textual import events, on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -60,6 +61,8 @@ class SweepMonitorScreen(StepScreen):
     floods the UI) and shows the trials, the best so far and what runs now."""
 
     BINDINGS = [Binding("escape", "app.pop_screen", "Back")]
+    #: below 100 columns the table takes the whole width (the plot is left out)
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (100, "-wide")]
     POLL_S = 0.2
     HELP = """\
 ## 6 · Sweep (running)
@@ -72,7 +75,8 @@ file.
 At the top: trials done of the total and the best so far (its number, objective and values); then
 what runs now, a line per trial in flight (several with `workers` > 1), and a row per finished
 trial (its values, objective, merge and eval seconds; a failed trial's message under *note*, the
-best marked ★).
+best marked ★). In a terminal of 100 columns or more, a plot of the objective over the trials
+and the best so far stands beside the table.
 
 **Cancel sweep** asks first, then stops it at the next safe point: finished trials are kept, and
 starting the same sweep again goes on from them. When it is over, **Load best** puts the best
@@ -103,7 +107,9 @@ trial's recipe (`best.toml`) in the draft (keeping your output folder) and opens
             yield ProgressBar(id="sweep-progress", show_eta=False)
             yield Static("best so far: no trial finished yet", id="sweep-best")
             yield Static("", id="sweep-now")
-            yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
+            with Horizontal(id="sweep-results"):
+                yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
+                yield Static("", id="sweep-plot")
             with Horizontal(classes="row"):
                 yield Button("Cancel sweep", id="cancel-sweep", variant="error")
                 yield Button("Load best into the draft", id="load-best", disabled=True)
@@ -122,6 +128,10 @@ trial's recipe (`best.toml`) in the draft (keeping your output folder) and opens
         self._rebuild_table()
         self.poll()
         self.set_interval(self.POLL_S, self.poll, name="sweep-poll")
+        self.call_after_refresh(self._show_plot)  # once laid out: the plot fits its box
+
+    def on_resize(self, event: events.Resize) -> None:
+        self.call_after_refresh(self._show_plot)
 
     # -- events --------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -176,6 +186,21 @@ trial's recipe (`best.toml`) in the draft (keeping your output folder) and opens
         self.query_one("#sweep-progress", ProgressBar).update(total=self.total, progress=done)
         self.query_one("#sweep-status", Static).update(f"running: {done} of {self.total} trials")
         self._show_best()
+        self._show_plot()
+
+    def _show_plot(self) -> None:
+        """The objective of each trial and the best so far, drawn to the plot's size (nothing
+        where it is hidden, too small, or before a trial is scored)."""
+        from mergetui.sweep.plots import Scored, objective_text
+
+        plot = self.query_one("#sweep-plot", Static)
+        width, height = plot.content_size
+        if not plot.display or width < 24 or height < 8:
+            return
+        # a trial event has what the plot reads (number, values, objective), read-only: the
+        # Protocol's plain attributes would also allow writing them, so mypy needs telling
+        trials = cast("list[Scored]", list(self.trials.values()))
+        plot.update(Text(objective_text(trials, width, height)))
 
     def _rebuild_table(self) -> None:
         table = self.query_one("#sweep-table", DataTable)
