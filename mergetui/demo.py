@@ -29,6 +29,7 @@ import psutil
 from mergetui.logs import cache_dir
 
 DEMO_RECIPE = "demo-ties.toml"
+DEMO_SWEEP = "demo-sweep.toml"  # a sweep of the demo recipe, written beside it
 MODEL_NAMES = ("base", "ft-math", "ft-code")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 VOCAB = list(SPECIAL_TOKENS) + list(string.ascii_lowercase + string.digits + " +-*/=().,:;\n")

@@ -197,6 +197,11 @@ def test_demo_trains_specialists_merges_and_scores_them(tmp_path: Path) -> None:
             == shipped.read_text()
             == task_file_text(task)
         )
+    from mergetui.sweep.spec import load_sweep
+
+    sweep = load_sweep(root / "demo-sweep.toml")  # the shipped sweep, valid on the demo models
+    assert sweep.strategy == "tpe" and len(sweep.dimensions) == 6
+    assert f"mergetui sweep {root / 'demo-sweep.toml'}" in " ".join(result.stdout.split())
     weights = root / "models" / "ft-math" / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
     second = run_cli("demo", "--dir", str(root), timeout=1200)  # models kept, output replaced

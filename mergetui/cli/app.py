@@ -297,7 +297,13 @@ def demo(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from mergetui.cli.evaluate import render_eval
-    from mergetui.demo import DEMO_RECIPE, TASKS, build_demo_models, bundled_recipe_text
+    from mergetui.demo import (
+        DEMO_RECIPE,
+        DEMO_SWEEP,
+        TASKS,
+        build_demo_models,
+        bundled_recipe_text,
+    )
     from mergetui.evaluate.evaluation import evaluate
     from mergetui.evaluate.tasks import load_answer_task
     from mergetui.recipe import load_recipe
@@ -319,8 +325,9 @@ def demo(
 
             folders = build_demo_models(root, force=force, on_step=show)
         recipe_path = root / DEMO_RECIPE
-        if force or not recipe_path.is_file():
-            recipe_path.write_text(bundled_recipe_text(), encoding="utf-8")
+        for name in (DEMO_RECIPE, DEMO_SWEEP):
+            if force or not (root / name).is_file():
+                (root / name).write_text(bundled_recipe_text(name), encoding="utf-8")
         console.print(f"recipe: {recipe_path}")
         result = _execute(load_recipe(recipe_path), force=True, last_step=False)
         console.print("scoring the base, both specialists and the merge on held-out task files…")
@@ -349,6 +356,9 @@ def demo(
         + " ".join(f"--task {t}={root / 'tasks' / f'{t}.jsonl'}" for t in TASKS)
         + " --no-chat-template",
         soft_wrap=True,
+    )
+    console.print(
+        f"find better parameters with: mergetui sweep {root / DEMO_SWEEP}", soft_wrap=True
     )
 
 

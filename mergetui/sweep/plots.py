@@ -61,7 +61,11 @@ def objective_text(trials: Sequence[Scored], width: int = 72, height: int = 16) 
     plt.plotsize(width, height)
     plt.theme("clear")
     plt.scatter(numbers, values, marker="dot", label="trial")
-    plt.plot(numbers, best, label="best so far")
+    steps_x = [x for n in numbers for x in (n, n)][1:]  # a step: flat until a better trial
+    steps_y = [y for b in best for y in (b, b)][:-1]
+    plt.plot(steps_x, steps_y, label="best so far")
+    ticks = sorted({numbers[0], numbers[-1], *numbers[:: max(1, len(numbers) // 6)]})
+    plt.xticks(ticks, [str(t) for t in ticks])
     plt.title("objective")
     plt.xlabel("trial")
     text: str = plt.uncolorize(plt.build())
