@@ -349,3 +349,72 @@ def test_the_objective_is_plotted_in_the_terminal(project: Path) -> None:
     by_method = parameter_text(trials, "merge.method", width=60, height=12)
     assert "ties" in by_method and "dare" in by_method
     assert objective_text(trials[1:2]) == ""  # nothing scored yet: nothing to plot
+
+
+def _paused_sweep(project: Path, path: Path, release: Path) -> subprocess.Popen[str]:
+    """The sweep, held once trial 0 is merged (not yet scored) until ``release`` exists."""
+    process = subprocess.Popen(
+        [*EXE, "sweep", str(path)],
+        cwd=project,
+        env={
+            **os.environ,
+            "MERGETUI_PAUSE_AT": "trial-merged:1",
+            "MERGETUI_PAUSE_RELEASE": str(release),
+            "COLUMNS": "160",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 300  # a hang detector
+    for line in process.stderr:
+        if "paused at trial-merged:1" in line or time.monotonic() > deadline:
+            break
+    return process
+
+
+@pytest.mark.parametrize("scratch", ["auto", "disk"])
+def test_trials_merge_in_memory_when_they_fit_and_only_kept_ones_reach_the_disk(
+    project: Path, scratch: str
+) -> None:
+    """``auto`` (tiny models fit): trial 0 is merged into this sweep's folder in /dev/shm, not
+    the output folder; the best is copied out, the memory folder is gone at the end, and best/
+    still replays bit for bit. ``disk``: the trial merges into the output folder's trials/."""
+    from mergetui.sweep.work import memory_folder
+
+    path = write_sweep(
+        project,
+        f'strategy = "grid"\noutput = "./out"\nscratch = "{scratch}"\n',
+        '"models[0].weight" = [0.5, 1.0]\n',
+    )
+    memory = memory_folder(load_sweep(path))
+    release = project / "release"
+    process = _paused_sweep(project, path, release)
+    in_memory = (memory / "0000" / "model.safetensors").is_file()
+    on_disk = (project / "out" / "trials" / "0000" / "model.safetensors").is_file()
+    release.touch()
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, out + err
+    assert (in_memory, on_disk) == ((True, False) if scratch == "auto" else (False, True))
+    assert not memory.exists()
+    assert ("trials merged on memory" in out) == (scratch == "auto")
+    replay = run_cli("run", str(project / "out" / "best.toml"), "-o", str(project / "replay"))
+    assert replay.returncode == 0, replay.stderr
+    assert (project / "out" / "best" / "model.safetensors").read_bytes() == (
+        project / "replay" / "model.safetensors"
+    ).read_bytes()
+
+
+def test_memory_scratch_is_refused_on_a_ray_cluster(project: Path) -> None:
+    """Trials on a cluster must land on the shared output folder: said before any connection."""
+    path = write_sweep(
+        project,
+        'strategy = "grid"\noutput = "./out"\nscratch = "memory"\n',
+        '"models[0].weight" = [0.5]\n',
+    )
+    result = run_cli("sweep", str(path), "--ray", "127.0.0.1:9", cwd=project)
+    assert result.returncode == 2
+    assert 'sweep.scratch: "memory" cannot be used on a Ray cluster' in " ".join(
+        (result.stdout + result.stderr).split()
+    )

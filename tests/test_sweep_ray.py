@@ -93,17 +93,20 @@ def test_a_node_that_cannot_see_a_file_is_named_before_any_trial(
     import threading
 
     from mergetui.sweep.executors import RayExecutor, trial_resources
+    from mergetui.sweep.work import trial_sizes
 
     path = write_sweep(
         project, 'strategy = "grid"\noutput = "./out"\n', '"models[0].weight" = [0.5]\n'
     )
     sweep = load_sweep(path)
-    resources = trial_resources(sweep, "cpu")
-    assert resources.gpus == 0 and resources.cpus == 1 and resources.memory > 0
-    assert trial_resources(sweep, "cuda").gpus == 1
+    sizes = trial_sizes(sweep, "cpu")
+    resources = trial_resources(sizes, "cpu")
+    assert resources.gpus == 0 and resources.cpus == 1
+    assert resources.memory == sizes.merge_peak_bytes + sizes.scoring_bytes > sizes.output_bytes
+    assert trial_resources(sizes, "cuda").gpus == 1
     (project / "tasks.jsonl").rename(project / "moved.jsonl")  # as if not on shared storage
     with pytest.raises(MergeTuiError) as info:
-        RayExecutor(sweep, "cpu", threading.Event(), None, 2, ray_address)
+        RayExecutor(sweep, "cpu", threading.Event(), None, 2, ray_address, sizes)
     import ray
 
     ray.shutdown()

@@ -168,6 +168,7 @@ def sweep(
         console.print(table)
         if plot and (chart := objective_text(state.trials, width=min(console.width, 100))):
             console.print(Text(chart), highlight=False, soft_wrap=True)
+        console.print(f"trials merged on {state.scratch}", highlight=False, soft_wrap=True)
         pngs = spec.output / PLOTS_DIR
         if pngs.is_dir():
             console.print(f"plots: {pngs}", highlight=False, soft_wrap=True)

@@ -37,6 +37,7 @@ from mergetui.sweep.work import (
     Report,
     TrialJob,
     TrialOutcome,
+    TrialSizes,
     run_trial,
     score_parents,
 )
@@ -244,21 +245,13 @@ class TrialResources:
         return f"{self.cpus:g} CPU, {self.memory / 2**30:.1f} GiB{gpu} per trial"
 
 
-def trial_resources(sweep: Sweep, device: str) -> TrialResources:
-    """From the plan of the starting recipe (headers only): the merge's peak memory estimate
-    plus the merged model loaded for scoring (float32 on the CPU, its own dtype on a GPU); one
-    GPU when the trials run on CUDA."""
-    from mergetui.engine.plan import build_plan, estimate
-
-    plan = build_plan(sweep.recipe, device="cpu", fetch=False)
-    try:
-        figures = estimate(plan)
-        on_gpu = device.startswith("cuda")
-        numel = sum(tensor.numel for tensor in plan.tensors)
-        scoring = figures.output_bytes if on_gpu else 4 * numel
-    finally:
-        plan.close()
-    return TrialResources(cpus=1, memory=figures.peak_ram_bytes + scoring, gpus=1 if on_gpu else 0)
+def trial_resources(sizes: TrialSizes, device: str) -> TrialResources:
+    """The merge's peak memory estimate plus the merged model loaded for scoring; one GPU when
+    the trials run on CUDA."""
+    on_gpu = device.startswith("cuda")
+    return TrialResources(
+        cpus=1, memory=sizes.merge_peak_bytes + sizes.scoring_bytes, gpus=1 if on_gpu else 0
+    )
 
 
 def local_paths(sweep: Sweep) -> list[tuple[str, Path]]:
@@ -319,6 +312,7 @@ class RayExecutor:
         report: Report | None,
         workers: int,
         address: str,
+        sizes: TrialSizes,
     ) -> None:
         try:
             import ray
@@ -341,7 +335,7 @@ class RayExecutor:
                 f"sweep.ray: cannot reach a Ray cluster at {address!r} ({exc}); start one with "
                 "`ray start --head` or give its address (HOST:PORT)"
             ) from exc
-        self.resources = trial_resources(sweep, device)
+        self.resources = trial_resources(sizes, device)
         self.nodes = self._check_nodes()
         from ray.util.queue import Queue
 

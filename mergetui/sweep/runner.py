@@ -29,6 +29,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mergetui.errors import MergeCancelled, RecipeError
@@ -37,7 +38,18 @@ from mergetui.sweep.executors import InlineExecutor, ProcessExecutor, RayExecuto
 from mergetui.sweep.plots import write_pngs
 from mergetui.sweep.spec import Choice, Range, Sweep
 from mergetui.sweep.trial import applicable, grid_values, trial_recipe
-from mergetui.sweep.work import STOPPED, Report, TrialJob, TrialOutcome, load_tasks, objective
+from mergetui.sweep.work import (
+    STOPPED,
+    Report,
+    TrialJob,
+    TrialOutcome,
+    TrialSizes,
+    kept_folder,
+    load_tasks,
+    objective,
+    scratch_folder,
+    trial_sizes,
+)
 
 EventCallback = Callable[[Event], None]
 STATE_FILE = "sweep.json"
@@ -103,6 +115,8 @@ class SweepState:
     """What the output folder says so far."""
 
     trials: list[TrialResult] = field(default_factory=list)
+    #: where this run's trials merge: "disk", or "memory (/dev/shm/...)"
+    scratch: str = "disk"
 
     def best(self, count: int = 1) -> list[TrialResult]:
         scored = [t for t in self.trials if t.objective is not None]
@@ -281,14 +295,20 @@ def run_sweep(
     ray = ray or sweep.ray
     state = prepare_output(sweep, restart)
     device = device or sweep.recipe.device
-    executor = _executor(sweep, device, cancel, on_activity, workers, ray)
+    sizes = trial_sizes(sweep, device)
+    scratch = scratch_folder(sweep, sizes, workers, ray)
+    in_memory = scratch != sweep.output / "trials"
+    state.scratch = f"memory ({scratch})" if in_memory else "disk"
+    if in_memory:
+        shutil.rmtree(scratch, ignore_errors=True)  # a killed run's trials
+    executor = _executor(sweep, device, cancel, on_activity, workers, ray, sizes)
     try:
         parents = _parents(sweep, executor)
         tasks = load_tasks(sweep)
         sampler = _Sampler(sweep, state)
         total = sampler.total
         while len(state.trials) < total and not cancel.is_set():
-            batch = _ask(sampler, state, min(workers, total - len(state.trials)))
+            batch = _ask(sampler, state, min(workers, total - len(state.trials)), scratch)
             running = {job.number for job, _ in batch}
             asked = {job.number: trial for job, trial in batch}
             finished: dict[int, TrialOutcome] = {}
@@ -301,10 +321,14 @@ def run_sweep(
                     state.trials.append(result)
                     _record(sweep, state, result)
                     sampler.tell(asked[done.number], result.objective)
+                    if in_memory:
+                        _settle(sweep, state, scratch / f"{done.number:04d}", done.number)
                     _keep_best(sweep, state, running)
                     emit(result.event(total, state.best()))
     finally:
         executor.close()
+        if in_memory:
+            shutil.rmtree(scratch, ignore_errors=True)
     write_pngs(state.trials, sweep.output)  # a stopped sweep gets its plots too
     if cancel.is_set():
         raise MergeCancelled(STOPPED)
@@ -318,9 +342,10 @@ def _executor(
     report: Report | None,
     workers: int,
     ray: str | None,
+    sizes: TrialSizes,
 ) -> InlineExecutor | ProcessExecutor | RayExecutor:
     if ray:
-        return RayExecutor(sweep, device, cancel, report, workers, ray)
+        return RayExecutor(sweep, device, cancel, report, workers, ray, sizes)
     if workers > 1:
         return ProcessExecutor(sweep, device, cancel, report, workers)
     return InlineExecutor(sweep, device, cancel, report)
@@ -341,17 +366,33 @@ def _parents(
     return scores
 
 
-def _ask(sampler: _Sampler, state: SweepState, count: int) -> list[tuple[TrialJob, Any]]:
-    """The next ``count`` trials: grid combinations not run yet, or Optuna's next asks."""
+def _ask(
+    sampler: _Sampler, state: SweepState, count: int, scratch: Path
+) -> list[tuple[TrialJob, Any]]:
+    """The next ``count`` trials (grid combinations not run yet, or Optuna's next asks), each to
+    merge into its folder under ``scratch``."""
     batch: list[tuple[TrialJob, Any]] = []
     if sampler.study is None:
         finished = {t.number for t in state.trials}
         numbers = [i for i in range(sampler.total) if i not in finished][:count]
-        return [(TrialJob(n, sampler.grid[n]), None) for n in numbers]
+        return [(TrialJob(n, sampler.grid[n], scratch / f"{n:04d}"), None) for n in numbers]
     for _ in range(count):
         trial, values = sampler.ask()
-        batch.append((TrialJob(trial.number, values), trial))
+        batch.append((TrialJob(trial.number, values, scratch / f"{trial.number:04d}"), trial))
     return batch
+
+
+def _settle(sweep: Sweep, state: SweepState, merged: Path, number: int) -> None:
+    """A trial merged in memory: moved to the output folder when it is among the best ``keep``
+    (the only copy that reaches the disk), else deleted."""
+    if merged.is_dir() and number in {t.number for t in state.best(sweep.keep)}:
+        target = kept_folder(sweep, number)
+        partial = target.with_name(target.name + ".partial")  # never looks like a trial's merge
+        for folder in (target, partial):
+            shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(merged, partial)  # /dev/shm is another file system: a copy
+        partial.rename(target)
+    shutil.rmtree(merged, ignore_errors=True)
 
 
 def _record(sweep: Sweep, state: SweepState, result: TrialResult) -> None:

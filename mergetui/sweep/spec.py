@@ -8,6 +8,7 @@ strategy = "tpe"          # grid | random | tpe
 trials = 40               # ignored by grid (every combination runs)
 seed = 0
 workers = 1               # trials at once (local processes, or Ray tasks with ray = "auto")
+scratch = "auto"          # where trials merge: memory (/dev/shm) when they fit | memory | disk
 output = "./sweep-out"
 keep = 1                  # merged outputs kept: the best k
 [sweep.objective]
@@ -44,6 +45,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 STRATEGIES = ("grid", "random", "tpe")
+SCRATCH = ("auto", "memory", "disk")
 SCORES = ("mean_retained", "mean_accuracy")
 TOP_KEYS = ("version", "recipe", "sweep")
 SWEEP_KEYS = (
@@ -52,6 +54,7 @@ SWEEP_KEYS = (
     "seed",
     "workers",
     "ray",
+    "scratch",
     "output",
     "keep",
     "objective",
@@ -117,6 +120,7 @@ class Sweep:
     dimensions: list[Dimension]
     workers: int = 1
     ray: str | None = None
+    scratch: str = "auto"
     text_hash: str = ""
     methods: tuple[str, ...] = field(default_factory=tuple)
 
@@ -358,6 +362,10 @@ def load_sweep(path: str | Path) -> Sweep:
             f"not {ray!r}"
         )
         ray = None
+    scratch = sweep.get("scratch", "auto")
+    if scratch not in SCRATCH:
+        problems.append(f"sweep.scratch: {scratch!r}; use one of {', '.join(SCRATCH)}")
+        scratch = "auto"
     output_text = sweep.get("output", "./sweep-out")
     if not isinstance(output_text, str) or not output_text:
         problems.append("sweep.output: a folder path")
@@ -393,6 +401,7 @@ def load_sweep(path: str | Path) -> Sweep:
         dimensions=dimensions,
         workers=workers,
         ray=ray,
+        scratch=scratch,
         text_hash=hashlib.sha256(text.encode() + recipe_path.read_bytes()).hexdigest(),
         methods=methods or (recipe.method,),
     )

@@ -8,6 +8,7 @@ objective is not computed here: it needs every parent's score, which the sweep's
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import threading
 import time
@@ -28,10 +29,12 @@ STOPPED = "sweep stopped; its finished trials are kept: run the same command aga
 
 @dataclass(frozen=True)
 class TrialJob:
-    """One trial to run: its number and its swept values (recipe key → value)."""
+    """One trial to run: its number, its swept values (recipe key → value), and the folder it
+    merges into (in memory or on disk: the driver decides, :func:`scratch_folder`)."""
 
     number: int
     values: dict[str, Any]
+    folder: Path
 
 
 @dataclass
@@ -47,9 +50,92 @@ class TrialOutcome:
     message: str = ""
 
 
-def trial_folder(sweep: Sweep, number: int) -> Path:
-    """Where trial ``number`` merges to (and stays while it is among the best ``keep``)."""
+def kept_folder(sweep: Sweep, number: int) -> Path:
+    """Where trial ``number``'s merge stays while it is among the best ``keep`` (on disk)."""
     return sweep.output / "trials" / f"{number:04d}"
+
+
+@dataclass(frozen=True)
+class TrialSizes:
+    """What one trial needs, from the plan of the starting recipe (headers only): the merged
+    model's bytes on disk, the merge's peak memory, and the merge loaded for scoring."""
+
+    output_bytes: int
+    merge_peak_bytes: int
+    scoring_bytes: int
+
+
+def trial_sizes(sweep: Sweep, device: str) -> TrialSizes:
+    """Scoring loads the merge in float32 on the CPU, in its own dtype on a GPU."""
+    from mergetui.engine.plan import build_plan, estimate
+
+    plan = build_plan(sweep.recipe, device="cpu", fetch=False)
+    try:
+        figures = estimate(plan)
+        numel = sum(tensor.numel for tensor in plan.tensors)
+    finally:
+        plan.close()
+    scoring = figures.output_bytes if device.startswith("cuda") else 4 * numel
+    return TrialSizes(figures.output_bytes, figures.peak_ram_bytes, scoring)
+
+
+#: tmpfs, where a trial's merge is written to memory and read back from it
+MEMORY_ROOT = Path("/dev/shm")
+
+
+def scratch_folder(sweep: Sweep, sizes: TrialSizes, workers: int, ray: str | None) -> Path:
+    """Where trials merge. ``memory``: a folder of this sweep in ``/dev/shm``, so a trial's
+    merge never touches the disk (a 7B sweep of 40 trials would write 600 GB) and is scored from
+    memory; kept trials are moved to the output folder. ``auto`` takes it when the trials in
+    flight fit twice over in /dev/shm and in the memory available besides their merge and
+    scoring; ``disk`` (and any Ray sweep: its outputs must be on shared storage) merge into the
+    output folder's ``trials/``."""
+    import psutil
+
+    from mergetui.errors import RecipeError
+
+    disk = sweep.output / "trials"
+    if sweep.scratch == "disk":
+        return disk
+    if ray:
+        if sweep.scratch == "memory":
+            raise RecipeError(
+                [
+                    'sweep.scratch: "memory" cannot be used on a Ray cluster (each trial\'s '
+                    'merge must land on the shared output folder); use "auto" or "disk"'
+                ],
+                str(sweep.source),
+            )
+        return disk
+    need = workers * sizes.output_bytes
+    try:
+        free = shutil.disk_usage(MEMORY_ROOT).free
+    except OSError:
+        free = 0
+    available = psutil.virtual_memory().available
+    fits = free > 2 * need and available > need + workers * (
+        sizes.merge_peak_bytes + sizes.scoring_bytes
+    )
+    if not fits:
+        if sweep.scratch == "memory":
+            raise RecipeError(
+                [
+                    f'sweep.scratch: "memory", but {workers} trial(s) of '
+                    f"{sizes.output_bytes / 2**30:.1f} GiB do not fit in {MEMORY_ROOT} "
+                    f"({free / 2**30:.1f} GiB free, {available / 2**30:.1f} GiB of memory "
+                    'available); use "auto" or "disk", or fewer workers'
+                ],
+                str(sweep.source),
+            )
+        return disk
+    return memory_folder(sweep)
+
+
+def memory_folder(sweep: Sweep) -> Path:
+    """This sweep's folder in /dev/shm, named after its output folder (a resumed run finds and
+    clears what a killed one left)."""
+    tag = hashlib.sha256(str(sweep.output.resolve()).encode()).hexdigest()[:12]
+    return MEMORY_ROOT / f"mergetui-sweep-{tag}"
 
 
 def load_tasks(sweep: Sweep) -> list[Any]:
@@ -133,7 +219,7 @@ def run_trial(
         if report is not None and isinstance(event, TensorEvent) and event.tensors_total:
             report(number, f"trial {number}: merging", event.tensors_done / event.tensors_total)
 
-    out = trial_folder(sweep, number)
+    out = job.folder
     shutil.rmtree(out, ignore_errors=True)  # a half-finished trial of a killed run
     started = time.perf_counter()
     device = resolve_device(device)
