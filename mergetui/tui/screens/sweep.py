@@ -25,9 +25,11 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widget import Widget
 from textual.widgets import Button, Checkbox, Footer, Header, Input, Label, Select, Static
 
+from mergetui.errors import MergeTuiError
 from mergetui.jobs import RUNNING, start_job
 from mergetui.sweep.spec import SCORES, STRATEGIES
 from mergetui.tui.screens.base import StepScreen
+from mergetui.tui.screens.sweep_monitor import SweepMonitorScreen
 from mergetui.tui.sweep_form import (
     CHOICES,
     RANGE,
@@ -444,7 +446,6 @@ Every change is checked as `mergetui sweep` checks the file; each problem shows 
         """Write the job folder (the recipe with absolute paths, the sweep file) and start it in
         the background; one sweep at a time (a running one is shown instead)."""
         from mergetui.recipe import recipe_to_toml
-        from mergetui.tui.screens.sweep_monitor import SweepMonitorScreen
 
         running = self.merge_app.watched_sweep
         if running is not None and running.outcome().state == RUNNING:
@@ -459,11 +460,14 @@ Every change is checked as `mergetui sweep` checks the file; each problem shows 
             return
         form = self.read_form()
         base_dir = self.draft.base_dir
-        recipe = self.draft.to_recipe()
-        sweep_data = form.to_data(base_dir)
-        job = start_job(
-            recipe_to_toml(recipe, absolute_paths=True),
-            sweep_data["sweep"]["output"],
-            sweep_toml=form.to_toml(base_dir),
-        )
+        try:
+            recipe = self.draft.to_recipe()
+            job = start_job(
+                recipe_to_toml(recipe, absolute_paths=True),
+                form.to_data(base_dir)["sweep"]["output"],
+                sweep_toml=form.to_toml(base_dir),
+            )
+        except (MergeTuiError, OSError) as exc:  # a state folder that cannot be written
+            self.merge_app.report_error("cannot start the sweep", exc)
+            return
         self.app.push_screen(SweepMonitorScreen(job, started=True))

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from rich.text import Text
-from textual import events, on
+from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
@@ -54,6 +54,35 @@ def column_label(key: str) -> str:
 
 def values_text(values: dict[str, Any]) -> str:
     return ", ".join(f"{key} = {value_text(value)}" for key, value in values.items())
+
+
+class ObjectivePlot(Static):
+    """The objective of each trial and the best so far (:func:`objective_text`), drawn to the
+    widget's size and again whenever that changes, so the picture always fits its box."""
+
+    def __init__(self, *, id: str) -> None:
+        super().__init__("", id=id)
+        self.trials: list[TrialEvent] = []
+
+    def show(self, trials: list[TrialEvent]) -> None:
+        self.trials = trials
+        self.redraw()
+
+    def on_resize(self) -> None:
+        self.redraw()
+
+    def redraw(self) -> None:
+        """Nothing while hidden, too small to read, or before a trial is scored."""
+        from mergetui.sweep.plots import Scored, objective_text
+
+        width, height = self.content_size
+        if not self.trials or width < 24 or height < 8:
+            self.update("")
+            return
+        # a trial event has what the plot reads (number, values, objective), read-only: the
+        # Protocol's plain attributes would also allow writing them, so mypy needs telling
+        trials = cast("list[Scored]", self.trials)
+        self.update(Text(objective_text(trials, width, height)))
 
 
 class SweepMonitorScreen(StepScreen):
@@ -109,7 +138,7 @@ trial's recipe (`best.toml`) in the draft (keeping your output folder) and opens
             yield Static("", id="sweep-now")
             with Horizontal(id="sweep-results"):
                 yield DataTable(id="sweep-table", cursor_type="row", zebra_stripes=True)
-                yield Static("", id="sweep-plot")
+                yield ObjectivePlot(id="sweep-plot")
             with Horizontal(classes="row"):
                 yield Button("Cancel sweep", id="cancel-sweep", variant="error")
                 yield Button("Load best into the draft", id="load-best", disabled=True)
@@ -128,10 +157,6 @@ trial's recipe (`best.toml`) in the draft (keeping your output folder) and opens
         self._rebuild_table()
         self.poll()
         self.set_interval(self.POLL_S, self.poll, name="sweep-poll")
-        self.call_after_refresh(self._show_plot)  # once laid out: the plot fits its box
-
-    def on_resize(self, event: events.Resize) -> None:
-        self.call_after_refresh(self._show_plot)
 
     # -- events --------------------------------------------------------------------------------
     def poll(self) -> None:
@@ -162,6 +187,8 @@ trial's recipe (`best.toml`) in the draft (keeping your output folder) and opens
                 log.write_line(f"{event.kind}: {event.message}")
         if new_trials:
             self._show_trials(new_trials)
+        elif not self.trials and outcome.state == RUNNING:
+            self.query_one("#sweep-status", Static).update("running: no trial finished yet")
         self._show_now()
         if outcome.state != RUNNING:
             self.job.mark_seen()
@@ -186,21 +213,7 @@ trial's recipe (`best.toml`) in the draft (keeping your output folder) and opens
         self.query_one("#sweep-progress", ProgressBar).update(total=self.total, progress=done)
         self.query_one("#sweep-status", Static).update(f"running: {done} of {self.total} trials")
         self._show_best()
-        self._show_plot()
-
-    def _show_plot(self) -> None:
-        """The objective of each trial and the best so far, drawn to the plot's size (nothing
-        where it is hidden, too small, or before a trial is scored)."""
-        from mergetui.sweep.plots import Scored, objective_text
-
-        plot = self.query_one("#sweep-plot", Static)
-        width, height = plot.content_size
-        if not plot.display or width < 24 or height < 8:
-            return
-        # a trial event has what the plot reads (number, values, objective), read-only: the
-        # Protocol's plain attributes would also allow writing them, so mypy needs telling
-        trials = cast("list[Scored]", list(self.trials.values()))
-        plot.update(Text(objective_text(trials, width, height)))
+        self.query_one("#sweep-plot", ObjectivePlot).show(list(self.trials.values()))
 
     def _rebuild_table(self) -> None:
         table = self.query_one("#sweep-table", DataTable)
