@@ -22,6 +22,7 @@ from test_sweep import project, trial_rows, write_sweep  # noqa: F401 - the fixt
 from mergetui.errors import MergeTuiError
 from mergetui.sweep.spec import load_sweep
 
+GRID = '"models[0].weight" = [0.4, 0.6, 0.8, 1.0]\n'
 TPE_SPACE = (
     '"models[*].weight" = { low = 0.2, high = 1.2 }\n"merge.parameters.normalize" = [true, false]\n'
 )
@@ -115,3 +116,38 @@ def test_a_node_that_cannot_see_a_file_is_named_before_any_trial(
     assert "sweep.objective.tasks.add" in message
     assert str(project / "tasks.jsonl") in message and "shares" in message
     assert not (project / "out" / "trials").exists()
+
+
+def test_ctrl_c_cancels_the_ray_tasks_and_the_sweep_resumes(
+    project: Path,  # noqa: F811 - the fixture
+    ray_address: str,
+) -> None:
+    """A trial held on the cluster (a pause point, sent to the tasks): Ctrl-C cancels the tasks
+    in flight and exits as interrupted; the same command then runs every trial."""
+    import signal
+    import time
+
+    from test_cli import EXE
+
+    path = write_sweep(project, 'strategy = "grid"\noutput = "./out"\nworkers = 2\n', GRID)
+    held = project / "out" / "trials" / "0001" / "model.safetensors"
+    process = subprocess.Popen(
+        [*EXE, "sweep", str(path), "--ray", ray_address, "--json"],
+        cwd=project,
+        env={**os.environ, "MERGETUI_PAUSE_AT": "trial-merged:2"},  # trial 1 waits, merged
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300  # a hang detector
+    while not held.is_file() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert held.is_file()
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, out + err
+    rows = trial_rows(project / "out") if (project / "out" / "trials.jsonl").exists() else []
+    assert len(rows) < 4 and 1 not in [row["number"] for row in rows]
+    resumed = run_cli("sweep", str(path), "--ray", ray_address, "--json", cwd=project)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert sorted(row["number"] for row in trial_rows(project / "out")) == [0, 1, 2, 3]  # type: ignore[type-var]

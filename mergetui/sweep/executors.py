@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from mergetui.errors import MergeCancelled, MergeTuiError
+from mergetui.pauses import ENV as PAUSE_ENV
+from mergetui.pauses import RELEASE_ENV as PAUSE_RELEASE_ENV
 from mergetui.sweep.spec import Sweep
 from mergetui.sweep.work import (
     STOPPED,
@@ -238,7 +240,16 @@ class TrialResources:
     gpus: float
 
     def options(self) -> dict[str, Any]:
-        return {"num_cpus": self.cpus, "memory": self.memory, "num_gpus": self.gpus}
+        options: dict[str, Any] = {
+            "num_cpus": self.cpus,
+            "memory": self.memory,
+            "num_gpus": self.gpus,
+        }
+        # a test's pause point (mergetui.pauses) reaches the tasks too; nothing set, nothing sent
+        pauses = {k: v for k, v in os.environ.items() if k in (PAUSE_ENV, PAUSE_RELEASE_ENV)}
+        if pauses:
+            options["runtime_env"] = {"env_vars": pauses}
+        return options
 
     def describe(self) -> str:
         gpu = f", {self.gpus:g} GPU" if self.gpus else ""
@@ -335,6 +346,8 @@ class RayExecutor:
                 f"sweep.ray: cannot reach a Ray cluster at {address!r} ({exc}); start one with "
                 "`ray start --head` or give its address (HOST:PORT)"
             ) from exc
+        if device == "auto" and ray.cluster_resources().get("GPU", 0) > 0:
+            self.device = device = "cuda"  # the nodes have GPUs: each trial takes one
         self.resources = trial_resources(sizes, device)
         self.nodes = self._check_nodes()
         from ray.util.queue import Queue
