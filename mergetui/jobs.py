@@ -12,6 +12,8 @@ directory:
 - ``recipe.toml``: the recipe, with absolute paths (a sweep's starting recipe);
 - ``sweep.toml``: a sweep's file (its ``recipe`` is the ``recipe.toml`` beside it); written before
   the supervisor starts, so the supervisor knows what to run without waiting for ``job.json``;
+- ``restart``: beside it when the sweep starts over (``--restart``: the output's trials of another
+  version of the sweep are deleted);
 - ``events.jsonl``: the progress events, one JSON object per line (what ``--json`` prints);
 - ``stderr.log``: the child's error output;
 - ``exit.json``: written by the supervisor when the merge or sweep ends (its exit code);
@@ -56,6 +58,7 @@ RUNNING, DONE, CANCELLED, FAILED = "running", "done", "cancelled", "failed"
 #: What a job runs: ``mergetui run`` on its recipe, or ``mergetui sweep`` on its sweep file.
 MERGE, SWEEP = "merge", "sweep"
 SWEEP_FILE = "sweep.toml"
+RESTART_FILE = "restart"  # beside sweep.toml: the sweep runs with --restart
 #: finished jobs kept (their logs and events) before the oldest are deleted
 KEEP_JOBS = 20
 log = logging.getLogger(__name__)
@@ -228,7 +231,12 @@ class Job:
 
 
 def start_job(
-    recipe_toml: str, output: str, *, root: Path | None = None, sweep_toml: str | None = None
+    recipe_toml: str,
+    output: str,
+    *,
+    root: Path | None = None,
+    sweep_toml: str | None = None,
+    restart: bool = False,
 ) -> Job:
     """Write the job folder and start its supervisor in a new session, detached from this
     terminal, so closing the terminal (or the SSH connection) does not stop the merge.
@@ -250,6 +258,8 @@ def start_job(
     (folder / "recipe.toml").write_text(recipe_toml, encoding="utf-8")
     if sweep_toml is not None:
         (folder / SWEEP_FILE).write_text(sweep_toml, encoding="utf-8")
+        if restart:  # the sweep starts over: its output's earlier trials are deleted
+            (folder / RESTART_FILE).write_text("", encoding="utf-8")
     process = subprocess.Popen(
         [sys.executable, "-m", "mergetui.jobs", str(folder)],
         stdin=subprocess.DEVNULL,
@@ -335,6 +345,8 @@ def supervise(folder: Path) -> int:
         time.sleep(0.02)
     if (folder / SWEEP_FILE).is_file():  # written before this process started: no race
         command = [sys.executable, "-m", "mergetui", "sweep", str(folder / SWEEP_FILE), "--json"]
+        if (folder / RESTART_FILE).is_file():
+            command.append("--restart")
     else:
         command = [sys.executable, "-m", "mergetui", "run", str(folder / "recipe.toml"), "--json"]
     with (

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 from conftest import MergeGate
-from textual.widgets import Button, DataTable, Input, Select, Static
+from textual.widgets import Button, Checkbox, DataTable, Input, Select, Static
 
 from mergetui.events import (
     StartEvent,
@@ -287,12 +287,36 @@ async def _sweep_flow(project: Path, models: dict[str, Path]) -> None:
         assert draft.models[0].parameters["weight"] == best_recipe.models[0].parameters["weight"]
         assert draft.output == "merged" and draft.base_dir == project
         assert draft.to_recipe().output_dir == project / "merged"
+        # the sweep changed, into the same output: refused at the output field until "start over"
+        form = await open_sweep_from_compare(pilot, app)
+        [weight] = rows(form)
+        weight.query_one(".dim-values", Input).value = "0.25, 0.75"
+        await wait_until(pilot, lambda: form.found, "the output's problem")
+        note = text_of(form, "#note-output")
+        assert "holds the trials of another version of this sweep" in note and "start over" in note
+        assert form.query_one("#start", Button).disabled
+        form.query_one("#sweep-restart", Checkbox).value = True
+        await wait_until(pilot, lambda: not form.found, "no problem once starting over")
+        await pilot.press("ctrl+r")
+        await wait_until(
+            pilot,
+            lambda: isinstance(app.screen, SweepMonitorScreen) and app.screen.job != job,
+            "the second sweep's monitor",
+        )
+        again = app.screen
+        assert isinstance(again, SweepMonitorScreen)
+        assert (again.job.folder / "restart").is_file()
+        assert await wait_finished(pilot, again) == DONE, again.job.stderr_text()
+        assert {t.values["models[0].weight"] for t in again.trials.values()} == {0.25, 0.75}
+        trials = (project / "sweep-out" / "trials.jsonl").read_text().splitlines()
+        assert len(trials) == 2  # the first sweep's trials were deleted, not mixed in
     listed = subprocess.run(
         [sys.executable, "-m", "mergetui", "jobs", "--json"], capture_output=True, text=True
     )
     assert listed.returncode == 0, listed.stderr
-    [row] = json.loads(listed.stdout)
-    assert (row["kind"], row["state"], row["progress"]) == ("sweep", DONE, "2/2 trials")
+    assert [(row["kind"], row["state"], row["progress"]) for row in json.loads(listed.stdout)] == [
+        ("sweep", DONE, "2/2 trials")
+    ] * 2
 
 
 # -- found again: a running sweep, after the UI was closed ----------------------------------------

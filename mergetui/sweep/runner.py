@@ -35,7 +35,7 @@ from typing import Any
 from mergetui.errors import MergeCancelled, RecipeError
 from mergetui.events import Event, TrialEvent
 from mergetui.sweep.executors import InlineExecutor, ProcessExecutor, RayExecutor
-from mergetui.sweep.plots import write_pngs
+from mergetui.sweep.plots import PLOTS_DIR, write_pngs
 from mergetui.sweep.spec import Choice, Range, Sweep
 from mergetui.sweep.trial import applicable, grid_values, trial_recipe
 from mergetui.sweep.work import (
@@ -123,31 +123,47 @@ class SweepState:
         return sorted(scored, key=lambda t: (-(t.objective or 0.0), t.number))[:count]
 
 
-def prepare_output(sweep: Sweep, restart: bool) -> SweepState:
-    """Create or reopen the output folder; a folder of another sweep file is refused."""
+def output_conflict(sweep: Sweep) -> tuple[str, bool] | None:
+    """Why the output folder cannot take this sweep's trials as it is, and whether starting over
+    (``--restart``) would settle it: a folder holding another sweep's trials (yes), or a folder
+    that is not a sweep's at all (no). None when it can (new, empty, or this sweep's own)."""
     out = sweep.output
     state_file = out / STATE_FILE
     if state_file.is_file():
         saved = json.loads(state_file.read_text(encoding="utf-8"))
-        if saved.get("hash") != sweep.text_hash and not restart:
-            raise RecipeError(
-                [
-                    f"sweep.output: {out} holds the trials of another version of this sweep "
-                    f"({saved.get('source')}); its file or its recipe changed. Run again with "
-                    "--restart to delete those trials and start over, or set another output"
-                ],
-                str(sweep.source),
-            )
-        if restart:
-            for name in (TRIALS_FILE, "trials.csv", STUDY_FILE, "best.toml", PARENTS_FILE):
-                (out / name).unlink(missing_ok=True)
-            for name in ("best", "trials"):
-                shutil.rmtree(out / name, ignore_errors=True)
-    elif out.exists() and any(out.iterdir()):
-        raise RecipeError(
-            [f"sweep.output: {out} exists and is not a sweep's folder; choose another output"],
-            str(sweep.source),
+        if saved.get("hash") == sweep.text_hash:
+            return None
+        return (
+            f"sweep.output: {out} holds the trials of another version of this sweep "
+            f"({saved.get('source')}); its file or its recipe changed",
+            True,
         )
+    if out.exists() and any(out.iterdir()):
+        return (
+            f"sweep.output: {out} exists and is not a sweep's folder; choose another output",
+            False,
+        )
+    return None
+
+
+def prepare_output(sweep: Sweep, restart: bool) -> SweepState:
+    """Create or reopen the output folder; a folder of another sweep file is refused."""
+    out = sweep.output
+    state_file = out / STATE_FILE
+    conflict = output_conflict(sweep)
+    if conflict is not None and not (restart and conflict[1]):
+        advice = (
+            ". Run again with --restart to delete those trials and start over, or set another "
+            "output"
+            if conflict[1]
+            else ""
+        )
+        raise RecipeError([conflict[0] + advice], str(sweep.source))
+    if state_file.is_file() and restart:
+        for name in (TRIALS_FILE, "trials.csv", STUDY_FILE, "best.toml", PARENTS_FILE):
+            (out / name).unlink(missing_ok=True)
+        for name in ("best", "trials", PLOTS_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     state_file.write_text(
         json.dumps({"hash": sweep.text_hash, "source": str(sweep.source)}, indent=2) + "\n",

@@ -36,7 +36,7 @@ METHOD_KEY = "merge.method"
 _SPACE_KEY = re.compile(r"^sweep\.space\.'([^']+)'")
 _TASK_KEY = re.compile(r"^sweep\.objective\.tasks\.(.+)$")
 #: the ``[sweep]`` keys with a field of their own, and the ``[sweep.objective]`` ones
-SWEEP_FIELDS = ("strategy", "trials", "seed", "workers", "keep", "output")
+SWEEP_FIELDS = ("strategy", "trials", "seed", "workers", "ray", "keep", "output")
 OBJECTIVE_FIELDS = ("score", "limit")
 
 
@@ -87,8 +87,11 @@ class SweepForm:
     trials: str = "20"
     seed: str = "0"
     workers: str = "1"
+    ray: str = ""  # a Ray cluster's address; empty: trials run on this machine
     keep: str = "1"
     output: str = "./sweep-out"
+    #: start over when the output folder holds another version of this sweep (``--restart``)
+    restart: bool = False
     tasks: list[TaskFields] = field(default_factory=lambda: [TaskFields()])
     score: str = "mean_retained"
     limit: str = ""
@@ -113,6 +116,8 @@ class SweepForm:
             text = getattr(self, name).strip()
             if text:  # empty: the sweep file's default
                 sweep[name] = number(text)
+        if self.ray.strip():
+            sweep["ray"] = self.ray.strip()
         sweep["output"] = absolute(self.output, base_dir)
         objective: dict[str, Any] = {
             "tasks": {task.task_name: absolute(task.path, base_dir) for task in self.task_files()},
@@ -238,14 +243,27 @@ def problems(form: SweepForm, draft: RecipeDraft) -> list[str]:
     """Every problem with sweeping ``draft`` as ``form`` says, worded as ``mergetui sweep``
     words them (``sweep.space.'models[*].weight': the range is empty …``); the draft's own
     problems first, as the recipe (step 3) would show them. Empty when the sweep can start."""
+    found, conflict = check(form, draft)
+    if conflict is not None and not (form.restart and conflict[1]):
+        found.append(
+            conflict[0] + ('; tick "start over" to delete those trials' if conflict[1] else "")
+        )
+    return found
+
+
+def check(form: SweepForm, draft: RecipeDraft) -> tuple[list[str], tuple[str, bool] | None]:
+    """The sweep loader's problems, and what the output folder holds against it
+    (:func:`mergetui.sweep.runner.output_conflict`: a message, and whether starting over
+    settles it)."""
     from mergetui.errors import RecipeError
     from mergetui.recipe import recipe_to_toml
+    from mergetui.sweep.runner import output_conflict
     from mergetui.sweep.spec import load_sweep
 
     try:
         recipe = draft.to_recipe()
     except RecipeError as exc:
-        return [f"the recipe (step 3): {problem}" for problem in exc.problems]
+        return [f"the recipe (step 3): {problem}" for problem in exc.problems], None
     with tempfile.TemporaryDirectory(prefix="mergetui-sweep-check-") as scratch:
         folder = Path(scratch)
         (folder / RECIPE_NAME).write_text(
@@ -253,10 +271,10 @@ def problems(form: SweepForm, draft: RecipeDraft) -> list[str]:
         )
         (folder / SWEEP_NAME).write_text(form.to_toml(draft.base_dir), encoding="utf-8")
         try:
-            load_sweep(folder / SWEEP_NAME)
+            sweep = load_sweep(folder / SWEEP_NAME)
         except RecipeError as exc:
-            return exc.problems
-    return []
+            return exc.problems, None
+    return [], output_conflict(sweep)
 
 
 def field_of(problem: str) -> str:

@@ -32,11 +32,14 @@ from mergetui.tui.screens.base import StepScreen
 from mergetui.tui.screens.sweep_monitor import SweepMonitorScreen
 from mergetui.tui.sweep_form import (
     CHOICES,
+    OBJECTIVE_FIELDS,
     RANGE,
+    SWEEP_FIELDS,
     DimensionFields,
     SweepForm,
     TaskFields,
     any_model,
+    check,
     field_of,
     param_of,
     problems,
@@ -209,9 +212,11 @@ Merge and score many variants of the current recipe, and keep the best: the head
 `mergetui sweep SWEEP.toml`, run in the background.
 
 **Search**: the strategy (`grid` runs every combination; `random` and `tpe`, Optuna's samplers,
-run **trials** of them, `seed` fixing the draw), the **workers** (trials at once), how many merged
-outputs to **keep** (the best k) and the **output** folder (`trials.jsonl`, `best/`, `best.toml`).
-Started again with the same settings, a stopped sweep goes on where it was.
+run **trials** of them, `seed` fixing the draw), the **workers** (trials at once), a **Ray**
+cluster's address to run them on (empty: this machine), how many merged outputs to **keep** (the
+best k) and the **output** folder (`trials.jsonl`, `best/`, `best.toml`). Started again with the
+same settings, a stopped sweep goes on where it was; a changed sweep into the same output asks
+for **start over** (its earlier trials are deleted) or another folder.
 
 **Objective**: one or more task files, `name = path` (`.jsonl` rows of `prompt` and `answer`, or
 plain text for perplexity); the **score** maximised (`mean_retained`: the merge's score over the
@@ -259,11 +264,15 @@ Every change is checked as `mergetui sweep` checks the file; each problem shows 
             with Horizontal(classes="row"):
                 yield Label("workers", classes="field-label")
                 yield Input(form.workers, id="sweep-workers", classes="narrow")
+                yield Label("Ray", classes="field-label")
+                yield Input(form.ray, placeholder="this machine", id="sweep-ray")
+            with Horizontal(classes="row"):
                 yield Label("keep", classes="field-label")
                 yield Input(form.keep, id="sweep-keep", classes="narrow")
                 yield Label("output", classes="field-label")
                 yield Input(form.output, id="sweep-output", suggester=PathSuggester(draft.base_dir))
-            for name in ("strategy", "trials", "seed", "workers", "keep", "output"):
+                yield Checkbox("start over", form.restart, id="sweep-restart")
+            for name in SWEEP_FIELDS:
                 yield Static("", id=f"note-{name}", classes="field-note")
             yield Label("objective", classes="model-title")
             yield Static(TASKS_HELP, classes="param-help")
@@ -342,8 +351,10 @@ Every change is checked as `mergetui sweep` checks the file; each problem shows 
             trials=text("trials"),
             seed=text("seed"),
             workers=text("workers"),
+            ray=text("ray"),
             keep=text("keep"),
             output=text("output"),
+            restart=self.query_one("#sweep-restart", Checkbox).value,
             tasks=[row.read() for row in self.query(TaskRow)],
             score="" if score is Select.NULL else str(score),
             limit=text("limit"),
@@ -403,7 +414,7 @@ Every change is checked as `mergetui sweep` checks the file; each problem shows 
                 if any_model(where.removeprefix("space:")) == row.key:
                     mine += placed.pop(where)
             row.show_problems(mine)
-        for name in ("strategy", "trials", "seed", "workers", "keep", "output", "score", "limit"):
+        for name in (*SWEEP_FIELDS, *OBJECTIVE_FIELDS):
             mine = placed.pop(name, [])
             _show_note(self.query_one(f"#note-{name}", Static), mine)
             self.query_one(f"#sweep-{name}", Widget).set_class(bool(mine), "-invalid")
@@ -462,10 +473,12 @@ Every change is checked as `mergetui sweep` checks the file; each problem shows 
         base_dir = self.draft.base_dir
         try:
             recipe = self.draft.to_recipe()
+            _, conflict = check(form, self.draft)  # start over only what would be refused
             job = start_job(
                 recipe_to_toml(recipe, absolute_paths=True),
                 form.to_data(base_dir)["sweep"]["output"],
                 sweep_toml=form.to_toml(base_dir),
+                restart=form.restart and conflict is not None and conflict[1],
             )
         except (MergeTuiError, OSError) as exc:  # a state folder that cannot be written
             self.merge_app.report_error("cannot start the sweep", exc)
