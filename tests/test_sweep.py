@@ -243,6 +243,8 @@ def test_sweep_help_is_listed() -> None:
         [sys.executable, "-m", "mergetui", "sweep", "--help"], capture_output=True, text=True
     )
     assert result.returncode == 0 and "SWEEP" in result.stdout
+    text = " ".join(result.stdout.split())
+    assert "mergetui[ray]" in text and "[sweep]" in text  # not eaten as markup
 
 
 def test_the_plain_display_lists_trials_and_the_best(project: Path) -> None:

@@ -48,7 +48,7 @@ def sweep(
     workers: Annotated[
         int | None,
         typer.Option(
-            min=1, help="Trials at once (overrides [sweep] workers); the trials depend on it."
+            min=1, help="Trials at once (overrides workers in \\[sweep]); the trials depend on it."
         ),
     ] = None,
     ray: Annotated[
@@ -56,7 +56,10 @@ def sweep(
         typer.Option(
             "--ray",
             metavar="ADDRESS",
-            help="Run the trials on this Ray cluster (auto, HOST:PORT); pip install 'mergetui[ray]'.",
+            help=(
+                "Run the trials on this Ray cluster (auto, HOST:PORT); "
+                "pip install 'mergetui\\[ray]'."
+            ),
         ),
     ] = None,
     plot: Annotated[
