@@ -16,11 +16,17 @@ PLOTS_DIR = "plots"
 
 
 class Scored(Protocol):
-    """A finished trial as the plots need it (:class:`mergetui.sweep.runner.TrialResult`)."""
+    """A finished trial as the plots need it, read-only (a runner's
+    :class:`~mergetui.sweep.runner.TrialResult` or a ``trial`` event)."""
 
-    number: int
-    values: dict[str, Any]
-    objective: float | None
+    @property
+    def number(self) -> int: ...
+
+    @property
+    def values(self) -> dict[str, Any]: ...
+
+    @property
+    def objective(self) -> float | None: ...
 
 
 def best_so_far(trials: Sequence[Scored]) -> tuple[list[int], list[float], list[float]]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from rich.text import Text
 from textual import on
@@ -73,16 +73,13 @@ class ObjectivePlot(Static):
 
     def redraw(self) -> None:
         """Nothing while hidden, too small to read, or before a trial is scored."""
-        from mergetui.sweep.plots import Scored, objective_text
+        from mergetui.sweep.plots import objective_text
 
         width, height = self.content_size
         if not self.trials or width < 24 or height < 8:
             self.update("")
             return
-        # a trial event has what the plot reads (number, values, objective), read-only: the
-        # Protocol's plain attributes would also allow writing them, so mypy needs telling
-        trials = cast("list[Scored]", self.trials)
-        self.update(Text(objective_text(trials, width, height)))
+        self.update(Text(objective_text(self.trials, width, height)))
 
 
 class SweepMonitorScreen(StepScreen):
