@@ -277,7 +277,9 @@ async def _sweep_flow(project: Path, models: dict[str, Path]) -> None:
         assert not monitor.query_one("#cancel-sweep", Button).display
         assert job.seen  # shown once: not offered again at the next start
         load = monitor.query_one("#load-best", Button)
-        assert not load.disabled and load.has_focus
+        assert not load.disabled
+        # focus moves by a message once the button is enabled: wait for it, not for a frame
+        await wait_until(pilot, lambda: load.has_focus, "Load best to take the focus")
         load.press()
         await wait_until(pilot, lambda: isinstance(app.screen, MethodScreen), "step 3")
         # the draft is the best trial's recipe, writing where the draft did
