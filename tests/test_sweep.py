@@ -420,3 +420,34 @@ def test_memory_scratch_is_refused_on_a_ray_cluster(project: Path) -> None:
     assert 'sweep.scratch: "memory" cannot be used on a Ray cluster' in " ".join(
         (result.stdout + result.stderr).split()
     )
+
+
+def test_a_stop_in_the_middle_of_a_merge_is_the_sweeps_stop(project: Path) -> None:
+    """Ctrl-C while a trial is merging: the merge removes its partial output, and the sweep says
+    it stopped with its trials kept (not the merge's own words), exit code 130."""
+    path = write_sweep(
+        project, 'strategy = "grid"\noutput = "./out"\n', '"models[0].weight" = [0.5]\n'
+    )
+    process = subprocess.Popen(
+        [*EXE, "sweep", str(path), "--json"],
+        cwd=project,
+        env={**os.environ, "MERGETUI_PAUSE_AT": "tensor:2"},  # trial 0, merging
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 300  # a hang detector
+    for line in process.stderr:
+        if "paused at tensor:2" in line or time.monotonic() > deadline:
+            break
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 130
+    last = json.loads(out.splitlines()[-1])
+    assert last["event"] == "cancelled" and last["message"].startswith("sweep stopped"), last
+    from mergetui.sweep.work import memory_folder
+
+    assert (
+        not (project / "out" / "trials").exists() and not memory_folder(load_sweep(path)).exists()
+    )

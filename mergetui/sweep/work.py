@@ -233,10 +233,8 @@ def run_trial(
         pause_point("trial-merged", cancel, number + 1)
         if cancel.is_set():  # stopped once merged: not worth scoring, it runs again on resume
             raise MergeCancelled(STOPPED)
-    except MergeCancelled:
-        raise
     except MergeTuiError as exc:
-        if cancel.is_set():
+        if cancel.is_set():  # the merge's own "partial output removed" is the sweep's stop
             raise MergeCancelled(STOPPED) from exc
         return TrialOutcome(
             number, job.values, merge_s=time.perf_counter() - started, message=str(exc)
