@@ -302,13 +302,46 @@ def _probe_node(paths: list[tuple[str, str]], marker: str) -> dict[str, Any]:
     }
 
 
-def _ray_parents(sweep: Sweep, device: str, messages: Any) -> dict[str, dict[str, float]]:
-    return score_parents(sweep, device, _Throttled(messages.put) if messages is not None else None)
+class ProgressInbox:
+    """A Ray actor holding the tasks' progress messages until the driver takes them. Tasks send
+    without waiting (``inbox.put.remote(...)``, no ``ray.get``): a trial never waits on a round
+    trip to report progress. A blocking queue (``ray.util.queue``) made scoring 20x slower on a
+    loaded machine, every report waiting for the actor's answer."""
+
+    def __init__(self) -> None:
+        self.messages: list[Any] = []
+
+    def put(self, message: Any) -> None:
+        self.messages.append(message)
+
+    def take(self) -> list[Any]:
+        taken, self.messages = self.messages, []
+        return taken
 
 
-def _ray_trial(sweep: Sweep, job: TrialJob, device: str, messages: Any) -> TrialOutcome:
-    report = _Throttled(messages.put) if messages is not None else None
-    return run_trial(sweep, job, device, None, report)
+def _sender(inbox: Any) -> Report | None:
+    return None if inbox is None else _Throttled(lambda message: inbox.put.remote(message))
+
+
+def _take_assigned_cores() -> None:
+    """Run torch on the CPUs Ray gave this task, no more: a task that ran one thread per core of
+    its node beside other work was 20x slower (OpenMP threads spinning for cores they did not
+    get), as local workers were before they took their share."""
+    import ray
+    import torch
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
+
+
+def _ray_parents(sweep: Sweep, device: str, inbox: Any) -> dict[str, dict[str, float]]:
+    _take_assigned_cores()
+    return score_parents(sweep, device, _sender(inbox))
+
+
+def _ray_trial(sweep: Sweep, job: TrialJob, device: str, inbox: Any) -> TrialOutcome:
+    _take_assigned_cores()
+    return run_trial(sweep, job, device, None, _sender(inbox))
 
 
 class RayExecutor:
@@ -350,9 +383,8 @@ class RayExecutor:
             self.device = device = "cuda"  # the nodes have GPUs: each trial takes one
         self.resources = trial_resources(sizes, device)
         self.nodes = self._check_nodes()
-        from ray.util.queue import Queue
-
-        self.messages = Queue(actor_options={"num_cpus": 0}) if report else None
+        inbox = ray.remote(num_cpus=0)(ProgressInbox)
+        self.messages = inbox.remote() if report else None
 
     def _check_nodes(self) -> int:
         """Ask every live node whether it can run a trial; every problem named, before any."""
@@ -404,11 +436,11 @@ class RayExecutor:
         return len(nodes)
 
     def _forward(self) -> None:
-        """Pass on the progress the tasks sent so far (a task's last message is in the queue
-        before its result is ready: ``put`` waits for the queue actor)."""
+        """Pass on the progress the tasks sent so far (a message can come after its trial's
+        result: displays drop those)."""
         if self.messages is None or self.report is None:
             return
-        for message in self.messages.get_nowait_batch(self.messages.qsize()):
+        for message in self.ray.get(self.messages.take.remote()):
             self.report(*message)
 
     def _results(self, refs: list[Any]) -> Iterator[Any]:
