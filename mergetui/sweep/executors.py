@@ -13,7 +13,8 @@ the same ``workers`` give the same trials here, in worker processes and on a clu
   Ctrl-C in the terminal reaches the whole process group, and the driver decides.
 - :class:`RayExecutor` (``--ray ADDRESS``): each trial is a Ray task asking for the resources the
   plan estimates; before the first trial every node is asked whether it sees the models, the task
-  files and the output folder (shared storage) and runs the same mergetui.
+  files and the output folder (shared storage) and runs the same mergetui. Progress comes back
+  through a small inbox actor; a stop cancels the tasks in flight.
 """
 
 from __future__ import annotations
@@ -304,9 +305,9 @@ def _probe_node(paths: list[tuple[str, str]], marker: str) -> dict[str, Any]:
 
 class ProgressInbox:
     """A Ray actor holding the tasks' progress messages until the driver takes them. Tasks send
-    without waiting (``inbox.put.remote(...)``, no ``ray.get``): a trial never waits on a round
-    trip to report progress. A blocking queue (``ray.util.queue``) made scoring 20x slower on a
-    loaded machine, every report waiting for the actor's answer."""
+    without waiting (``inbox.put.remote(...)``, no ``ray.get``), so a trial never waits on a
+    round trip to report progress (with ``ray.util.queue`` every report waited for the actor's
+    answer)."""
 
     def __init__(self) -> None:
         self.messages: list[Any] = []
@@ -324,9 +325,9 @@ def _sender(inbox: Any) -> Report | None:
 
 
 def _take_assigned_cores() -> None:
-    """Run torch on the CPUs Ray gave this task, no more: a task that ran one thread per core of
-    its node beside other work was 20x slower (OpenMP threads spinning for cores they did not
-    get), as local workers were before they took their share."""
+    """Run torch, and the merge's C loops that size their pool by torch's thread count, on the
+    CPUs Ray gave this task: said explicitly rather than left to the ``OMP_NUM_THREADS`` Ray
+    sets, as local workers take their share of the cores."""
     import ray
     import torch
 
