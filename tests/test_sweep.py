@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_cli import EXE, run_cli
@@ -197,26 +198,36 @@ def test_grid_sweep_merges_scores_and_keeps_the_best(project: Path) -> None:
     assert len((out / "trials.jsonl").read_text().splitlines()) == 4
 
 
+def paused_sweep(
+    project: Path, path: Path, moment: str, *args: str, **popen: Any
+) -> subprocess.Popen[str]:
+    """``mergetui sweep PATH ARGS`` started and held at the pause point ``moment`` (see
+    :mod:`mergetui.pauses`); ``popen`` adds to the environment (``env``) or to Popen."""
+    env = {**os.environ, "MERGETUI_PAUSE_AT": moment, "COLUMNS": "160", **popen.pop("env", {})}
+    process = subprocess.Popen(
+        [*EXE, "sweep", str(path), *args],
+        cwd=project,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    assert process.stderr is not None
+    deadline = time.monotonic() + 300  # a hang detector
+    for line in process.stderr:
+        if f"paused at {moment}" in line or time.monotonic() > deadline:
+            break
+    return process
+
+
 def test_a_killed_tpe_sweep_resumes_and_a_changed_file_needs_restart(project: Path) -> None:
     path = write_sweep(
         project,
         'strategy = "tpe"\ntrials = 3\nseed = 1\noutput = "./out"\n',
         '"models[*].weight" = { low = 0.2, high = 1.2 }\n"merge.parameters.normalize" = [true, false]\n',
     )
-    env = {**os.environ, "MERGETUI_PAUSE_AT": "trial-merged:2"}
-    process = subprocess.Popen(
-        [*EXE, "sweep", str(path), "--json"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 300  # a hang detector
-    for line in process.stderr:
-        if "paused at trial-merged:2" in line or time.monotonic() > deadline:
-            break
+    process = paused_sweep(project, path, "trial-merged:2", "--json")
     process.send_signal(signal.SIGKILL)  # no chance to clean up: as a power cut would
     process.wait(timeout=60)
     out = project / "out"
@@ -304,20 +315,8 @@ def test_ctrl_c_stops_every_worker_and_the_sweep_resumes(project: Path) -> None:
     import psutil
 
     path = write_sweep(project, 'strategy = "grid"\noutput = "./out"\nworkers = 2\n', GRID_SPACE)
-    process = subprocess.Popen(
-        [*EXE, "sweep", str(path), "--json"],
-        cwd=project,
-        env={**os.environ, "MERGETUI_PAUSE_AT": "trial-merged:2"},  # trial 1, in a worker
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its own process group, as a terminal gives it
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 300  # a hang detector
-    for line in process.stderr:
-        if "paused at trial-merged:2" in line or time.monotonic() > deadline:
-            break
+    # trial 1, in a worker; the sweep in a process group of its own, as a terminal gives it
+    process = paused_sweep(project, path, "trial-merged:2", "--json", start_new_session=True)
     workers = psutil.Process(process.pid).children(recursive=True)
     assert len([w for w in workers if "python" in w.name().lower()]) >= 2
     os.killpg(process.pid, signal.SIGINT)
@@ -353,29 +352,6 @@ def test_the_objective_is_plotted_in_the_terminal(project: Path) -> None:
     assert objective_text(trials[1:2]) == ""  # nothing scored yet: nothing to plot
 
 
-def _paused_sweep(project: Path, path: Path, release: Path) -> subprocess.Popen[str]:
-    """The sweep, held once trial 0 is merged (not yet scored) until ``release`` exists."""
-    process = subprocess.Popen(
-        [*EXE, "sweep", str(path)],
-        cwd=project,
-        env={
-            **os.environ,
-            "MERGETUI_PAUSE_AT": "trial-merged:1",
-            "MERGETUI_PAUSE_RELEASE": str(release),
-            "COLUMNS": "160",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 300  # a hang detector
-    for line in process.stderr:
-        if "paused at trial-merged:1" in line or time.monotonic() > deadline:
-            break
-    return process
-
-
 @pytest.mark.parametrize("scratch", ["auto", "disk"])
 def test_trials_merge_in_memory_when_they_fit_and_only_kept_ones_reach_the_disk(
     project: Path, scratch: str
@@ -392,7 +368,9 @@ def test_trials_merge_in_memory_when_they_fit_and_only_kept_ones_reach_the_disk(
     )
     memory = memory_folder(load_sweep(path))
     release = project / "release"
-    process = _paused_sweep(project, path, release)
+    process = paused_sweep(
+        project, path, "trial-merged:1", env={"MERGETUI_PAUSE_RELEASE": str(release)}
+    )
     in_memory = (memory / "0000" / "model.safetensors").is_file()
     on_disk = (project / "out" / "trials" / "0000" / "model.safetensors").is_file()
     release.touch()
@@ -428,19 +406,7 @@ def test_a_stop_in_the_middle_of_a_merge_is_the_sweeps_stop(project: Path) -> No
     path = write_sweep(
         project, 'strategy = "grid"\noutput = "./out"\n', '"models[0].weight" = [0.5]\n'
     )
-    process = subprocess.Popen(
-        [*EXE, "sweep", str(path), "--json"],
-        cwd=project,
-        env={**os.environ, "MERGETUI_PAUSE_AT": "tensor:2"},  # trial 0, merging
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stderr is not None
-    deadline = time.monotonic() + 300  # a hang detector
-    for line in process.stderr:
-        if "paused at tensor:2" in line or time.monotonic() > deadline:
-            break
+    process = paused_sweep(project, path, "tensor:2", "--json")  # trial 0, merging
     process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=120)
     assert process.returncode == 130
