@@ -129,6 +129,8 @@ class HubServer:
         self.release_stall = threading.Event()
         self.cut_file: str | None = None  # cut the connection once, after cut_after bytes
         self.cut_after = 0
+        self._in_flight = 0
+        self._in_flight_changed = threading.Condition()
         self._olah: subprocess.Popen[bytes] | None = None
         self._front: ThreadingHTTPServer | None = None
 
@@ -209,6 +211,28 @@ class HubServer:
         self.endpoint = f"http://127.0.0.1:{self._front.server_address[1]}"
         return self.endpoint
 
+    def settle(self, timeout_s: float = 120.0) -> None:
+        """Undo a test's stall or cut and wait until every request still being answered is done.
+
+        A test that kills its client can leave a request in the front that reaches the stall or
+        cut check late; without this, that request would take the next test's cut. The timeout
+        only catches a hang."""
+        self.stall_file = None
+        self.cut_file = None
+        self.release_stall.set()
+        with self._in_flight_changed:
+            if not self._in_flight_changed.wait_for(lambda: self._in_flight == 0, timeout_s):
+                raise RuntimeError(f"{self._in_flight} requests to the test Hub never finished")
+
+    def request_started(self) -> None:
+        with self._in_flight_changed:
+            self._in_flight += 1
+
+    def request_finished(self) -> None:
+        with self._in_flight_changed:
+            self._in_flight -= 1
+            self._in_flight_changed.notify_all()
+
     def stop(self) -> None:
         self.release_stall.set()
         if self._front is not None:
@@ -284,6 +308,13 @@ class _FrontHandler(BaseHTTPRequestHandler):
         self._handle("HEAD")
 
     def _handle(self, method: str) -> None:
+        self.hub.request_started()
+        try:
+            self._answer(method)
+        finally:
+            self.hub.request_finished()
+
+    def _answer(self, method: str) -> None:
         parts = urlsplit(self.path)
         self.hub.requests.append((method, self.path, self.headers.get("Range")))
         if parts.path.rstrip("/") == "/api/models":
