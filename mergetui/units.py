@@ -46,6 +46,15 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def format_size(count: int) -> str | int:
+    """A byte count as a recipe writes it, read back exactly by :func:`parse_size`: ``"4GiB"`` or
+    ``"512MiB"`` when it is a whole number of them, else the bare number of bytes."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if count % size == 0:
+            return f"{count // size}{unit}"
+    return count
+
+
 def format_bytes(count: float) -> str:
     """Format a byte count with a binary unit, e.g. ``1.5 GiB``."""
     value = float(count)

@@ -115,6 +115,13 @@ class Blocks:
 
     unit: BlockUnit = "elements"
     statistics: tuple[str, ...] = ()
+    #: Reading passes over a tensor merged in blocks, the last one merging: the first ones gather
+    #: the statistics (``MethodSpec.block_kernel`` says how).
+    passes: int = 1
+    #: Blocks must hold a multiple of this many elements (counted from the tensor's start): a
+    #: statistic summed chunk by chunk in float64 then adds the same chunks in the same order, and
+    #: a random stream drawn chunk by chunk is drawn in the same calls, so blocks give the same bits.
+    align_elements: int = 1
 
     @property
     def independent(self) -> bool:
@@ -155,6 +162,10 @@ class MethodSpec:
     merges_lone_input: bool = False
     identity: tuple[tuple[str, Any], ...] = ()
     blocks: Blocks = Blocks()
+    #: ``"module:function"`` making the kernel that merges one tensor block by block when the
+    #: method needs whole-tensor statistics (``blocks.statistics``); None for independent blocks
+    #: (the plain kernel merges each block) or for a method that is always merged whole.
+    block_kernel: str | None = None
     tensor_rules: tuple[TensorRule, ...] = ()
     notes: tuple[str, ...] = field(default=())
 
@@ -194,8 +205,29 @@ class MethodSpec:
 
     def load_kernel(self) -> Callable[..., Any]:
         """Import and return the tensor kernel (this is where torch gets imported)."""
-        module_name, _, function_name = self.kernel.partition(":")
-        return getattr(importlib.import_module(module_name), function_name)
+        return _load(self.kernel)
+
+    @property
+    def mergeable_in_blocks(self) -> bool:
+        """A tensor too large for the memory budget can be merged in blocks of rows, with the same
+        bits as whole: the blocks are independent, or a block kernel gathers the statistics."""
+        return self.blocks.independent or self.block_kernel is not None
+
+    def load_block_kernel(self) -> Callable[..., Any]:
+        """Import and return the factory of per-tensor block kernels (see
+        :mod:`mergetui.methods.blocked`): the method's own, else one that runs the plain kernel on
+        each block."""
+        if self.block_kernel is not None:
+            return _load(self.block_kernel)
+        from mergetui.methods.blocked import independent_blocks
+
+        kernel = self.load_kernel()
+        return lambda context: independent_blocks(kernel)
+
+
+def _load(reference: str) -> Callable[..., Any]:
+    module_name, _, function_name = reference.partition(":")
+    return getattr(importlib.import_module(module_name), function_name)
 
 
 # --- shared parameter declarations ---------------------------------------------------------------
@@ -293,6 +325,9 @@ _RAM_EPSILON = ParamSpec(
 )
 
 _TA_KERNELS = "mergetui.methods.task_arithmetic"
+_TA_BLOCKS = "mergetui.methods.task_arithmetic_blocks"
+#: The kernels' chunk of temporaries (``task_arithmetic.CHUNK``; this module imports no torch).
+KERNEL_CHUNK_ELEMENTS = 1 << 20
 _RESCALE_STATISTIC = "each task vector's L1 norm before and after the drop (with rescale)"
 _OUTLIER_STATISTIC = "each task vector's two magnitude-rank bounds"
 
@@ -343,7 +378,8 @@ METHODS: dict[str, MethodSpec] = {
             kernel=f"{_TA_KERNELS}:ties",
             params=(_WEIGHT, _DENSITY, _normalize(True), _LAMBDA),
             needs_base=True,
-            blocks=Blocks("elements", ("each task vector's k-th largest magnitude",)),
+            blocks=Blocks("elements", ("each task vector's k-th largest magnitude",), passes=3),
+            block_kernel=f"{_TA_BLOCKS}:ties_blocks",
         ),
         MethodSpec(
             name="dare_ties",
@@ -353,7 +389,10 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
-            blocks=Blocks("elements", (_RESCALE_STATISTIC,)),
+            blocks=Blocks(
+                "elements", (_RESCALE_STATISTIC,), passes=2, align_elements=KERNEL_CHUNK_ELEMENTS
+            ),
+            block_kernel=f"{_TA_BLOCKS}:dare_ties_blocks",
         ),
         MethodSpec(
             name="dare_linear",
@@ -363,7 +402,10 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
-            blocks=Blocks("elements", (_RESCALE_STATISTIC,)),
+            blocks=Blocks(
+                "elements", (_RESCALE_STATISTIC,), passes=2, align_elements=KERNEL_CHUNK_ELEMENTS
+            ),
+            block_kernel=f"{_TA_BLOCKS}:dare_linear_blocks",
         ),
         MethodSpec(
             name="breadcrumbs",

@@ -189,7 +189,14 @@ def keep_largest_(tensor: torch.Tensor, keep_count: int) -> torch.Tensor:
     the threshold by selection, entries equal to it kept lowest index first."""
     flat = _flat(tensor)
     threshold, greater = _kth_largest(flat, keep_count)
-    ties_to_keep = keep_count - greater
+    keep_above_(flat, threshold, keep_count - greater)
+    return tensor
+
+
+def keep_above_(flat: torch.Tensor, threshold: torch.Tensor, ties_to_keep: int) -> int:
+    """Zero the entries of a flat tensor below ``threshold`` in magnitude, and those equal to it
+    beyond the first ``ties_to_keep``, in place; returns the quota left for the blocks after this
+    one (a tensor merged in blocks carries it on)."""
     for chunk in _chunks(flat):
         magnitude = chunk.abs()
         if ties_to_keep <= 0:
@@ -203,7 +210,7 @@ def keep_largest_(tensor: torch.Tensor, keep_count: int) -> torch.Tensor:
             drop |= tied
         ties_to_keep -= min(tied_count, ties_to_keep)
         chunk.masked_fill_(drop, 0.0)
-    return tensor
+    return ties_to_keep
 
 
 def outlier_prune_(
@@ -291,14 +298,25 @@ def random_drop_(
         return delta
     flat = _flat(delta)
     l1_before = _l1(flat) if rescale else 0.0
+    drop_at_random_(flat, density, generator)
+    if rescale:
+        rescale_l1_(delta, l1_before, _l1(flat))
+    return delta
+
+
+def drop_at_random_(flat: torch.Tensor, density: float, generator: torch.Generator) -> None:
+    """Zero each entry of a flat tensor unless its uniform draw is below ``density``: one
+    ``torch.rand`` call per chunk of ``CHUNK`` entries, so blocks of whole chunks draw the same
+    stream as the whole tensor."""
     for chunk in _chunks(flat):
         uniform = torch.rand(chunk.numel(), generator=generator, dtype=torch.float32)
         chunk.mul_(uniform.lt_(density).to(chunk.device))
-    if rescale:
-        l1_after = _l1(flat)
-        if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
-            delta.mul_(l1_before / l1_after)
-    return delta
+
+
+def rescale_l1_(delta: torch.Tensor, l1_before: float, l1_after: float) -> None:
+    """Scale the kept entries back to the task vector's L1 norm (unless either norm is ~0)."""
+    if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
+        delta.mul_(l1_before / l1_after)
 
 
 def della_prune_(
@@ -390,7 +408,15 @@ def _restore_rows(delta: torch.Tensor, rows: torch.Tensor) -> None:
 
 
 def _l1(flat: torch.Tensor) -> float:
-    return float(sum(chunk.abs().sum(dtype=torch.float64) for chunk in _chunks(flat)))
+    return float(add_l1(0, flat))
+
+
+def add_l1(total: Any, flat: torch.Tensor) -> Any:
+    """``total`` plus the L1 norm of ``flat``, summed chunk by chunk in float64: blocks of whole
+    chunks, added in order, give the same float as the whole tensor."""
+    for chunk in _chunks(flat):
+        total = total + chunk.abs().sum(dtype=torch.float64)
+    return total
 
 
 def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> torch.Tensor:
@@ -428,6 +454,19 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
             outlier_prune_(delta, densities[index], gamma, bool(params.get("rescale", False)))
         if weights[index] != 1.0:
             delta.mul_(weights[index])
+    return combine_(base, deltas, weights, normalize, scale, sign_election)
+
+
+def combine_(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    normalize: bool,
+    scale: float,
+    sign_election: bool,
+) -> torch.Tensor:
+    """Steps 4 and 5 on weighted, sparsified task vectors: sum them (or elect signs and sum the
+    agreeing), normalize, scale by λ and add to ``base``, in place."""
     flats = [_flat(d) for d in deltas]
     if not sign_election:
         mixed = flats[0]
@@ -518,19 +557,35 @@ def _merge_native(
             library.mt_tie_cutoff(flat.data_ptr(), 0, count, pattern, keep_count - greater)
         )
 
-    deltas = native.pointer_array([_flat(d) for d in inputs.models])
-    models = len(inputs.models)
+    elect_native_(library, base, inputs.models, patterns, cutoffs, weights, normalize, scale)
+    return inputs.require_base()
+
+
+def elect_native_(
+    library: Any,
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    patterns: list[int],
+    cutoffs: list[int],
+    weights: list[float],
+    normalize: bool,
+    scale: float,
+) -> None:
+    """The C loops' fused prune (|d| above its pattern, or equal before its cutoff), weight, sign
+    election and add into ``base``, on every core."""
+    flat = _flat(base)
+    pointers = native.pointer_array([_flat(d) for d in deltas])
+    models = len(deltas)
     pattern_array = (ctypes.c_uint32 * models)(*patterns)
     cutoff_array = (ctypes.c_int64 * models)(*cutoffs)
     weight_array = (ctypes.c_float * models)(*weights)
     native.parallel(
         lambda start, end: library.mt_ties_elect(
-            base.data_ptr(), deltas, models, start, end, pattern_array, cutoff_array,
+            flat.data_ptr(), pointers, models, start, end, pattern_array, cutoff_array,
             weight_array, int(normalize), scale,
         ),
-        count,
+        flat.numel(),
     )  # fmt: skip
-    return inputs.require_base()
 
 
 def _native_kth(
@@ -545,17 +600,9 @@ def _native_kth(
     the guess's 16-bit bucket finds it or, when the bucket was wrong too, a full histogram picks
     the right bucket first. The answer is exact in every case.
     """
-    count = flat.numel()
 
     def counted(function: str, size: int, *arguments: Any) -> torch.Tensor:
-        """The int64 counts a C counting pass adds up, run on every core and summed."""
-
-        def piece(start: int, end: int) -> torch.Tensor:
-            counts = torch.zeros(size, dtype=torch.int64)
-            getattr(library, function)(flat.data_ptr(), start, end, *arguments, counts.data_ptr())
-            return counts
-
-        return torch.stack(native.parallel(piece, count)).sum(0)
+        return native_counts(library, function, flat, size, *arguments)
 
     guess = library.mt_kth_largest_bits(sample.data_ptr(), sample.numel(), -(-k // step))
     if guess < 0:
@@ -575,3 +622,16 @@ def _native_kth(
         above, low_counts = bucket(high)
     low, greater = _from_top(low_counts, k, offset=above)
     return (high << 16) | low, greater
+
+
+def native_counts(
+    library: Any, function: str, flat: torch.Tensor, size: int, *arguments: Any
+) -> torch.Tensor:
+    """The int64 counts a C counting pass adds up, run on every core and summed."""
+
+    def piece(start: int, end: int) -> torch.Tensor:
+        counts = torch.zeros(size, dtype=torch.int64)
+        getattr(library, function)(flat.data_ptr(), start, end, *arguments, counts.data_ptr())
+        return counts
+
+    return torch.stack(native.parallel(piece, flat.numel())).sum(0)

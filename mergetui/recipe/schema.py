@@ -104,6 +104,8 @@ class Recipe:
     tokens: tuple[TokenOverride, ...] = ()
     parameters: dict[str, Any] = field(default_factory=dict)
     shard_size: int = DEFAULT_SHARD_SIZE
+    #: the merge process's memory budget in bytes (RAM, and VRAM on a GPU); None: the default
+    max_memory: int | None = None
     version: int = RECIPE_VERSION
     slices: tuple[Slice, ...] = ()
     base_dir: Path = field(default_factory=Path.cwd)

@@ -12,6 +12,7 @@ from mergetui.recipe.params import value_data
 from mergetui.recipe.schema import DEFAULT_SHARD_SIZE, Recipe
 from mergetui.recipe.validate import validate_recipe_data
 from mergetui.recipe.vocab import TOKENIZER_CHOICES, model_index, vocabulary_data
+from mergetui.units import format_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,6 +73,8 @@ def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str,
         merge["dtype"] = recipe.dtype
     merge["seed"] = recipe.seed
     merge["device"] = recipe.device
+    if recipe.max_memory is not None:
+        merge["max_memory"] = format_size(recipe.max_memory)
     keeps_name = recipe.tokenizer in TOKENIZER_CHOICES or model_index(recipe.tokenizer) is not None
     merge["tokenizer"] = recipe.tokenizer if keeps_name else ref(recipe.tokenizer)
     merge.update(vocabulary_data(recipe.vocabulary))

@@ -47,6 +47,7 @@ MERGE_KEYS = (
     "tie_word_embeddings",
     "tokens",
     "parameters",
+    "max_memory",
 )
 MODEL_KEYS = ("model", "lora")
 OUTPUT_KEYS = ("path", "shard_size")
@@ -158,6 +159,13 @@ def validate_recipe_data(
         out.add(f"merge.seed: must be a whole number >= 0, not {seed!r}")
         seed = 0
 
+    max_memory = None
+    if "max_memory" in merge:
+        try:
+            max_memory = parse_size(merge["max_memory"])
+        except ValueError as exc:
+            out.add(f'merge.max_memory: {exc}; e.g. max_memory = "4GiB"')
+
     device = out.string(merge, "device", "merge.") or "auto"
     if not _DEVICE_RE.match(device):
         out.add(f"merge.device: {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps")
@@ -251,6 +259,7 @@ def validate_recipe_data(
         tokens=vocabulary.tokens,
         parameters=global_params,
         shard_size=shard_size,
+        max_memory=max_memory,
         version=version,
         slices=tuple(slices),
         base_dir=base_dir or Path.cwd(),
