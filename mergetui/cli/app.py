@@ -38,6 +38,7 @@ from mergetui.errors import EXIT_INTERRUPTED, EXIT_INVALID
 from mergetui.logs import setup_logging
 from mergetui.methods.registry import METHODS, get_method
 from mergetui.pauses import pause_point
+from mergetui.units import parse_size
 
 app = typer.Typer(
     name="mergetui",
@@ -85,7 +86,23 @@ def _root(
         create_app().run()
 
 
-def _load(recipe: Path, output: Path | None = None, device: str | None = None) -> Any:
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="Memory budget of the merge (RAM, and VRAM on a GPU), e.g. 4GiB; overrides "
+        "merge.max_memory (default 1GiB). Larger tensors are merged in blocks of rows.",
+        metavar="SIZE",
+    ),
+]
+
+
+def _load(
+    recipe: Path,
+    output: Path | None = None,
+    device: str | None = None,
+    max_memory: str | None = None,
+) -> Any:
     from mergetui.recipe import load_recipe
 
     loaded = load_recipe(recipe)
@@ -94,18 +111,25 @@ def _load(recipe: Path, output: Path | None = None, device: str | None = None) -
         changes["output_path"] = str(output.expanduser().resolve())
     if device is not None:
         changes["device"] = device
+    if max_memory is not None:
+        try:
+            changes["max_memory"] = parse_size(max_memory)
+        except ValueError as exc:
+            raise typer.BadParameter(
+                f"{exc}; e.g. --max-memory 4GiB", param_hint="--max-memory"
+            ) from None
     return dataclasses.replace(loaded, **changes) if changes else loaded
 
 
 @app.command()
-def check(recipe: RecipeArg, as_json: JsonOpt = False) -> None:
+def check(recipe: RecipeArg, as_json: JsonOpt = False, max_memory: MaxMemoryOpt = None) -> None:
     """Check a recipe and its models' compatibility from headers only; no weight is read."""
     from mergetui.cli.render import render_report
     from mergetui.engine.plan import build_plan
     from mergetui.engine.report import plan_report
 
     with guard(as_json):
-        plan = build_plan(_load(recipe), fetch=False)
+        plan = build_plan(_load(recipe, max_memory=max_memory), fetch=False)
         try:
             report = plan_report(plan)
         finally:
@@ -131,12 +155,14 @@ def run(
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Override output.path.")
     ] = None,
+    max_memory: MaxMemoryOpt = None,
 ) -> None:
     """Run a merge recipe headlessly (for scripts and batch jobs)."""
     if as_json:
         start_stream("run")
     with guard(as_json):
-        _execute(_load(recipe, output, device), force=force, as_json=as_json, dry_run=dry_run)
+        recipe_loaded = _load(recipe, output, device, max_memory)
+        _execute(recipe_loaded, force=force, as_json=as_json, dry_run=dry_run)
 
 
 def _execute(

@@ -136,7 +136,7 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         message = Text(f"{problem['severity']}: ", style=style) + Text(problem["message"])
         console.print(message, soft_wrap=True)
     for line in estimate_lines(report):
-        console.print(line)
+        console.print(Text(line), soft_wrap=True)
     verdict = "[green]compatible[/green]" if report["ok"] else "[bold red]cannot merge[/bold red]"
     console.print(verdict)
 

@@ -6,9 +6,11 @@ Three stages overlap so that disk and CPU/GPU stay busy together:
 
 The loader reads the next tensor's inputs with positioned reads and converts them slice by slice into
 reused float32 buffers (applying LoRA adapters), while the merge thread runs the kernel on the
-current one and the writer appends the previous result to its shard. Memory is about the largest
-tensor's float32 working set (the loader does not read ahead past a budget of that plus a margin)
-plus one or two outputs, never a multiple of the model size. The output is built in a hidden sibling
+current one and the writer appends the previous result to its shard. Memory stays within the
+plan's budget (:mod:`mergetui.engine.blocks`): a tensor too large for it goes through the three
+stages as blocks of rows — read, merged and appended to its shard block by block, in as many
+reading passes as the method's statistics need — and the loader never reads ahead past the
+budget. The output is built in a hidden sibling
 folder (``.NAME.mergetui-partial-PID``) and renamed into place only when everything, support files
 included, is written; any error, Ctrl-C or cancel request removes that folder. Sources are only ever
 opened for reading, and an output folder that overlaps a source is refused up front.
@@ -50,6 +52,7 @@ from mergetui.errors import (
     OutputError,
 )
 from mergetui.events import DoneEvent, PhaseEvent, TensorEvent
+from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
 from mergetui.pauses import pause_point
 
@@ -219,9 +222,13 @@ class _Run:
         self.done = 0
         self.current = ""
         self.kernel: Callable[[TensorInputs], Any] = plan.method.load_kernel()
+        self.block_kernel: BlockKernel | None = None  # of the tensor being merged in blocks
         self.by_role = {s.role: s for s in plan.sources}
-        largest = max((t.numel * 4 * len(t.reads) for t in plan.tensors if t.merge), default=0)
-        self.buffers = BufferPool(largest + max(_READ_AHEAD_MIN_MARGIN, largest // 4))
+        if plan.memory is not None:
+            self.buffers = BufferPool(plan.memory.pool_bytes)
+        else:
+            largest = max((t.numel * 4 * len(t.reads) for t in plan.tensors if t.merge), default=0)
+            self.buffers = BufferPool(largest + max(_READ_AHEAD_MIN_MARGIN, largest // 4))
 
     def progress(self) -> dict[str, Any]:
         """The fields every progress event carries, as they stand now."""
@@ -262,12 +269,13 @@ class _Run:
                     name = tensor.name
                     if index + 1 < len(tensors):
                         self._will_need(tensors[index + 1])
-                    loaded = self._load(tensor, staging)
-                    if loaded is None:  # stopped while waiting for buffer budget
-                        return
-                    _put(out_queue, loaded, self.cancel)
-                    if self.cancel.is_set():
-                        return
+                    for piece in _pieces(tensor):
+                        loaded = self._load(tensor, staging, piece)
+                        if loaded is None:  # stopped while waiting for buffer budget
+                            return
+                        _put(out_queue, loaded, self.cancel)
+                        if self.cancel.is_set():
+                            return
             _put(out_queue, _DONE, self.cancel)
         except BaseException as exc:
             _put(out_queue, _LoadFailed(name, exc), self.cancel)
@@ -281,26 +289,36 @@ class _Run:
             except OSError:
                 log.debug("read-ahead hint for %s failed", tensor.name, exc_info=True)
 
-    def _load(self, tensor: PlannedTensor, staging: bytearray) -> _Loaded | None:
-        """Read one tensor's inputs: raw for a copied (integer) tensor, else float32 buffers."""
+    def _load(
+        self, tensor: PlannedTensor, staging: bytearray, piece: _Piece | None = None
+    ) -> _Loaded | None:
+        """Read one tensor's inputs (or one block of rows of them): raw for a copied (integer)
+        tensor, else float32 buffers."""
         if not tensor.merge:
+            rows = None if piece is None else (piece.start, piece.end)
             raw = {
-                read: self.by_role[read.role].checkpoint.read(read.name) for read in tensor.reads
+                read: self.by_role[read.role].checkpoint.read(read.name, rows)
+                for read in tensor.reads
             }
             self.bytes_read += sum(t.numel() * t.element_size() for t in raw.values())
-            return _Loaded(tensor, raw=raw)
+            return _Loaded(tensor, raw=raw, piece=piece)
         plan = self.plan
-        shapes = [self._stored_shape(tensor, read) for read in tensor.reads]
+        if piece is None:
+            shapes = [self._stored_shape(tensor, read) for read in tensor.reads]
+            first = 0
+        else:
+            shapes = [(piece.end - piece.start, *tensor.shape[1:])] * len(tensor.reads)
+            first = piece.start * math.prod(tensor.shape[1:])
         nbytes = sum(math.prod(shape) for shape in shapes) * 4
         if not self.buffers.reserve(nbytes, self.cancel):
             return None
-        loaded = _Loaded(tensor, reserved_bytes=nbytes)
+        loaded = _Loaded(tensor, reserved_bytes=nbytes, piece=piece)
         values: dict[TensorInput, torch.Tensor] = {}
         for read, shape in zip(tensor.reads, shapes, strict=True):
             buffer = self.buffers.take(shape, plan.device)
             loaded.buffers.append(buffer)
             source = self.by_role[read.role]
-            self.bytes_read += source.checkpoint.read_into(read.name, buffer, staging)
+            self.bytes_read += source.checkpoint.read_into(read.name, buffer, staging, first)
             values[read] = buffer if source.lora is None else source.lora.apply(read.name, buffer)
         if tensor.vocabulary is not None:
             # rows in the output vocabulary's order: new tensors; the stored ones go back now
@@ -333,8 +351,8 @@ class _Run:
         files: list[Path],
     ) -> None:
         try:
-            for written, (name, data) in enumerate(_drain(in_queue, self.cancel), start=1):
-                writer.write(name, data)
+            for written, (name, data, rows) in enumerate(_drain(in_queue, self.cancel), start=1):
+                writer.write(name, data, rows)
                 self.bytes_written = writer.bytes_written
                 pause_point("write", self.cancel, written)
             if not self.cancel.is_set():  # the end marker arrived: every tensor is in
@@ -384,12 +402,18 @@ class _Run:
                         self.current = loaded.name
                         raise loaded.error
                     self.current = loaded.tensor.name
+                    piece = loaded.piece
                     result = self._compute(loaded)
-                    _put(write_queue, (loaded.tensor.name, result), stop)
+                    if result is not None:
+                        rows = None if piece is None else (piece.start, piece.end)
+                        _put(write_queue, (loaded.tensor.name, result, rows), stop)
                     del result, loaded
-                    self.done += 1
-                    self.emit(TensorEvent(**self.progress()))
-                    pause_point("tensor", stop, self.done)
+                    if piece is None or piece.last:
+                        self.done += 1
+                        self.emit(TensorEvent(**self.progress()))
+                        pause_point("tensor", stop, self.done)
+                    else:
+                        self.emit(TensorEvent(**self.progress()))
             _put(write_queue, _DONE, stop)
             finished = True
         finally:
@@ -405,12 +429,14 @@ class _Run:
         self.current = ""
         return files
 
-    def _compute(self, loaded: _Loaded) -> torch.Tensor:
-        """Merge and convert one loaded tensor."""
+    def _compute(self, loaded: _Loaded) -> torch.Tensor | None:
+        """Merge and convert one loaded tensor, or block of one; None for a block that only
+        feeds the statistics of a later pass."""
         import torch
 
         plan = self.plan
         tensor = loaded.tensor
+        piece = loaded.piece
         if loaded.raw is not None:
             (first, reference), *others = loaded.raw.items()
             for read, other in others:
@@ -433,28 +459,88 @@ class _Run:
                 params=dict(tensor.params),
                 seed=plan.recipe.seed,
             )
-            result = self.kernel(inputs)
+            if piece is None:
+                result = self.kernel(inputs)
+            else:
+                result = self._merge_block(tensor, piece, inputs)
             del inputs
+        if result is None:
+            self._release(loaded)
+            return None
         if not _all_finite(result):
+            where = "" if piece is None else f" (rows {piece.start} to {piece.end - 1})"
             raise MergeFailed(
-                f"tensor {tensor.name} has NaN or infinite values after the {plan.method.name} "
-                "merge; check the inputs (a corrupt source?) and the parameters (huge weights?)"
+                f"tensor {tensor.name}{where} has NaN or infinite values after the "
+                f"{plan.method.name} merge; check the inputs (a corrupt source?) and the "
+                "parameters (huge weights?)"
             )
         # A copy in every case: the result may live in a buffer the loader reuses next.
         output = result.to(dtype=getattr(torch, tensor.dtype), device="cpu", copy=True)
         del result
+        self._release(loaded)
+        return output
+
+    def _release(self, loaded: _Loaded) -> None:
         self.buffers.release(loaded.buffers, loaded.reserved_bytes)
         loaded.buffers.clear()
         loaded.base = None
         loaded.models.clear()
-        return output
+
+    def _merge_block(
+        self, tensor: PlannedTensor, piece: _Piece, inputs: TensorInputs
+    ) -> torch.Tensor | None:
+        """One block of a tensor merged in blocks: a fresh block kernel at its first block, the
+        statistics passes observed, the merging pass merged."""
+        if piece.pass_index == 0 and piece.start == 0:
+            context = TensorContext(
+                name=tensor.name,
+                shape=tensor.shape,
+                params=dict(tensor.params),
+                model_params=tuple(tensor.model_params),
+                seed=self.plan.recipe.seed,
+            )
+            self.block_kernel = self.plan.method.load_block_kernel()(context)
+        assert self.block_kernel is not None
+        first = piece.start * math.prod(tensor.shape[1:])
+        if piece.pass_index < tensor.passes - 1:
+            self.block_kernel.observe(piece.pass_index, inputs, first)
+            return None
+        result = self.block_kernel.merge(inputs, first)
+        if piece.last:
+            self.block_kernel = None
+        return result
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """One block of rows of a tensor merged in blocks, in one reading pass."""
+
+    pass_index: int
+    start: int
+    end: int
+    last: bool  # the tensor's last block of its last pass
+
+
+def _pieces(tensor: PlannedTensor) -> Iterator[_Piece | None]:
+    """The pieces the loader reads for ``tensor``: None for the whole tensor, else its blocks of
+    rows, pass after pass."""
+    if tensor.block_rows is None:
+        yield None
+        return
+    rows = tensor.shape[0]
+    for pass_index in range(tensor.passes):
+        for start in range(0, rows, tensor.block_rows):
+            end = min(rows, start + tensor.block_rows)
+            yield _Piece(pass_index, start, end, pass_index == tensor.passes - 1 and end == rows)
 
 
 @dataclass
 class _Loaded:
-    """One tensor's inputs, as the loader hands them to the merge thread."""
+    """One tensor's inputs (or a block of rows of them), as the loader hands them to the merge
+    thread."""
 
     tensor: PlannedTensor
+    piece: _Piece | None = None
     raw: dict[TensorInput, torch.Tensor] | None = None
     base: torch.Tensor | None = None
     models: list[torch.Tensor] = field(default_factory=list)

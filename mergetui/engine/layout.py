@@ -69,6 +69,10 @@ class PlannedTensor:
     vocabulary: VocabularyPlan | None = None
     #: inputs read only for the alignment's default rows (the base, for a method that ignores it)
     for_alignment: tuple[TensorInput, ...] = ()
+    #: rows per block when the tensor is merged in blocks to fit the memory budget (None: whole)
+    block_rows: int | None = None
+    #: reading passes over the tensor when merged in blocks (the method's statistics need them)
+    passes: int = 1
 
     @property
     def numel(self) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from mergetui.engine.blocks import MemoryPlan, minimum_budget, peak_bytes, plan_memory
 from mergetui.engine.chat_templates import resolve_chat_template
 from mergetui.engine.layout import (
     LayerOrigin,
@@ -37,11 +38,6 @@ from mergetui.sources.lora import LoraAdapter, open_lora
 from mergetui.sources.refs import ModelRef, parse_ref
 from mergetui.sources.resolve import DownloadCallback, open_model, resolve_dir
 from mergetui.units import format_bytes
-
-#: Resident memory of the merge process once torch and the engine are imported (measured: ~225 MiB).
-BASELINE_RSS = 240 * 1024**2
-#: Staging buffers, output conversions in flight and the kernels' temporaries.
-FIXED_WORKING_BYTES = 48 * 1024**2
 
 
 @dataclass
@@ -102,11 +98,13 @@ class MergePlan:
     chat_template: str | None = None
     #: the output vocabulary and how each model's rows map to it (None: not planned)
     vocabulary: VocabularyPlan | None = None
+    #: the memory budget and the tensors merged in blocks to keep it
+    memory: MemoryPlan | None = None
 
     @property
     def bytes_to_read(self) -> int:
-        """Every input byte the merge reads (each input's copy of each tensor)."""
-        return sum(t.bytes_in for t in self.tensors)
+        """Every input byte the merge reads (each input's copy of each tensor, once per pass)."""
+        return sum(t.bytes_in * t.passes for t in self.tensors)
 
     def source(self, role: str) -> Source:
         return next(s for s in self.sources if s.role == role)
@@ -258,7 +256,16 @@ def build_plan(
         plan.config_updates.update(vocabulary_config(vocabulary, files_from))
     plan.layers = layout.layers
     plan.problems += [Problem(severity, message) for severity, message in layout.problems]
+    plan.memory = plan_memory(
+        plan.tensors,
+        method,
+        out_element_size(out_dtype),
+        recipe.max_memory,
+        {s.role for s in sources if s.lora is not None},
+        lambda tensor: _stored_rows_bytes(tensor, plan),
+    )
     plan.estimates = estimate(plan)
+    plan.problems += _budget_problems(plan)
     if plan.estimates.disk_free_bytes is not None and (
         plan.estimates.output_bytes > plan.estimates.disk_free_bytes
     ):
@@ -551,33 +558,64 @@ def existing_ancestor(path: Path) -> Path:
     return path
 
 
+def _stored_rows_bytes(tensor: PlannedTensor, plan: MergePlan) -> int:
+    """float32 bytes of a realigned tensor's stored rows, held beside the aligned ones for a
+    moment."""
+    if tensor.vocabulary is None:
+        return 0
+    by_role = {s.role: s for s in plan.sources}
+    return 4 * sum(
+        math.prod(spec.shape)
+        for read in tensor.reads
+        if (spec := by_role[read.role].checkpoint.tensors.get(read.name)) is not None
+    )
+
+
+def _budget_problems(plan: MergePlan) -> list[Problem]:
+    """The budget cannot be kept: too small to run at all, or a tensor merged whole does not
+    fit. An error when the user set the budget, a warning under the default."""
+    memory, estimates = plan.memory, plan.estimates
+    assert memory is not None and estimates is not None
+    severity = "error" if memory.explicit else "warning"
+    how = "merge.max_memory" if memory.explicit else "the default memory budget"
+    if memory.max_memory < minimum_budget():
+        return [
+            Problem(
+                severity,
+                f"{how} {format_bytes(memory.max_memory)} is below what the merge process needs "
+                f"to run ({format_bytes(minimum_budget())}); raise it",
+            )
+        ]
+    if not memory.whole_over_budget:
+        return []
+    name, why = memory.whole_over_budget[0]
+    more = len(memory.whole_over_budget) - 1
+    others = f" (and {more} more)" if more else ""
+    peak = max(estimates.peak_ram_bytes, estimates.peak_vram_bytes or 0)
+    return [
+        Problem(
+            severity,
+            f"{how} {format_bytes(memory.max_memory)} cannot be kept: {name}{others} is merged "
+            f"whole because {why}, so the merge needs ≈ {format_bytes(peak)}; set max_memory "
+            f"to at least that ([merge] max_memory or --max-memory)",
+        )
+    ]
+
+
 def estimate(plan: MergePlan) -> Estimates:
     """Output size, free disk and peak memory for the chosen device.
 
-    Peak memory is the largest tensor's working set: float32 copies of every input (plus any
-    full-size work buffers a method declares) on the compute device, and the output tensor three
-    times on the host (being converted, queued and written), on top of the process baseline and the
-    fixed staging buffers. It is an upper bound: the bench measures 5-20% below it.
+    Peak memory is set by the largest piece merged at once (a whole tensor, or a block of rows of
+    one merged in blocks): float32 copies of every input (plus any full-size work buffers a method
+    declares) on the compute device, for it and for the next piece being read as far as the
+    budget allows, and the output piece three times on the host (being converted, queued and
+    written), on top of the process baseline and the fixed staging buffers
+    (:func:`mergetui.engine.blocks.peak_bytes`). The bench measures it as an upper bound.
     """
     on_cpu = plan.device == "cpu"
-    by_role = {s.role: s for s in plan.sources}
-    peak_host = 0
-    peak_device = 0
-    largest = ""
-    for tensor in plan.tensors:
-        numel = tensor.numel if tensor.merge else 0
-        float_set = numel * 4 * (len(tensor.reads) + plan.method.work_buffers)
-        if tensor.vocabulary is not None:  # the stored rows and the aligned ones, for a moment
-            float_set += 4 * sum(
-                math.prod(spec.shape)
-                for read in tensor.reads
-                if (spec := by_role[read.role].checkpoint.tensors.get(read.name)) is not None
-            )
-        host = 3 * tensor.bytes_out + (float_set if on_cpu else 0)
-        if host + float_set > peak_host + peak_device:
-            largest = tensor.name
-        peak_host = max(peak_host, host)
-        peak_device = max(peak_device, float_set)
+    memory = plan.memory
+    assert memory is not None
+    peak_host, peak_device = peak_bytes(memory, on_cpu)
     try:
         free = shutil.disk_usage(existing_ancestor(plan.recipe.output_dir)).free
     except OSError:
@@ -586,7 +624,7 @@ def estimate(plan: MergePlan) -> Estimates:
         output_bytes=sum(t.bytes_out for t in plan.tensors),
         input_bytes=plan.bytes_to_read,
         disk_free_bytes=free,
-        peak_ram_bytes=BASELINE_RSS + FIXED_WORKING_BYTES + peak_host,
-        peak_vram_bytes=None if on_cpu else peak_device + FIXED_WORKING_BYTES,
-        largest_tensor=largest,
+        peak_ram_bytes=peak_host,
+        peak_vram_bytes=peak_device,
+        largest_tensor=memory.largest_piece,
     )

@@ -62,8 +62,9 @@ def estimate_lines(report: dict[str, Any]) -> list[str]:
         f"reads: {format_bytes(est['input_bytes'])}",
         f"peak RAM ≈ {format_bytes(est['peak_ram_bytes'])}"
         + ("" if vram is None else f", peak VRAM ≈ {format_bytes(vram)}")
-        + f" merging on {report['device']} (peak memory follows the largest working set: "
+        + f" merging on {report['device']} (the largest working set: "
         f"{est['largest_tensor']})",
+        *([summary] if (summary := (report.get("memory") or {}).get("summary")) else []),
     ]
 
 
@@ -184,7 +185,27 @@ def plan_report(plan: MergePlan) -> dict[str, Any]:
         "estimates": estimates,
         "layers": [{"output": span, "from": origin} for span, origin in layer_spans(plan)],
         "vocabulary": vocabulary_report(plan),
+        "memory": memory_report(plan),
         "ok": not plan.errors,
+    }
+
+
+def memory_report(plan: MergePlan) -> dict[str, Any]:
+    """The memory budget and the tensors merged in blocks to keep it."""
+    memory = plan.memory
+    if memory is None:
+        return {}
+    largest = memory.largest_blocked
+    return {
+        "max_memory_bytes": memory.max_memory,
+        "explicit": memory.explicit,
+        "blocked": memory.blocked,
+        "largest_blocked": (
+            None
+            if largest is None
+            else {"tensor": largest[0], "rows": largest[1], "blocks": largest[2]}
+        ),
+        "summary": memory.summary(),
     }
 
 

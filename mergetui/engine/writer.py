@@ -79,6 +79,7 @@ class ShardedWriter:
         self.bytes_written = 0
         self._shard_index = -1
         self._position = 0
+        self._rows_done = 0  # of the tensor at _position, when it comes in blocks
         self._handle: BinaryIO | None = None
 
     @property
@@ -96,30 +97,45 @@ class ShardedWriter:
         self._handle.write(header)
         self.bytes_written += len(header)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Append the next tensor; it must be the next one planned, with the planned dtype and shape."""
+    def write(self, name: str, tensor: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        """Append the next tensor; it must be the next one planned, with the planned dtype and shape.
+
+        ``rows=(start, end)``: ``tensor`` is only those rows of it (a tensor merged in blocks);
+        blocks must come in order, and the tensor is complete with the one that ends at its last
+        row.
+        """
         while self._handle is None or self._position >= len(self.shards[self._shard_index]):
             if self._shard_index + 1 >= len(self.shards):
                 raise RuntimeError(f"writer: unexpected tensor {name!r} after the last planned one")
             self._next_shard()
         expected = self.shards[self._shard_index][self._position]
+        start, end = rows if rows is not None else (0, expected.shape[0] if expected.shape else 0)
+        shape = expected.shape if rows is None else (end - start, *expected.shape[1:])
         actual_dtype = str(tensor.dtype).removeprefix("torch.")
         if (
             expected.name != name
-            or tuple(tensor.shape) != expected.shape
+            or tuple(tensor.shape) != shape
             or actual_dtype != expected.dtype
+            or start != self._rows_done
         ):
+            got = f"{name} {list(tensor.shape)} {actual_dtype}"
+            if rows is not None:
+                got += f" rows [{start}, {end})"
             raise RuntimeError(
-                f"writer: expected {expected.name} {list(expected.shape)} {expected.dtype}, got "
-                f"{name} {list(tensor.shape)} {actual_dtype}"
+                f"writer: expected {expected.name} {list(shape)} {expected.dtype} from row "
+                f"{self._rows_done}, got {got}"
             )
-        if expected.nbytes:
+        if tensor.numel():
             import torch
 
             data = tensor.detach().contiguous().reshape(-1).view(torch.uint8)
             assert self._handle is not None
             self._handle.write(data.numpy().data)
-        self.bytes_written += expected.nbytes
+            self.bytes_written += data.numel()
+        if rows is not None and expected.shape and end < expected.shape[0]:
+            self._rows_done = end
+            return
+        self._rows_done = 0
         self._position += 1
 
     def close(self) -> list[Path]:

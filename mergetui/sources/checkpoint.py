@@ -197,16 +197,18 @@ class Checkpoint:
         return None
 
     # -- reading ---------------------------------------------------------------------------------
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into a new CPU tensor in its storage dtype."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor (or its rows ``[start, end)``) into a new CPU tensor in its storage
+        dtype."""
 
         spec = self.tensors[name]
         if self.format == "bin":
             state = self._bin_state.get(spec.file)
             if state is None:
                 state = self._bin_state[spec.file] = load_bin_state(spec.file)
-            return state[name].clone()
-        return read_spec(spec, self._fd(spec.file))
+            stored = state[name] if rows is None else state[name][rows[0] : rows[1]]
+            return stored.clone()
+        return read_spec(spec, self._fd(spec.file), rows)
 
     def _fd(self, path: Path) -> int:
         with self._lock:  # the loader and the merge thread read from separate threads
@@ -215,31 +217,39 @@ class Checkpoint:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             return fd
 
-    def read_into(self, name: str, out: torch.Tensor, staging: bytearray) -> int:
-        """Read tensor ``name`` into ``out`` (any dtype and device, same element count), converting
-        through ``staging`` one slice at a time; returns the bytes read.
+    def read_into(self, name: str, out: torch.Tensor, staging: bytearray, start: int = 0) -> int:
+        """Read tensor ``name`` into ``out`` (any dtype and device), converting through
+        ``staging`` one slice at a time; returns the bytes read.
 
-        Only ``len(staging)`` bytes of the stored dtype are ever held, so no full-size copy of the
-        tensor in its storage dtype exists next to the converted one.
+        ``out`` receives ``out.numel()`` elements from element ``start`` of the stored tensor (in
+        row-major order: a block of rows is one such range). Only ``len(staging)`` bytes of the
+        stored dtype are ever held, so no full-size copy of the tensor in its storage dtype exists
+        next to the converted one.
         """
         import torch
 
         spec = self.tensors[name]
         flat = out.view(-1)
-        if self.format == "bin" or spec.nbytes == 0:
-            flat.copy_(self.read(name).reshape(-1))
-            return spec.nbytes
-        dtype = getattr(torch, spec.dtype)
+        wanted = flat.numel()
+        if start < 0 or start + wanted > spec.numel:
+            raise ValueError(
+                f"{name}: elements [{start}, {start + wanted}) are outside its {spec.numel}"
+            )
         itemsize = spec.nbytes // max(spec.numel, 1)
+        if self.format == "bin" or spec.nbytes == 0:
+            flat.copy_(self.read(name).reshape(-1)[start : start + wanted])
+            return wanted * itemsize
+        dtype = getattr(torch, spec.dtype)
         per_slice = max(1, len(staging) // itemsize)
         fd = self._fd(spec.file)
         view = memoryview(staging)
-        for start in range(0, spec.numel, per_slice):
-            count = min(per_slice, spec.numel - start)
+        for done in range(0, wanted, per_slice):
+            count = min(per_slice, wanted - done)
             nbytes = count * itemsize
-            _pread_exactly(fd, view[:nbytes], spec.offset + start * itemsize, spec.file, name)
-            flat[start : start + count].copy_(torch.frombuffer(view[:nbytes], dtype=dtype))
-        return spec.nbytes
+            offset = spec.offset + (start + done) * itemsize
+            _pread_exactly(fd, view[:nbytes], offset, spec.file, name)
+            flat[done : done + count].copy_(torch.frombuffer(view[:nbytes], dtype=dtype))
+        return wanted * itemsize
 
     def will_need(self, name: str) -> None:
         """Ask the OS to start reading a tensor's bytes into the page cache in the background
@@ -263,16 +273,21 @@ class Checkpoint:
         self.close()
 
 
-def read_spec(spec: TensorSpec, fd: int) -> torch.Tensor:
-    """Read the safetensors tensor ``spec`` from the open file ``fd`` into a new CPU tensor."""
+def read_spec(spec: TensorSpec, fd: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """Read the safetensors tensor ``spec`` (or its rows ``[start, end)``) from the open file
+    ``fd`` into a new CPU tensor."""
     import torch
 
     dtype = getattr(torch, spec.dtype)
-    if spec.nbytes == 0:
-        return torch.empty(spec.shape, dtype=dtype)
-    view = memoryview(bytearray(spec.nbytes))
-    _pread_exactly(fd, view, spec.offset, spec.file, spec.name)
-    return torch.frombuffer(view, dtype=dtype).reshape(spec.shape)
+    shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+    row_bytes = spec.nbytes // spec.shape[0] if spec.shape and spec.shape[0] else 0
+    nbytes = spec.nbytes if rows is None else row_bytes * shape[0]
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    view = memoryview(bytearray(nbytes))
+    offset = spec.offset + (0 if rows is None else rows[0] * row_bytes)
+    _pread_exactly(fd, view, offset, spec.file, spec.name)
+    return torch.frombuffer(view, dtype=dtype).reshape(shape)
 
 
 def _pread_exactly(fd: int, view: memoryview, offset: int, path: Path, name: str) -> None:

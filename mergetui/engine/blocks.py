@@ -1,0 +1,200 @@
+"""Fit a merge into a memory budget: which tensors are merged in blocks of rows, how many rows.
+
+A tensor's working set is a float32 copy of each of its inputs (on the compute device) and its
+output three times in the output dtype (being converted, queued and written). Whole, that follows
+the largest tensor — for a 256K vocabulary and four sources, the embedding alone is 10 GiB. So a
+tensor whose working set does not fit the budget twice over (the loader reads the next piece while
+the current one merges) is read, merged and written in blocks of consecutive rows, each sized so
+that two fit. Methods whose math needs a whole-tensor statistic read the tensor more than once
+(the registry's ``blocks.passes``); the result has the same bits as whole (:mod:`mergetui.methods
+.blocked`).
+
+Some tensors are always merged whole: a method with statistics but no block kernel, rows that
+are realigned to another vocabulary first, a LoRA folded into the tensor, a method working on rows
+of a tensor that has more than two dimensions. When one of them does not fit, the plan says which
+and why, and what budget would do: an error when the user set ``max_memory``, a warning when the
+default was in force.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mergetui.engine.layout import PlannedTensor
+from mergetui.methods.registry import MethodSpec
+from mergetui.units import format_bytes
+
+#: The budget when neither ``--max-memory`` nor ``[merge] max_memory`` says otherwise.
+DEFAULT_MAX_MEMORY = 1 << 30
+#: Resident memory of the merge process once torch and the engine are imported.
+BASELINE_RSS = 240 * 1024**2
+#: Staging buffers, the writer, the kernels' chunk-sized temporaries.
+FIXED_WORKING_BYTES = 48 * 1024**2
+#: The least room for buffers a budget must leave: less and every tensor would crawl.
+MIN_WORKING_BYTES = 32 * 1024**2
+#: Copies of an output piece on the host: being converted, queued for the writer, being written.
+OUTPUT_COPIES = 3
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The budget and what it implies; ``explicit`` when the user set it."""
+
+    max_memory: int
+    explicit: bool
+    #: bytes the float32 input buffers may hold at once (the loader's read-ahead stops there)
+    pool_bytes: int
+    #: tensors merged in blocks, and the one with the most blocks (name, rows per block, blocks)
+    blocked: int
+    largest_blocked: tuple[str, int, int] | None
+    #: per tensor merged whole although it does not fit: (name, why)
+    whole_over_budget: tuple[tuple[str, str], ...]
+    #: the largest float32 working set and output piece of one step
+    largest_float_bytes: int
+    largest_output_bytes: int
+    #: the tensor whose piece (whole, or one block) has the largest working set
+    largest_piece: str
+
+    def summary(self) -> str:
+        """One line for `check`: the budget, and the block size it implies."""
+        origin = "set" if self.explicit else "default; --max-memory or [merge] max_memory"
+        text = f"memory budget {format_bytes(self.max_memory)} ({origin})"
+        if self.largest_blocked is None:
+            return text + ": every tensor is merged whole"
+        name, rows, blocks = self.largest_blocked
+        return (
+            f"{text}: {self.blocked} tensor{'s' if self.blocked != 1 else ''} merged in blocks of "
+            f"rows (largest: {name}, {blocks} blocks of {rows} rows)"
+        )
+
+
+def working_bytes(max_memory: int) -> int:
+    """What a budget leaves for buffers once the process itself is counted."""
+    return max_memory - BASELINE_RSS - FIXED_WORKING_BYTES
+
+
+def minimum_budget() -> int:
+    return BASELINE_RSS + FIXED_WORKING_BYTES + MIN_WORKING_BYTES
+
+
+def why_whole(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> str | None:
+    """Why ``tensor`` cannot be merged in blocks of rows, or None when it can."""
+    if len(tensor.shape) < 2:
+        return "it has one dimension"
+    if not tensor.merge:  # copied as stored, block by block
+        return None
+    if tensor.vocabulary is not None:
+        return "its rows are realigned to the output vocabulary first"
+    if has_lora:
+        return "a LoRA adapter is folded into it"
+    if tensor.copy:
+        return None
+    if not method.mergeable_in_blocks:
+        return f"{method.name} needs {', '.join(method.blocks.statistics)} over the whole tensor"
+    if method.blocks.unit == "rows" and len(tensor.shape) != 2:
+        return f"{method.name} works on rows and the tensor has {len(tensor.shape)} dimensions"
+    return None
+
+
+def passes_for(tensor: PlannedTensor, method: MethodSpec) -> int:
+    """Reading passes over a blocked tensor: one to copy or for independent blocks, else the
+    method's."""
+    if not tensor.merge or tensor.copy or method.blocks.independent:
+        return 1
+    return method.blocks.passes
+
+
+def rows_for(tensor: PlannedTensor, method: MethodSpec, out_size: int, working: int) -> int | None:
+    """Rows per block so that two blocks' buffers and outputs fit ``working``; None when the
+    whole tensor fits that way (or the block would be no smaller)."""
+    rows = tensor.shape[0]
+    width = tensor.numel // rows if rows else 0
+    if width == 0:
+        return None
+    held = 4 * len(tensor.reads) if tensor.merge else tensor.bytes_in // tensor.numel
+    per_row = width * (held * 2 + out_size * OUTPUT_COPIES)
+    fitting = working // per_row
+    if fitting >= rows:
+        return None
+    align = method.blocks.align_elements if tensor.merge and not tensor.copy else 1
+    step = align // math.gcd(align, width) if align > 1 else 1
+    chosen = max(step, fitting // step * step)
+    return chosen if chosen < rows else None
+
+
+def plan_memory(
+    tensors: list[PlannedTensor],
+    method: MethodSpec,
+    out_size: int,
+    max_memory: int | None,
+    lora_roles: set[str],
+    extra_float_bytes: Callable[[PlannedTensor], int] = lambda tensor: 0,
+    working: int | None = None,
+) -> MemoryPlan:
+    """Choose rows per block for every tensor (setting ``block_rows`` and ``passes`` on it) and
+    sum up what the budget implies. ``extra_float_bytes``: float32 bytes a tensor holds beyond its
+    inputs while merged whole (the stored rows of a vocabulary realignment). ``working``: the
+    bytes left for buffers, when not derived from the budget (tests make tiny models' tensors
+    go in blocks with it)."""
+    budget = max_memory or DEFAULT_MAX_MEMORY
+    if working is None:
+        working = max(working_bytes(budget), MIN_WORKING_BYTES)
+    blocked = 0
+    largest_blocked: tuple[str, int, int] | None = None
+    over: list[tuple[str, str]] = []
+    largest_float = 0
+    largest_output = 0
+    largest_piece, largest_set = "", -1
+    for tensor in tensors:
+        tensor.block_rows = None
+        tensor.passes = 1
+        float_bytes = tensor.bytes_in  # a copied tensor's stored bytes
+        if tensor.merge:
+            float_bytes = tensor.numel * 4 * (len(tensor.reads) + method.work_buffers)
+            float_bytes += extra_float_bytes(tensor)
+        output_bytes = tensor.bytes_out
+        if 2 * float_bytes + OUTPUT_COPIES * output_bytes > working:
+            has_lora = any(read.role in lora_roles for read in tensor.reads)
+            reason = why_whole(tensor, method, has_lora)
+            rows = None if reason else rows_for(tensor, method, out_size, working)
+            if rows is not None:
+                tensor.block_rows = rows
+                tensor.passes = passes_for(tensor, method)
+                blocks = -(-tensor.shape[0] // rows)
+                blocked += 1
+                if largest_blocked is None or blocks > largest_blocked[2]:
+                    largest_blocked = (tensor.name, rows, blocks)
+                fraction = rows / tensor.shape[0]
+                float_bytes = math.ceil(float_bytes * fraction)
+                output_bytes = math.ceil(output_bytes * fraction)
+            elif reason and float_bytes + OUTPUT_COPIES * output_bytes > working:
+                over.append((tensor.name, reason))
+        largest_float = max(largest_float, float_bytes)
+        largest_output = max(largest_output, output_bytes)
+        if float_bytes + OUTPUT_COPIES * output_bytes > largest_set:
+            largest_piece, largest_set = tensor.name, float_bytes + OUTPUT_COPIES * output_bytes
+    pool = max(largest_float, working - OUTPUT_COPIES * largest_output)
+    return MemoryPlan(
+        max_memory=budget,
+        explicit=max_memory is not None,
+        pool_bytes=pool,
+        blocked=blocked,
+        largest_blocked=largest_blocked,
+        whole_over_budget=tuple(over),
+        largest_float_bytes=largest_float,
+        largest_output_bytes=largest_output,
+        largest_piece=largest_piece,
+    )
+
+
+def peak_bytes(memory: MemoryPlan, on_cpu: bool) -> tuple[int, int | None]:
+    """Estimated peak resident memory and, off the CPU, peak device memory: the buffers of the
+    piece being merged and of the next one being read (as far as the pool allows), the output
+    copies, the process baseline and the fixed buffers."""
+    buffers = min(memory.pool_bytes, 2 * memory.largest_float_bytes)
+    buffers = max(buffers, memory.largest_float_bytes)
+    outputs = OUTPUT_COPIES * memory.largest_output_bytes
+    host = BASELINE_RSS + FIXED_WORKING_BYTES + outputs + (buffers if on_cpu else 0)
+    return host, None if on_cpu else buffers + FIXED_WORKING_BYTES

@@ -1,0 +1,216 @@
+"""Tensors merged in blocks of rows to keep a memory budget give the same bits as whole.
+
+Real tiny models, really merged: once whole, once with the plan's budget squeezed so that every
+large-enough tensor goes through the engine in blocks (several blocks, several passes for the
+methods with statistics), and the output files compared tensor by tensor, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import method_recipe, save_finetune, save_llama
+from safetensors.torch import load_file
+
+from mergetui.engine.blocks import DEFAULT_MAX_MEMORY, plan_memory
+from mergetui.engine.executor import run_merge
+from mergetui.engine.layout import out_element_size
+from mergetui.engine.plan import MergePlan, build_plan
+from mergetui.methods.registry import KERNEL_CHUNK_ELEMENTS, METHODS
+from mergetui.recipe.toml_io import parse_recipe, recipe_to_toml
+
+EXE = [sys.executable, "-m", "mergetui"]
+BLOCKABLE = sorted(name for name, spec in METHODS.items() if spec.mergeable_in_blocks)
+
+
+@pytest.fixture(scope="session")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base and two fine-tunes whose embedding and lm_head hold 4M entries (16384 × 256): more
+    than DARE's whole-chunk alignment needs for several blocks, and big enough that a small
+    explicit budget must block them."""
+    root = tmp_path_factory.mktemp("wide")
+    shape = dict(vocab_size=16384, hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    base = save_llama(root / "base", seed=10, **shape)
+    return {
+        "base": base,
+        "ft_a": save_finetune(base, root / "ft_a", seed=11, scale=0.02),
+        "ft_c": save_finetune(base, root / "ft_c", seed=12, scale=0.02),
+    }
+
+
+def _tensors(directory: Path) -> dict[str, torch.Tensor]:
+    found: dict[str, torch.Tensor] = {}
+    for file in sorted(directory.glob("*.safetensors")):
+        found.update(load_file(file))
+    return found
+
+
+def _assert_same_bits(whole: Path, blocked: Path) -> None:
+    expected, actual = _tensors(whole), _tensors(blocked)
+    assert expected.keys() == actual.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(tensor.view(torch.uint8), actual[name].view(torch.uint8)), name
+
+
+def _squeeze(plan: MergePlan, working: int) -> None:
+    """Re-plan the budget as if only ``working`` bytes were left for buffers."""
+    plan.memory = plan_memory(
+        plan.tensors,
+        plan.method,
+        out_element_size(plan.out_dtype),
+        None,
+        set(),
+        working=working,
+    )
+
+
+def _merge(text: str, folder: Path, working: int | None = None) -> tuple[Path, MergePlan]:
+    recipe = parse_recipe(text, base_dir=folder)
+    plan = build_plan(recipe)
+    if working is not None:
+        _squeeze(plan, working)
+    return run_merge(plan).output_dir, plan
+
+
+@pytest.mark.parametrize("method", BLOCKABLE)
+def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
+    method: str, wide: dict[str, Path], tmp_path: Path
+) -> None:
+    """A budget of 6 MiB for buffers puts the embedding and lm_head (4M entries) in blocks: of
+    whole 1M-entry chunks for DARE, of a few hundred rows otherwise."""
+    models = [wide["ft_a"], wide["ft_c"]]
+    whole_text = method_recipe(method, wide["base"], models, tmp_path / "whole", dtype="bfloat16")
+    whole, _ = _merge(whole_text, tmp_path)
+    blocked_text = whole_text.replace(str(tmp_path / "whole"), str(tmp_path / "blocked"))
+    blocked, plan = _merge(blocked_text, tmp_path, working=6 << 20)
+    assert plan.memory is not None and plan.memory.blocked >= 2
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    assert embed.block_rows is not None and embed.shape[0] // embed.block_rows >= 2
+    spec = METHODS[method]
+    assert embed.passes == (1 if spec.blocks.independent else spec.blocks.passes)
+    if spec.blocks.align_elements > 1:
+        assert embed.block_rows * 256 % KERNEL_CHUNK_ELEMENTS == 0
+    _assert_same_bits(whole, blocked)
+
+
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_ties_in_blocks_of_odd_sizes_matches_whole_on_both_kernel_paths(
+    native: str, wide: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TIES carries its tie quota from block to block; blocks of 7 rows cut the tensor anywhere,
+    with the C loops and with the op-by-op torch path."""
+    monkeypatch.setenv("MERGETUI_NATIVE", native)
+    text = method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "whole")
+    whole, _ = _merge(text, tmp_path)
+    recipe = parse_recipe(text.replace("whole", "blocked"), base_dir=tmp_path)
+    plan = build_plan(recipe)
+    _squeeze(plan, 6 << 20)
+    for tensor in plan.tensors:
+        if tensor.block_rows is not None:
+            tensor.block_rows = 7
+    blocked = run_merge(plan).output_dir
+    _assert_same_bits(whole, blocked)
+
+
+def test_progress_counts_each_tensor_once_and_reads_every_pass(
+    wide: dict[str, Path], tmp_path: Path
+) -> None:
+    text = method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "out")
+    recipe = parse_recipe(text, base_dir=tmp_path)
+    plan = build_plan(recipe)
+    _squeeze(plan, 6 << 20)
+    events: list[object] = []
+    result = run_merge(plan, on_event=events.append)
+    done = [e.tensors_done for e in events if type(e).__name__ == "TensorEvent"]  # type: ignore[attr-defined]
+    assert done == sorted(done) and done[-1] == len(plan.tensors)
+    assert result.bytes_read == plan.bytes_to_read
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    assert plan.bytes_to_read > sum(t.bytes_in for t in plan.tensors) + embed.bytes_in
+
+
+def test_the_budget_is_a_recipe_key_written_back_as_written(tmp_path: Path) -> None:
+    text = (
+        '[merge]\nmethod = "linear"\nmax_memory = "3GiB"\n[[models]]\nmodel = "a"\nweight = 1.0\n'
+        '[output]\npath = "out"\n'
+    )
+    recipe = parse_recipe(text, base_dir=tmp_path)
+    assert recipe.max_memory == 3 << 30
+    assert 'max_memory = "3GiB"' in recipe_to_toml(recipe)
+    assert (
+        parse_recipe(text.replace('max_memory = "3GiB"\n', ""), base_dir=tmp_path).max_memory
+        is None
+    )
+
+
+def test_a_budget_that_is_not_a_size_is_refused_with_an_example(tmp_path: Path) -> None:
+    from mergetui.errors import RecipeError
+
+    text = (
+        '[merge]\nmethod = "linear"\nmax_memory = "lots"\n[[models]]\nmodel = "a"\n'
+        'weight = 1.0\n[output]\npath = "out"\n'
+    )
+    with pytest.raises(RecipeError, match=r"merge\.max_memory: cannot read size 'lots'.*4GiB"):
+        parse_recipe(text, base_dir=tmp_path)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=600)
+
+
+def test_check_shows_the_budget_and_the_blocks_it_implies(
+    wide: dict[str, Path], write_recipe: Callable[..., Path], tmp_path: Path
+) -> None:
+    recipe = write_recipe(
+        method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "out")
+    )
+    default = _cli("check", str(recipe))
+    assert default.returncode == 0, default.stdout + default.stderr
+    assert (
+        "memory budget 1.0 GiB (default; --max-memory or [merge] max_memory): every tensor is "
+        "merged whole" in default.stdout
+    )
+    small = _cli("check", str(recipe), "--max-memory", "330MiB")
+    assert small.returncode == 0, small.stdout + small.stderr
+    assert re.search(
+        r"memory budget 330\.0 MiB \(set\): 2 tensors merged in blocks of rows \(largest: "
+        r"(lm_head|model\.embed_tokens)\.weight, 4 blocks of 4778 rows\)",
+        small.stdout,
+    ), small.stdout
+    report = json.loads(_cli("check", str(recipe), "--max-memory", "330MiB", "--json").stdout)
+    assert report["memory"]["blocked"] == 2
+    assert report["estimates"]["peak_ram_bytes"] <= 330 << 20
+
+
+def test_a_budget_the_method_cannot_keep_is_an_error_naming_tensor_and_reason(
+    wide: dict[str, Path], write_recipe: Callable[..., Path], tmp_path: Path
+) -> None:
+    """SLERP needs both tensors' norms over the whole tensor, so its embedding is merged whole:
+    with an explicit budget too small for it, check says so before any weight is read."""
+    recipe = write_recipe(method_recipe("slerp", wide["base"], [wide["ft_a"]], tmp_path / "out"))
+    done = _cli("check", str(recipe), "--max-memory", "330MiB")
+    assert done.returncode != 0
+    text = " ".join((done.stdout + done.stderr).split())
+    assert "merge.max_memory 330.0 MiB cannot be kept" in text
+    assert "is merged whole because slerp needs both tensors' norms" in text
+    too_small = _cli("check", str(recipe), "--max-memory", "100MiB")
+    assert "is below what the merge process needs to run" in too_small.stdout + too_small.stderr
+
+
+def test_run_with_a_small_budget_writes_the_same_model_as_with_a_large_one(
+    wide: dict[str, Path], write_recipe: Callable[..., Path], tmp_path: Path
+) -> None:
+    text = method_recipe("dare_ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "x")
+    recipe = write_recipe(text)
+    large = _cli("run", str(recipe), "--max-memory", "8GiB", "-o", str(tmp_path / "large"))
+    assert large.returncode == 0, large.stderr
+    small = _cli("run", str(recipe), "--max-memory", "330MiB", "-o", str(tmp_path / "small"))
+    assert small.returncode == 0, small.stderr
+    _assert_same_bits(tmp_path / "large", tmp_path / "small")
+    assert DEFAULT_MAX_MEMORY == 1 << 30
