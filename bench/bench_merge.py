@@ -119,11 +119,18 @@ class Shape:
         }
 
 
-# "tiny" exists for smoke tests of the plumbing; the other two are the sizes the brief names.
+# "tiny" exists for smoke tests of the plumbing; "60M" and "500M" are the sizes the brief names;
+# "256k-vocab" is a few layers under a 256K vocabulary (embedding and lm_head 256000 x 2048, 1 GiB
+# each in bf16: what dominates Gemma-class merges), "3B" has the shapes of a real 3B model
+# (Llama-3.2-3B's, untied lm_head: about 6.4 GB per model in bf16).
 SIZES: dict[str, Shape] = {
     "tiny": Shape(hidden=256, intermediate=688, layers=4, heads=4, kv_heads=4, vocab=8000),
     "60M": Shape(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8, vocab=32000),
     "500M": Shape(hidden=1024, intermediate=2816, layers=36, heads=16, kv_heads=16, vocab=32000),
+    "256k-vocab": Shape(
+        hidden=2048, intermediate=5632, layers=2, heads=16, kv_heads=8, vocab=256000
+    ),
+    "3B": Shape(hidden=3072, intermediate=8192, layers=28, heads=24, kv_heads=8, vocab=128256),
 }
 
 # --- checkpoint generation ------------------------------------------------------------------------

@@ -12,9 +12,14 @@ def test_released_buffers_are_reused_smallest_fit_first() -> None:
     pool = BufferPool(budget_bytes=1 << 20)
     small, large = pool.take((4, 8)), pool.take((64,))
     pool.release([small, large], 0)
-    again = pool.take((2, 10))
+    assert pool.reserve((28 + 52) * 4, threading.Event())
+    again = pool.take((4, 7))
     assert again.data_ptr() == small.data_ptr()
-    assert pool.take((40,)).data_ptr() == large.data_ptr()
+    assert pool.take((52,)).data_ptr() == large.data_ptr()
+    assert pool._lent_bytes == (28 + 52 + 4 + 12) * 4  # the unused ends count as lent
+    pool.release([again], 28 * 4)
+    assert pool._lent_bytes == (52 + 12) * 4
+    assert pool.take((20,)).data_ptr() != small.data_ptr()  # would waste more than a fifth
     assert pool.take((8,)).data_ptr() not in {small.data_ptr(), large.data_ptr()}  # too small
 
 
@@ -26,7 +31,7 @@ def test_the_pool_drops_free_buffers_rather_than_grow_past_its_budget() -> None:
     assert second.data_ptr() != first.data_ptr()
     assert pool._held_bytes == 700 * 4
     pool.release([second], 0)
-    assert pool.take((400,)).data_ptr() == second.data_ptr()
+    assert pool.take((600,)).data_ptr() == second.data_ptr()
 
 
 def test_release_drops_free_buffers_beyond_the_budget() -> None:

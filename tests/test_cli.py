@@ -147,7 +147,14 @@ def test_check_table_and_dry_run_read_no_weights(
     recipe = write_recipe(ties_recipe(models, tmp_path / "merged", second=str(hollow)))
     check = run_cli("check", str(recipe))
     assert check.returncode == 0, check.stderr
-    for text in ("LlamaForCausalLM", "llama", "bfloat16", "compatible", "peak memory"):
+    for text in (
+        "LlamaForCausalLM",
+        "llama",
+        "bfloat16",
+        "compatible",
+        "peak RAM",
+        "memory budget",
+    ):
         assert text in check.stdout
     dry = run_cli("run", str(recipe), "--dry-run", "--json")
     assert dry.returncode == 0, dry.stderr

@@ -41,9 +41,10 @@ class BufferPool:
 
     def take(self, shape: Sequence[int], device: Any = "cpu") -> torch.Tensor:
         """A float32 tensor of ``shape``: the smallest free buffer that fits without wasting more
-        than half of it, else a new one (after dropping free buffers that would keep the pool above
-        its budget, largest first). A small tensor never settles in a large buffer, so the memory
-        the pool holds stays close to what it lends."""
+        than a fifth of it, else a new one (after dropping free buffers that would keep the pool
+        above its budget, largest first). A small tensor never settles in a large buffer, and the
+        part of a reused buffer it does not use counts as lent (the reservation was for its own
+        size), so what the pool holds stays within what it lends and its budget."""
         import torch
 
         numel = math.prod(shape)
@@ -52,10 +53,11 @@ class BufferPool:
             fits = [
                 i
                 for i, b in enumerate(self._free)
-                if numel <= b.numel() <= 2 * numel and b.device == wanted
+                if numel <= b.numel() <= numel * 5 // 4 and b.device == wanted
             ]
             if fits:  # by index: tensors do not compare with ==
                 buffer = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+                self._lent_bytes += (buffer.numel() - numel) * 4
                 return buffer[:numel].view(shape)
             self._free.sort(key=lambda b: b.numel())
             while self._free and self._held_bytes + numel * 4 > self.budget_bytes:
@@ -68,12 +70,14 @@ class BufferPool:
         import torch
 
         with self._changed:
+            unused = 0  # of reused buffers, counted as lent by take()
             for buffer in buffers:
                 storage = buffer.untyped_storage()
                 whole = torch.empty(0, dtype=torch.float32, device=buffer.device)
                 whole.set_(storage, 0, (storage.nbytes() // 4,), (1,))
                 self._free.append(whole)
-            self._lent_bytes = max(0, self._lent_bytes - nbytes)
+                unused += storage.nbytes() - buffer.numel() * 4
+            self._lent_bytes = max(0, self._lent_bytes - nbytes - unused)
             self._free.sort(key=lambda b: b.numel())
             while self._free and self._held_bytes > self.budget_bytes:
                 self._held_bytes -= self._free.pop().numel() * 4

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergetui.engine.buffers import BufferPool
+from mergetui.engine.heap import give_back_freed, keep_heap_small
 from mergetui.engine.layout import TensorInput
 from mergetui.engine.outputs import write_support_files
 from mergetui.engine.plan import MergePlan, PlannedTensor, existing_ancestor
@@ -143,6 +144,7 @@ def run_merge(
     partial = out.parent / f".{out.name}.mergetui-partial-{os.getpid()}"
     emit = on_event or (lambda event: None)
     stop = cancel or threading.Event()
+    keep_heap_small()
     run = _Run(plan, partial, emit, stop)
     if partial.exists():
         shutil.rmtree(partial)
@@ -385,6 +387,9 @@ class _Run:
             daemon=True,
         )
         self.emit(plan_event(plan))
+        if plan.vocabulary is not None:
+            plan.vocabulary.release_tables()
+        give_back_freed()
         pause_point("plan", stop)
         started: list[threading.Thread] = []
         finished = False

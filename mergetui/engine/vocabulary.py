@@ -152,6 +152,8 @@ class VocabularyPlan:
     embedding_name: str | None = None
     problems: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: the output's token count, kept when the tables were released (:meth:`release_tables`)
+    released_size: int | None = None
 
     @property
     def builds_tokenizer(self) -> bool:
@@ -168,7 +170,30 @@ class VocabularyPlan:
     @property
     def size(self) -> int:
         """How many tokens the output vocabulary has (ids without a token not counted)."""
+        if self.released_size is not None:
+            return self.released_size
         return sum(1 for token in self.tokens if token is not None)
+
+    @property
+    def tables_needed(self) -> bool:
+        """Whether the merge itself still needs the per-token tables: rows to realign, or a
+        tokenizer to build."""
+        return not self.identity or self.builds_tokenizer
+
+    def release_tables(self) -> None:
+        """Drop the per-token tables once the plan is reported, when the merge needs none of them:
+        four models of a 256K vocabulary hold about 250 MiB in them, a quarter of the default
+        memory budget. What the model card and a late report read (size, settings) stays."""
+        if self.tables_needed:
+            return
+        self.released_size = self.size
+        self.tokens = []
+        self.maps = {}
+        for model in self.models.values():
+            model._usable = None
+            model._by_id = None
+            if model.vocabulary is not None:
+                model.vocabulary.ids = {}
 
 
 def _model_vocabularies(sources: list[Source]) -> dict[str, ModelVocabulary]:
