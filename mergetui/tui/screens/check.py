@@ -161,7 +161,7 @@ merge.
         verdict = "[b green]compatible[/]" if report["ok"] else "[b red]not compatible[/]"
         self.query_one("#check-status", Static).update(verdict)
         self.query_one("#check-problems", Static).update("\n".join(lines) or "no problems found")
-        self.query_one("#check-estimates", Static).update("\n".join(estimate_lines(report)))
+        self.query_one("#check-estimates", Static).update(Text("\n".join(estimate_lines(report))))
         layers = self.query_one("#check-layers", Static)
         lines = layer_lines(report)
         layers.display = bool(lines)
