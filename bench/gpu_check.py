@@ -7,7 +7,9 @@ GPU runs (through ``bench/gpu_check.sh``), and what anyone can run on their own 
 1. the test suite's CUDA-marked tests (``tests/test_cuda.py``);
 2. the bench models (``bench_merge.py``'s generator) merged with every method on DEVICE and on the
    CPU, float32 output: the randomised methods bit-identical, the others within 1e-5 relative;
-3. each merge's peak VRAM (its ``done`` event) against the plan's estimate;
+3. each merge's peak VRAM (its ``done`` event) against the plan's estimate; linear, ties and
+   dare_ties again under a budget that puts the embedding and lm_head in blocks of rows: the
+   same bits as whole on DEVICE, and peak VRAM within the budget;
 4. the real ``nvidia-smi`` output the run screen parses, saved, and parsed by ``mergetui.gpus``;
 5. the TUI's run step, headless (Pilot), on a DEVICE merge: the VRAM meter names the merge's GPU;
 6. the ties and linear merges timed against the I/O floor (warm page cache).
@@ -40,6 +42,7 @@ from bench_merge import SIZES, MergeJob, ensure_models, measure_floor  # noqa: E
 from conftest import method_recipe  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from mergetui.engine.blocks import MIN_WORKING_BYTES, minimum_budget  # noqa: E402
 from mergetui.engine.executor import run_merge  # noqa: E402
 from mergetui.engine.plan import build_plan  # noqa: E402
 from mergetui.events import Event, ProgressEvent  # noqa: E402
@@ -147,6 +150,46 @@ def methods_on_device(device: str, models: Any, workdir: Path) -> dict[str, dict
     return timings
 
 
+#: The methods checked in blocks: one of each kind of block kernel.
+BLOCKED_METHODS = ("linear", "ties", "dare_ties")
+
+
+def blocked_on_device(device: str, models: Any, workdir: Path) -> None:
+    """A budget small enough to put the embedding and lm_head in blocks of rows: the merge on
+    DEVICE must give the bits of the same merge done whole on DEVICE, and its peak VRAM must stay
+    within the budget."""
+    for method in BLOCKED_METHODS:
+        whole_text = method_recipe(
+            method, models.base, models.finetunes, workdir / f"{method}-whole", device=device
+        )
+        whole, _ = merge(whole_text, workdir)
+        plan = build_plan(parse_recipe(whole_text, base_dir=workdir))
+        embed = next(t for t in plan.tensors if t.merge and len(t.shape) == 2 and t.shape[0] > 1000)
+        working = embed.numel * 4 * len(embed.reads) // 3  # a third of the embedding's inputs
+        budget = minimum_budget() - MIN_WORKING_BYTES + working
+        blocked_text = whole_text.replace(
+            f'device = "{device}"', f'device = "{device}"\nmax_memory = {budget}'
+        ).replace(f"{method}-whole", f"{method}-blocked")
+        got, figures = merge(blocked_text, workdir)
+        same = got.keys() == whole.keys() and all(torch.equal(got[n], whole[n]) for n in whole)
+        report(
+            f"{method} in blocks on {device}",
+            "PASS" if same else "FAIL",
+            "bit-identical to whole" if same else "DIFFERS from whole",
+            budget_bytes=budget,
+            **figures,
+        )
+        if device.startswith("cuda"):
+            peak = figures["gpu_peak_bytes"] or 0
+            report(
+                f"{method} in blocks: peak VRAM",
+                "PASS" if peak <= budget else "FAIL",
+                f"measured {format_bytes(peak)}, budget {format_bytes(budget)}",
+            )
+        for folder in (f"{method}-whole", f"{method}-blocked"):
+            shutil.rmtree(workdir / folder, ignore_errors=True)
+
+
 def nvidia_smi(out: Path) -> None:
     program = shutil.which("nvidia-smi")
     sample = "0, NVIDIA H200, 1024, 143771, 3\n"
@@ -244,6 +287,7 @@ def main() -> int:
         workdir = args.workdir / f"gpu-check-{args.size}"
         models = ensure_models(workdir / "models", SIZES[args.size], 3, 0, 0.01, 2)
         timings = methods_on_device(args.device, models, workdir)
+        blocked_on_device(args.device, models, workdir)
         nvidia_smi(args.out)
         run_step(args.device, models, workdir)
         io_floor(models, timings, workdir)

@@ -77,3 +77,36 @@ def test_cuda_progress_names_the_merge_gpu_and_stays_under_the_estimate(
     assert last.gpus and last.gpus[0].total_bytes > last.gpus[0].used_bytes > 0
     assert last.gpu_peak_bytes is not None and last.gpu_peak_bytes > 0
     assert estimate is not None and last.gpu_peak_bytes <= estimate, (last, estimate)
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic", "passthrough"])
+def test_blocks_on_cuda_give_the_whole_tensor_bits(
+    tmp_path: Path, models: dict[str, Path], method: str
+) -> None:
+    """The blocked engine on the device: the embedding and lm_head (64 x 32) go in blocks of a
+    few rows, with the same bits as the same merge done whole on the device. (DARE needs blocks
+    of whole 1M-entry chunks, more than these models have: ``bench/gpu_check.py`` checks it on
+    the bench models.)"""
+    from mergetui.engine.blocks import plan_memory
+    from mergetui.engine.layout import out_element_size
+
+    whole, _, _ = _merge(tmp_path, models, method, DEVICE, "whole")
+    text = method_recipe(
+        method,
+        models["base"],
+        [models["ft_a"], models["ft_b"], models["ft_c"]],
+        tmp_path / "blocked",
+        device=DEVICE,
+    )
+    plan = build_plan(parse_recipe(text, base_dir=tmp_path))
+    plan.memory = plan_memory(
+        plan.tensors, plan.method, out_element_size(plan.out_dtype), None, set(), working=16 << 10
+    )
+    assert any(t.block_rows for t in plan.tensors)
+    result = run_merge(plan)
+    blocked = {}
+    for file in sorted(result.output_dir.glob("*.safetensors")):
+        blocked.update(load_file(file))
+    assert blocked.keys() == whole.keys()
+    for name, expected in whole.items():
+        assert torch.equal(blocked[name], expected), name
