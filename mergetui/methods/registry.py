@@ -361,7 +361,13 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             min_models=1,
             max_models=1,
-            blocks=Blocks("elements", ("both tensors' norms and their dot product",)),
+            blocks=Blocks(
+                "elements",
+                ("both tensors' norms and their dot product",),
+                passes=2,
+                align_elements=KERNEL_CHUNK_ELEMENTS,
+            ),
+            block_kernel="mergetui.methods.slerp:slerp_blocks",
         ),
         MethodSpec(
             name="task_arithmetic",

@@ -4,10 +4,13 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 
+from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
+from mergetui.methods.task_arithmetic import CHUNK
 
 #: Above this |cos θ| the two tensors are treated as (anti)parallel and lerped, as mergekit does.
 PARALLEL_THRESHOLD = 0.9995
@@ -21,23 +24,64 @@ def slerp(inputs: TensorInputs) -> torch.Tensor:
     tensors, so magnitudes are interpolated rather than re-projected. Near-parallel or antiparallel
     pairs (|cos θ| > 0.9995) fall back to plain linear interpolation, where SLERP is ill-conditioned.
     """
-    t = float(inputs.params["t"])
     v0 = inputs.require_base()
     (v1,) = inputs.models
-    norm0 = float(torch.linalg.vector_norm(v0))
-    norm1 = float(torch.linalg.vector_norm(v1))
-    norm0 = norm0 if norm0 > _NORM_EPS else 1.0
-    norm1 = norm1 if norm1 > _NORM_EPS else 1.0
-    dot = float(torch.dot(v0.reshape(-1), v1.reshape(-1))) / (norm0 * norm1)
-    dot = max(-1.0, min(1.0, dot))
-    if abs(dot) > PARALLEL_THRESHOLD:
-        coef0, coef1 = 1.0 - t, t
-    else:
+    sums = _SlerpSums()
+    sums.add(v0, v1)
+    coef0, coef1 = sums.coefficients(float(inputs.params["t"]))
+    return v0.mul_(coef0).add_(v1, alpha=coef1)
+
+
+class _SlerpSums:
+    """The squared norms of both tensors and their dot product, summed chunk by chunk (float32
+    within a chunk of ``CHUNK`` entries, float64 across them): a tensor merged in blocks of whole
+    chunks adds the same numbers in the same order as whole, so gets the same coefficients."""
+
+    def __init__(self) -> None:
+        self.square0 = self.square1 = self.dot = 0.0
+
+    def add(self, v0: torch.Tensor, v1: torch.Tensor) -> None:
+        for c0, c1 in zip(v0.reshape(-1).split(CHUNK), v1.reshape(-1).split(CHUNK), strict=True):
+            self.square0 += float(torch.dot(c0, c0))
+            self.square1 += float(torch.dot(c1, c1))
+            self.dot += float(torch.dot(c0, c1))
+
+    def coefficients(self, t: float) -> tuple[float, float]:
+        """(base, other) coefficients: along the great circle, or linear when (anti)parallel."""
+        norm0 = math.sqrt(self.square0)
+        norm1 = math.sqrt(self.square1)
+        norm0 = norm0 if norm0 > _NORM_EPS else 1.0
+        norm1 = norm1 if norm1 > _NORM_EPS else 1.0
+        dot = max(-1.0, min(1.0, self.dot / (norm0 * norm1)))
+        if abs(dot) > PARALLEL_THRESHOLD:
+            return 1.0 - t, t
         theta = math.acos(dot)
         sin_theta = math.sin(theta)
-        coef0 = math.sin((1.0 - t) * theta) / sin_theta
-        coef1 = math.sin(t * theta) / sin_theta
-    return v0.mul_(coef0).add_(v1, alpha=coef1)
+        return math.sin((1.0 - t) * theta) / sin_theta, math.sin(t * theta) / sin_theta
+
+
+@dataclass
+class _SlerpBlocks:
+    """SLERP in two passes over a tensor merged in blocks: the sums, then the interpolation."""
+
+    context: TensorContext
+    sums: _SlerpSums = field(default_factory=_SlerpSums)
+    coefficients: tuple[float, float] | None = None
+
+    def observe(self, pass_index: int, inputs: TensorInputs, start: int) -> None:
+        (v1,) = inputs.models
+        self.sums.add(inputs.require_base(), v1)
+
+    def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
+        if self.coefficients is None:
+            self.coefficients = self.sums.coefficients(float(self.context.params["t"]))
+        coef0, coef1 = self.coefficients
+        (v1,) = inputs.models
+        return inputs.require_base().mul_(coef0).add_(v1, alpha=coef1)
+
+
+def slerp_blocks(context: TensorContext) -> BlockKernel:
+    return _SlerpBlocks(context)
 
 
 _UNIT_EPS = 1e-7
