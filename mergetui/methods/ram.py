@@ -12,8 +12,12 @@ runs in chunks (one counting pass first for ramplus_tl), so the temporaries are 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
+from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
 from mergetui.methods.task_arithmetic import CHUNK
 
@@ -32,7 +36,22 @@ def _ram(inputs: TensorInputs, plus: bool) -> torch.Tensor:
         return base
     epsilon = float(inputs.params.get("epsilon", 1e-5))
     deltas = [model.sub_(base).view(-1) for model in inputs.models]
-    scales = _unique_scales(inputs, deltas, epsilon) if plus else None
+    scales = None
+    if plus:
+        counts = _ChangeCounts(len(deltas))
+        counts.add(deltas, epsilon)
+        scales = counts.scales(inputs.params, epsilon)
+    return _merge_changes(base, deltas, epsilon, scales)
+
+
+def _merge_changes(
+    base: torch.Tensor,
+    deltas: list[torch.Tensor],
+    epsilon: float,
+    scales: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """Add each entry's unique change (scaled by ``scales``) or the mean of its shared changes to
+    the base, chunk by chunk, in place."""
     flat_base = base.view(-1)
     for start in range(0, flat_base.numel(), CHUNK):
         parts = [delta[start : start + CHUNK] for delta in deltas]
@@ -59,25 +78,64 @@ def _masks(parts: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Tensor
     return changed, counts
 
 
-def _unique_scales(
-    inputs: TensorInputs, deltas: list[torch.Tensor], epsilon: float
-) -> list[torch.Tensor]:
-    """Per model λ = 1 + r·clamp(S/max(U, ε), 0, alpha), S and U the counts of its changes that
-    others share and that are its alone (float32, as mergekit computes them)."""
-    r = float(inputs.params.get("r", 0.1))
-    alpha = float(inputs.params.get("alpha", 0.2))
-    shared_counts = [0] * len(deltas)
-    unique_counts = [0] * len(deltas)
-    for start in range(0, deltas[0].numel(), CHUNK):
-        changed, counts = _masks([d[start : start + CHUNK] for d in deltas], epsilon)
-        unique, shared = counts == 1, counts > 1
-        for index, mask in enumerate(changed):
-            shared_counts[index] += int(torch.count_nonzero(mask & shared))
-            unique_counts[index] += int(torch.count_nonzero(mask & unique))
-    scales = []
-    for shared_count, unique_count in zip(shared_counts, unique_counts, strict=True):
-        ratio = torch.tensor(float(shared_count)) / torch.tensor(float(unique_count)).clamp(
-            min=epsilon
-        )
-        scales.append(1 + r * ratio.clamp(min=0, max=alpha))
-    return scales
+class _ChangeCounts:
+    """Per model, how many of its changes others share (S) and how many are its alone (U):
+    whole numbers, so blocks add up to the whole tensor's counts exactly."""
+
+    def __init__(self, models: int) -> None:
+        self.shared = [0] * models
+        self.unique = [0] * models
+
+    def add(self, deltas: list[torch.Tensor], epsilon: float) -> None:
+        for start in range(0, deltas[0].numel(), CHUNK):
+            changed, counts = _masks([d[start : start + CHUNK] for d in deltas], epsilon)
+            unique, shared = counts == 1, counts > 1
+            for index, mask in enumerate(changed):
+                self.shared[index] += int(torch.count_nonzero(mask & shared))
+                self.unique[index] += int(torch.count_nonzero(mask & unique))
+
+    def scales(self, params: dict[str, Any], epsilon: float) -> list[torch.Tensor]:
+        """Per model λ = 1 + r·clamp(S/max(U, ε), 0, alpha) (float32, as mergekit computes it)."""
+        r = float(params.get("r", 0.1))
+        alpha = float(params.get("alpha", 0.2))
+        scales = []
+        for shared_count, unique_count in zip(self.shared, self.unique, strict=True):
+            ratio = torch.tensor(float(shared_count)) / torch.tensor(float(unique_count)).clamp(
+                min=epsilon
+            )
+            scales.append(1 + r * ratio.clamp(min=0, max=alpha))
+        return scales
+
+
+@dataclass
+class _RamPlusBlocks:
+    """RAM+ in two passes over a tensor merged in blocks: the change counts, then the merge."""
+
+    context: TensorContext
+    counts: _ChangeCounts | None = None
+    scales: list[torch.Tensor] | None = None
+
+    @property
+    def epsilon(self) -> float:
+        return float(self.context.params.get("epsilon", 1e-5))
+
+    def observe(self, pass_index: int, inputs: TensorInputs, start: int) -> None:
+        base = inputs.require_base()
+        deltas = [model.sub_(base).view(-1) for model in inputs.models]
+        if self.counts is None:
+            self.counts = _ChangeCounts(len(deltas))
+        self.counts.add(deltas, self.epsilon)
+
+    def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
+        base = inputs.require_base()
+        if not inputs.models:
+            return base
+        if self.scales is None:
+            assert self.counts is not None
+            self.scales = self.counts.scales(self.context.params, self.epsilon)
+        deltas = [model.sub_(base).view(-1) for model in inputs.models]
+        return _merge_changes(base, deltas, self.epsilon, self.scales)
+
+
+def ramplus_tl_blocks(context: TensorContext) -> BlockKernel:
+    return _RamPlusBlocks(context)

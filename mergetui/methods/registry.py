@@ -677,7 +677,10 @@ METHODS: dict[str, MethodSpec] = {
             ),
             needs_base=True,
             work_buffers=0,
-            blocks=Blocks("elements", ("each model's counts of unique and shared changes",)),
+            blocks=Blocks(
+                "elements", ("each model's counts of unique and shared changes",), passes=2
+            ),
+            block_kernel="mergetui.methods.ram:ramplus_tl_blocks",
         ),
         MethodSpec(
             name="passthrough",
