@@ -221,3 +221,31 @@ def test_run_with_a_small_budget_writes_the_same_model_as_with_a_large_one(
     assert small.returncode == 0, small.stderr
     _assert_same_bits(tmp_path / "large", tmp_path / "small")
     assert DEFAULT_MAX_MEMORY == 1 << 30
+
+
+def test_a_merge_cancelled_between_blocks_leaves_nothing_behind(
+    wide: dict[str, Path], tmp_path: Path
+) -> None:
+    """Cancelled after the first block of the first tensor merged in blocks: the merge stops
+    between blocks, and neither the output nor its partial folder is left."""
+    import threading
+
+    from mergetui.errors import MergeCancelled
+
+    text = method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "out")
+    plan = build_plan(parse_recipe(text, base_dir=tmp_path))
+    _squeeze(plan, 6 << 20)
+    cancel = threading.Event()
+    seen: list[str] = []
+
+    def on_event(event: object) -> None:
+        name = getattr(event, "tensor_name", "")
+        if type(event).__name__ == "TensorEvent" and getattr(event, "tensors_done", 0) == 0:
+            seen.append(name)  # a block of a tensor not yet whole
+            cancel.set()
+
+    with pytest.raises(MergeCancelled):
+        run_merge(plan, on_event=on_event, cancel=cancel)
+    assert seen  # the first tensor (the embedding) was in blocks
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.mergetui-partial-*"))
