@@ -197,14 +197,7 @@ class _TaskVectorBlocks:
             if wanted <= 0:
                 cutoffs.append(0)
                 continue
-            equal = sum(
-                native.parallel(
-                    lambda a, b, f=flat, p=selection.pattern: library.mt_count_equal(
-                        f.data_ptr(), a, b, p
-                    ),
-                    count,
-                )
-            )
+            equal = _count_equal(library, flat, selection.pattern)
             if equal >= wanted:
                 cutoffs.append(
                     library.mt_tie_cutoff(flat.data_ptr(), 0, count, selection.pattern, wanted)
@@ -214,6 +207,15 @@ class _TaskVectorBlocks:
                 cutoffs.append(count)
                 selection.ties_to_keep = wanted - equal
         return patterns, cutoffs
+
+
+def _count_equal(library: Any, flat: torch.Tensor, pattern: int) -> int:
+    """How many |x| of a flat float32 CPU tensor have exactly the bit pattern ``pattern``."""
+
+    def piece(start: int, end: int) -> int:
+        return int(library.mt_count_equal(flat.data_ptr(), start, end, pattern))
+
+    return sum(native.parallel(piece, flat.numel()))
 
 
 def _as_float(pattern: int, device: torch.device) -> torch.Tensor:
