@@ -115,7 +115,9 @@ def rows_for(tensor: PlannedTensor, method: MethodSpec, out_size: int, working: 
     width = tensor.numel // rows if rows else 0
     if width == 0:
         return None
-    held = 4 * len(tensor.reads) if tensor.merge else tensor.bytes_in // tensor.numel
+    held = tensor.bytes_in // tensor.numel  # a copied tensor's stored bytes
+    if tensor.merge:
+        held = 4 * (len(tensor.reads) + method.work_buffers)
     per_row = width * (held * 2 + out_size * OUTPUT_COPIES)
     fitting = working // per_row
     if fitting >= rows:

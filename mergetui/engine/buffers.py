@@ -2,9 +2,9 @@
 
 Fresh memory is paid for with a page fault per 4 KiB on first touch, which for large tensors costs
 several times the arithmetic done on it, so buffers are reused from one tensor to the next. The
-loader takes a tensor's buffers while the previous tensor is still being merged; the budget stops it
-from reading ahead when that would hold more than the largest tensor's working set plus a margin, so
-peak memory still grows with the largest tensor, not with the model.
+loader takes a tensor's (or block's) buffers while the previous one is still being merged; the
+budget, the plan's share of the memory budget for buffers (:mod:`mergetui.engine.blocks`), stops it
+from reading ahead past that.
 """
 
 from __future__ import annotations

@@ -61,8 +61,6 @@ if TYPE_CHECKING:
     import torch
 
 _LOAD_AHEAD = 1  # loaded tensors waiting for the merge thread
-_READ_AHEAD_MIN_MARGIN = 64 << 20  # the loader may hold max(this, a quarter of the largest
-# working set) beyond the largest working set
 _WRITE_BEHIND = 1  # merged tensors waiting for the writer
 _STAGING_BYTES = 8 << 20  # slice size when converting stored bytes to float32
 _POLL_S = 0.2
@@ -226,11 +224,8 @@ class _Run:
         self.kernel: Callable[[TensorInputs], Any] = plan.method.load_kernel()
         self.block_kernel: BlockKernel | None = None  # of the tensor being merged in blocks
         self.by_role = {s.role: s for s in plan.sources}
-        if plan.memory is not None:
-            self.buffers = BufferPool(plan.memory.pool_bytes)
-        else:
-            largest = max((t.numel * 4 * len(t.reads) for t in plan.tensors if t.merge), default=0)
-            self.buffers = BufferPool(largest + max(_READ_AHEAD_MIN_MARGIN, largest // 4))
+        assert plan.memory is not None  # build_plan sets it
+        self.buffers = BufferPool(plan.memory.pool_bytes)
 
     def progress(self) -> dict[str, Any]:
         """The fields every progress event carries, as they stand now."""
@@ -310,7 +305,7 @@ class _Run:
             first = 0
         else:
             shapes = [(piece.end - piece.start, *tensor.shape[1:])] * len(tensor.reads)
-            first = piece.start * math.prod(tensor.shape[1:])
+            first = piece.first
         nbytes = sum(math.prod(shape) for shape in shapes) * 4
         if not self.buffers.reserve(nbytes, self.cancel):
             return None
@@ -413,12 +408,11 @@ class _Run:
                         rows = None if piece is None else (piece.start, piece.end)
                         _put(write_queue, (loaded.tensor.name, result, rows), stop)
                     del result, loaded
-                    if piece is None or piece.last:
-                        self.done += 1
-                        self.emit(TensorEvent(**self.progress()))
+                    whole = piece is None or piece.last  # the tensor is complete
+                    self.done += whole
+                    self.emit(TensorEvent(**self.progress()))
+                    if whole:
                         pause_point("tensor", stop, self.done)
-                    else:
-                        self.emit(TensorEvent(**self.progress()))
             _put(write_queue, _DONE, stop)
             finished = True
         finally:
@@ -506,11 +500,10 @@ class _Run:
             )
             self.block_kernel = self.plan.method.load_block_kernel()(context)
         assert self.block_kernel is not None
-        first = piece.start * math.prod(tensor.shape[1:])
         if piece.pass_index < tensor.passes - 1:
-            self.block_kernel.observe(piece.pass_index, inputs, first)
+            self.block_kernel.observe(piece.pass_index, inputs, piece.first)
             return None
-        result = self.block_kernel.merge(inputs, first)
+        result = self.block_kernel.merge(inputs, piece.first)
         if piece.last:
             self.block_kernel = None
         return result
@@ -523,6 +516,7 @@ class _Piece:
     pass_index: int
     start: int
     end: int
+    first: int  # the block's first element, counted in the whole flat tensor
     last: bool  # the tensor's last block of its last pass
 
 
@@ -533,10 +527,12 @@ def _pieces(tensor: PlannedTensor) -> Iterator[_Piece | None]:
         yield None
         return
     rows = tensor.shape[0]
+    width = math.prod(tensor.shape[1:])
     for pass_index in range(tensor.passes):
         for start in range(0, rows, tensor.block_rows):
             end = min(rows, start + tensor.block_rows)
-            yield _Piece(pass_index, start, end, pass_index == tensor.passes - 1 and end == rows)
+            last = pass_index == tensor.passes - 1 and end == rows
+            yield _Piece(pass_index, start, end, start * width, last)
 
 
 @dataclass

@@ -123,9 +123,25 @@ def _bucket_keys(chunk: torch.Tensor, high: torch.Tensor) -> tuple[torch.Tensor,
     return (top > high).sum(), keys
 
 
-def _bucket_pass(flat: torch.Tensor, high: int) -> tuple[int, torch.Tensor]:
+def top_histogram(flat: torch.Tensor, library: Any = None) -> torch.Tensor:
+    """Counts of the top 16 bits of |x| over a flat float32 tensor: by the C loops when
+    ``library`` is given, else by torch ops (the same counts)."""
+    if library is not None:
+        return native_counts(library, "mt_top_histogram", flat, _RADIX)
+    counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
+    for chunk in _chunks(flat):
+        counts += torch.bincount(_magnitude_bits(chunk).bitwise_right_shift_(16), minlength=_RADIX)
+    return counts
+
+
+def bucket_histogram(
+    flat: torch.Tensor, high: int, library: Any = None
+) -> tuple[int, torch.Tensor]:
     """Entries whose top 16 bits exceed ``high``, and a histogram of the low 16 bits of those
-    whose top 16 bits equal it."""
+    whose top 16 bits equal it: by the C loops when ``library`` is given, else by torch ops."""
+    if library is not None:
+        counts = native_counts(library, "mt_bucket", flat, _RADIX + 1, high)
+        return int(counts[_RADIX]), counts[:_RADIX]
     high_t = torch.tensor(high, dtype=torch.int32, device=flat.device)
     above = torch.zeros((), dtype=torch.int64, device=flat.device)
     low_counts = torch.zeros(_RADIX + 1, dtype=torch.int64, device=flat.device)
@@ -150,16 +166,11 @@ def kth_largest_magnitude(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int
     if count >= 64 * _SAMPLE_STEP * 1024:
         sample = _magnitude_bits(flat[::_SAMPLE_STEP].contiguous()).bitwise_right_shift_(16)
         high, _ = _from_top(torch.bincount(sample, minlength=_RADIX), -(-k // _SAMPLE_STEP))
-        above, low_counts = _bucket_pass(flat, high)
+        above, low_counts = bucket_histogram(flat, high)
         if above < k <= above + int(low_counts.sum()):
             return _pattern(high, above, low_counts, k, flat.device)
-    high_counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
-    for chunk in _chunks(flat):
-        high_counts += torch.bincount(
-            _magnitude_bits(chunk).bitwise_right_shift_(16), minlength=_RADIX
-        )
-    high, _ = _from_top(high_counts, k)
-    above, low_counts = _bucket_pass(flat, high)
+    high, _ = _from_top(top_histogram(flat), k)
+    above, low_counts = bucket_histogram(flat, high)
     return _pattern(high, above, low_counts, k, flat.device)
 
 
@@ -167,8 +178,12 @@ def _pattern(
     high: int, above: int, low_counts: torch.Tensor, k: int, device: torch.device
 ) -> tuple[torch.Tensor, int]:
     low, greater = _from_top(low_counts, k, offset=above)
-    pattern = torch.tensor([(high << 16) | low], dtype=torch.int32)
-    return pattern.view(torch.float32)[0].to(device), greater
+    return pattern_as_float((high << 16) | low, device), greater
+
+
+def pattern_as_float(pattern: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The float32 whose bit pattern is ``pattern`` (a magnitude found by radix selection)."""
+    return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0].to(device)
 
 
 def magnitude_prune_(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -246,7 +261,7 @@ def _kth_largest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
     step = _SAMPLE_STEP if flat.numel() >= 64 * _SAMPLE_STEP * 1024 else 1
     sample = _magnitude_bits(flat[::step].contiguous())
     pattern, greater = _native_kth(library, flat, k, sample, step)
-    return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0], greater
+    return pattern_as_float(pattern), greater
 
 
 def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
@@ -611,15 +626,11 @@ def _native_kth(
     if greater < k <= greater + equal:
         return guess, greater
 
-    def bucket(high: int) -> tuple[int, torch.Tensor]:
-        counts = counted("mt_bucket", _RADIX + 1, high)
-        return int(counts[_RADIX]), counts[:_RADIX]
-
     high = guess >> 16
-    above, low_counts = bucket(high)
+    above, low_counts = bucket_histogram(flat, high, library)
     if not above < k <= above + int(low_counts.sum()):
-        high, _ = _from_top(counted("mt_top_histogram", _RADIX), k)
-        above, low_counts = bucket(high)
+        high, _ = _from_top(top_histogram(flat, library), k)
+        above, low_counts = bucket_histogram(flat, high, library)
     low, greater = _from_top(low_counts, k, offset=above)
     return (high << 16) | low, greater
 

@@ -27,19 +27,17 @@ from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs, tensor_generator
 from mergetui.methods.task_arithmetic import (
-    _RADIX,
-    _bucket_keys,
-    _chunks,
     _flat,
     _from_top,
-    _magnitude_bits,
     add_l1,
+    bucket_histogram,
     combine_,
     drop_at_random_,
     elect_native_,
     keep_above_,
-    native_counts,
+    pattern_as_float,
     rescale_l1_,
+    top_histogram,
 )
 
 
@@ -113,13 +111,14 @@ class _TaskVectorBlocks:
                 selection.high, selection.above = _from_top(selection.high_counts, selection.keep)
         for index, selection in self.selections.items():
             delta = _flat(inputs.models[index].sub_(base))
+            library = native.available_for(delta)
             if pass_index == 0:
-                counts = _top_histogram(delta)
+                counts = top_histogram(delta, library)
                 selection.high_counts = (
                     counts if selection.high_counts is None else selection.high_counts + counts
                 )
             else:
-                counts = _low_histogram(delta, selection.high)
+                _, counts = bucket_histogram(delta, selection.high, library)
                 selection.low_counts = (
                     counts if selection.low_counts is None else selection.low_counts + counts
                 )
@@ -162,7 +161,7 @@ class _TaskVectorBlocks:
         for index, delta in enumerate(deltas):
             selection = self.selections.get(index)
             if selection is not None:
-                threshold = _as_float(selection.pattern, delta.device)
+                threshold = pattern_as_float(selection.pattern, delta.device)
                 selection.ties_to_keep = keep_above_(
                     _flat(delta), threshold, selection.ties_to_keep
                 )
@@ -216,33 +215,3 @@ def _count_equal(library: Any, flat: torch.Tensor, pattern: int) -> int:
         return int(library.mt_count_equal(flat.data_ptr(), start, end, pattern))
 
     return sum(native.parallel(piece, flat.numel()))
-
-
-def _as_float(pattern: int, device: torch.device) -> torch.Tensor:
-    return torch.tensor([pattern], dtype=torch.int32).view(torch.float32)[0].to(device)
-
-
-def _top_histogram(flat: torch.Tensor) -> torch.Tensor:
-    """Counts of the top 16 bits of |x| (the C loops on float32 CPU tensors, else torch)."""
-    library = native.available_for(flat)
-    if library is None:
-        counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
-        for chunk in _chunks(flat):
-            counts += torch.bincount(
-                _magnitude_bits(chunk).bitwise_right_shift_(16), minlength=_RADIX
-            )
-        return counts.cpu()
-    return native_counts(library, "mt_top_histogram", flat, _RADIX)
-
-
-def _low_histogram(flat: torch.Tensor, high: int) -> torch.Tensor:
-    """Counts of the low 16 bits of the |x| whose top 16 bits equal ``high``."""
-    library = native.available_for(flat)
-    if library is None:
-        high_t = torch.tensor(high, dtype=torch.int32, device=flat.device)
-        counts = torch.zeros(_RADIX + 1, dtype=torch.int64, device=flat.device)
-        for chunk in _chunks(flat):
-            _, keys = _bucket_keys(chunk, high_t)
-            counts += torch.bincount(keys.reshape(-1), minlength=_RADIX + 1)
-        return counts[:_RADIX].cpu()
-    return native_counts(library, "mt_bucket", flat, _RADIX + 1, high)[:_RADIX]
