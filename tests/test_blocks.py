@@ -22,7 +22,7 @@ from mergetui.engine.blocks import DEFAULT_MAX_MEMORY, plan_memory
 from mergetui.engine.executor import run_merge
 from mergetui.engine.layout import out_element_size
 from mergetui.engine.plan import MergePlan, build_plan
-from mergetui.methods.registry import KERNEL_CHUNK_ELEMENTS, METHODS
+from mergetui.methods.registry import KERNEL_CHUNK_ELEMENTS, METHODS, BlockPlan
 from mergetui.recipe.toml_io import parse_recipe, recipe_to_toml
 
 EXE = [sys.executable, "-m", "mergetui"]
@@ -92,9 +92,10 @@ def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
     assert plan.memory is not None and plan.memory.blocked >= 2
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert embed.block_rows is not None and embed.shape[0] // embed.block_rows >= 2
-    spec = METHODS[method]
-    assert embed.passes == (1 if spec.blocks.independent else spec.blocks.passes)
-    if spec.blocks.align_elements > 1:
+    how = METHODS[method].block_plan(embed.shape, embed.params, tuple(embed.model_params))
+    assert isinstance(how, BlockPlan)
+    assert embed.passes == how.passes and embed.block_rows % how.align_rows == 0
+    if METHODS[method].blocks.align_elements > 1:
         assert embed.block_rows * 256 % KERNEL_CHUNK_ELEMENTS == 0
     _assert_same_bits(whole, blocked)
 

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mergetui.engine.layout import PlannedTensor
-from mergetui.methods.registry import MethodSpec
+from mergetui.methods.registry import BlockPlan, MethodSpec
 from mergetui.units import format_bytes
 
 #: The budget when neither ``--max-memory`` nor ``[merge] max_memory`` says otherwise.
@@ -81,36 +81,26 @@ def minimum_budget() -> int:
     return BASELINE_RSS + FIXED_WORKING_BYTES + MIN_WORKING_BYTES
 
 
-def why_whole(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> str | None:
-    """Why ``tensor`` cannot be merged in blocks of rows, or None when it can."""
+def block_plan(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> BlockPlan | str:
+    """How ``tensor`` is merged in blocks of rows, or why it cannot be."""
     if len(tensor.shape) < 2:
         return "it has one dimension"
     if not tensor.merge:  # copied as stored, block by block
-        return None
+        return BlockPlan()
     if tensor.vocabulary is not None:
         return "its rows are realigned to the output vocabulary first"
     if has_lora:
         return "a LoRA adapter is folded into it"
     if tensor.copy:
-        return None
-    if not method.mergeable_in_blocks:
-        return f"{method.name} needs {', '.join(method.blocks.statistics)} over the whole tensor"
-    if method.blocks.unit == "rows" and len(tensor.shape) != 2:
-        return f"{method.name} works on rows and the tensor has {len(tensor.shape)} dimensions"
-    return None
+        return BlockPlan()
+    return method.block_plan(tensor.shape, tensor.params, tuple(tensor.model_params))
 
 
-def passes_for(tensor: PlannedTensor, method: MethodSpec) -> int:
-    """Reading passes over a blocked tensor: one to copy or for independent blocks, else the
-    method's."""
-    if not tensor.merge or tensor.copy or method.blocks.independent:
-        return 1
-    return method.blocks.passes
-
-
-def rows_for(tensor: PlannedTensor, method: MethodSpec, out_size: int, working: int) -> int | None:
-    """Rows per block so that two blocks' buffers and outputs fit ``working``; None when the
-    whole tensor fits that way (or the block would be no smaller)."""
+def rows_for(
+    tensor: PlannedTensor, method: MethodSpec, out_size: int, working: int, align_rows: int = 1
+) -> int | None:
+    """Rows per block (a multiple of ``align_rows``) so that two blocks' buffers and outputs fit
+    ``working``; None when the whole tensor fits that way (or the block would be no smaller)."""
     rows = tensor.shape[0]
     width = tensor.numel // rows if rows else 0
     if width == 0:
@@ -122,9 +112,7 @@ def rows_for(tensor: PlannedTensor, method: MethodSpec, out_size: int, working: 
     fitting = working // per_row
     if fitting >= rows:
         return None
-    align = method.blocks.align_elements if tensor.merge and not tensor.copy else 1
-    step = align // math.gcd(align, width) if align > 1 else 1
-    chosen = max(step, fitting // step * step)
+    chosen = max(align_rows, fitting // align_rows * align_rows)
     return chosen if chosen < rows else None
 
 
@@ -161,11 +149,15 @@ def plan_memory(
         output_bytes = tensor.bytes_out
         if 2 * float_bytes + OUTPUT_COPIES * output_bytes > working:
             has_lora = any(read.role in lora_roles for read in tensor.reads)
-            reason = why_whole(tensor, method, has_lora)
-            rows = None if reason else rows_for(tensor, method, out_size, working)
+            how = block_plan(tensor, method, has_lora)
+            reason = how if isinstance(how, str) else None
+            rows = None
+            if isinstance(how, BlockPlan):
+                rows = rows_for(tensor, method, out_size, working, how.align_rows)
             if rows is not None:
+                assert isinstance(how, BlockPlan)
                 tensor.block_rows = rows
-                tensor.passes = passes_for(tensor, method)
+                tensor.passes = how.passes
                 blocks = -(-tensor.shape[0] // rows)
                 blocked += 1
                 if largest_blocked is None or blocks > largest_blocked[2]:

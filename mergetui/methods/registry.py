@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -98,8 +98,34 @@ class ParamSpec:
         )
 
 
+def _width(shape: tuple[int, ...]) -> int:
+    """Entries per row (along the first dimension)."""
+    return math.prod(shape[1:]) if shape else 1
+
+
 def _fmt(number: float) -> str:
     return str(int(number)) if float(number).is_integer() else str(number)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one tensor is merged in blocks of rows: the reading passes (1: each block merged on its
+    own) and the number of rows every block's size is a multiple of."""
+
+    passes: int = 1
+    align_rows: int = 1
+
+
+#: Decides, for one tensor (its shape, its method-wide and per-model parameters), how it is merged
+#: in blocks, or says why it must stay whole: for methods whose passes or alignment depend on them.
+BlockRule = Callable[
+    [tuple[int, ...], Mapping[str, Any], tuple[Mapping[str, Any], ...]], "BlockPlan | str"
+]
+
+
+def rows_aligned_to(elements: int, width: int) -> int:
+    """The fewest rows of ``width`` entries that make a multiple of ``elements`` entries."""
+    return elements // math.gcd(elements, width) if elements > 1 and width else 1
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,9 @@ class Blocks:
     #: statistic summed chunk by chunk in float64 then adds the same chunks in the same order, and
     #: a random stream drawn chunk by chunk is drawn in the same calls, so blocks give the same bits.
     align_elements: int = 1
+    #: When the passes or the alignment depend on the parameters or the shape: decides per tensor
+    #: (the fields above then only describe the method for help and the tests).
+    rule: BlockRule | None = None
 
     @property
     def independent(self) -> bool:
@@ -212,6 +241,23 @@ class MethodSpec:
         """A tensor too large for the memory budget can be merged in blocks of rows, with the same
         bits as whole: the blocks are independent, or a block kernel gathers the statistics."""
         return self.blocks.independent or self.block_kernel is not None
+
+    def block_plan(
+        self,
+        shape: tuple[int, ...],
+        params: Mapping[str, Any],
+        model_params: tuple[Mapping[str, Any], ...],
+    ) -> BlockPlan | str:
+        """How a merged tensor of ``shape`` goes in blocks of rows with these parameters, or why
+        it must be merged whole."""
+        if self.blocks.rule is not None:
+            return self.blocks.rule(shape, params, model_params)
+        if not self.mergeable_in_blocks:
+            return f"{self.name} needs {', '.join(self.blocks.statistics)} over the whole tensor"
+        if self.blocks.unit == "rows" and len(shape) != 2:
+            return f"{self.name} works on rows and the tensor has {len(shape)} dimensions"
+        passes = 1 if self.blocks.independent else self.blocks.passes
+        return BlockPlan(passes, rows_aligned_to(self.blocks.align_elements, _width(shape)))
 
     def load_block_kernel(self) -> Callable[..., Any]:
         """Import and return the factory of per-tensor block kernels (see
