@@ -218,3 +218,18 @@ def mergekit(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MergekitRefer
 def mk_zoo(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """float32 tiny Llamas (4 layers) for the mergekit comparisons: ``base``, ``ft1``..``ft3``."""
     return build_zoo(tmp_path_factory.mktemp("mk-models"))
+
+
+@pytest.fixture(scope="session")
+def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base and two fine-tunes whose embedding and lm_head hold 4M entries (16384 × 256): more
+    than DARE's whole-chunk alignment needs for several blocks, and big enough that a small
+    explicit budget must block them."""
+    root = tmp_path_factory.mktemp("wide")
+    shape = dict(vocab_size=16384, hidden_size=256, intermediate_size=512, num_attention_heads=4)
+    base = save_llama(root / "base", seed=10, **shape)
+    return {
+        "base": base,
+        "ft_a": save_finetune(base, root / "ft_a", seed=11, scale=0.02),
+        "ft_c": save_finetune(base, root / "ft_c", seed=12, scale=0.02),
+    }

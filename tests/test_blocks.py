@@ -14,68 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
-from conftest import method_recipe, save_finetune, save_llama
-from safetensors.torch import load_file
+from blocks_helpers import assert_same_bits, merge, squeeze
+from conftest import method_recipe
 
-from mergetui.engine.blocks import DEFAULT_MAX_MEMORY, plan_memory
+from mergetui.engine.blocks import DEFAULT_MAX_MEMORY
 from mergetui.engine.executor import run_merge
-from mergetui.engine.layout import out_element_size
-from mergetui.engine.plan import MergePlan, build_plan
+from mergetui.engine.plan import build_plan
 from mergetui.methods.registry import KERNEL_CHUNK_ELEMENTS, METHODS, BlockPlan
 from mergetui.recipe.toml_io import parse_recipe, recipe_to_toml
 
 EXE = [sys.executable, "-m", "mergetui"]
 BLOCKABLE = sorted(name for name, spec in METHODS.items() if spec.mergeable_in_blocks)
-
-
-@pytest.fixture(scope="session")
-def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A base and two fine-tunes whose embedding and lm_head hold 4M entries (16384 × 256): more
-    than DARE's whole-chunk alignment needs for several blocks, and big enough that a small
-    explicit budget must block them."""
-    root = tmp_path_factory.mktemp("wide")
-    shape = dict(vocab_size=16384, hidden_size=256, intermediate_size=512, num_attention_heads=4)
-    base = save_llama(root / "base", seed=10, **shape)
-    return {
-        "base": base,
-        "ft_a": save_finetune(base, root / "ft_a", seed=11, scale=0.02),
-        "ft_c": save_finetune(base, root / "ft_c", seed=12, scale=0.02),
-    }
-
-
-def _tensors(directory: Path) -> dict[str, torch.Tensor]:
-    found: dict[str, torch.Tensor] = {}
-    for file in sorted(directory.glob("*.safetensors")):
-        found.update(load_file(file))
-    return found
-
-
-def _assert_same_bits(whole: Path, blocked: Path) -> None:
-    expected, actual = _tensors(whole), _tensors(blocked)
-    assert expected.keys() == actual.keys()
-    for name, tensor in expected.items():
-        assert torch.equal(tensor.view(torch.uint8), actual[name].view(torch.uint8)), name
-
-
-def _squeeze(plan: MergePlan, working: int) -> None:
-    """Re-plan the budget as if only ``working`` bytes were left for buffers."""
-    plan.memory = plan_memory(
-        plan.tensors,
-        plan.method,
-        out_element_size(plan.out_dtype),
-        None,
-        set(),
-        working=working,
-    )
-
-
-def _merge(text: str, folder: Path, working: int | None = None) -> tuple[Path, MergePlan]:
-    recipe = parse_recipe(text, base_dir=folder)
-    plan = build_plan(recipe)
-    if working is not None:
-        _squeeze(plan, working)
-    return run_merge(plan).output_dir, plan
 
 
 @pytest.mark.parametrize("method", BLOCKABLE)
@@ -86,9 +35,9 @@ def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
     whole 1M-entry chunks for DARE, of a few hundred rows otherwise."""
     models = [wide["ft_a"], wide["ft_c"]]
     whole_text = method_recipe(method, wide["base"], models, tmp_path / "whole", dtype="bfloat16")
-    whole, _ = _merge(whole_text, tmp_path)
+    whole, _ = merge(whole_text, tmp_path)
     blocked_text = whole_text.replace(str(tmp_path / "whole"), str(tmp_path / "blocked"))
-    blocked, plan = _merge(blocked_text, tmp_path, working=6 << 20)
+    blocked, plan = merge(blocked_text, tmp_path, working=6 << 20)
     assert plan.memory is not None and plan.memory.blocked >= 2
     embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
     assert embed.block_rows is not None and embed.shape[0] // embed.block_rows >= 2
@@ -97,7 +46,7 @@ def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
     assert embed.passes == how.passes and embed.block_rows % how.align_rows == 0
     if METHODS[method].blocks.align_elements > 1:
         assert embed.block_rows * 256 % KERNEL_CHUNK_ELEMENTS == 0
-    _assert_same_bits(whole, blocked)
+    assert_same_bits(whole, blocked)
 
 
 @pytest.mark.parametrize("native", ["1", "0"])
@@ -108,15 +57,15 @@ def test_ties_in_blocks_of_odd_sizes_matches_whole_on_both_kernel_paths(
     with the C loops and with the op-by-op torch path."""
     monkeypatch.setenv("MERGETUI_NATIVE", native)
     text = method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "whole")
-    whole, _ = _merge(text, tmp_path)
+    whole, _ = merge(text, tmp_path)
     recipe = parse_recipe(text.replace("whole", "blocked"), base_dir=tmp_path)
     plan = build_plan(recipe)
-    _squeeze(plan, 6 << 20)
+    squeeze(plan, 6 << 20)
     for tensor in plan.tensors:
         if tensor.block_rows is not None:
             tensor.block_rows = 7
     blocked = run_merge(plan).output_dir
-    _assert_same_bits(whole, blocked)
+    assert_same_bits(whole, blocked)
 
 
 def test_progress_counts_each_tensor_once_and_reads_every_pass(
@@ -125,7 +74,7 @@ def test_progress_counts_each_tensor_once_and_reads_every_pass(
     text = method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "out")
     recipe = parse_recipe(text, base_dir=tmp_path)
     plan = build_plan(recipe)
-    _squeeze(plan, 6 << 20)
+    squeeze(plan, 6 << 20)
     events: list[object] = []
     result = run_merge(plan, on_event=events.append)
     done = [e.tensors_done for e in events if type(e).__name__ == "TensorEvent"]  # type: ignore[attr-defined]
@@ -220,7 +169,7 @@ def test_run_with_a_small_budget_writes_the_same_model_as_with_a_large_one(
     assert large.returncode == 0, large.stderr
     small = _cli("run", str(recipe), "--max-memory", "450MiB", "-o", str(tmp_path / "small"))
     assert small.returncode == 0, small.stderr
-    _assert_same_bits(tmp_path / "large", tmp_path / "small")
+    assert_same_bits(tmp_path / "large", tmp_path / "small")
     assert DEFAULT_MAX_MEMORY == 1 << 30
 
 
@@ -235,7 +184,7 @@ def test_a_merge_cancelled_between_blocks_leaves_nothing_behind(
 
     text = method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "out")
     plan = build_plan(parse_recipe(text, base_dir=tmp_path))
-    _squeeze(plan, 6 << 20)
+    squeeze(plan, 6 << 20)
     cancel = threading.Event()
     seen: list[str] = []
 
