@@ -44,19 +44,79 @@ def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
     how = METHODS[method].block_plan(embed.shape, embed.params, tuple(embed.model_params))
     assert isinstance(how, BlockPlan)
     assert embed.passes == how.passes and embed.block_rows % how.align_rows == 0
-    if METHODS[method].blocks.align_elements > 1:
+    if how.align_rows > 1:  # whole chunks of sums or random draws
         assert embed.block_rows * 256 % KERNEL_CHUNK_ELEMENTS == 0
     assert_same_bits(whole, blocked)
 
 
-@pytest.mark.parametrize("native", ["1", "0"])
-def test_ties_in_blocks_of_odd_sizes_matches_whole_on_both_kernel_paths(
-    native: str, wide: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def _tuned(text: str, global_lines: str, per_model: list[str]) -> str:
+    """``text`` with lines added under ``[merge.parameters]`` and to each model's entry."""
+    text = text.replace("[merge.parameters]\n", f"[merge.parameters]\n{global_lines}")
+    parts = text.split("[[models]]\n")
+    for index, extra in enumerate(per_model, start=1):
+        lines = parts[index].split("\n")
+        kept = [
+            line
+            for line in lines
+            if not any(line.startswith(k.split(" ")[0] + " ") for k in extra.split("\n") if k)
+        ]
+        parts[index] = extra + "\n".join(kept)
+    return "[[models]]\n".join(parts)
+
+
+@pytest.mark.parametrize(
+    ("method", "global_lines", "per_model"),
+    [
+        ("breadcrumbs", "rescale = true\n", ["density = 0.5\n", "density = 0.3\ngamma = 0.1\n"]),
+        ("breadcrumbs_ties", "", ["density = 0.3\ngamma = 0.8\n", "density = 1.0\n"]),
+        ("breadcrumbs", "rescale = true\n", ["density = 1e-7\n", "density = 0.6\n"]),
+        ("della", "rescale = false\n", ["density = 0.4\nepsilon = 0.2\n", "density = 0.7\n"]),
+        (
+            "della_linear",
+            "",
+            ["density = 0.05\nepsilon = 0.01\n", "density = 0.9\nepsilon = 0.05\n"],
+        ),
+    ],
+    ids=[
+        "breadcrumbs-rescale",
+        "breadcrumbs_ties-overlap",
+        "breadcrumbs-nothing-kept",
+        "della-no-rescale",
+        "della_linear-sparse",
+    ],
+)
+def test_parameters_that_change_the_passes_give_the_whole_tensor_bits(
+    method: str, global_lines: str, per_model: list[str], wide: dict[str, Path], tmp_path: Path
 ) -> None:
-    """TIES carries its tie quota from block to block; blocks of 7 rows cut the tensor anywhere,
-    with the C loops and with the op-by-op torch path."""
+    """Breadcrumbs' rescale adds a pass for the kept L1 norms and aligns blocks to whole chunks;
+    DELLA without rescale merges in one pass, still in whole draws of its random stream."""
+    models = [wide["ft_a"], wide["ft_c"]]
+    text = _tuned(
+        method_recipe(method, wide["base"], models, tmp_path / "whole"), global_lines, per_model
+    )
+    whole, _ = merge(text, tmp_path)
+    blocked, plan = merge(text.replace("whole", "blocked"), tmp_path, working=6 << 20)
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    how = METHODS[method].block_plan(embed.shape, embed.params, tuple(embed.model_params))
+    assert isinstance(how, BlockPlan) and embed.passes == how.passes
+    assert embed.block_rows is not None and embed.block_rows % how.align_rows == 0
+    assert_same_bits(whole, blocked)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+@pytest.mark.parametrize("native", ["1", "0"])
+def test_selections_in_blocks_of_odd_sizes_match_whole_on_both_kernel_paths(
+    method: str,
+    native: str,
+    wide: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TIES carries its tie quota, breadcrumbs its ranks among equal magnitudes, from block to
+    block; blocks of 7 rows cut the tensor anywhere, with the C loops and with the op-by-op torch
+    path."""
     monkeypatch.setenv("MERGETUI_NATIVE", native)
-    text = method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "whole")
+    text = method_recipe(method, wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "whole")
     whole, _ = merge(text, tmp_path)
     recipe = parse_recipe(text.replace("whole", "blocked"), base_dir=tmp_path)
     plan = build_plan(recipe)

@@ -377,6 +377,40 @@ KERNEL_CHUNK_ELEMENTS = 1 << 20
 _RESCALE_STATISTIC = "each task vector's L1 norm before and after the drop (with rescale)"
 _OUTLIER_STATISTIC = "each task vector's two magnitude-rank bounds"
 
+def _sparsifies(model_params: tuple[Mapping[str, Any], ...]) -> bool:
+    return any(float(p.get("density", 1.0)) < 1.0 for p in model_params)
+
+
+def _breadcrumbs_blocks(
+    shape: tuple[int, ...], params: Mapping[str, Any], model_params: tuple[Mapping[str, Any], ...]
+) -> BlockPlan | str:
+    """The magnitudes bounding the kept ranks: the top 16 bits, then the low 16 bits, then the
+    merge; with ``rescale`` a pass for the kept L1 norms between (summed per whole chunk)."""
+    if not _sparsifies(model_params):
+        return BlockPlan()
+    if bool(params.get("rescale", False)):
+        return BlockPlan(4, rows_aligned_to(KERNEL_CHUNK_ELEMENTS, _width(shape)))
+    return BlockPlan(3)
+
+
+def _della_blocks(name: str) -> BlockRule:
+    def rule(
+        shape: tuple[int, ...],
+        params: Mapping[str, Any],
+        model_params: tuple[Mapping[str, Any], ...],
+    ) -> BlockPlan | str:
+        """Ranks are per row and the random stream is drawn per ``CHUNK // width`` rows, so
+        blocks hold whole draws; ``rescale`` adds a pass for the L1 norms around the drop."""
+        if len(shape) != 2:
+            return f"{name} works on rows and the tensor has {len(shape)} dimensions"
+        if not _sparsifies(model_params):
+            return BlockPlan()
+        rows = max(1, KERNEL_CHUNK_ELEMENTS // max(_width(shape), 1))
+        return BlockPlan(2 if bool(params.get("rescale", True)) else 1, rows)
+
+    return rule
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
@@ -469,7 +503,14 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
             work_buffers=0,
-            blocks=Blocks("elements", (_OUTLIER_STATISTIC, _RESCALE_STATISTIC)),
+            blocks=Blocks(
+                "elements",
+                (_OUTLIER_STATISTIC, _RESCALE_STATISTIC),
+                passes=4,
+                align_elements=KERNEL_CHUNK_ELEMENTS,
+                rule=_breadcrumbs_blocks,
+            ),
+            block_kernel=f"{_TA_BLOCKS}:breadcrumbs_blocks",
         ),
         MethodSpec(
             name="breadcrumbs_ties",
@@ -480,7 +521,14 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
             work_buffers=0,
-            blocks=Blocks("elements", (_OUTLIER_STATISTIC, _RESCALE_STATISTIC)),
+            blocks=Blocks(
+                "elements",
+                (_OUTLIER_STATISTIC, _RESCALE_STATISTIC),
+                passes=4,
+                align_elements=KERNEL_CHUNK_ELEMENTS,
+                rule=_breadcrumbs_blocks,
+            ),
+            block_kernel=f"{_TA_BLOCKS}:breadcrumbs_ties_blocks",
         ),
         MethodSpec(
             name="della",
@@ -493,7 +541,8 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             randomized=True,
             tensor_rules=(_della_bounds,),
-            blocks=Blocks("rows", (_RESCALE_STATISTIC,)),
+            blocks=Blocks("rows", (_RESCALE_STATISTIC,), passes=2, rule=_della_blocks("della")),
+            block_kernel=f"{_TA_BLOCKS}:della_blocks",
         ),
         MethodSpec(
             name="della_linear",
@@ -505,7 +554,10 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             randomized=True,
             tensor_rules=(_della_bounds,),
-            blocks=Blocks("rows", (_RESCALE_STATISTIC,)),
+            blocks=Blocks(
+                "rows", (_RESCALE_STATISTIC,), passes=2, rule=_della_blocks("della_linear")
+            ),
+            block_kernel=f"{_TA_BLOCKS}:della_linear_blocks",
         ),
         MethodSpec(
             name="sce",

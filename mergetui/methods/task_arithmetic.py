@@ -22,6 +22,7 @@ MiB whatever the tensor size, and the temporaries stay in the CPU cache.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from typing import Any
 
@@ -239,17 +240,20 @@ def outlier_prune_(
     if density >= 1.0:
         return delta
     flat = _flat(delta)
-    count = flat.numel()
-    keep = int(density * count)
-    top = int(gamma * count)
-    start = max(0, count - keep - top)
     l1_before = _l1(flat) if rescale else 0.0
-    _keep_ranks_(flat, start, keep)
+    _keep_ranks_(flat, *outlier_ranks(flat.numel(), density, gamma))
     if rescale:
         l1_after = _l1(flat)
         if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
             delta.mul_(l1_before / l1_after)
     return delta
+
+
+def outlier_ranks(count: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' kept ranks by ascending magnitude among ``count``: ``[start, start + keep)``."""
+    keep = int(density * count)
+    top = int(gamma * count)
+    return max(0, count - keep - top), keep
 
 
 def _kth_largest(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
@@ -282,21 +286,44 @@ def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
         return
     low, _ = _kth_largest(flat, total - start)  # the magnitude of ascending rank start
     high, _ = _kth_largest(flat, total - stop + 1)  # ... and of rank stop - 1
-    bounds = [low] if bool(low == high) else [low, high]
-    below = [0] * len(bounds)
+    ranks = RankWindow(low, high, start, stop, [])
+    ranks.below = [0] * len(ranks.bounds)
     for chunk in _chunks(flat):
         magnitude = chunk.abs()
-        for index, bound in enumerate(bounds):
-            below[index] += int(torch.count_nonzero(magnitude < bound))
-    for chunk in _chunks(flat):
-        magnitude = chunk.abs()
-        keep = (magnitude > low) & (magnitude < high)
-        for index, bound in enumerate(bounds):
-            equal = magnitude == bound
-            ranks = torch.cumsum(equal, 0).add_(below[index] - 1)
-            keep |= equal & (ranks >= start) & (ranks < stop)
-            below[index] += int(torch.count_nonzero(equal))  # later chunks rank after these
-        chunk.masked_fill_(~keep, 0.0)
+        for index, bound in enumerate(ranks.bounds):
+            ranks.below[index] += int(torch.count_nonzero(magnitude < bound))
+    ranks.keep_(flat)
+
+
+@dataclasses.dataclass
+class RankWindow:
+    """Keeps the entries whose rank by ascending magnitude is in ``[start, stop)``, given the
+    magnitudes at the two ends (``low``, ``high``) and, per distinct end, how many entries lie
+    below it (``below``). Entries equal to an end rank in index order: ``keep_`` counts them on,
+    so a tensor kept block after block (in order) keeps exactly the entries the whole would."""
+
+    low: torch.Tensor
+    high: torch.Tensor
+    start: int
+    stop: int
+    below: list[int]
+
+    @property
+    def bounds(self) -> list[torch.Tensor]:
+        return [self.low] if bool(self.low == self.high) else [self.low, self.high]
+
+    def keep_(self, flat: torch.Tensor) -> None:
+        """Zero the entries of ``flat`` (the next entries of the tensor) outside the window."""
+        bounds = self.bounds
+        for chunk in _chunks(flat):
+            magnitude = chunk.abs()
+            keep = (magnitude > self.low) & (magnitude < self.high)
+            for index, bound in enumerate(bounds):
+                equal = magnitude == bound
+                ranks = torch.cumsum(equal, 0).add_(self.below[index] - 1)
+                keep |= equal & (ranks >= self.start) & (ranks < self.stop)
+                self.below[index] += int(torch.count_nonzero(equal))  # later entries rank after
+            chunk.masked_fill_(~keep, 0.0)
 
 
 def random_drop_(
@@ -358,35 +385,62 @@ def della_prune_(
     if density <= 0.0:
         return delta.zero_()
     rows = _as_rows(delta)
-    width = rows.shape[1]
-    l1_before = _l1(_flat(delta)) if rescale else 0.0
-    step = max(1, CHUNK // max(width, 1))
-    positions = torch.arange(width, dtype=torch.int64, device=delta.device)
-    library = native.available_for(rows)
-    for block in rows.split(step):
-        if library is not None:
-            uniform = torch.rand(block.numel(), generator=generator, dtype=torch.float32)
-            _della_rows_native(library, block, uniform, density, epsilon)
-            continue
-        order = torch.sort(block.abs(), dim=1, stable=True).indices
-        ranks = torch.empty(block.shape, dtype=torch.float32, device=delta.device)
-        ranks.scatter_(1, order, positions.to(torch.float32).expand_as(ranks))
-        del order
-        if width > 1:
-            probability = ranks.div_(width - 1).clamp_(0, 1)
-            probability = probability.mul_(2).mul_(epsilon).add_(density - epsilon)
-        else:
-            probability = ranks.fill_(density)
-        uniform = torch.rand(block.numel(), generator=generator, dtype=torch.float32)
-        keep = uniform.view(block.shape).to(delta.device).lt_(probability)
-        block.mul_(keep)
+    norms = L1Norms() if rescale else None
+    della_rows_(rows, density, epsilon, generator, norms)
     if delta.dim() > 2:
         _restore_rows(delta, rows)
-    if rescale:
-        l1_after = _l1(_flat(delta))
-        if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
-            delta.mul_(l1_before / l1_after)
+    if norms is not None:
+        rescale_l1_(delta, float(norms.before), float(norms.after))
     return delta
+
+
+@dataclasses.dataclass
+class L1Norms:
+    """A task vector's L1 norm before and after a random drop, summed as it is dropped (float64
+    tensors once anything was added)."""
+
+    before: Any = 0
+    after: Any = 0
+
+
+def della_rows(width: int) -> int:
+    """Rows DELLA prunes per random draw: as many as fit one ``CHUNK`` (at least one). A tensor
+    merged in blocks of a multiple of these rows draws the same stream as whole."""
+    return max(1, CHUNK // max(width, 1))
+
+
+def della_rows_(
+    rows: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    norms: L1Norms | None = None,
+) -> None:
+    """DELLA's drop over consecutive rows (0 < density < 1), :func:`della_rows` rows per draw;
+    with ``norms``, each draw's rows' L1 norm is added before and after, in order."""
+    width = rows.shape[1]
+    positions = torch.arange(width, dtype=torch.int64, device=rows.device)
+    library = native.available_for(rows)
+    for block in rows.split(della_rows(width)):
+        if norms is not None:
+            norms.before = add_l1(norms.before, block.reshape(-1))
+        uniform = torch.rand(block.numel(), generator=generator, dtype=torch.float32)
+        if library is not None:
+            _della_rows_native(library, block, uniform, density, epsilon)
+        else:
+            order = torch.sort(block.abs(), dim=1, stable=True).indices
+            ranks = torch.empty(block.shape, dtype=torch.float32, device=rows.device)
+            ranks.scatter_(1, order, positions.to(torch.float32).expand_as(ranks))
+            del order
+            if width > 1:
+                probability = ranks.div_(width - 1).clamp_(0, 1)
+                probability = probability.mul_(2).mul_(epsilon).add_(density - epsilon)
+            else:
+                probability = ranks.fill_(density)
+            keep = uniform.view(block.shape).to(rows.device).lt_(probability)
+            block.mul_(keep)
+        if norms is not None:
+            norms.after = add_l1(norms.after, block.reshape(-1))
 
 
 def _della_rows_native(
