@@ -203,16 +203,16 @@ def test_check_shows_the_budget_and_the_blocks_it_implies(
 def test_a_budget_the_method_cannot_keep_is_an_error_naming_tensor_and_reason(
     wide: dict[str, Path], write_recipe: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """Model stock has no block kernel (its statistic is the task vectors' pairwise cosines), so
-    its embedding is merged whole: with an explicit budget too small for it, check says so before
-    any weight is read."""
+    """The Karcher mean has no block kernel (its mean direction is found by iteration over the
+    whole tensor), so its embedding is merged whole: with an explicit budget too small for it,
+    check says so before any weight is read."""
     models = [wide["ft_a"], wide["ft_c"]]
-    recipe = write_recipe(method_recipe("model_stock", wide["base"], models, tmp_path / "out"))
+    recipe = write_recipe(method_recipe("karcher", wide["base"], models, tmp_path / "out"))
     done = _cli("check", str(recipe), "--max-memory", "450MiB")
     assert done.returncode != 0
     text = " ".join((done.stdout + done.stderr).split())
     assert "merge.max_memory 450.0 MiB cannot be kept" in text
-    assert "is merged whole because model_stock needs the task vectors' pairwise cosines" in text
+    assert "is merged whole because karcher needs the norms, and the mean direction found" in text
     assert "set max_memory to at least" in text
     default = _cli("check", str(recipe))  # the default budget: a warning, and the merge may run
     assert default.returncode == 0, default.stdout + default.stderr
