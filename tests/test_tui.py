@@ -162,7 +162,13 @@ async def _save_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         screen.query_one("#m1-density", Input).value = "0.4"
         screen.query_one("#out-path", Input).value = str(tmp_path / "merged")
         screen.query_one("#out-device", Input).value = "cpu"
+        screen.query_one("#out-max-memory", Input).value = "lots"
         await pilot.pause()
+        problems = str(screen.query_one("#problems", Static).render())
+        assert "merge.max_memory: cannot read size 'lots'" in problems
+        screen.query_one("#out-max-memory", Input).value = "2GiB"
+        await pilot.pause()
+        assert 'max_memory = "2GiB"' in str(screen.query_one("#preview", Static).render())
         # by default the recipe goes next to the output, following it as it changes
         assert screen.query_one("#save-path", Input).value == f"{tmp_path / 'merged'}.toml"
         screen.query_one("#save-path", Input).value = "saved.toml"
@@ -183,6 +189,7 @@ async def _save_flow(tmp_path: Path, models: dict[str, Path]) -> None:
     saved = tmp_path / "saved.toml"
     recipe = load_recipe(saved)
     assert recipe.method == "ties" and recipe.models[1].parameters["density"] == 0.4
+    assert recipe.max_memory == 2 << 30
     reopened = RecipeDraft.from_recipe(recipe)
     assert recipe_to_toml(reopened.to_recipe()) == recipe_to_toml(recipe)
     replay = subprocess.run(

@@ -22,6 +22,7 @@ DRAFT_MERGE_KEYS = (
     "dtype",
     "seed",
     "device",
+    "max_memory",
     "tokenizer",
     "missing_tokens",
     "pad_to_multiple_of",
@@ -59,6 +60,8 @@ class RecipeDraft:
     device: str = "auto"
     #: an int once valid; the text as typed until then, so validation can say what is wrong
     seed: int | str = 0
+    #: ``merge.max_memory`` as typed (``"4GiB"``); empty for the default budget
+    max_memory: str = ""
     base_dir: Path = field(default_factory=Path.cwd)
     #: ``[[slices]]`` as recipe data (each ``{"sources": [{"model", "layer_range", ...}], ...}``)
     slices: list[dict[str, Any]] = field(default_factory=list)
@@ -117,6 +120,8 @@ class RecipeDraft:
             merge["base"] = self.base
         if self.dtype:
             merge["dtype"] = self.dtype
+        if self.max_memory:
+            merge["max_memory"] = self.max_memory
         # the vocabulary keys in the recipe layer's order and form (toml_io.recipe_to_data), the
         # defaults left out
         if self.tokenizer != "base":
@@ -167,6 +172,7 @@ class RecipeDraft:
             dtype=merge.get("dtype"),
             device=str(merge.get("device", "auto")),
             seed=merge.get("seed", 0),
+            max_memory=str(merge.get("max_memory", "")),
             base_dir=base_dir,
             slices=[dict(s) for s in slices] if isinstance(slices, list) else [],
             tokenizer=str(merge.get("tokenizer", "base")),

@@ -193,7 +193,8 @@ what the setting does before anything runs. `tie_word_embeddings` and `[merge.to
 in the TOML and kept as given.
 
 Then the output folder, the dtype (default: the base's), the device (`auto` takes a GPU when there
-is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the headless command);
+is one), the seed (for DARE) and the **memory budget** (`max_memory`, e.g. `4GiB`; empty: 1 GiB):
+tensors too large for it are merged in blocks of rows, and step 2 shows how. **Ctrl+S** saves the recipe (and shows the headless command);
 **Ctrl+R** runs the merge.
 
 """ + "\n".join(f"- **{m.name}**: {m.summary} {m.when_to_use}" for m in METHODS.values())
@@ -244,6 +245,12 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
                 yield Input(draft.device, id="out-device")
                 yield Label("merge.seed: for the randomised methods (DARE)", classes="param-help")
                 yield Input(str(draft.seed), id="out-seed")
+                yield Label(
+                    "merge.max_memory: the merge's peak memory, e.g. 4GiB (default 1 GiB: larger "
+                    "tensors are merged in blocks of rows)",
+                    classes="param-help",
+                )
+                yield Input(draft.max_memory, placeholder="1GiB", id="out-max-memory")
                 yield Label("save the recipe as", classes="model-title")
                 with Horizontal(classes="row"):
                     yield Input(draft.default_save_path(), id="save-path")
@@ -506,7 +513,7 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
         self.draft.dtype = None if event.value is Select.NULL else str(event.value)
         self._validate()
 
-    @on(Input.Changed, "#out-path, #out-device, #out-seed")
+    @on(Input.Changed, "#out-path, #out-device, #out-seed, #out-max-memory")
     def output_changed(self, event: Input.Changed) -> None:
         draft = self.draft
         value = event.value.strip()
@@ -517,6 +524,8 @@ is one) and the seed (for DARE). **Ctrl+S** saves the recipe (and shows the head
             draft.output = value
         elif event.input.id == "out-device":
             draft.device = value
+        elif event.input.id == "out-max-memory":
+            draft.max_memory = value
         else:
             draft.seed = int(value) if value.lstrip("-").isdigit() else value
         self._validate()
