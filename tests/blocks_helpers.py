@@ -36,7 +36,7 @@ def squeeze(plan: MergePlan, working: int) -> None:
         plan.method,
         out_element_size(plan.out_dtype),
         None,
-        set(),
+        {source.role for source in plan.sources if source.lora is not None},
         working=working,
     )
 

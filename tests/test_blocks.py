@@ -14,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from blocks_helpers import assert_same_bits, merge, squeeze
+import torch
+from blocks_helpers import assert_same_bits, merge, squeeze, tensors_of
 from conftest import method_recipe
 
 from mergetui.engine.blocks import DEFAULT_MAX_MEMORY
@@ -126,6 +127,48 @@ def test_selections_in_blocks_of_odd_sizes_match_whole_on_both_kernel_paths(
             tensor.block_rows = 7
     blocked = run_merge(plan).output_dir
     assert_same_bits(whole, blocked)
+
+
+def test_a_lora_folded_in_blocks_gives_the_whole_tensor_bits(
+    wide: dict[str, Path], tmp_path: Path
+) -> None:
+    """An adapter on the embedding (B @ A transposed), lm_head and down_proj, folded into ft_a
+    block by block: the same bits as whole, and the delta is made in the same groups of rows."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from mergetui.sources.lora import product_rows
+
+    torch.manual_seed(3)
+    model = AutoModelForCausalLM.from_pretrained(wide["ft_a"], dtype=torch.float32)
+    targets = ["embed_tokens", "lm_head", "down_proj"]
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:  # PEFT starts one of each pair at zero
+                param.normal_(0, 0.05)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    models = [wide["ft_a"], wide["ft_c"]]
+    text = _tuned(
+        method_recipe("ties", wide["base"], models, tmp_path / "whole"),
+        "",
+        [f'lora = "{tmp_path / "adapter"}"\n'],
+    )
+    whole, _ = merge(text, tmp_path)
+    blocked, plan = merge(text.replace("whole", "blocked"), tmp_path, working=6 << 20)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensor = next(t for t in plan.tensors if t.name == name)
+        assert tensor.block_rows is not None and tensor.shape[0] // tensor.block_rows >= 2
+        assert tensor.block_rows % product_rows(256) == 0
+    assert_same_bits(whole, blocked)
+    plain = merge(
+        text.replace(f'lora = "{tmp_path / "adapter"}"\n', "").replace("whole", "plain"), tmp_path
+    )[0]
+    changed = (
+        tensors_of(plain)["model.embed_tokens.weight"]
+        != tensors_of(whole)["model.embed_tokens.weight"]
+    )
+    assert bool(changed.any())  # the adapter was folded in
 
 
 def test_progress_counts_each_tensor_once_and_reads_every_pass(

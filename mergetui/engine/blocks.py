@@ -10,8 +10,9 @@ that two fit. Methods whose math needs a whole-tensor statistic read the tensor 
 .blocked`).
 
 Some tensors are always merged whole: a method with statistics but no block kernel, rows that
-are realigned to another vocabulary first, a LoRA folded into the tensor, a method working on rows
-of a tensor that has more than two dimensions. When one of them does not fit, the plan says which
+are realigned to another vocabulary first, a method working on rows of a tensor that has more than
+two dimensions. A LoRA adapter folded into a tensor is folded block by block (its ``B @ A`` made
+in the same groups of rows either way). When one of them does not fit, the plan says which
 and why, and what budget would do: an error when the user set ``max_memory``, a warning when the
 default was in force.
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 
 from mergetui.engine.layout import PlannedTensor
 from mergetui.methods.registry import BlockPlan, MethodSpec
+from mergetui.sources.lora import product_rows
 from mergetui.units import format_bytes
 
 #: The budget when neither ``--max-memory`` nor ``[merge] max_memory`` says otherwise.
@@ -89,11 +91,15 @@ def block_plan(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> Blo
         return BlockPlan()
     if tensor.vocabulary is not None:
         return "its rows are realigned to the output vocabulary first"
-    if has_lora:
-        return "a LoRA adapter is folded into it"
-    if tensor.copy:
-        return BlockPlan()
-    return method.block_plan(tensor.shape, tensor.params, tuple(tensor.model_params))
+    how = (
+        BlockPlan()
+        if tensor.copy
+        else method.block_plan(tensor.shape, tensor.params, tuple(tensor.model_params))
+    )
+    if has_lora and isinstance(how, BlockPlan):  # B @ A made in the same groups of rows as whole
+        group = product_rows(tensor.numel // tensor.shape[0])
+        how = BlockPlan(how.passes, math.lcm(how.align_rows, group))
+    return how
 
 
 def rows_for(

@@ -316,7 +316,10 @@ class _Run:
             loaded.buffers.append(buffer)
             source = self.by_role[read.role]
             self.bytes_read += source.checkpoint.read_into(read.name, buffer, staging, first)
-            values[read] = buffer if source.lora is None else source.lora.apply(read.name, buffer)
+            if source.lora is not None:
+                start_row = 0 if piece is None else piece.start
+                buffer = source.lora.apply(read.name, buffer, start_row)
+            values[read] = buffer
         if tensor.vocabulary is not None:
             # rows in the output vocabulary's order: new tensors; the stored ones go back now
             aligned = align_rows(

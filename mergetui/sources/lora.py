@@ -100,26 +100,29 @@ class LoraAdapter:
                 )
         return problems
 
-    def _read(self, name: str) -> torch.Tensor:
+    def _read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
         import torch
 
         if self._state is not None:
-            return self._state[name].to(torch.float32)
+            whole = self._state[name]
+            return (whole if rows is None else whole[rows[0] : rows[1]]).to(torch.float32)
         spec = self.tensors[name]
         if self._fd is None:  # one open file for the whole merge, read by offset from the header
             self._fd = os.open(spec.file, os.O_RDONLY)
-        return read_spec(spec, self._fd).to(torch.float32)
+        return read_spec(spec, self._fd, rows).to(torch.float32)
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
 
-    def apply(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """Return ``tensor`` (float32, model tensor ``name``) with the adapter folded in."""
+    def apply(self, name: str, tensor: torch.Tensor, start_row: int = 0) -> torch.Tensor:
+        """Return ``tensor`` (float32, model tensor ``name``, or its rows from ``start_row`` on
+        when the tensor is merged in blocks) with the adapter folded in."""
+        rows = (start_row, start_row + tensor.shape[0]) if tensor.dim() > 1 else None
         replacement = self.replacements.get(name)
         if replacement is not None:
-            tensor = self._read(replacement).to(tensor.device)
+            tensor = self._read(replacement, rows).to(tensor.device)
         module, _, leaf = name.rpartition(".")
         target = self.targets.get(module)
         if target is None:
@@ -127,14 +130,39 @@ class LoraAdapter:
         if leaf == "weight" and "A" in target.pieces and "B" in target.pieces:
             a = self._read(target.pieces["A"]).to(tensor.device)
             b = self._read(target.pieces["B"]).to(tensor.device)
-            delta = b @ a
-            if target.embedding or self.config.get("fan_in_fan_out", False):
-                delta = delta.T
-            tensor = tensor.add_(delta, alpha=target.scale)
+            transposed = target.embedding or self.config.get("fan_in_fan_out", False)
+            _add_product_rows_(tensor, b, a, transposed, target.scale, start_row)
         elif leaf == "bias" and "B_bias" in target.pieces:
             bias = self._read(target.pieces["B_bias"]).to(tensor.device)
             tensor = tensor.add_(bias, alpha=target.scale)
         return tensor
+
+
+def product_rows(width: int) -> int:
+    """Rows of ``B @ A`` made by one matrix product: as many as fit a 64K-entry temporary (small,
+    so that blocks aligned to it still fit a tight budget). Every product covers the same rows
+    (counted from the tensor's first) whether the tensor is merged whole or in blocks of a
+    multiple of these rows, so both add the same bits."""
+    return max(1, (1 << 16) // max(width, 1))
+
+
+def _add_product_rows_(
+    tensor: torch.Tensor,
+    b: torch.Tensor,
+    a: torch.Tensor,
+    transposed: bool,
+    scale: float,
+    start_row: int,
+) -> None:
+    """``tensor += scale · (B @ A)`` (its transpose when ``transposed``) for the tensor's rows,
+    which are the delta's rows from ``start_row`` on, one :func:`product_rows` group at a time:
+    a bounded temporary, and the same products whether merged whole or in blocks."""
+    height, width = tensor.shape[0], tensor.shape[-1]
+    step = product_rows(width)
+    for first in range(0, height, step):
+        lo, hi = start_row + first, start_row + min(height, first + step)
+        delta = (b @ a[:, lo:hi]).T if transposed else b[lo:hi] @ a
+        tensor[first : first + hi - lo].add_(delta, alpha=scale)
 
 
 def _delta_shape(
