@@ -4,16 +4,30 @@ Each entry's importance is how far it moved times how much the row's softmax dis
 (the KL divergence of the other model's row from the base's); changes whose importance is an
 outlier (at least the median plus 1.5 interquartile ranges) are taken, the rest stay at the base.
 mergekit 0.1.5's ``arcee_fusion``, in float32.
+
+A tensor merged in blocks of rows (:mod:`.blocked`) is read three times: the importance is
+row-local, so each block computes its own rows' scores with the same bits as the whole tensor;
+the three quartiles are found by an exact two-level radix selection over the blocks (a histogram
+of the top 16 bits of every score, then of the low 16 bits inside each quartile's bucket); the
+last pass merges with the threshold they give.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
+from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
+from mergetui.methods.task_arithmetic import CHUNK, _from_top, pattern_as_float
 
 _SOFTMAX_EPS = 1e-8
+_QUARTILES = (0.25, 0.5, 0.75)
+_RADIX = 1 << 16
+#: The sign bit of a float32 and the bits below it, on an int32 view.
+_MAGNITUDE_BITS = 0x7FFFFFFF
 
 
 def arcee_fusion(inputs: TensorInputs) -> torch.Tensor:
@@ -28,21 +42,170 @@ def arcee_fusion(inputs: TensorInputs) -> torch.Tensor:
     (other,) = inputs.models
     importance = _importance(other, base)
     flat = importance.reshape(-1)
-    count = flat.numel()
-    quartiles = [
-        flat.kthvalue(int(torch.tensor(q, dtype=torch.float32) * (count - 1)) + 1).values
-        for q in (0.25, 0.5, 0.75)
-    ]
-    threshold = quartiles[1] + 1.5 * (quartiles[2] - quartiles[0])
+    quartiles = [flat.kthvalue(rank).values for rank in quartile_ranks(flat.numel())]
+    return _take_outliers_(base, other, importance, _threshold(quartiles))
+
+
+def quartile_ranks(count: int) -> list[int]:
+    """The 1-based ascending ranks of Q₁, Q₂ and Q₃ among ``count`` scores: ⌊q·(count−1)⌋ + 1,
+    the product rounded in float32 as mergekit's index into its sorted scores is."""
+    return [int(torch.tensor(q, dtype=torch.float32) * (count - 1)) + 1 for q in _QUARTILES]
+
+
+def _threshold(quartiles: list[torch.Tensor]) -> torch.Tensor:
+    q1, q2, q3 = quartiles
+    return q2 + 1.5 * (q3 - q1)
+
+
+def _take_outliers_(
+    base: torch.Tensor, other: torch.Tensor, importance: torch.Tensor, threshold: torch.Tensor
+) -> torch.Tensor:
+    """The base, plus the other model's change where the importance reaches ``threshold``; in
+    place in ``base`` (``other`` and ``importance`` are used up)."""
     keep = importance.ge_(threshold)
     return base.add_(other.sub_(base).mul_(keep))
 
 
 def _importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|other − base| times the KL divergence, per row (the last axis), of softmax(other) from
-    softmax(base), each with 1e-8 added."""
+    softmax(base), each with 1e-8 added. Every row's scores depend on that row alone, bit for bit
+    (softmax works row by row; :func:`_row_sums`), so a block of rows gets the whole tensor's."""
     p = F.softmax(other, dim=-1).add_(_SOFTMAX_EPS)
     q = F.softmax(base, dim=-1).add_(_SOFTMAX_EPS)
-    divergence = torch.sum(p * torch.log(p / q), dim=-1, keepdim=True)
+    terms = p * torch.log(p / q)
     del p, q
-    return (other - base).abs_().mul_(divergence)
+    return (other - base).abs_().mul_(_row_sums(terms))
+
+
+def _row_sums(terms: torch.Tensor) -> torch.Tensor:
+    """The sums along the last axis (kept as an axis of one), each row's bits fixed by that row
+    alone, however many rows are summed at once.
+
+    On the CPU ``torch.sum`` (mergekit's bits): it sums every row of a many-row tensor by the same
+    serial loop, but splits a lone row of 32768 entries or more across threads, so a lone row is
+    summed as one of two (a broadcast view, no copy). Elsewhere the reduction's layout follows the
+    number of rows (CUDA's), so :func:`_pairwise_row_sums` fixes the order instead.
+    """
+    if terms.device.type != "cpu":
+        return _pairwise_row_sums(terms)
+    rows = terms.reshape(-1, terms.shape[-1])
+    if rows.shape[0] == 1:
+        return rows.expand(2, -1).sum(dim=-1, keepdim=True)[:1].reshape(*terms.shape[:-1], 1)
+    return terms.sum(dim=-1, keepdim=True)
+
+
+def _pairwise_row_sums(terms: torch.Tensor) -> torch.Tensor:
+    """The sums along the last axis by a fixed tree of element-wise additions, in place in
+    ``terms``: entry i gets entry i + ⌈w/2⌉ added, the width w halves (rounding up), until one
+    is left. The order of additions depends on the width alone, on every device."""
+    rows = terms.reshape(-1, terms.shape[-1])
+    width = rows.shape[-1]
+    while width > 1:
+        half = width // 2
+        rows[:, :half].add_(rows[:, width - half : width])
+        width -= half
+    return rows[:, :1].reshape(*terms.shape[:-1], 1)
+
+
+# --- a tensor merged in blocks of rows ----------------------------------------------------------
+
+
+def arcee_fusion_blocks(context: TensorContext) -> BlockKernel:
+    """The block kernel of one 2-D tensor (the registry keeps other tensors whole)."""
+    return _FusionBlocks(context.numel)
+
+
+@dataclass
+class _Quartile:
+    """One quartile's radix selection as the passes fill it in."""
+
+    from_top: int  # its rank counted from the largest score: n − k + 1 for the k-th smallest
+    bucket: int = 0  # pass 0: the top-16-bit bin (of the order keys) holding it
+    above: int = 0  # scores in higher bins
+
+
+@dataclass
+class _FusionBlocks:
+    """Arcee Fusion in three passes over a tensor merged in blocks: the histogram of every
+    score's top 16 bits, the low-16-bit histogram inside each quartile's bin, then the merge.
+
+    The scores can be negative (a row's divergence is a few ulps below zero where the two rows
+    barely differ), so the histograms count order keys rather than magnitude bits:
+    :func:`_order_keys`."""
+
+    count: int
+    quartiles: list[_Quartile] = field(default_factory=list)
+    top_counts: torch.Tensor | None = None
+    low_counts: dict[int, torch.Tensor] = field(default_factory=dict)
+    threshold: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.quartiles = [_Quartile(self.count - rank + 1) for rank in quartile_ranks(self.count)]
+
+    def observe(self, pass_index: int, inputs: TensorInputs, start: int) -> None:
+        base = inputs.require_base()
+        (other,) = inputs.models
+        scores = _importance(other, base).view(-1)
+        if pass_index == 0:
+            counts = _top_counts(scores)
+            self.top_counts = counts if self.top_counts is None else self.top_counts + counts
+            return
+        if start == 0:
+            assert self.top_counts is not None
+            for quartile in self.quartiles:
+                quartile.bucket, quartile.above = _from_top(self.top_counts, quartile.from_top)
+        for bucket in {quartile.bucket for quartile in self.quartiles}:
+            counts = _bucket_counts(scores, bucket)
+            known = self.low_counts.get(bucket)
+            self.low_counts[bucket] = counts if known is None else known + counts
+
+    def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
+        base = inputs.require_base()
+        (other,) = inputs.models
+        if start == 0:
+            self.threshold = _threshold([self._value(q, base.device) for q in self.quartiles])
+        assert self.threshold is not None
+        return _take_outliers_(base, other, _importance(other, base), self.threshold)
+
+    def _value(self, quartile: _Quartile, device: torch.device) -> torch.Tensor:
+        """The quartile's score: its low 16 bits from its bin's histogram, then the float32."""
+        counts = self.low_counts[quartile.bucket]
+        low, _ = _from_top(counts, quartile.from_top, offset=quartile.above)
+        return _key_as_float(((quartile.bucket - _RADIX // 2) << 16) | low, device)
+
+
+def _order_keys(chunk: torch.Tensor) -> torch.Tensor:
+    """int32 keys of a contiguous float32 tensor that order like its values, signs included:
+    the bits themselves for x ≥ +0, the magnitude bits flipped below (−0 just under +0)."""
+    bits = chunk.view(torch.int32)
+    return bits.bitwise_xor(bits.bitwise_right_shift(31).bitwise_and_(_MAGNITUDE_BITS))
+
+
+def _key_as_float(key: int, device: torch.device) -> torch.Tensor:
+    """The float32 whose order key (:func:`_order_keys`, as a signed 32-bit int) is ``key``."""
+    bits = key ^ ((key >> 31) & _MAGNITUDE_BITS)  # the mapping is its own inverse
+    return pattern_as_float(bits, device)
+
+
+def _top_bins(keys: torch.Tensor) -> torch.Tensor:
+    """Each key's top 16 bits as a bin in [0, 65536), ascending like the keys."""
+    return keys.bitwise_right_shift(16).add_(_RADIX // 2)
+
+
+def _top_counts(flat: torch.Tensor) -> torch.Tensor:
+    """How many scores of a flat float32 tensor fall in each top-16-bit bin, chunk by chunk."""
+    counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
+    for chunk in flat.split(CHUNK):
+        counts += torch.bincount(_top_bins(_order_keys(chunk)), minlength=_RADIX)
+    return counts
+
+
+def _bucket_counts(flat: torch.Tensor, bucket: int) -> torch.Tensor:
+    """How many scores of the top-16-bit bin ``bucket`` have each low 16 bits, chunk by chunk
+    (the other scores go to an extra bin that is dropped)."""
+    counts = torch.zeros(_RADIX + 1, dtype=torch.int64, device=flat.device)
+    for chunk in flat.split(CHUNK):
+        keys = _order_keys(chunk)
+        low = torch.where(_top_bins(keys) == bucket, keys.bitwise_and(0xFFFF), _RADIX)
+        counts += torch.bincount(low, minlength=_RADIX + 1)
+    return counts[:_RADIX]

@@ -411,6 +411,27 @@ def _della_blocks(name: str) -> BlockRule:
     return rule
 
 
+def _sce_blocks(
+    shape: tuple[int, ...], params: Mapping[str, Any], model_params: tuple[Mapping[str, Any], ...]
+) -> BlockPlan | str:
+    """With ``select_topk`` < 1, the variance threshold's top 16 bits (and the nonzero count),
+    its low 16 bits, then the masking and the mean squares, then the merge; else the squares and
+    the merge. The squares are summed per whole chunk, so blocks hold whole chunks."""
+    passes = 4 if float(params.get("select_topk", 1.0)) < 1.0 else 2
+    return BlockPlan(passes, rows_aligned_to(KERNEL_CHUNK_ELEMENTS, _width(shape)))
+
+
+def _arcee_fusion_blocks(
+    shape: tuple[int, ...], params: Mapping[str, Any], model_params: tuple[Mapping[str, Any], ...]
+) -> BlockPlan | str:
+    """The quartiles' top 16 bits, their low 16 bits, then the merge; a row's scores need that
+    row's KL divergence along the last axis, which blocks of the first axis hold whole only on
+    matrices."""
+    if len(shape) != 2:
+        return f"arcee_fusion works on rows and the tensor has {len(shape)} dimensions"
+    return BlockPlan(3)
+
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
@@ -581,7 +602,11 @@ METHODS: dict[str, MethodSpec] = {
             blocks=Blocks(
                 "elements",
                 ("the variance threshold of the top-k selection", "each task vector's mean square"),
+                passes=4,
+                align_elements=KERNEL_CHUNK_ELEMENTS,
+                rule=_sce_blocks,
             ),
+            block_kernel="mergetui.methods.sce:sce_blocks",
         ),
         MethodSpec(
             name="model_stock",
@@ -732,7 +757,13 @@ METHODS: dict[str, MethodSpec] = {
             min_models=1,
             max_models=1,
             work_buffers=4,
-            blocks=Blocks("rows", ("the quartiles of the importance scores",)),
+            blocks=Blocks(
+                "rows",
+                ("the quartiles of the importance scores",),
+                passes=3,
+                rule=_arcee_fusion_blocks,
+            ),
+            block_kernel="mergetui.methods.fusion:arcee_fusion_blocks",
             notes=(
                 "Quartiles are exact; mergekit estimates them from a random sample of a million "
                 "scores on larger tensors.",
