@@ -377,6 +377,7 @@ KERNEL_CHUNK_ELEMENTS = 1 << 20
 _RESCALE_STATISTIC = "each task vector's L1 norm before and after the drop (with rescale)"
 _OUTLIER_STATISTIC = "each task vector's two magnitude-rank bounds"
 
+
 def _sparsifies(model_params: tuple[Mapping[str, Any], ...]) -> bool:
     return any(float(p.get("density", 1.0)) < 1.0 for p in model_params)
 
@@ -430,6 +431,63 @@ def _arcee_fusion_blocks(
     if len(shape) != 2:
         return f"arcee_fusion works on rows and the tensor has {len(shape)} dimensions"
     return BlockPlan(3)
+
+
+#: Row chunks start a multiple of this many float32 entries (64 bytes) apart, so that a chunk read
+#: in a block lies at the same alignment as in the whole tensor: vectorised loads (CUDA, MKL) then
+#: add in the same order.
+_ROW_CHUNK_ALIGNMENT = 16
+
+
+def rows_per_chunk(width: int) -> int:
+    """Rows in one chunk of the row-chunked kernels (model_stock, nuslerp, multislerp: see
+    :mod:`mergetui.methods.chunked`): as many whole rows of ``width`` entries as fit in
+    ``KERNEL_CHUNK_ELEMENTS``, in a multiple that keeps chunks 64-byte aligned, at least one such
+    multiple. Unlike whole 1M-entry chunks, any width gives chunks of a few MiB, so blocks aligned
+    to them stay small whatever the width."""
+    width = max(width, 1)
+    step = rows_aligned_to(_ROW_CHUNK_ALIGNMENT, width)
+    return max(step, KERNEL_CHUNK_ELEMENTS // (width * step) * step)
+
+
+def _row_chunk_blocks(
+    name: str, passes: Callable[[Mapping[str, Any], tuple[Mapping[str, Any], ...]], int]
+) -> BlockRule:
+    """The rule of a row-chunked kernel: blocks of whole row chunks, ``passes(params,
+    model_params)`` reading passes (the kernel's own count, which it derives the same way)."""
+
+    def rule(
+        shape: tuple[int, ...],
+        params: Mapping[str, Any],
+        model_params: tuple[Mapping[str, Any], ...],
+    ) -> BlockPlan | str:
+        if len(shape) < 2:
+            plural = "" if len(shape) == 1 else "s"
+            return (
+                f"{name} is merged in blocks of rows; the tensor has {len(shape)} dimension{plural}"
+            )
+        return BlockPlan(passes(params, model_params), rows_per_chunk(_width(shape)))
+
+    return rule
+
+
+def _model_stock_passes(params: Mapping[str, Any], model_params: tuple[Any, ...]) -> int:
+    """Per row with ``filter_wise`` (each row chunk merged on its own); else the pairwise dots and
+    norms over the whole tensor first."""
+    return 1 if bool(params.get("filter_wise", False)) else 2
+
+
+def _nuslerp_passes(params: Mapping[str, Any], model_params: tuple[Any, ...]) -> int:
+    """The norms and dot product over the whole tensor (``nuslerp_flatten``) or per column
+    (``nuslerp_row_wise``, summed over every row) first; per row, each row chunk on its own."""
+    flatten = bool(params.get("nuslerp_flatten", True))
+    return 2 if flatten or bool(params.get("nuslerp_row_wise", False)) else 1
+
+
+def _multislerp_passes(params: Mapping[str, Any], model_params: tuple[Any, ...]) -> int:
+    """The task vectors' norms, then the norm of their weighted mean direction, then the merge; a
+    lone model is returned as it is."""
+    return 3 if len(model_params) > 1 else 1
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -625,10 +683,14 @@ METHODS: dict[str, MethodSpec] = {
             ),
             needs_base=True,
             min_models=2,
-            work_buffers=3,
             blocks=Blocks(
-                "rows", ("the task vectors' pairwise cosines (per row with filter_wise)",)
+                "rows",
+                ("the task vectors' pairwise cosines (per row with filter_wise)",),
+                passes=2,
+                align_elements=KERNEL_CHUNK_ELEMENTS,
+                rule=_row_chunk_blocks("model_stock", _model_stock_passes),
             ),
+            block_kernel="mergetui.methods.stock:model_stock_blocks",
         ),
         MethodSpec(
             name="karcher",
@@ -711,11 +773,14 @@ METHODS: dict[str, MethodSpec] = {
             optional_base=True,
             min_models=2,
             max_models=2,
-            work_buffers=3,
             blocks=Blocks(
                 "rows",
                 ("the two vectors' norms and dot product (the whole tensor with nuslerp_flatten)",),
+                passes=2,
+                align_elements=KERNEL_CHUNK_ELEMENTS,
+                rule=_row_chunk_blocks("nuslerp", _nuslerp_passes),
             ),
+            block_kernel="mergetui.methods.slerp:nuslerp_blocks",
         ),
         MethodSpec(
             name="multislerp",
@@ -741,10 +806,14 @@ METHODS: dict[str, MethodSpec] = {
             ),
             optional_base=True,
             min_models=1,
-            work_buffers=3,
             blocks=Blocks(
-                "elements", ("the task vectors' norms and their weighted mean direction",)
+                "elements",
+                ("the task vectors' norms and their weighted mean direction",),
+                passes=3,
+                align_elements=KERNEL_CHUNK_ELEMENTS,
+                rule=_row_chunk_blocks("multislerp", _multislerp_passes),
             ),
+            block_kernel="mergetui.methods.slerp:multislerp_blocks",
         ),
         MethodSpec(
             name="arcee_fusion",

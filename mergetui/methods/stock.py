@@ -3,16 +3,29 @@
 Both look at the models as points around a centre: model_stock measures how aligned the task
 vectors are and moves from the base towards their average by that much; the Karcher mean averages
 the directions on the unit sphere and restores the average norm. mergekit's 0.1.5 arithmetic, in
-float32.
+float32 — but for model_stock's whole-tensor dot products, summed in float64 across row chunks so
+that the tensor merged in blocks gives the same bits (:mod:`.chunked`).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from mergetui.methods import native
+from mergetui.methods.blocked import BlockKernel, TensorContext
+from mergetui.methods.chunked import (
+    ChunkSums,
+    check_aligned,
+    chunks_of,
+    context_of,
+    merge_whole,
+    task_vector,
+)
 from mergetui.methods.inputs import TensorInputs
 
 _COS_EPS = 1e-6
@@ -22,17 +35,77 @@ _SINGULAR = 1e-6
 def model_stock(inputs: TensorInputs) -> torch.Tensor:
     """t·mean(models) + (1−t)·base, with t = N·c/(1+(N−1)·c) from the mean pairwise cosine c of
     the task vectors (per row with ``filter_wise``). Where 1+(N−1)·c vanishes there is no finite
-    estimate and the base is kept, as mergekit 0.1.5 does."""
-    base = inputs.require_base()
-    shape = base.shape
-    filter_wise = bool(inputs.params.get("filter_wise", False))
-    if filter_wise:
-        rows = base if base.dim() > 1 else base.unsqueeze(0)
-        others = [m if m.dim() > 1 else m.unsqueeze(0) for m in inputs.models]
-    else:
-        rows = base.reshape(-1)
-        others = [m.reshape(-1) for m in inputs.models]
-    offsets = [m - rows for m in others]
+    estimate and the base is kept, as mergekit 0.1.5 does.
+
+    The whole-tensor cosines come from dot products summed per row chunk (float64 across chunks,
+    :mod:`.chunked`), so the tensor merged in blocks gives the same bits."""
+    return merge_whole(_StockBlocks(context_of(inputs)), inputs)
+
+
+def model_stock_blocks(context: TensorContext) -> BlockKernel:
+    return _StockBlocks(context)
+
+
+@dataclass
+class _StockBlocks:
+    """model_stock by row chunks: with ``filter_wise`` each chunk merged on its own (its rows'
+    cosines are its own); otherwise a first pass sums the task vectors' squared norms and pairwise
+    dot products over the whole tensor."""
+
+    context: TensorContext
+    sums: ChunkSums = field(default_factory=ChunkSums)
+    interpolation: float | None = None
+
+    def __post_init__(self) -> None:
+        self.count = len(self.context.model_params)
+        # a 1-D tensor is a single row: its cosine is the whole tensor's
+        self.filter_wise = bool(self.context.params.get("filter_wise", False)) and (
+            len(self.context.shape) > 1
+        )
+        self.passes = 1 if self.filter_wise else 2
+        self.pairs = list(itertools.combinations(range(self.count), 2))
+
+    def observe(self, pass_index: int, inputs: TensorInputs, start: int) -> None:
+        check_aligned(self.context, start)
+        for base, models in chunks_of(inputs.require_base(), inputs.models):
+            assert base is not None
+            deltas = [task_vector(model.reshape(-1), base.reshape(-1)) for model in models]
+            self.sums.add(
+                *(torch.dot(delta, delta) for delta in deltas),
+                *(torch.dot(deltas[i], deltas[j]) for i, j in self.pairs),
+            )
+
+    def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
+        check_aligned(self.context, start)
+        base = inputs.require_base()
+        if not self.filter_wise:
+            if self.interpolation is None:
+                self.interpolation = self._interpolation(base.device)
+            return _move_towards_average(base, inputs.models, self.interpolation)
+        for base_rows, model_rows in chunks_of(base, inputs.models):
+            assert base_rows is not None
+            _move_towards_average(base_rows, model_rows, _row_interpolation(base_rows, model_rows))
+        return inputs.models[0]
+
+    def _interpolation(self, device: torch.device) -> float:
+        """t from the whole tensor's mean pairwise cosine (0, keeping the base, where singular)."""
+        totals = self.sums.result(self.count + len(self.pairs), device).tolist()
+        norms = [math.sqrt(square) for square in totals[: self.count]]
+        cosines = [
+            max(-1.0, min(1.0, dot / max(norms[i] * norms[j], _COS_EPS)))
+            for (i, j), dot in zip(self.pairs, totals[self.count :], strict=True)
+        ]
+        cosine = sum(cosines) / len(cosines)
+        denominator = 1 + (self.count - 1) * cosine
+        if abs(denominator) < _SINGULAR:
+            return 0.0
+        return self.count * cosine / denominator
+
+
+def _row_interpolation(base: torch.Tensor, models: list[torch.Tensor]) -> torch.Tensor:
+    """t per row (vector along the last axis) of one row chunk, in float32 as mergekit computes
+    it: 0, keeping the base, where 1+(N−1)·c vanishes."""
+    offsets = [model - base for model in models]
     cosines = []
     for index, first in enumerate(offsets):
         for second in offsets[index + 1 :]:
@@ -42,13 +115,23 @@ def model_stock(inputs: TensorInputs) -> torch.Tensor:
             cosines.append(((first * second).sum(dim=-1) / norms.clamp(min=_COS_EPS)).clamp(-1, 1))
     del offsets
     cosine = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
-    count = len(others)
+    count = len(models)
     denominator = 1 + (count - 1) * cosine
     singular = denominator.abs() < _SINGULAR
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
-    t = torch.where(singular, torch.zeros_like(cosine), (count * cosine) / safe)
-    average = sum(others[1:], others[0].clone()) / count
-    return (t * average + (1 - t) * rows).reshape(shape)
+    return torch.where(singular, torch.zeros_like(cosine), (count * cosine) / safe)
+
+
+def _move_towards_average(
+    base: torch.Tensor, models: list[torch.Tensor], t: float | torch.Tensor
+) -> torch.Tensor:
+    """t·mean(models) + (1−t)·base, in the first model's buffer (returned); the base is scaled
+    in place. Elementwise, so any rows give the bits they have in the whole tensor."""
+    average = models[0]
+    for model in models[1:]:
+        average.add_(model)
+    average.div_(len(models)).mul_(t)
+    return average.add_(base.mul_(1 - t))
 
 
 def karcher(inputs: TensorInputs) -> torch.Tensor:
