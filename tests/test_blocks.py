@@ -171,6 +171,24 @@ def test_a_lora_folded_in_blocks_gives_the_whole_tensor_bits(
     assert bool(changed.any())  # the adapter was folded in
 
 
+def test_blocks_that_cannot_be_made_small_enough_are_named(
+    wide: dict[str, Path], tmp_path: Path
+) -> None:
+    """DARE's blocks hold whole 1M-entry draws (4096 rows of 256): with room for less, the plan
+    says which tensor overruns the budget and why, instead of quietly exceeding it."""
+    text = method_recipe("dare_ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "o")
+    plan = build_plan(parse_recipe(text, base_dir=tmp_path))
+    squeeze(plan, 6 << 20)
+    assert plan.memory is not None
+    over = dict(plan.memory.over_budget)
+    assert over["model.embed_tokens.weight"] == (
+        "is merged in blocks of at least 4096 rows (whole chunks of dare_ties's sums or random "
+        "draws)"
+    )
+    squeeze(plan, 64 << 20)
+    assert plan.memory.over_budget == ()
+
+
 def test_progress_counts_each_tensor_once_and_reads_every_pass(
     wide: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -53,8 +53,9 @@ class MemoryPlan:
     #: tensors merged in blocks, and the one with the most blocks (name, rows per block, blocks)
     blocked: int
     largest_blocked: tuple[str, int, int] | None
-    #: per tensor merged whole although it does not fit: (name, why)
-    whole_over_budget: tuple[tuple[str, str], ...]
+    #: per tensor that does not fit although it should: (name, what keeps it from fitting, as
+    #: "is merged whole because ..." or "is merged in blocks of at least N rows ...")
+    over_budget: tuple[tuple[str, str], ...]
     #: the largest float32 working set and output piece of one step
     largest_float_bytes: int
     largest_output_bytes: int
@@ -171,8 +172,16 @@ def plan_memory(
                 fraction = rows / tensor.shape[0]
                 float_bytes = math.ceil(float_bytes * fraction)
                 output_bytes = math.ceil(output_bytes * fraction)
+                if float_bytes + OUTPUT_COPIES * output_bytes > working:
+                    over.append(
+                        (
+                            tensor.name,
+                            f"is merged in blocks of at least {rows} rows (whole chunks of "
+                            f"{method.name}'s sums or random draws)",
+                        )
+                    )
             elif reason and float_bytes + OUTPUT_COPIES * output_bytes > working:
-                over.append((tensor.name, reason))
+                over.append((tensor.name, f"is merged whole because {reason}"))
         largest_float = max(largest_float, float_bytes)
         largest_output = max(largest_output, output_bytes)
         if float_bytes + OUTPUT_COPIES * output_bytes > largest_set:
@@ -184,7 +193,7 @@ def plan_memory(
         pool_bytes=pool,
         blocked=blocked,
         largest_blocked=largest_blocked,
-        whole_over_budget=tuple(over),
+        over_budget=tuple(over),
         largest_float_bytes=largest_float,
         largest_output_bytes=largest_output,
         largest_piece=largest_piece,

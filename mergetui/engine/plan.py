@@ -586,18 +586,18 @@ def _budget_problems(plan: MergePlan) -> list[Problem]:
                 f"to run ({format_bytes(minimum_budget())}); raise it",
             )
         ]
-    if not memory.whole_over_budget:
+    if not memory.over_budget:
         return []
-    name, why = memory.whole_over_budget[0]
-    more = len(memory.whole_over_budget) - 1
+    name, why = memory.over_budget[0]
+    more = len(memory.over_budget) - 1
     others = f" (and {more} more)" if more else ""
     peak = max(estimates.peak_ram_bytes, estimates.peak_vram_bytes or 0)
     return [
         Problem(
             severity,
-            f"{how} {format_bytes(memory.max_memory)} cannot be kept: {name}{others} is merged "
-            f"whole because {why}, so the merge needs ≈ {format_bytes(peak)}; set max_memory "
-            f"to at least that ([merge] max_memory or --max-memory)",
+            f"{how} {format_bytes(memory.max_memory)} cannot be kept: {name}{others} {why}, so "
+            f"the merge needs ≈ {format_bytes(peak)}; set max_memory to at least that ([merge] "
+            "max_memory or --max-memory)",
         )
     ]
 
