@@ -114,7 +114,7 @@ def test_selections_in_blocks_of_odd_sizes_match_whole_on_both_kernel_paths(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """TIES carries its tie quota, breadcrumbs its ranks among equal magnitudes, from block to
-    block; blocks of 7 rows cut the tensor anywhere, with the C loops and with the op-by-op torch
+    block; blocks of 61 rows cut the tensor anywhere, with the C loops and with the op-by-op torch
     path."""
     monkeypatch.setenv("MERGETUI_NATIVE", native)
     text = method_recipe(method, wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "whole")
@@ -124,7 +124,7 @@ def test_selections_in_blocks_of_odd_sizes_match_whole_on_both_kernel_paths(
     squeeze(plan, 6 << 20)
     for tensor in plan.tensors:
         if tensor.block_rows is not None:
-            tensor.block_rows = 7
+            tensor.block_rows = 61
     blocked = run_merge(plan).output_dir
     assert_same_bits(whole, blocked)
 
