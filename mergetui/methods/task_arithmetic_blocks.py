@@ -191,16 +191,19 @@ class _TaskVectorBlocks:
                     continue  # nothing kept: the norm after stays 0
                 self.norms[index].after = add_l1(self.norms[index].after, delta)
             return
-        for index, selection in self._selections():
+        selections = dict(self._selections())
+        for index in sorted(selections.keys() | self.norms.keys()):
             delta = _flat(inputs.models[index].sub_(base))
-            library = native.available_for(delta)
-            if pass_index == 0:
-                selection.observe_top(delta, library)
-            else:
-                selection.observe_bucket(delta, library)
-        if pass_index == 0 and self.sparsify == "outliers":
-            for index, norms in self.norms.items():
-                norms.before = add_l1(norms.before, _flat(inputs.models[index]))
+            selection = selections.get(index)
+            if selection is not None:
+                library = native.available_for(delta)
+                if pass_index == 0:
+                    selection.observe_top(delta, library)
+                else:
+                    selection.observe_bucket(delta, library)
+            l1 = self.norms.get(index)
+            if pass_index == 0 and l1 is not None:  # breadcrumbs' rescale: the L1 before
+                l1.before = add_l1(l1.before, delta)
 
     def _selections(self) -> list[tuple[int, BlockedSelection]]:
         if self.sparsify == "magnitude":
