@@ -490,6 +490,15 @@ def _multislerp_passes(params: Mapping[str, Any], model_params: tuple[Any, ...])
     return 3 if len(model_params) > 1 else 1
 
 
+#: breadcrumbs' and breadcrumbs_ties' (the same sparsification)
+_BREADCRUMBS_BLOCKS = Blocks(
+    "elements",
+    (_OUTLIER_STATISTIC, _RESCALE_STATISTIC),
+    passes=4,
+    align_elements=KERNEL_CHUNK_ELEMENTS,
+    rule=_breadcrumbs_blocks,
+)
+
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
@@ -582,13 +591,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
             work_buffers=0,
-            blocks=Blocks(
-                "elements",
-                (_OUTLIER_STATISTIC, _RESCALE_STATISTIC),
-                passes=4,
-                align_elements=KERNEL_CHUNK_ELEMENTS,
-                rule=_breadcrumbs_blocks,
-            ),
+            blocks=_BREADCRUMBS_BLOCKS,
             block_kernel=f"{_TA_BLOCKS}:breadcrumbs_blocks",
         ),
         MethodSpec(
@@ -600,13 +603,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _GAMMA, _normalize(False), _rescale(False), _LAMBDA),
             needs_base=True,
             work_buffers=0,
-            blocks=Blocks(
-                "elements",
-                (_OUTLIER_STATISTIC, _RESCALE_STATISTIC),
-                passes=4,
-                align_elements=KERNEL_CHUNK_ELEMENTS,
-                rule=_breadcrumbs_blocks,
-            ),
+            blocks=_BREADCRUMBS_BLOCKS,
             block_kernel=f"{_TA_BLOCKS}:breadcrumbs_ties_blocks",
         ),
         MethodSpec(
