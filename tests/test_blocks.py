@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from blocks_helpers import assert_same_bits, merge, squeeze, tensors_of
-from conftest import method_recipe
+from conftest import method_recipe, save_llama
 
 from mergetui.engine.blocks import DEFAULT_MAX_MEMORY
 from mergetui.engine.executor import run_merge
@@ -187,6 +187,49 @@ def test_blocks_that_cannot_be_made_small_enough_are_named(
     )
     squeeze(plan, 64 << 20)
     assert plan.memory.over_budget == ()
+
+
+@pytest.fixture(scope="module")
+def appended(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base with a 16384-token tokenizer, a fine-tune that appended two chat tokens (16386
+    rows) and one that kept the base's tokenizer."""
+    from test_vocabulary import add_chat_tokens, save_resized_finetune, save_tokenizer
+
+    root = tmp_path_factory.mktemp("appended")
+    shape = dict(vocab_size=16384, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    base = save_llama(root / "base", seed=20, dtype="float32", **shape)
+    save_tokenizer(base, ["<unk>", "<s>", "</s>", "<pad>"] + [f"t{i}" for i in range(16380)])
+    return {
+        "base": base,
+        "chat": save_resized_finetune(base, root / "chat", seed=21, edit=add_chat_tokens),
+        "plain": save_resized_finetune(base, root / "plain", seed=22),
+    }
+
+
+def test_tokens_appended_by_a_fine_tune_do_not_keep_the_embedding_whole(
+    appended: dict[str, Path], tmp_path: Path
+) -> None:
+    """Merged into the base's vocabulary, the chat fine-tune's rows are its stored rows cut to
+    16384: the embedding and lm_head go in blocks of stored rows, with the bits of the whole
+    realignment. A union vocabulary realigns rows, so its embedding stays whole (and says so)."""
+    models = [appended["chat"], appended["plain"]]
+    text = method_recipe("ties", appended["base"], models, tmp_path / "whole")
+    text = text.replace("seed = 7\n", 'seed = 7\ntokenizer = "base"\n')
+    whole, _ = merge(text, tmp_path)
+    blocked, plan = merge(text.replace("whole", "blocked"), tmp_path, working=6 << 20)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        tensor = next(t for t in plan.tensors if t.name == name)
+        assert tensor.vocabulary is not None and tensor.shape[0] == 16384
+        assert tensor.block_rows is not None and tensor.shape[0] // tensor.block_rows >= 2
+    assert_same_bits(whole, blocked)
+    union_text = text.replace('"base"', '"union"').replace("version = 1", "version = 2")
+    union = build_plan(parse_recipe(union_text, base_dir=tmp_path))
+    squeeze(union, 6 << 20)
+    assert union.memory is not None
+    over = dict(union.memory.over_budget)
+    assert over["model.embed_tokens.weight"] == (
+        "is merged whole because its rows are realigned to the output vocabulary first"
+    )
 
 
 def test_progress_counts_each_tensor_once_and_reads_every_pass(

@@ -10,9 +10,10 @@ that two fit. Methods whose math needs a whole-tensor statistic read the tensor 
 .blocked`).
 
 Some tensors are always merged whole: a method with statistics but no block kernel, rows that
-are realigned to another vocabulary first, a method working on rows of a tensor that has more than
-two dimensions. A LoRA adapter folded into a tensor is folded block by block (its ``B @ A`` made
-in the same groups of rows either way). When one of them does not fit, the plan says which
+are realigned to another vocabulary first (unless the realignment only cuts off rows appended
+after the output's, which blocks of the stored rows then skip), a method working on rows of a
+tensor that has more than two dimensions. A LoRA adapter folded into a tensor is folded block by
+block (its ``B @ A`` made in the same groups of rows either way). When one of them does not fit, the plan says which
 and why, and what budget would do: an error when the user set ``max_memory``, a warning when the
 default was in force.
 """
@@ -90,7 +91,8 @@ def block_plan(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> Blo
         return "it has one dimension"
     if not tensor.merge:  # copied as stored, block by block
         return BlockPlan()
-    if tensor.vocabulary is not None:
+    vocabulary = tensor.vocabulary
+    if vocabulary is not None and not vocabulary.keeps_stored_rows(r.role for r in tensor.reads):
         return "its rows are realigned to the output vocabulary first"
     how = (
         BlockPlan()

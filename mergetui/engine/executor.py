@@ -320,8 +320,9 @@ class _Run:
                 start_row = 0 if piece is None else piece.start
                 buffer = source.lora.apply(read.name, buffer, start_row)
             values[read] = buffer
-        if tensor.vocabulary is not None:
+        if tensor.vocabulary is not None and piece is None:
             # rows in the output vocabulary's order: new tensors; the stored ones go back now
+            # (a tensor in blocks keeps its stored rows: the plan checked that they are in order)
             aligned = align_rows(
                 tensor.vocabulary, {read.role: values[read] for read in tensor.reads}, tensor.name
             )

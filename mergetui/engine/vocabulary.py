@@ -38,6 +38,8 @@ from mergetui.recipe.vocab import MISSING_TOKEN_RULES, TokenOverride, model_inde
 from mergetui.sources.vocabulary import AddedToken, Vocabulary, read_vocabulary
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
 
     from mergetui.engine.layout import PlannedTensor
@@ -163,6 +165,19 @@ class VocabularyPlan:
     def aligned(self, name: str) -> bool:
         """Whether output tensor ``name`` has its rows aligned."""
         return not self.identity and any(name in m.tensors for m in self.models.values())
+
+    def keeps_stored_rows(self, roles: Iterable[str]) -> bool:
+        """Whether aligning leaves these roles' rows where they are stored: each maps output
+        row i to its own row i, no token is forced to another row and no padding row is added.
+        The common case of fine-tunes that appended tokens merged into the base's vocabulary:
+        such a tensor is its stored rows cut to the output's, so it can be read in blocks."""
+        count = len(self.tokens)
+        if not count or self.rows != count:
+            return False
+        if any(override.force for override, _, _ in self.overrides.values()):
+            return False
+        identity = list(range(count))
+        return all(self.maps.get(role) == identity for role in roles)
 
     def token_ids(self) -> dict[str, int]:
         return {token: index for index, token in enumerate(self.tokens) if token is not None}
