@@ -4,10 +4,18 @@ The engine reads a large tensor as consecutive blocks of rows (every input's sam
 each block to a :class:`BlockKernel` as an ordinary :class:`TensorInputs`. A method whose math is
 independent from one element (or row) to the next merges each block with its plain kernel
 (:func:`independent_blocks`). A method that needs a whole-tensor statistic first (TIES' k-th
-largest magnitude, DARE's L1 norms) declares ``passes`` in the registry: the engine reads the
-tensor that many times, the kernel gathers its statistics from the blocks of the first passes
-(``observe``) and merges on the last one (``merge``), exactly as the whole tensor would be merged —
-the same bits, which the tests check method by method.
+largest magnitude, DARE's L1 norms) declares ``passes`` in the registry (per tensor, with
+``Blocks.rule``, when its parameters change them): the engine reads the tensor that many times,
+the kernel gathers its statistics from the blocks of the first passes (``observe``) and merges on
+the last one (``merge``), exactly as the whole tensor would be merged — the same bits, which the
+tests check method by method.
+
+The same bits need the same arithmetic: a sum is taken over the same chunks in the same order
+whole and in blocks (blocks are aligned to whole chunks: ``BlockPlan.align_rows``), a random
+stream is drawn in the same calls, and an order statistic is found exactly (a radix selection
+over the blocks, :class:`~mergetui.methods.task_arithmetic_blocks.BlockedSelection`). Where it is
+simpler, the whole-tensor kernel is the block kernel run over the tensor as one block
+(:mod:`mergetui.methods.chunked`).
 """
 
 from __future__ import annotations
