@@ -247,14 +247,11 @@ def test_fusion_quartiles_of_negative_scores_by_radix_match_kthvalue() -> None:
     values = torch.randn(3000, generator=generator).mul(4).round().div(4)
     values[:100] = -0.0
     kernel = fusion._FusionBlocks(values.numel())
-    kernel.top_counts = fusion._top_counts(values)
-    for quartile in kernel.quartiles:
-        quartile.bucket, quartile.above = task_arithmetic._from_top(
-            kernel.top_counts, quartile.from_top
-        )
-        kernel.low_counts[quartile.bucket] = fusion._bucket_counts(values, quartile.bucket)
-    for quartile, rank in zip(kernel.quartiles, fusion.quartile_ranks(values.numel()), strict=True):
-        assert kernel._value(quartile, values.device) == values.kthvalue(rank).values
+    kernel.selection.observe_top(values)
+    kernel.selection.observe_bucket(values)
+    ranks = fusion.quartile_ranks(values.numel())
+    for from_top, rank in zip(kernel.from_top, ranks, strict=True):
+        assert kernel._value(from_top, values.device) == values.kthvalue(rank).values
 
 
 def test_the_block_rules_follow_the_parameters_and_the_shape() -> None:

@@ -14,14 +14,15 @@ last pass merges with the threshold they give.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
-from mergetui.methods.task_arithmetic import CHUNK, _from_top, pattern_as_float
+from mergetui.methods.task_arithmetic import CHUNK, pattern_as_float
+from mergetui.methods.task_arithmetic_blocks import BlockedSelection
 
 _SOFTMAX_EPS = 1e-8
 _QUARTILES = (0.25, 0.5, 0.75)
@@ -116,62 +117,44 @@ def arcee_fusion_blocks(context: TensorContext) -> BlockKernel:
 
 
 @dataclass
-class _Quartile:
-    """One quartile's radix selection as the passes fill it in."""
-
-    from_top: int  # its rank counted from the largest score: n − k + 1 for the k-th smallest
-    bucket: int = 0  # pass 0: the top-16-bit bin (of the order keys) holding it
-    above: int = 0  # scores in higher bins
-
-
-@dataclass
 class _FusionBlocks:
     """Arcee Fusion in three passes over a tensor merged in blocks: the histogram of every
-    score's top 16 bits, the low-16-bit histogram inside each quartile's bin, then the merge.
+    score's top 16 bits, the low-16-bit histogram inside each quartile's bin (the blocked radix
+    selection of TIES, :class:`BlockedSelection`), then the merge.
 
     The scores can be negative (a row's divergence is a few ulps below zero where the two rows
     barely differ), so the histograms count order keys rather than magnitude bits:
     :func:`_order_keys`."""
 
     count: int
-    quartiles: list[_Quartile] = field(default_factory=list)
-    top_counts: torch.Tensor | None = None
-    low_counts: dict[int, torch.Tensor] = field(default_factory=dict)
     threshold: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        self.quartiles = [_Quartile(self.count - rank + 1) for rank in quartile_ranks(self.count)]
+        # the k-th smallest score is the (n − k + 1)-th largest
+        self.from_top = [self.count - rank + 1 for rank in quartile_ranks(self.count)]
+        self.selection = BlockedSelection(tuple(self.from_top), _top_counts, _bucket_counts)
 
     def observe(self, pass_index: int, inputs: TensorInputs, start: int) -> None:
         base = inputs.require_base()
         (other,) = inputs.models
         scores = _importance(other, base).view(-1)
         if pass_index == 0:
-            counts = _top_counts(scores)
-            self.top_counts = counts if self.top_counts is None else self.top_counts + counts
-            return
-        if start == 0:
-            assert self.top_counts is not None
-            for quartile in self.quartiles:
-                quartile.bucket, quartile.above = _from_top(self.top_counts, quartile.from_top)
-        for bucket in {quartile.bucket for quartile in self.quartiles}:
-            counts = _bucket_counts(scores, bucket)
-            known = self.low_counts.get(bucket)
-            self.low_counts[bucket] = counts if known is None else known + counts
+            self.selection.observe_top(scores)
+        else:
+            self.selection.observe_bucket(scores)
 
     def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
         base = inputs.require_base()
         (other,) = inputs.models
         if start == 0:
-            self.threshold = _threshold([self._value(q, base.device) for q in self.quartiles])
+            self.threshold = _threshold([self._value(k, base.device) for k in self.from_top])
         assert self.threshold is not None
         return _take_outliers_(base, other, _importance(other, base), self.threshold)
 
-    def _value(self, quartile: _Quartile, device: torch.device) -> torch.Tensor:
-        """The quartile's score: its low 16 bits from its bin's histogram, then the float32."""
-        counts = self.low_counts[quartile.bucket]
-        low, _ = _from_top(counts, quartile.from_top, offset=quartile.above)
-        return _key_as_float(((quartile.bucket - _RADIX // 2) << 16) | low, device)
+    def _value(self, from_top: int, device: torch.device) -> torch.Tensor:
+        """The score of that rank: its bin is offset by half the radix (:func:`_top_bins`)."""
+        bins, _, _ = self.selection.found(from_top)
+        return _key_as_float(bins - (_RADIX // 2 << 16), device)
 
 
 def _order_keys(chunk: torch.Tensor) -> torch.Tensor:

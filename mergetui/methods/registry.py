@@ -149,7 +149,7 @@ class Blocks:
     #: a random stream drawn chunk by chunk is drawn in the same calls, so blocks give the same bits.
     align_elements: int = 1
     #: When the passes or the alignment depend on the parameters or the shape: decides per tensor
-    #: (the fields above then only describe the method for help and the tests).
+    #: instead of ``passes`` and ``align_elements``, which are then left at their defaults.
     rule: BlockRule | None = None
 
     @property
@@ -494,8 +494,6 @@ def _multislerp_passes(params: Mapping[str, Any], model_params: tuple[Any, ...])
 _BREADCRUMBS_BLOCKS = Blocks(
     "elements",
     (_OUTLIER_STATISTIC, _RESCALE_STATISTIC),
-    passes=4,
-    align_elements=KERNEL_CHUNK_ELEMENTS,
     rule=_breadcrumbs_blocks,
 )
 
@@ -617,7 +615,7 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             randomized=True,
             tensor_rules=(_della_bounds,),
-            blocks=Blocks("rows", (_RESCALE_STATISTIC,), passes=2, rule=_della_blocks("della")),
+            blocks=Blocks("rows", (_RESCALE_STATISTIC,), rule=_della_blocks("della")),
             block_kernel=f"{_TA_BLOCKS}:della_blocks",
         ),
         MethodSpec(
@@ -630,9 +628,7 @@ METHODS: dict[str, MethodSpec] = {
             needs_base=True,
             randomized=True,
             tensor_rules=(_della_bounds,),
-            blocks=Blocks(
-                "rows", (_RESCALE_STATISTIC,), passes=2, rule=_della_blocks("della_linear")
-            ),
+            blocks=Blocks("rows", (_RESCALE_STATISTIC,), rule=_della_blocks("della_linear")),
             block_kernel=f"{_TA_BLOCKS}:della_linear_blocks",
         ),
         MethodSpec(
@@ -657,8 +653,6 @@ METHODS: dict[str, MethodSpec] = {
             blocks=Blocks(
                 "elements",
                 ("the variance threshold of the top-k selection", "each task vector's mean square"),
-                passes=4,
-                align_elements=KERNEL_CHUNK_ELEMENTS,
                 rule=_sce_blocks,
             ),
             block_kernel="mergetui.methods.sce:sce_blocks",
@@ -683,8 +677,6 @@ METHODS: dict[str, MethodSpec] = {
             blocks=Blocks(
                 "rows",
                 ("the task vectors' pairwise cosines (per row with filter_wise)",),
-                passes=2,
-                align_elements=KERNEL_CHUNK_ELEMENTS,
                 rule=_row_chunk_blocks("model_stock", _model_stock_passes),
             ),
             block_kernel="mergetui.methods.stock:model_stock_blocks",
@@ -773,8 +765,6 @@ METHODS: dict[str, MethodSpec] = {
             blocks=Blocks(
                 "rows",
                 ("the two vectors' norms and dot product (the whole tensor with nuslerp_flatten)",),
-                passes=2,
-                align_elements=KERNEL_CHUNK_ELEMENTS,
                 rule=_row_chunk_blocks("nuslerp", _nuslerp_passes),
             ),
             block_kernel="mergetui.methods.slerp:nuslerp_blocks",
@@ -806,8 +796,6 @@ METHODS: dict[str, MethodSpec] = {
             blocks=Blocks(
                 "elements",
                 ("the task vectors' norms and their weighted mean direction",),
-                passes=3,
-                align_elements=KERNEL_CHUNK_ELEMENTS,
                 rule=_row_chunk_blocks("multislerp", _multislerp_passes),
             ),
             block_kernel="mergetui.methods.slerp:multislerp_blocks",
@@ -826,7 +814,6 @@ METHODS: dict[str, MethodSpec] = {
             blocks=Blocks(
                 "rows",
                 ("the quartiles of the importance scores",),
-                passes=3,
                 rule=_arcee_fusion_blocks,
             ),
             block_kernel="mergetui.methods.fusion:arcee_fusion_blocks",

@@ -23,6 +23,7 @@ the result has the same bits whatever the block size.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,27 +87,38 @@ class BlockedSelection:
     :func:`~mergetui.methods.task_arithmetic.kth_largest_magnitude` on the whole tensor."""
 
     ks: tuple[int, ...]
+    #: other keys than the magnitude bits (signed scores): the top-16-bit histogram of a flat
+    #: tensor, and the low-16-bit histogram inside one bucket; the C loops are then not used
+    top_counts: Callable[[torch.Tensor], torch.Tensor] | None = None
+    bucket_counts: Callable[[torch.Tensor, int], torch.Tensor] | None = None
     high_counts: torch.Tensor | None = None
     #: per k: the top-16-bit bucket holding the k-th largest, and how many lie above that bucket
     buckets: dict[int, tuple[int, int]] = field(default_factory=dict)
     #: per bucket: the histogram of the low 16 bits of its entries
     low_counts: dict[int, torch.Tensor] = field(default_factory=dict)
 
-    def observe_top(self, flat: torch.Tensor, library: Any) -> None:
-        counts = top_histogram(flat, library)
+    def observe_top(self, flat: torch.Tensor, library: Any = None) -> None:
+        if self.top_counts is not None:
+            counts = self.top_counts(flat)
+        else:
+            counts = top_histogram(flat, library)
         self.high_counts = counts if self.high_counts is None else self.high_counts + counts
 
-    def observe_bucket(self, flat: torch.Tensor, library: Any) -> None:
+    def observe_bucket(self, flat: torch.Tensor, library: Any = None) -> None:
         if not self.buckets:
             assert self.high_counts is not None, "the top histogram comes first"
             self.buckets = {k: _from_top(self.high_counts, k) for k in self.ks}
         for high in {high for high, _ in self.buckets.values()}:
-            _, counts = bucket_histogram(flat, high, library)
+            if self.bucket_counts is not None:
+                counts = self.bucket_counts(flat, high)
+            else:
+                _, counts = bucket_histogram(flat, high, library)
             previous = self.low_counts.get(high)
             self.low_counts[high] = counts if previous is None else previous + counts
 
     def found(self, k: int) -> tuple[int, int, int]:
-        """The k-th largest |x| as float32 bits, how many |x| are larger, how many equal it."""
+        """The k-th largest |x| as float32 bits (or key, with other histograms), how many are
+        larger, how many equal it."""
         high, above = self.buckets[k]
         counts = self.low_counts[high]
         low, greater = _from_top(counts, k, offset=above)
