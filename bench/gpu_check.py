@@ -12,7 +12,12 @@ GPU runs (through ``bench/gpu_check.sh``), and what anyone can run on their own 
    same bits as whole on DEVICE, and peak VRAM within the budget;
 4. the real ``nvidia-smi`` output the run screen parses, saved, and parsed by ``mergetui.gpus``;
 5. the TUI's run step, headless (Pilot), on a DEVICE merge: the VRAM meter names the merge's GPU;
-6. the ties and linear merges timed against the I/O floor (warm page cache).
+6. the ties and linear merges timed against the I/O floor (warm page cache);
+7. with ``--budget-size 256k-vocab``: the 256K-vocabulary bench models (embedding and lm_head
+   256000 × 2048) merged on DEVICE under the *default* budget (1 GiB): peak VRAM within it, the
+   bits of the same merge on the CPU, and the wall time against the I/O floor. The reads go
+   through pinned host buffers that overlap the copies to the GPU
+   (:class:`mergetui.sources.checkpoint.Staging`).
 
 ``--device cpu`` is the dry run: every step runs, with the CPU standing in for the GPU, so the
 script cannot fail on the GPU machine for a silly reason. One line per check (PASS, FAIL or INFO
@@ -190,6 +195,80 @@ def blocked_on_device(device: str, models: Any, workdir: Path) -> None:
             shutil.rmtree(workdir / folder, ignore_errors=True)
 
 
+#: The methods merged under the default budget on the large-vocabulary models.
+DEFAULT_BUDGET_METHODS = ("linear", "ties")
+
+
+def default_budget_on_device(device: str, size: str, workdir: Path) -> None:
+    """The models of ``size`` merged under the default budget on DEVICE and on the CPU: the same
+    bits (bf16 output, as users merge), the device's peak VRAM within the budget, and the wall
+    time against the I/O floor of the same inputs (warm page cache)."""
+    from mergetui.engine.blocks import DEFAULT_MAX_MEMORY
+
+    folder = workdir / f"budget-{size}"
+    models = ensure_models(folder / "models", SIZES[size], 3, 0, 0.01, 2)
+    for method in DEFAULT_BUDGET_METHODS:
+        texts = {
+            where: method_recipe(
+                method,
+                models.base,
+                models.finetunes,
+                folder / f"{method}-{where}",
+                device=where,
+                dtype="bfloat16",
+            )
+            for where in ("cpu", device)
+        }
+        plan = build_plan(parse_recipe(texts[device], base_dir=folder))
+        assert plan.memory is not None
+        on_device, figures = merge(texts[device], folder)
+        on_cpu, _ = merge(texts["cpu"], folder)
+        if on_device.keys() != on_cpu.keys():
+            report(
+                f"{method}, {size} on {device}", "FAIL", "the tensor names differ from the CPU's"
+            )
+            continue
+        if spec_is_exact(method):
+            ok = all(torch.equal(on_device[n], on_cpu[n]) for n in on_cpu)
+            verdict = "bit-identical to the CPU" if ok else "DIFFERS from the CPU"
+        else:  # one bf16 step of the largest value: 2**-8 relative
+            error = worst_relative_error(on_device, on_cpu)
+            ok = error <= 2**-8
+            verdict = f"worst relative difference from the CPU {error:.2e} (limit 2**-8, bf16)"
+        report(
+            f"{method}, {size}, default budget on {device}",
+            "PASS" if ok else "FAIL",
+            f"{verdict}; {plan.memory.summary()}",
+            **figures,
+        )
+        if device.startswith("cuda"):
+            peak = figures["gpu_peak_bytes"] or 0
+            report(
+                f"{method}, {size}: peak VRAM",
+                "PASS" if peak <= DEFAULT_MAX_MEMORY else "FAIL",
+                f"measured {format_bytes(peak)}, budget {format_bytes(DEFAULT_MAX_MEMORY)}",
+            )
+        inputs = MergeJob(method, models.base, models.finetunes, folder).input_files()
+        floor = measure_floor(inputs, figures["bytes_written"], folder / "floor", "warm", 2)
+        report(
+            f"{method}, {size} on {device} against the I/O floor",
+            "INFO",
+            f"merge {figures['elapsed_s']:.2f} s, floor {floor.total_s:.2f} s: "
+            f"{figures['elapsed_s'] / floor.total_s:.2f}× the floor",
+            floor_s=floor.total_s,
+        )
+        for where in ("cpu", device):
+            shutil.rmtree(folder / f"{method}-{where}", ignore_errors=True)
+
+
+def spec_is_exact(method: str) -> bool:
+    """Whether a method must give the CPU's bits on any device: the element-wise ones (and the
+    random ones, whose streams are drawn on the CPU); others sum in a device's own order."""
+    return method in {"linear", "task_arithmetic", "passthrough"} or bool(
+        METHODS[method].randomized
+    )
+
+
 def nvidia_smi(out: Path) -> None:
     program = shutil.which("nvidia-smi")
     sample = "0, NVIDIA H200, 1024, 143771, 3\n"
@@ -270,6 +349,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", help="cuda, cuda:N, or cpu for the dry run")
     parser.add_argument("--size", default="60M", choices=list(SIZES), help="bench model size")
+    parser.add_argument(
+        "--budget-size",
+        choices=list(SIZES),
+        help="also merge models of this size under the default budget (e.g. 256k-vocab)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "out" / "gpu-check", help="results")
     parser.add_argument("--workdir", type=Path, default=HERE / "out", help="models and merges")
     args = parser.parse_args()
@@ -291,6 +375,8 @@ def main() -> int:
         nvidia_smi(args.out)
         run_step(args.device, models, workdir)
         io_floor(models, timings, workdir)
+        if args.budget_size:
+            default_budget_on_device(args.device, args.budget_size, args.workdir)
     (args.out / "gpu_check.json").write_text(json.dumps(RESULTS, indent=2))
     failed = [r["check"] for r in RESULTS if r["status"] == "FAIL"]
     print(

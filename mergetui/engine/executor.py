@@ -56,6 +56,7 @@ from mergetui.events import DoneEvent, PhaseEvent, TensorEvent
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
 from mergetui.pauses import pause_point
+from mergetui.sources.checkpoint import Staging
 
 if TYPE_CHECKING:
     import torch
@@ -257,7 +258,7 @@ class _Run:
         reports it with its context."""
         import torch
 
-        staging = bytearray(_STAGING_BYTES)
+        staging = Staging(_STAGING_BYTES, self.plan.device)
         name = ""
         try:
             with torch.inference_mode():  # thread-local: buffers are shared with the merge thread
@@ -287,7 +288,7 @@ class _Run:
                 log.debug("read-ahead hint for %s failed", tensor.name, exc_info=True)
 
     def _load(
-        self, tensor: PlannedTensor, staging: bytearray, piece: _Piece | None = None
+        self, tensor: PlannedTensor, staging: Staging, piece: _Piece | None = None
     ) -> _Loaded | None:
         """Read one tensor's inputs (or one block of rows of them): raw for a copied (integer)
         tensor, else float32 buffers."""

@@ -217,14 +217,14 @@ class Checkpoint:
                 fd = self._fds[path] = os.open(path, os.O_RDONLY)
             return fd
 
-    def read_into(self, name: str, out: torch.Tensor, staging: bytearray, start: int = 0) -> int:
+    def read_into(self, name: str, out: torch.Tensor, staging: Staging, start: int = 0) -> int:
         """Read tensor ``name`` into ``out`` (any dtype and device), converting through
         ``staging`` one slice at a time; returns the bytes read.
 
         ``out`` receives ``out.numel()`` elements from element ``start`` of the stored tensor (in
-        row-major order: a block of rows is one such range). Only ``len(staging)`` bytes of the
-        stored dtype are ever held, so no full-size copy of the tensor in its storage dtype exists
-        next to the converted one.
+        row-major order: a block of rows is one such range). Only ``staging.nbytes`` bytes of the
+        stored dtype are held per slot, so no full-size copy of the tensor in its storage dtype
+        exists next to the converted one.
         """
         import torch
 
@@ -240,15 +240,15 @@ class Checkpoint:
             flat.copy_(self.read(name).reshape(-1)[start : start + wanted])
             return wanted * itemsize
         dtype = getattr(torch, spec.dtype)
-        per_slice = max(1, len(staging) // itemsize)
+        per_slice = max(1, staging.nbytes // itemsize)
         fd = self._fd(spec.file)
-        view = memoryview(staging)
         for done in range(0, wanted, per_slice):
             count = min(per_slice, wanted - done)
             nbytes = count * itemsize
             offset = spec.offset + (start + done) * itemsize
-            _pread_exactly(fd, view[:nbytes], offset, spec.file, name)
-            flat[done : done + count].copy_(torch.frombuffer(view[:nbytes], dtype=dtype))
+            slot = staging.next_slot()
+            _pread_exactly(fd, slot.view[:nbytes], offset, spec.file, name)
+            staging.convert(slot, nbytes, dtype, flat[done : done + count])
         return wanted * itemsize
 
     def will_need(self, name: str) -> None:
@@ -271,6 +271,75 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class _Slot:
+    """One staging slot: host bytes (``view`` over ``host``), and for a pipelined staging the
+    device bytes they are sent to and the event that says when they have left."""
+
+    view: memoryview
+    host: Any = None
+    device: Any = None
+    sent: Any = None
+
+
+class Staging:
+    """The memory stored bytes pass through on their way into a float32 (or other) buffer.
+
+    On the CPU it is one host slot: a slice is read into it and converted into the buffer. For a
+    buffer on a GPU that would be slow twice over: a copy from pageable memory blocks the thread,
+    and torch converts a cross-device copy's dtype on the host, sending float32 (twice the bf16
+    bytes) over the bus. So a *pipelined* staging keeps two pinned host slots and two device slots
+    of the stored bytes: a slice is read into one host slot, sent without blocking to its device
+    slot in the stored dtype, and converted on the device, while the next slice is read into the
+    other host slot. A slot's host bytes are reused only once its transfer has finished (an event
+    per slot). Everything goes on the device's current stream, the one the merge kernels use, so
+    the buffer is complete before any kernel reads it.
+
+    ``pipelined`` defaults to "the device is not the CPU"; the tests force it on the CPU, where
+    pinning and events are skipped, to check the slot logic's bits.
+    """
+
+    def __init__(self, nbytes: int, device: str = "cpu", pipelined: bool | None = None) -> None:
+        import torch
+
+        self.nbytes = nbytes
+        self.device = torch.device(device)
+        self.pipelined = self.device.type != "cpu" if pipelined is None else pipelined
+        self._cuda = self.device.type == "cuda"
+        self._slots: list[_Slot] = []
+        self._turn = 0
+        if not self.pipelined:
+            self._slots.append(_Slot(memoryview(bytearray(nbytes))))
+            return
+        for _ in range(2):
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self._cuda)
+            device_bytes = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._slots.append(_Slot(host.numpy().data, host, device_bytes))
+
+    def next_slot(self) -> _Slot:
+        """The slot to read the next slice into, once its previous transfer has left it."""
+        slot = self._slots[self._turn]
+        self._turn = (self._turn + 1) % len(self._slots)
+        if slot.sent is not None:
+            slot.sent.synchronize()
+            slot.sent = None
+        return slot
+
+    def convert(self, slot: _Slot, nbytes: int, dtype: torch.dtype, out: torch.Tensor) -> None:
+        """Convert the slot's first ``nbytes`` (stored as ``dtype``) into ``out``."""
+        import torch
+
+        if not self.pipelined:
+            out.copy_(torch.frombuffer(slot.view[:nbytes], dtype=dtype))
+            return
+        device_bytes = slot.device[:nbytes]
+        device_bytes.copy_(slot.host[:nbytes], non_blocking=self._cuda)
+        out.copy_(device_bytes.view(dtype))
+        if self._cuda:
+            slot.sent = torch.cuda.Event()
+            slot.sent.record(torch.cuda.current_stream(self.device))
 
 
 def read_spec(spec: TensorSpec, fd: int, rows: tuple[int, int] | None = None) -> torch.Tensor:
