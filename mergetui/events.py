@@ -258,8 +258,38 @@ class SweptEvent(Event):
     output: str
 
 
+@dataclass(frozen=True, kw_only=True)
+class ExtractedModule:
+    """``lora extract``: what the adapter holds for one module of the fine-tune. ``action`` is
+    ``lora`` (``lora_A``/``lora_B``), ``lora_embedding``, ``whole`` (saved whole, in
+    ``modules_to_save``), ``unchanged`` (equal to the base: left out) or ``below_cutoff`` (no
+    singular value above the cut-off: left out); ``energy`` is the share of the difference's
+    energy (Σσ² kept / Σσ²) the rank keeps, None unless a LoRA."""
+
+    module: str
+    action: str
+    rank: int
+    energy: float | None
+    nbytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExtractedEvent(Event):
+    """``lora extract``: the adapter is written and in place (just before ``done``): its
+    ``adapter_config.json`` rank and modules, its size, and one entry per module."""
+
+    kind: ClassVar[str] = "extracted"
+    output: str
+    rank: int
+    target_modules: list[str]
+    modules_to_save: list[str]
+    adapter_bytes: int
+    modules: list[ExtractedModule]
+    warnings: list[str] = field(default_factory=list)
+
+
 #: Nested dataclass fields, rebuilt from their dicts by :func:`parse_event`.
-_NESTED: dict[str, type] = {"gpus": GpuUse, "answers": AnswerSummary}
+_NESTED: dict[str, type] = {"gpus": GpuUse, "answers": AnswerSummary, "modules": ExtractedModule}
 
 
 def event_kinds() -> dict[str, type[Event]]:
