@@ -22,6 +22,7 @@ from mergetui.cli import evaluate as evaluate_commands
 from mergetui.cli import sweep as sweep_commands
 from mergetui.cli.hub import hub_app
 from mergetui.cli.jobs import jobs_app
+from mergetui.cli.lora import lora_app
 from mergetui.cli.output import (
     JsonOpt,
     console,
@@ -51,6 +52,7 @@ app = typer.Typer(
 )
 app.add_typer(hub_app, name="hub")
 app.add_typer(jobs_app, name="jobs")
+app.add_typer(lora_app, name="lora")
 app.command("compare")(evaluate_commands.compare)
 app.command("eval")(evaluate_commands.evaluate)
 app.command("sweep")(sweep_commands.sweep)
