@@ -492,6 +492,20 @@ def test_bad_options_are_refused(
     assert expected in message
 
 
+def test_adapters_that_change_the_base_are_refused(
+    adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    pissa = tmp_path / "pissa"
+    pissa.mkdir()
+    for item in adapters["b"].iterdir():
+        (pissa / item.name).write_bytes(item.read_bytes())
+    config = json.loads((pissa / "adapter_config.json").read_text())
+    config["init_lora_weights"] = "pissa"
+    (pissa / "adapter_config.json").write_text(json.dumps(config))
+    message = _refused(SourceError, [adapters["a"], pissa], tmp_path / "out")
+    assert "pissa" in message and "path_initial_model_for_weight_conversion" in message
+
+
 def test_missing_folder_is_named(adapters: dict[str, Path], tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     message = _refused(SourceError, [adapters["a"], missing], tmp_path / "out")
@@ -645,3 +659,32 @@ def test_cli_plain_output_and_help(adapters: dict[str, Path], tmp_path: Path) ->
     help_text = CliRunner().invoke(app, ["lora", "merge", "--help"], env={"COLUMNS": "200"}).output
     for name in COMBINATIONS:
         assert name in help_text
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    ("kind", "options"),
+    [
+        ("cat", {}),
+        ("svd", {"rank": 6}),
+        ("ties", {"density": 0.5}),
+        ("ties_svd", {"density": 0.5}),
+        ("dare_ties", {"density": 0.5}),
+        ("dare_linear_svd", {"density": 0.5, "rank": 16}),
+    ],
+)
+def test_cuda_gives_the_cpu_result(
+    models: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, kind: str, options: Any
+) -> None:
+    """On a GPU the same ΔW as on the CPU; DARE's masks are drawn on the CPU, so the same too.
+    (Not with --svd-clamp: the quantile depends on the singular vectors' signs, which cuSOLVER
+    and LAPACK choose differently — for PEFT as well.)"""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    folders = [adapters["a"], adapters["b"]]
+    cpu = _merge(folders, tmp_path / "cpu", kind, seed=5, **options)
+    gpu = _merge(folders, tmp_path / "gpu", kind, seed=5, device="cuda", **options)
+    ours = _deltas(_load_ours(models, gpu), "default")
+    assert _relative_difference(ours, _deltas(_load_ours(models, cpu), "default")) <= 1e-4

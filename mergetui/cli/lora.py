@@ -62,7 +62,7 @@ def merge(
         typer.Argument(
             help="PEFT adapter folders (adapter_config.json + adapter_model.safetensors), all "
             "trained on the same base.",
-            metavar="ADAPTER...",
+            metavar="ADAPTER",
             show_default=False,
         ),
     ],

@@ -359,6 +359,14 @@ def _open_adapter(path: Path) -> LoraAdapter:
             "have no combination rule; fold it into its base with PEFT's merge_and_unload (or "
             "`mergetui run` with lora = ...) and merge the models instead"
         )
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(("pissa", "olora", "corda", "loftq")):
+        raise SourceError(
+            f"LoRA adapter {label} was initialised with init_lora_weights = {init}, which also "
+            "changes the base model's weights; only adapters of the unchanged base can be "
+            "combined — save it with PEFT's path_initial_model_for_weight_conversion to turn it "
+            "into a plain LoRA first"
+        )
     if config.get("target_parameters"):
         raise SourceError(
             f"LoRA adapter {label} targets parameters (target_parameters), not modules; only "
@@ -931,6 +939,8 @@ def _command(plan: AdapterMergePlan) -> str:
         words += ["--rank", str(request.rank)]
     if request.svd_clamp is not None:
         words += ["--svd-clamp", str(request.svd_clamp)]
+    if not request.svd_full_matrices and COMBINATIONS[request.combination].svd:
+        words.append("--svd-reduced")
     if COMBINATIONS[request.combination].random:
         words += ["--seed", str(request.seed)]
     words += ["-o", str(plan.output_dir)]
