@@ -932,9 +932,10 @@ def markdown_table(
     lines = [
         caption,
         "",
-        "| method | inputs | mergetui wall s | mergekit wall s | speed-up | mergetui peak RSS MiB "
-        "| mergekit peak RSS MiB | mergetui × I/O floor | mergekit × I/O floor |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| method | inputs | mergetui wall s | mergetui CPU s | mergekit wall s | speed-up "
+        "| mergetui peak RSS MiB | mergekit peak RSS MiB | mergetui × I/O floor "
+        "| mergekit × I/O floor |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for method, tools in by_method.items():
         mt, mk = tools.get("mergetui"), tools.get("mergekit")
@@ -942,6 +943,7 @@ def markdown_table(
             f"`{method}`",
             inputs.get(method, ""),
             _cell(mt, "wall_s", ".2f"),
+            _cell(mt, "cpu_s", ".1f"),
             _cell(mk, "wall_s", ".2f"),
             _cell(mk, "time_ratio_mk_mt", ".2f", "×") if mt and mk else "–",
             _cell(mt, "rss_mib", ".0f"),
@@ -1029,6 +1031,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--generate-only", action="store_true", help="only generate the models")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        nargs="+",
+        metavar="RESULTS",
+        help="run nothing: render --markdown from earlier --json results (a later file's row "
+        "replaces an earlier one's for the same method and tool, e.g. a rerun of a few methods)",
+    )
     parser.add_argument(
         "--markdown",
         type=Path,
@@ -1180,8 +1190,52 @@ def compare_job(job: MergeJob, outputs: dict[str, Path]) -> dict[str, Any] | Non
     return result
 
 
+def table_from_results(paths: Sequence[Path], markdown: Path) -> int:
+    """The Markdown table of earlier runs' ``--json`` results, merged in order (a rerun of some
+    methods replaces their rows), so the README's table is regenerated, never retyped."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    inputs: dict[str, str] = {}
+    captions: dict[str, list[str]] = {}
+    for path in paths:
+        result = json.loads(path.read_text())
+        model, machine = result["model"], result["machine"]
+        for row in result["summary"]:
+            rows[(row["method"], row["tool"])] = row
+        for method in {row["method"] for row in result["summary"]}:
+            inputs[method] = result.get("inputs", {}).get(method) or inputs_text(
+                method, model["finetunes"]
+            )
+        setting = (
+            f"{model['tag']}, {model['parameters'] / 1e6:.0f}M parameters, bf16, base + "
+            f"{model['finetunes']} fine-tunes of {model['shards']} shards each; page cache "
+            f"{result['cache_mode']}; {machine['cpus']} CPUs, torch {machine['torch']}"
+        )
+        captions.setdefault(setting, []).append(path.name)
+    caption = "; ".join(f"{setting} ({', '.join(files)})" for setting, files in captions.items())
+    caption += "."
+    markdown.parent.mkdir(parents=True, exist_ok=True)
+    markdown.write_text(markdown_table(list(rows.values()), inputs, caption, []))
+    print(f"Markdown table written to {markdown}")
+    return 0
+
+
+def inputs_text(method: str, finetunes: int) -> str:
+    """What a method's bench job reads, from its table entry (for results that predate
+    ``inputs`` in the JSON)."""
+    spec = METHOD_TABLE[method]
+    count = min(spec.finetunes or finetunes, finetunes)
+    if spec.base_input:
+        return f"base + {count}"
+    return f"{count} fine-tune{'s' if count > 1 else ''}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        if args.markdown is None:
+            print("error: --from-json renders a table: give --markdown FILE too")
+            return 2
+        return table_from_results(args.from_json, args.markdown)
     shape = SIZES[args.size]
     if args.layers:
         shape = Shape(**{**asdict(shape), "layers": args.layers})
@@ -1304,6 +1358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cache_mode": cache_mode,
             "cache_note": cache_note,
             "floors": {m: {**asdict(f), "total_s": f.total_s} for m, f in floors.items()},
+            "inputs": {job.method: job.inputs_text() for job in jobs},
             "help_s": help_times,
             "summary": rows,
             "runs": [asdict(r) for r in runs],
