@@ -104,16 +104,26 @@ def _load(
     output: Path | None = None,
     device: str | None = None,
     max_memory: str | None = None,
+    *,
+    adapters: bool = False,
 ) -> Any:
-    from mergetui.recipe import load_recipe
+    """The recipe with the command line's overrides; with ``adapters``, an adapter-merge recipe
+    is read too (``run`` and ``check``), else only model merges are."""
+    from mergetui.recipe import AdapterRecipe, load_any_recipe, load_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_any_recipe(recipe) if adapters else load_recipe(recipe)
     changes: dict[str, Any] = {}
     if output is not None:
         changes["output_path"] = str(output.expanduser().resolve())
     if device is not None:
         changes["device"] = device
     if max_memory is not None:
+        if isinstance(loaded, AdapterRecipe):
+            raise typer.BadParameter(
+                "an adapter merge reads its factors module by module; --max-memory is for model "
+                "merges",
+                param_hint="--max-memory",
+            )
         try:
             changes["max_memory"] = parse_size(max_memory)
         except ValueError as exc:
@@ -125,19 +135,30 @@ def _load(
 
 @app.command()
 def check(recipe: RecipeArg, as_json: JsonOpt = False, max_memory: MaxMemoryOpt = None) -> None:
-    """Check a recipe and its models' compatibility from headers only; no weight is read."""
-    from mergetui.cli.render import render_report
+    """Check a recipe and its models' compatibility from headers only; no weight is read. An
+    adapter-merge recipe: its adapters' configs and headers."""
+    from mergetui.cli.render import render_adapter_report, render_report
+    from mergetui.engine.lora_steps import adapter_report, plan_adapter_recipe
     from mergetui.engine.plan import build_plan
     from mergetui.engine.report import plan_report
+    from mergetui.recipe import AdapterRecipe
 
     with guard(as_json):
-        plan = build_plan(_load(recipe, max_memory=max_memory), fetch=False)
-        try:
-            report = plan_report(plan)
-        finally:
-            plan.close()
+        loaded = _load(recipe, max_memory=max_memory, adapters=True)
+        if isinstance(loaded, AdapterRecipe):
+            adapter_plan = plan_adapter_recipe(loaded, force=True)  # an existing output is fine
+            adapter_plan.close()
+            report = adapter_report(adapter_plan)
+        else:
+            plan = build_plan(loaded, fetch=False)
+            try:
+                report = plan_report(plan)
+            finally:
+                plan.close()
     if as_json:
         print(json.dumps(report, indent=2))
+    elif report.get("kind") == "adapters":
+        render_adapter_report(console, report)
     else:
         render_report(console, report)
     raise typer.Exit(0 if report["ok"] else EXIT_INVALID)
@@ -159,12 +180,65 @@ def run(
     ] = None,
     max_memory: MaxMemoryOpt = None,
 ) -> None:
-    """Run a merge recipe headlessly (for scripts and batch jobs)."""
+    """Run a merge recipe headlessly (for scripts and batch jobs): a model merge (then, with
+    output.lora_rank, its LoRA extraction) or an adapter merge ([adapters])."""
+    from mergetui.recipe import AdapterRecipe
+
     if as_json:
         start_stream("run")
     with guard(as_json):
-        recipe_loaded = _load(recipe, output, device, max_memory)
-        _execute(recipe_loaded, force=force, as_json=as_json, dry_run=dry_run)
+        recipe_loaded = _load(recipe, output, device, max_memory, adapters=True)
+        if isinstance(recipe_loaded, AdapterRecipe):
+            _execute_adapters(recipe_loaded, force=force, as_json=as_json, dry_run=dry_run)
+        else:
+            _execute(recipe_loaded, force=force, as_json=as_json, dry_run=dry_run)
+
+
+def _execute_adapters(recipe: Any, *, force: bool, as_json: bool, dry_run: bool) -> None:
+    """Plan, check and run an adapter-merge recipe, as ``mergetui lora merge`` runs it."""
+    from mergetui.cli.render import ProgressView, render_adapter_report
+    from mergetui.engine.adapter_merge import run_adapter_merge
+    from mergetui.engine.lora_steps import adapter_report, plan_adapter_recipe
+    from mergetui.events import PlanEvent
+    from mergetui.units import format_bytes, format_duration
+
+    pause_point("before-plan")
+    plan = plan_adapter_recipe(recipe, force=force or dry_run)
+    if dry_run:
+        plan.close()
+        report = adapter_report(plan)
+        if as_json:
+            emit(
+                PlanEvent(
+                    method=f"adapters ({plan.request.combination})",
+                    device=plan.device,
+                    output=str(plan.output_dir),
+                    tensors_total=plan.tensors_total,
+                    bytes_to_read=plan.bytes_to_read,
+                    ok=True,
+                    dry_run=True,
+                    report=report,
+                )
+            )
+        else:
+            render_adapter_report(console, report)
+        raise typer.Exit(0)
+    with signals_stop_the_merge(ignore_after=True) as cancel:
+        if as_json:
+            run_adapter_merge(plan, force=force, on_event=emit, cancel=cancel)
+            return
+        console.print(
+            f"combining {len(plan.adapters)} adapters ({plan.request.combination}, "
+            f"{len(plan.modules)} modules) on {plan.device} → {plan.output_dir}",
+            markup=False,
+        )
+        with ProgressView(console) as view:
+            result = run_adapter_merge(plan, force=force, on_event=view.update, cancel=cancel)
+    console.print(
+        f"[green]done[/green] in {format_duration(result.elapsed_s)}: rank {result.rank}, read "
+        f"{format_bytes(result.bytes_read)}, wrote {format_bytes(result.bytes_written)}"
+    )
+    console.print(f"output: {result.output_dir}", markup=False, highlight=False)
 
 
 def _execute(
@@ -177,8 +251,10 @@ def _execute(
 ) -> Any:
     """Plan, check and run one recipe with progress output; returns the MergeResult. Unless
     ``last_step``, Ctrl-C interrupts what the command does after the merge as usual."""
+    from mergetui.cli.lora_extract import render_extraction
     from mergetui.cli.render import DownloadView, ProgressView, render_report
-    from mergetui.engine.executor import check_output_location, run_merge
+    from mergetui.engine.executor import check_output_location
+    from mergetui.engine.lora_steps import merge_and_extract
     from mergetui.engine.plan import build_plan
     from mergetui.engine.report import plan_event
     from mergetui.units import format_bytes, format_duration
@@ -214,13 +290,14 @@ def _execute(
         err_console.print(f"[yellow]warning:[/yellow] {escape(problem.message)}", soft_wrap=True)
     with signals_stop_the_merge(ignore_after=last_step) as cancel:
         if as_json:
-            return run_merge(plan, force=force, on_event=emit, cancel=cancel)
+            return merge_and_extract(plan, force=force, on_event=emit, cancel=cancel).merge
         console.print(
             f"merging {len(plan.tensors)} tensors with {plan.method.name} on "
             f"{plan.device} → {plan.recipe.output_dir}"
         )
         with ProgressView(console) as view:
-            result = run_merge(plan, force=force, on_event=view.update, cancel=cancel)
+            both = merge_and_extract(plan, force=force, on_event=view.update, cancel=cancel)
+    result = both.merge
     rate = result.bytes_read / result.elapsed_s if result.elapsed_s else 0.0
     console.print(
         f"[green]done[/green] in {format_duration(result.elapsed_s)}: read "
@@ -228,6 +305,8 @@ def _execute(
         f"{format_bytes(result.bytes_written)}, peak RSS {format_bytes(result.peak_rss_bytes)}"
     )
     console.print(f"output: {result.output_dir}")
+    if both.extraction is not None:
+        render_extraction(both.extraction, [])
     return result
 
 

@@ -121,6 +121,9 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         line = f"  {model['role']:<{role_width}}  {full_reference(model)}"
         console.print(Text(line), soft_wrap=True)
     console.print(Text(f"output: {report['output']}"), soft_wrap=True)
+    extraction = report.get("extraction") or {}
+    if extraction:
+        console.print(Text(extraction["summary"]), soft_wrap=True)
     lines = layer_lines(report)
     if lines:
         console.print(Text("output layers (from [[slices]]):"))
@@ -139,6 +142,30 @@ def render_report(console: Console, report: dict[str, Any]) -> None:
         console.print(Text(line), soft_wrap=True)
     verdict = "[green]compatible[/green]" if report["ok"] else "[bold red]cannot merge[/bold red]"
     console.print(verdict)
+
+
+def render_adapter_report(console: Console, report: dict[str, Any]) -> None:
+    """An adapter merge's check (:func:`mergetui.engine.lora_steps.adapter_report`): each
+    adapter with its weight and rank, what the combination does and the output."""
+    console.print(
+        Text(f"adapter merge ({report['combination']}): {report['summary']}"), soft_wrap=True
+    )
+    for adapter in report["adapters"]:
+        line = (
+            f"  weight {adapter['weight']:<6}  r {adapter['r']}, lora_alpha "
+            f"{adapter['lora_alpha']}  {adapter['lora']}"
+        )
+        console.print(Text(line), soft_wrap=True)
+    if report["base"]:
+        console.print(Text(f"checked against the base's headers: {report['base']}"), soft_wrap=True)
+    console.print(
+        Text(
+            f"output: {report['output']} (rank {report['rank']}, {report['modules']} modules, "
+            f"reads {format_bytes(report['bytes_to_read'])} on {report['device']})"
+        ),
+        soft_wrap=True,
+    )
+    console.print("[green]compatible[/green]")
 
 
 def render_methods(console: Console, only: MethodSpec | None = None) -> None:

@@ -17,7 +17,9 @@ by the type asked for (PEFT silently switches to ``linear``), and the output nev
 (PEFT copies ``use_rslora`` from the first adapter, which scales its combined adapter by
 ``sqrt(r)`` when set).
 
-This module imports no torch at import time (the CLI lists the combination types from it).
+This module imports no torch at import time (the CLI lists the combination types from it). The
+table of combination types is :mod:`mergetui.recipe.adapters`' (re-exported here), because the
+validation of adapter-merge recipes reads it too and the recipe layer cannot import the engine.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ from mergetui.errors import (
 )
 from mergetui.events import DoneEvent, PhaseEvent, TensorEvent
 from mergetui.pauses import pause_point
+from mergetui.recipe.adapters import COMBINATIONS as COMBINATIONS
+from mergetui.recipe.adapters import SIGN_METHODS as SIGN_METHODS
+from mergetui.recipe.adapters import SVD_DRIVERS as SVD_DRIVERS
+from mergetui.recipe.adapters import CombinationInfo as CombinationInfo
 from mergetui.sources.checkpoint import open_checkpoint, read_json_object
 from mergetui.sources.lora import LoraAdapter, LoraTarget, open_lora
 
@@ -64,78 +70,8 @@ if TYPE_CHECKING:
 
 ADAPTER_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
-
-
-@dataclass(frozen=True)
-class CombinationInfo:
-    """What a combination type does and which options it takes."""
-
-    summary: str
-    density: bool = False  # takes --density (required)
-    sign: bool = False  # takes --majority-sign
-    svd: bool = False  # truncated by SVD: takes --rank, --svd-clamp, …
-    random: bool = False  # DARE: the seed matters
-    same_rank: bool = False  # combines A and B entry by entry: one rank per module
-
-
-_PRUNE = "keeps each adapter's largest-magnitude entries (--density)"
-_ELECT = "elects a sign per entry and averages the agreeing ones"
-_DROP = "drops entries at random (--density, --seed) and rescales the rest"
-
-#: Every type PEFT's ``add_weighted_adapter`` offers, in its order.
-COMBINATIONS: dict[str, CombinationInfo] = {
-    "svd": CombinationInfo("the weighted sum of the deltas, cut to --rank by SVD", svd=True),
-    "linear": CombinationInfo(
-        "weighted sums of the A and of the B factors (fast, approximate; one rank)",
-        same_rank=True,
-    ),
-    "cat": CombinationInfo("exact: the factors side by side; rank = the sum of the ranks"),
-    "ties": CombinationInfo(
-        f"TIES on the A and B factors: {_PRUNE}, {_ELECT}", density=True, sign=True, same_rank=True
-    ),
-    "ties_svd": CombinationInfo(
-        f"TIES on the deltas, cut to --rank by SVD: {_PRUNE}, {_ELECT}",
-        density=True,
-        sign=True,
-        svd=True,
-    ),
-    "dare_ties": CombinationInfo(
-        f"DARE-TIES on the A and B factors: {_DROP}, {_ELECT}",
-        density=True,
-        sign=True,
-        random=True,
-        same_rank=True,
-    ),
-    "dare_linear": CombinationInfo(
-        f"DARE on the A and B factors: {_DROP}, then weighted sums",
-        density=True,
-        random=True,
-        same_rank=True,
-    ),
-    "dare_ties_svd": CombinationInfo(
-        f"DARE-TIES on the deltas, cut to --rank by SVD: {_DROP}, {_ELECT}",
-        density=True,
-        sign=True,
-        svd=True,
-        random=True,
-    ),
-    "dare_linear_svd": CombinationInfo(
-        f"DARE on the deltas, cut to --rank by SVD: {_DROP}, then the weighted sum",
-        density=True,
-        svd=True,
-        random=True,
-    ),
-    "magnitude_prune": CombinationInfo(
-        f"on the A and B factors: {_PRUNE}, then weighted sums", density=True, same_rank=True
-    ),
-    "magnitude_prune_svd": CombinationInfo(
-        f"on the deltas, cut to --rank by SVD: {_PRUNE}, then the weighted sum",
-        density=True,
-        svd=True,
-    ),
-}
-SIGN_METHODS = ("total", "frequency")
-SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
+#: The recipe that asked for the merge (``mergetui run``), saved beside the card to replay it.
+RECIPE_FILE = "mergetui.toml"
 
 
 @dataclass(frozen=True)
@@ -155,6 +91,9 @@ class AdapterMergeRequest:
     seed: int = 0
     device: str = "cpu"
     base: Path | None = None  # checked against from its headers when given
+    #: the recipe's TOML when ``mergetui run`` asked for this merge: written as mergetui.toml
+    #: inside the output, so it is published (or discarded) with the adapter
+    recipe_text: str | None = None
 
 
 @dataclass(frozen=True)
@@ -874,7 +813,12 @@ def _write_support_files(plan: AdapterMergePlan, directory: Path) -> list[Path]:
     config_path.write_text(json.dumps(plan.config, indent=2, sort_keys=True) + "\n", "utf-8")
     card_path = directory / "README.md"
     card_path.write_text(adapter_card(plan), encoding="utf-8")
-    return [config_path, card_path]
+    written = [config_path, card_path]
+    if plan.request.recipe_text is not None:
+        recipe_path = directory / RECIPE_FILE
+        recipe_path.write_text(plan.request.recipe_text, encoding="utf-8")
+        written.append(recipe_path)
+    return written
 
 
 def adapter_card(plan: AdapterMergePlan) -> str:

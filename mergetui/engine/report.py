@@ -186,7 +186,24 @@ def plan_report(plan: MergePlan) -> dict[str, Any]:
         "layers": [{"output": span, "from": origin} for span, origin in layer_spans(plan)],
         "vocabulary": vocabulary_report(plan),
         "memory": memory_report(plan),
+        "extraction": extraction_report(plan),
         "ok": not plan.errors,
+    }
+
+
+def extraction_report(plan: MergePlan) -> dict[str, Any]:
+    """``[output] lora_rank``: the adapter extracted after the merge (empty without one)."""
+    recipe = plan.recipe
+    lora_dir = recipe.lora_dir
+    if recipe.lora_rank is None or lora_dir is None:
+        return {}
+    return {
+        "rank": recipe.lora_rank,
+        "output": str(lora_dir),
+        "summary": (
+            f"then: extract a rank-{recipe.lora_rank} LoRA adapter of (merged − {recipe.base}) "
+            f"into {lora_dir}"
+        ),
     }
 
 

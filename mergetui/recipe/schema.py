@@ -108,6 +108,11 @@ class Recipe:
     max_memory: int | None = None
     version: int = RECIPE_VERSION
     slices: tuple[Slice, ...] = ()
+    #: ``[output] lora_rank``: after the merge, extract a LoRA adapter of this rank whose B·A
+    #: approximates (merged − base) into :attr:`lora_dir` (None: no extraction)
+    lora_rank: int | None = None
+    #: ``[output] lora_path``; None: :attr:`lora_dir` is ``<output.path>-lora``
+    lora_path: str | None = None
     base_dir: Path = field(default_factory=Path.cwd)
     source_file: str | None = None
 
@@ -119,6 +124,18 @@ class Recipe:
     @property
     def output_dir(self) -> Path:
         return self.resolve_path(self.output_path)
+
+    @property
+    def lora_dir(self) -> Path | None:
+        """Where the extracted adapter goes (None without ``lora_rank``): ``lora_path``, else a
+        sibling of the output named ``<output>-lora`` — not inside it, because the merged model
+        is the extraction's source and an output inside a source is refused."""
+        if self.lora_rank is None:
+            return None
+        if self.lora_path is not None:
+            return self.resolve_path(self.lora_path)
+        out = self.output_dir
+        return out.parent / f"{out.name}-lora"
 
     def references(self) -> list[str]:
         """Every model reference in the recipe, base first, without duplicates."""
@@ -155,6 +172,7 @@ class Recipe:
         )
         return (
             bool(self.slices)
+            or self.lora_rank is not None
             or any(is_varying(v) for v in values)
             or self.vocabulary.needs_v2
             or chat_v2

@@ -8,6 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from mergetui.errors import RecipeError
+from mergetui.recipe.adapters import (
+    AdapterRecipe,
+    adapter_recipe_to_data,
+    validate_adapter_recipe_data,
+)
 from mergetui.recipe.params import value_data
 from mergetui.recipe.schema import DEFAULT_SHARD_SIZE, Recipe
 from mergetui.recipe.validate import validate_recipe_data
@@ -24,13 +29,39 @@ def parse_recipe(
     text: str, *, base_dir: Path | None = None, source_file: str | None = None
 ) -> Recipe:
     """Parse and validate recipe TOML text."""
+    data = _toml_data(text, source_file)
+    return validate_recipe_data(data, base_dir=base_dir, source_file=source_file)
+
+
+def _toml_data(text: str, source_file: str | None) -> dict[str, Any]:
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(
             [f"not valid TOML: {exc}; fix the syntax at that line"], source_file
         ) from exc
+
+
+def parse_any_recipe(
+    text: str, *, base_dir: Path | None = None, source_file: str | None = None
+) -> Recipe | AdapterRecipe:
+    """Parse and validate recipe TOML text: a model merge, or an adapter merge (``[adapters]``)."""
+    data = _toml_data(text, source_file)
+    if "adapters" in data:  # a recipe with both is refused there, by key
+        return validate_adapter_recipe_data(data, base_dir=base_dir, source_file=source_file)
     return validate_recipe_data(data, base_dir=base_dir, source_file=source_file)
+
+
+def load_any_recipe(path: str | Path) -> Recipe | AdapterRecipe:
+    """:func:`load_recipe` for the commands that also run adapter merges (``run``, ``check``)."""
+    file = Path(path).expanduser()
+    if file.suffix.lower() in (".yaml", ".yml") or not file.is_file():
+        return load_recipe(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError([f"cannot read the recipe: {exc}"], str(path)) from exc
+    return parse_any_recipe(text, base_dir=file.resolve().parent, source_file=str(path))
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -53,12 +84,16 @@ def load_recipe(path: str | Path) -> Recipe:
     return parse_recipe(text, base_dir=file.resolve().parent, source_file=str(path))
 
 
-def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str, Any]:
+def recipe_to_data(
+    recipe: Recipe | AdapterRecipe, *, absolute_paths: bool = False
+) -> dict[str, Any]:
     """The recipe as plain TOML-ready data, every parameter explicit.
 
     With ``absolute_paths`` local paths are written absolute, so the copy saved next to a merged model
     replays from anywhere; Hub ids are left as they are.
     """
+    if isinstance(recipe, AdapterRecipe):
+        return adapter_recipe_to_data(recipe, absolute_paths=absolute_paths)
 
     def ref(text: str | None) -> str | None:
         if text is None or not absolute_paths:
@@ -111,6 +146,12 @@ def recipe_to_data(recipe: Recipe, *, absolute_paths: bool = False) -> dict[str,
     }
     if recipe.shard_size != DEFAULT_SHARD_SIZE:
         output["shard_size"] = recipe.shard_size
+    if recipe.lora_rank is not None:
+        output["lora_rank"] = recipe.lora_rank
+    if recipe.lora_path is not None:
+        lora_dir = recipe.lora_dir
+        assert lora_dir is not None
+        output["lora_path"] = str(lora_dir.resolve()) if absolute_paths else recipe.lora_path
     # Version 1 whenever it suffices, so a recipe without the new features still replays on an
     # older mergetui.
     data: dict[str, Any] = {"version": 2 if recipe.uses_v2 else 1, "merge": merge}
@@ -126,7 +167,7 @@ def _params_data(params: dict[str, Any]) -> dict[str, Any]:
     return {key: value_data(value) for key, value in params.items()}
 
 
-def recipe_to_toml(recipe: Recipe, *, absolute_paths: bool = False) -> str:
+def recipe_to_toml(recipe: Recipe | AdapterRecipe, *, absolute_paths: bool = False) -> str:
     """The recipe as TOML text that :func:`parse_recipe` reads back to an equal recipe."""
     return data_to_toml(recipe_to_data(recipe, absolute_paths=absolute_paths))
 
@@ -138,7 +179,10 @@ def data_to_toml(data: dict[str, Any]) -> str:
     # Written section by section so the file reads top-down like the documented layout, with one
     # [[models]] (or [[slices]]) table per entry rather than an inline array.
     parts = [tomli_w.dumps({"version": data.get("version", 1)})]
-    parts += _blocks("merge", data.get("merge", {}), array=False)
+    if "adapters" in data:  # an adapter merge: [adapters] then its [[adapters.sources]]
+        parts += _blocks("adapters", data["adapters"], array=False)
+    if "merge" in data or "adapters" not in data:
+        parts += _blocks("merge", data.get("merge", {}), array=False)
     for key in ("models", "slices"):
         for item in data.get(key, []):
             parts += _blocks(key, item, array=True)
@@ -201,6 +245,8 @@ def _one_line_numbers(text: str) -> str:
     )
 
 
-def dump_recipe(recipe: Recipe, path: str | Path, *, absolute_paths: bool = False) -> None:
+def dump_recipe(
+    recipe: Recipe | AdapterRecipe, path: str | Path, *, absolute_paths: bool = False
+) -> None:
     """Write the recipe to ``path`` as TOML."""
     Path(path).write_text(recipe_to_toml(recipe, absolute_paths=absolute_paths), encoding="utf-8")

@@ -14,6 +14,7 @@ from typing import Any
 
 from mergetui.errors import RecipeError
 from mergetui.methods.registry import METHODS, MethodSpec, ParamSpec, get_method
+from mergetui.recipe.adapters import mixed_recipe_problem
 from mergetui.recipe.params import ParamValue, is_varying, parse_value
 from mergetui.recipe.schema import (
     CHAT_TEMPLATE_NAMES,
@@ -50,7 +51,7 @@ MERGE_KEYS = (
     "max_memory",
 )
 MODEL_KEYS = ("model", "lora")
-OUTPUT_KEYS = ("path", "shard_size")
+OUTPUT_KEYS = ("path", "shard_size", "lora_rank", "lora_path")
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -107,8 +108,20 @@ def validate_recipe_data(
     defaults filled in otherwise.
     """
     out = _Collector()
+    if "adapters" in data and not any(k in data for k in ("merge", "models", "slices")):
+        # an adapter merge (mergetui.recipe.adapters), read by a caller that takes model merges
+        # only (the TUI, sweep, eval, export)
+        raise RecipeError(
+            [
+                "adapters: this is an adapter-merge recipe ([adapters]); `mergetui run` and "
+                "`mergetui check` take it, this command takes model merges ([merge])"
+            ],
+            source_file,
+        )
     for key in data:
-        if key not in TOP_KEYS:
+        if key == "adapters":
+            out.add(mixed_recipe_problem())
+        elif key not in TOP_KEYS:
             out.add(_unknown_key("", key, TOP_KEYS))
 
     version = data.get("version", 1)
@@ -224,6 +237,8 @@ def validate_recipe_data(
     output = out.table(data, "output", "")
     output_path = None
     shard_size = DEFAULT_SHARD_SIZE
+    lora_rank: int | None = None
+    lora_path: str | None = None
     if output is None:
         if "output" not in data:
             out.add('output: missing; add an [output] table with path = "./merged"')
@@ -239,6 +254,7 @@ def validate_recipe_data(
                 shard_size = parse_size(output["shard_size"])
             except ValueError as exc:
                 out.add(f'output.shard_size: {exc}; e.g. shard_size = "2GB"')
+        lora_rank, lora_path = _lora_output(out, output, base, version)
 
     if out.problems:
         raise RecipeError(out.problems, source_file)
@@ -262,9 +278,42 @@ def validate_recipe_data(
         max_memory=max_memory,
         version=version,
         slices=tuple(slices),
+        lora_rank=lora_rank,
+        lora_path=lora_path,
         base_dir=base_dir or Path.cwd(),
         source_file=source_file,
     )
+
+
+def _lora_output(
+    out: _Collector, output: dict[str, Any], base: str | None, version: int
+) -> tuple[int | None, str | None]:
+    """``output.lora_rank`` and ``output.lora_path``: extracting an adapter of (merged − base)
+    after the merge needs a whole-number rank and a base to subtract."""
+    rank = output.get("lora_rank")
+    path = out.string(output, "lora_path", "output.")
+    if rank is None:
+        if "lora_path" in output:
+            out.add(
+                "output.lora_path: names where the extracted adapter goes, but no adapter is "
+                "extracted without output.lora_rank; add lora_rank = 16 (say) or drop lora_path"
+            )
+        return None, None
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        out.add(
+            f"output.lora_rank: must be a positive whole number (the extracted adapter's rank, "
+            f"e.g. lora_rank = 16), not {rank!r}"
+        )
+        return None, path
+    if base is None:
+        out.add(
+            "output.lora_rank: extracts an adapter of (merged − base), but the recipe has no "
+            'merge.base; set merge.base = "path/to/base" (the model the adapter will be loaded '
+            "on) or drop lora_rank"
+        )
+    if version < 2:
+        out.add("version: output.lora_rank needs recipe version 2; set version = 2")
+    return rank, path
 
 
 def _chat_template(out: _Collector, merge: dict[str, Any]) -> str | None:
