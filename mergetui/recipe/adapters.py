@@ -95,7 +95,8 @@ COMBINATIONS: dict[str, CombinationInfo] = {
 SIGN_METHODS = ("total", "frequency")
 SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
 
-#: The recipe version adapter merges need (older mergetui releases do not know ``[adapters]``).
+#: The version adapter-merge recipes are written as (read: 1 or 2). Releases before ``[adapters]``
+#: refuse the unknown key by name whatever the version, so no version number is required.
 ADAPTER_RECIPE_VERSION = 2
 TOP_KEYS = ("version", "adapters", "output")
 ADAPTER_KEYS = (
@@ -207,10 +208,10 @@ def validate_adapter_recipe_data(
         problems.append(mixed_recipe_problem())
 
     version = data.get("version", 1)
-    if isinstance(version, bool) or version != ADAPTER_RECIPE_VERSION:
+    if isinstance(version, bool) or version not in (1, ADAPTER_RECIPE_VERSION):
         problems.append(
-            f"version: adapter merges ([adapters]) need recipe version {ADAPTER_RECIPE_VERSION}, "
-            f"not {version!r}; set version = {ADAPTER_RECIPE_VERSION}"
+            f"version: this mergetui reads recipe versions 1 and 2, not {version!r}; set "
+            f"version = {ADAPTER_RECIPE_VERSION}"
         )
 
     raw = data.get("adapters")

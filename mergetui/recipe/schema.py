@@ -172,7 +172,6 @@ class Recipe:
         )
         return (
             bool(self.slices)
-            or self.lora_rank is not None
             or any(is_varying(v) for v in values)
             or self.vocabulary.needs_v2
             or chat_v2

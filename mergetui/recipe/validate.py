@@ -254,7 +254,7 @@ def validate_recipe_data(
                 shard_size = parse_size(output["shard_size"])
             except ValueError as exc:
                 out.add(f'output.shard_size: {exc}; e.g. shard_size = "2GB"')
-        lora_rank, lora_path = _lora_output(out, output, base, version)
+        lora_rank, lora_path = _lora_output(out, output, base)
 
     if out.problems:
         raise RecipeError(out.problems, source_file)
@@ -286,10 +286,12 @@ def validate_recipe_data(
 
 
 def _lora_output(
-    out: _Collector, output: dict[str, Any], base: str | None, version: int
+    out: _Collector, output: dict[str, Any], base: str | None
 ) -> tuple[int | None, str | None]:
     """``output.lora_rank`` and ``output.lora_path``: extracting an adapter of (merged − base)
-    after the merge needs a whole-number rank and a base to subtract."""
+    after the merge needs a whole-number rank and a base to subtract. Any recipe version takes
+    them: a release without them refuses the unknown key by name, so nothing replays wrongly,
+    and the TUI, which keeps [output] keys it does not edit, may save them under version 1."""
     rank = output.get("lora_rank")
     path = out.string(output, "lora_path", "output.")
     if rank is None:
@@ -311,8 +313,6 @@ def _lora_output(
             'merge.base; set merge.base = "path/to/base" (the model the adapter will be loaded '
             "on) or drop lora_rank"
         )
-    if version < 2:
-        out.add("version: output.lora_rank needs recipe version 2; set version = 2")
     return rank, path
 
 
