@@ -263,7 +263,8 @@ def default_budget_on_device(device: str, size: str, workdir: Path) -> None:
 
 def spec_is_exact(method: str) -> bool:
     """Whether a method must give the CPU's bits on any device: the element-wise ones (and the
-    random ones, whose streams are drawn on the CPU); others sum in a device's own order."""
+    random ones, whose counter-based streams give the CPU's bits on any device); others sum in a
+    device's own order."""
     return method in {"linear", "task_arithmetic", "passthrough"} or bool(
         METHODS[method].randomized
     )

@@ -59,7 +59,7 @@ def test_every_method_on_cuda_gives_the_cpu_result(
     on_gpu, _, _ = _merge(tmp_path, models, method, DEVICE, "on-device")
     assert on_cpu.keys() == on_gpu.keys()
     for name, expected in on_cpu.items():
-        if METHODS[method].randomized:  # masks are drawn on the CPU: the same bits everywhere
+        if METHODS[method].randomized:  # counter-based masks, drawn on the device: CPU bits
             assert torch.equal(on_gpu[name], expected), name
         else:  # float32 math in another order: float tolerance
             torch.testing.assert_close(on_gpu[name], expected, rtol=1e-5, atol=1e-6, msg=name)
@@ -77,6 +77,32 @@ def test_cuda_progress_names_the_merge_gpu_and_stays_under_the_estimate(
     assert last.gpus and last.gpus[0].total_bytes > last.gpus[0].used_bytes > 0
     assert last.gpu_peak_bytes is not None and last.gpu_peak_bytes > 0
     assert estimate is not None and last.gpu_peak_bytes <= estimate, (last, estimate)
+
+
+def test_philox_on_the_device_gives_the_cpu_bits() -> None:
+    """DARE's and DELLA's uniforms are made on the device (no CPU draws, no copy) by the torch
+    rounds of :mod:`mergetui.methods.philox`: the bits of the CPU's torch path and C loops, at
+    unaligned starts and across the torch path's pieces; and DARE's drop there masks alike."""
+    from mergetui.methods import native, philox
+    from mergetui.methods.task_arithmetic import drop_at_random_
+
+    key = 0x5DEECE66D1234567
+    for start, count in ((0, 5), (3, 4099), (4 * (1 << 32) - 2, 1001), (7, (1 << 20) + 13)):
+        on_device = philox.uniform(key, start, count, DEVICE)
+        assert on_device.device.type == torch.device(DEVICE).type
+        expected = philox.uniform(key, start, count, "cpu")
+        assert torch.equal(on_device.cpu(), expected), (start, count)
+        library = native.library()
+        if library is not None:
+            made = torch.empty(count)
+            library.mt_philox_uniform(made.data_ptr(), key, start, 0, count)
+            assert torch.equal(made, expected), (start, count)
+    delta = torch.randn(3 << 20, generator=torch.Generator().manual_seed(1))
+    on_cpu = delta.clone()
+    drop_at_random_(on_cpu, 0.35, key, 5)
+    on_device = delta.to(DEVICE)
+    drop_at_random_(on_device, 0.35, key, 5)
+    assert torch.equal(on_device.cpu(), on_cpu)
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "task_arithmetic", "passthrough"])

@@ -24,7 +24,7 @@ from test_methods_more import run
 from mergetui.engine.executor import run_merge
 from mergetui.engine.plan import build_plan
 from mergetui.methods import task_arithmetic
-from mergetui.methods.inputs import tensor_generator
+from mergetui.methods.inputs import tensor_seed
 from mergetui.methods.task_arithmetic import della_prune_
 from mergetui.recipe import load_recipe
 
@@ -88,8 +88,8 @@ def test_kept_fraction_and_profile_follow_the_rank(
     base, models = task_vectors
     delta = models[0] - base
     for density, epsilon in ((0.5, 0.15), (0.2, 0.1), (0.7, 0.25)):
-        generator = tensor_generator(0, NAME, 0)
-        kept = della_prune_(delta.clone(), density, epsilon, False, generator) != 0
+        key = tensor_seed(0, NAME, 0)
+        kept = della_prune_(delta.clone(), density, epsilon, False, key) != 0
         assert_della_profile(delta, kept, density, epsilon, tolerance=0.01)
 
 
@@ -98,7 +98,7 @@ def test_rescale_restores_the_l1_norm_exactly(
 ) -> None:
     base, models = task_vectors
     delta = models[1] - base
-    pruned = della_prune_(delta.clone(), 0.3, 0.1, True, tensor_generator(0, NAME, 1))
+    pruned = della_prune_(delta.clone(), 0.3, 0.1, True, tensor_seed(0, NAME, 1))
     torch.testing.assert_close(
         pruned.abs().sum(dtype=torch.float64),
         delta.abs().sum(dtype=torch.float64),
@@ -122,8 +122,8 @@ def test_della_linear_is_the_weighted_sum_of_the_pruned_task_vectors(
     out = run("della_linear", base, models[:2], density=0.5, epsilon=0.1, weight=0.7)
     expected = base.clone()
     for index, model in enumerate(models[:2]):
-        generator = tensor_generator(0, NAME, index)
-        expected += 0.7 * della_prune_(model - base, 0.5, 0.1, True, generator)
+        key = tensor_seed(0, NAME, index)
+        expected += 0.7 * della_prune_(model - base, 0.5, 0.1, True, key)
     torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
@@ -279,6 +279,6 @@ def test_the_c_loops_give_the_torch_paths_bits(
     results = []
     for mode in ("1", "0"):
         monkeypatch.setenv("MERGETUI_NATIVE", mode)
-        out = della_prune_(delta.clone(), 0.45, 0.3, True, tensor_generator(3, NAME, 0))
+        out = della_prune_(delta.clone(), 0.45, 0.3, True, tensor_seed(3, NAME, 0))
         results.append(out.view(torch.int32))
     assert torch.equal(results[0], results[1])

@@ -3,10 +3,12 @@
 The reference implementations below are written from ``shared/notes/merge-math.md``
 ("Exact math"), deliberately naively (full sorts, explicit sign comparisons, float64
 arithmetic) and without importing any helper from the kernels, so that a kernel and its
-reference cannot share a bug. The only shared piece is
-:func:`mergetui.methods.inputs.tensor_generator`, because the DARE masking contract is
-defined in terms of it: the mask of model ``i`` is
-``torch.rand(numel, generator=tensor_generator(seed, name, i)) < density``, reshaped.
+reference cannot share a bug. The only shared pieces
+are :func:`mergetui.methods.inputs.tensor_seed` and :func:`mergetui.methods.philox.uniform`,
+because the DARE masking contract is defined in terms of them: the mask of model ``i`` is
+``philox.uniform(tensor_seed(seed, name, i), 0, numel) < density``, reshaped (``uniform``
+itself is checked against Philox4x32-10's published known answers and a scalar reference in
+``test_philox.py``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import pytest
 import torch
 
-from mergetui.methods.inputs import TensorInputs, tensor_generator
+from mergetui.methods import philox
+from mergetui.methods.inputs import TensorInputs, tensor_seed
 from mergetui.methods.linear import linear
 from mergetui.methods.passthrough import passthrough
 from mergetui.methods.registry import METHODS, MethodSpec
@@ -166,10 +169,11 @@ def reference_magnitude_sparsify(delta: torch.Tensor, density: float) -> torch.T
 def reference_dare_mask(
     shape: tuple[int, ...], density: float, seed: int, name: str, model_index: int
 ) -> torch.Tensor:
-    """The documented DARE masking contract: Bernoulli(density) from the per-tensor generator's
-    flat uniform stream (the kernel draws it in chunks; the stream is the same)."""
-    g = tensor_generator(seed, name, model_index)
-    return (torch.rand(math.prod(shape), generator=g) < density).reshape(shape)
+    """The documented DARE masking contract: Bernoulli(density) from the per-tensor Philox
+    stream's flat uniforms (the kernel draws them in chunks or per thread; the stream is the
+    same)."""
+    key = tensor_seed(seed, name, model_index)
+    return (philox.uniform(key, 0, math.prod(shape)) < density).reshape(shape)
 
 
 def reference_rescale(original: torch.Tensor, masked: torch.Tensor) -> torch.Tensor:
@@ -794,7 +798,7 @@ def test_dare_rescale_preserves_each_task_vectors_l1_norm(density: float) -> Non
     base, models = random_base_and_models((97, 61), 3, seed=64)
     for index, model in enumerate(models):
         delta = model - base
-        dropped = random_drop_(delta.clone(), density, True, tensor_generator(seed, name, index))
+        dropped = random_drop_(delta.clone(), density, True, tensor_seed(seed, name, index))
         assert (dropped == 0).any()  # something was dropped
         torch.testing.assert_close(
             dropped.abs().sum(dtype=torch.float64),
@@ -826,7 +830,7 @@ def test_dare_rescale_is_skipped_for_tiny_norms() -> None:
     """Below an L1 norm of 1e-7 the masked vector is returned as is (no blow-up)."""
     delta = torch.full((50,), 1e-10)
     mask = reference_dare_mask((50,), 0.5, 0, "tiny", 0)
-    dropped = random_drop_(delta.clone(), 0.5, True, tensor_generator(0, "tiny", 0))
+    dropped = random_drop_(delta.clone(), 0.5, True, tensor_seed(0, "tiny", 0))
     assert torch.equal(dropped, delta * mask)
 
 
@@ -917,13 +921,18 @@ def test_registry_import_does_not_import_torch(module: str) -> None:
     assert completed.stdout.strip() == "False"
 
 
-def test_dare_mask_follows_the_flat_stream_on_large_multi_chunk_tensors() -> None:
-    """Chunked drawing must equal the documented flat stream, also past one chunk and in 2-D."""
+@pytest.mark.parametrize("native_mode", ["1", "0"])
+def test_dare_mask_follows_the_flat_stream_on_large_multi_chunk_tensors(
+    native_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Chunked drawing (torch ops) and the C loops' per-thread ranges must both equal the
+    documented flat stream, also past one chunk and in 2-D."""
     from mergetui.methods.task_arithmetic import CHUNK
 
+    monkeypatch.setenv("MERGETUI_NATIVE", native_mode)
     shape = (3, CHUNK // 2 + 5)  # 1.5 chunks and a ragged tail
     delta = torch.ones(shape)
-    pruned = random_drop_(delta, 0.4, False, tensor_generator(7, "w", 0))
+    pruned = random_drop_(delta, 0.4, False, tensor_seed(7, "w", 0))
     assert torch.equal(pruned != 0, reference_dare_mask(shape, 0.4, 7, "w", 0))
 
 

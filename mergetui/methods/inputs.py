@@ -42,16 +42,19 @@ class TensorInputs:
 def tensor_seed(seed: int, tensor_name: str, model_index: int) -> int:
     """A 63-bit seed derived from (seed, tensor name, model index).
 
-    Deriving each tensor's generator from its name (not from a global stream) makes randomised methods
-    bit-reproducible whatever order tensors are processed in, how many threads run, or which device
-    does the math.
+    Deriving each tensor's random stream from its name (not from a global stream) makes randomised
+    methods bit-reproducible whatever order tensors are processed in, how many threads run, or which
+    device does the math. DARE and DELLA use it as the key of their counter-based Philox stream
+    (:mod:`mergetui.methods.philox`), the dare types of ``lora merge`` to seed a generator.
     """
     digest = hashlib.blake2b(f"{seed}\0{tensor_name}\0{model_index}".encode(), digest_size=8)
     return int.from_bytes(digest.digest(), "little") & ((1 << 63) - 1)
 
 
 def tensor_generator(seed: int, tensor_name: str, model_index: int) -> torch.Generator:
-    """A CPU generator for one (tensor, model) pair; see :func:`tensor_seed`.
+    """A CPU generator for one (tensor, model) pair; see :func:`tensor_seed`. Used by the dare
+    types of ``lora merge``, which mirror PEFT's ``torch.rand`` draws (DARE and DELLA on whole
+    models draw from :mod:`mergetui.methods.philox` instead).
 
     Random numbers are always drawn on the CPU and then moved, because CUDA and CPU generators give
     different streams for the same seed.

@@ -39,6 +39,7 @@ _ALIGN = 4096
 _SOURCE = Path(__file__).with_name("native_kernels.c")
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
 _I64 = ctypes.c_int64
+_U64 = ctypes.c_uint64
 _PTR = ctypes.c_void_p
 
 _lock = threading.Lock()
@@ -95,8 +96,11 @@ def _declare(library: ctypes.CDLL) -> None:
         "mt_tie_cutoff": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32, _I64]),
         "mt_della_rows": (
             _I64,
-            [_PTR, _PTR, _I64, _I64, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float],
+            [_PTR, _U64, _I64, _I64, _I64, _I64, ctypes.c_float, ctypes.c_float, ctypes.c_float],
         ),
+        "mt_philox4x32_10": (None, [_PTR, _U64]),
+        "mt_philox_uniform": (None, [_PTR, _U64, _I64, _I64, _I64]),
+        "mt_dare_drop": (None, [_PTR, _U64, _I64, _I64, _I64, ctypes.c_float]),
         "mt_karcher_term": (None, [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, ctypes.c_float]),
         "mt_add_scaled": (None, [_PTR, _PTR, _I64, _I64, ctypes.c_float]),
         "mt_ties_elect": (

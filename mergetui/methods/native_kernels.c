@@ -1,5 +1,5 @@
 /*
- * Fused CPU loops for the task-vector merges (TIES and DARE-TIES), called through ctypes.
+ * Fused CPU loops for the task-vector merges (TIES, DARE and DELLA), called through ctypes.
  *
  * Why C: op by op in torch a TIES tensor is read and written some thirty times, and torch.compile,
  * which fuses the same ops, costs several seconds per process just to load its cached kernels. These
@@ -211,9 +211,103 @@ void mt_ties_elect(float *restrict base, const float *const *deltas, int32_t mod
     }
 }
 
+/* Philox4x32-10 (Salmon et al., SC'11; Random123's philox4x32_R with R = 10), the counter-based
+ * generator of DARE's and DELLA's drops; mergetui/methods/philox.py computes the same bits in torch
+ * ops. Flat index i of a stream draws word i % 4 of the block for counter {i / 4 (low 64 bits), 0, 0}
+ * under the stream's 64-bit key (low word first), as the float32 (word >> 8) * 2^-24. Each draw
+ * depends only on (key, i), so any split of a range across threads gives the same bits. The rounds
+ * run on LANES counters at a time, one array per word, so that the compiler vectorises them
+ * (32 x 32 -> 64-bit products are one vector instruction on x86-64 and AArch64). */
+#define PHILOX_M0 0xD2511F53u
+#define PHILOX_M1 0xCD9E8D57u
+#define PHILOX_W0 0x9E3779B9u
+#define PHILOX_W1 0xBB67AE85u
+#define LANES 256
+
+static void philox_rounds(uint32_t *restrict x0, uint32_t *restrict x1, uint32_t *restrict x2,
+                          uint32_t *restrict x3, int64_t lanes, uint32_t k0, uint32_t k1) {
+    for (int round = 0; round < 10; round++) {
+        for (int64_t l = 0; l < lanes; l++) {
+            const uint64_t p0 = (uint64_t)PHILOX_M0 * x0[l];
+            const uint64_t p1 = (uint64_t)PHILOX_M1 * x2[l];
+            const uint32_t y0 = (uint32_t)(p1 >> 32) ^ x1[l] ^ k0;
+            const uint32_t y2 = (uint32_t)(p0 >> 32) ^ x3[l] ^ k1;
+            x1[l] = (uint32_t)p1;
+            x3[l] = (uint32_t)p0;
+            x0[l] = y0;
+            x2[l] = y2;
+        }
+        k0 += PHILOX_W0;
+        k1 += PHILOX_W1;
+    }
+}
+
+/* The uniforms of flat indices index .. index + n - 1 of stream `key` into out[0 .. n - 1]. */
+static void philox_uniforms(float *restrict out, uint64_t key, uint64_t index, int64_t n) {
+    uint32_t x0[LANES], x1[LANES], x2[LANES], x3[LANES], bits[4 * LANES];
+    const uint32_t k0 = (uint32_t)key, k1 = (uint32_t)(key >> 32);
+    while (n > 0) {
+        const uint64_t counter = index >> 2;
+        const int64_t skip = (int64_t)(index & 3u);
+        int64_t lanes = (skip + n + 3) >> 2;
+        if (lanes > LANES) lanes = LANES;
+        for (int64_t l = 0; l < lanes; l++) {
+            const uint64_t c = counter + (uint64_t)l;
+            x0[l] = (uint32_t)c;
+            x1[l] = (uint32_t)(c >> 32);
+            x2[l] = 0;
+            x3[l] = 0;
+        }
+        philox_rounds(x0, x1, x2, x3, lanes, k0, k1);
+        for (int64_t l = 0; l < lanes; l++) {
+            bits[4 * l] = x0[l];
+            bits[4 * l + 1] = x1[l];
+            bits[4 * l + 2] = x2[l];
+            bits[4 * l + 3] = x3[l];
+        }
+        int64_t made = 4 * lanes - skip;
+        if (made > n) made = n;
+        for (int64_t t = 0; t < made; t++) out[t] = (float)(bits[skip + t] >> 8) * 0x1p-24f;
+        out += made;
+        index += (uint64_t)made;
+        n -= made;
+    }
+}
+
+/* Philox4x32-10 of one 128-bit counter (four words, low first) under a 64-bit key, in place: the
+ * raw block, for the known-answer tests (the streams below only use counters below 2^64). */
+void mt_philox4x32_10(uint32_t *words, uint64_t key) {
+    philox_rounds(words, words + 1, words + 2, words + 3, 1, (uint32_t)key, (uint32_t)(key >> 32));
+}
+
+/* out[i] = the uniform of flat index offset + i of stream `key`, for i in [start, end). */
+void mt_philox_uniform(float *restrict out, uint64_t key, int64_t offset, int64_t start,
+                       int64_t end) {
+    if (end > start) philox_uniforms(out + start, key, (uint64_t)(offset + start), end - start);
+}
+
+/* DARE's drop on [start, end) of a flat block whose element 0 is flat index `offset` of the tensor:
+ * delta[i] is multiplied by 1 when the uniform of index offset + i is below `density`, else by 0
+ * (as the torch path's mul_ by the mask: -0 and NaN as torch gives them). The uniforms are made
+ * BLOCK at a time in a stack buffer that stays in L1: no tensor-sized buffer of draws. */
+void mt_dare_drop(float *restrict delta, uint64_t key, int64_t offset, int64_t start, int64_t end,
+                  float density) {
+    float draws[BLOCK];
+    for (int64_t block = start; block < end; block += BLOCK) {
+        const int64_t count = end - block < BLOCK ? end - block : BLOCK;
+        philox_uniforms(draws, key, (uint64_t)(offset + block), count);
+        float *restrict d = delta + block;
+        for (int64_t i = 0; i < count; i++) {
+            const float keep = draws[i] < density ? 1.0f : 0.0f;
+            d[i] = d[i] * keep;
+        }
+    }
+}
+
 /* DELLA's MagPrune on rows [row_start, row_end) of a rows x width matrix, in place. In each row the
  * entry of ascending magnitude rank r (equal magnitudes ranked in index order) is kept when
- * uniform[j] < p(r), with p(r) = (r / (width - 1)) * 2 * epsilon + low (low = density - epsilon),
+ * u_j < p(r), u_j the Philox uniform of flat index offset + row * width + j of stream `key` (offset:
+ * the flat index of the matrix's first entry in the whole tensor), with p(r) = (r / (width - 1)) * 2 * epsilon + low (low = density - epsilon),
  * or p = density for a row of one entry; otherwise it is zeroed. The arithmetic is the torch path's
  * (della_prune_), operation for operation in float32. Ranks come from a stable LSD radix sort of
  * the 31-bit magnitude patterns (three 11-bit digits; a digit every key shares is skipped), which
@@ -221,21 +315,23 @@ void mt_ties_elect(float *restrict base, const float *const *deltas, int32_t mod
  * Returns 0, or -1 when the scratch buffers cannot be allocated. */
 #define DIGIT_BITS 11
 #define DIGITS (1 << DIGIT_BITS)
-int64_t mt_della_rows(float *restrict delta, const float *restrict uniform, int64_t width,
+int64_t mt_della_rows(float *restrict delta, uint64_t key, int64_t offset, int64_t width,
                       int64_t row_start, int64_t row_end, float low, float epsilon, float density) {
     uint32_t *keys = malloc(2 * (size_t)width * sizeof *keys);
     uint32_t *order = malloc(2 * (size_t)width * sizeof *order);
     int64_t *counts = malloc(DIGITS * sizeof *counts);
-    if (keys == NULL || order == NULL || counts == NULL) {
+    float *draws = malloc((size_t)width * sizeof *draws);
+    if (keys == NULL || order == NULL || counts == NULL || draws == NULL) {
         free(keys);
         free(order);
         free(counts);
+        free(draws);
         return -1;
     }
     const float span = (float)(width - 1);
     for (int64_t row = row_start; row < row_end; row++) {
         float *values = delta + row * width;
-        const float *draws = uniform + row * width;
+        philox_uniforms(draws, key, (uint64_t)(offset + row * width), width);
         uint32_t *key_in = keys, *key_out = keys + width;
         uint32_t *order_in = order, *order_out = order + width;
         for (int64_t j = 0; j < width; j++) {
@@ -281,6 +377,7 @@ int64_t mt_della_rows(float *restrict delta, const float *restrict uniform, int6
     free(keys);
     free(order);
     free(counts);
+    free(draws);
     return 0;
 }
 

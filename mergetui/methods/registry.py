@@ -145,8 +145,9 @@ class Blocks:
     #: the statistics (``MethodSpec.block_kernel`` says how).
     passes: int = 1
     #: Blocks must hold a multiple of this many elements (counted from the tensor's start): a
-    #: statistic summed chunk by chunk in float64 then adds the same chunks in the same order, and
-    #: a random stream drawn chunk by chunk is drawn in the same calls, so blocks give the same bits.
+    #: statistic summed chunk by chunk in float64 then adds the same chunks in the same order, so
+    #: blocks give the same bits. (DARE's and DELLA's random draws need no alignment: they are
+    #: counter-based, a function of the flat index, ``mergetui.methods.philox``.)
     align_elements: int = 1
     #: When the passes or the alignment depend on the parameters or the shape: decides per tensor
     #: instead of ``passes`` and ``align_elements``, which are then left at their defaults.
@@ -400,8 +401,8 @@ def _della_blocks(name: str) -> BlockRule:
         params: Mapping[str, Any],
         model_params: tuple[Mapping[str, Any], ...],
     ) -> BlockPlan | str:
-        """Ranks are per row and the random stream is drawn per ``CHUNK // width`` rows, so
-        blocks hold whole draws; ``rescale`` adds a pass for the L1 norms around the drop."""
+        """Ranks are per row and the L1 norms are summed per ``CHUNK // width`` rows, so blocks
+        hold whole steps of rows; ``rescale`` adds a pass for the L1 norms around the drop."""
         if len(shape) != 2:
             return f"{name} works on rows and the tensor has {len(shape)} dimensions"
         if not _sparsifies(model_params):

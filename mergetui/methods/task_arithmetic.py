@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from mergetui.methods import native
-from mergetui.methods.inputs import TensorInputs, tensor_generator
+from mergetui.methods import native, philox
+from mergetui.methods.inputs import TensorInputs, tensor_seed
 
 #: Elements per chunk for temporaries (4 MiB of float32).
 CHUNK = 1 << 20
@@ -326,33 +326,46 @@ class RankWindow:
             chunk.masked_fill_(~keep, 0.0)
 
 
-def random_drop_(
-    delta: torch.Tensor, density: float, rescale: bool, generator: torch.Generator
-) -> torch.Tensor:
+def random_drop_(delta: torch.Tensor, density: float, rescale: bool, key: int) -> torch.Tensor:
     """DARE: keep each entry with probability ``density``, in place.
 
-    Entry j is kept when u_j < density, where u is the stream ``torch.rand(numel)`` of ``generator``
-    (drawn on the CPU in chunks, which gives the same stream, then moved), so a seed gives the same
-    mask on every device. With ``rescale`` the kept entries are scaled so the L1 norm of the task
-    vector is unchanged (mergekit's rescale, not the paper's 1/p).
+    Entry j (flat, row-major) is kept when u_j < density, u_j the Philox uniform of index j in the
+    stream ``key`` (:mod:`.philox`; the key is :func:`~mergetui.methods.inputs.tensor_seed`), so a
+    seed gives the same mask on every device and thread count. With ``rescale`` the kept entries
+    are scaled so the L1 norm of the task vector is unchanged (mergekit's rescale, not the paper's
+    1/p).
     """
     if density >= 1.0:
         return delta
     flat = _flat(delta)
     l1_before = _l1(flat) if rescale else 0.0
-    drop_at_random_(flat, density, generator)
+    drop_at_random_(flat, density, key)
     if rescale:
         rescale_l1_(delta, l1_before, _l1(flat))
     return delta
 
 
-def drop_at_random_(flat: torch.Tensor, density: float, generator: torch.Generator) -> None:
-    """Zero each entry of a flat tensor unless its uniform draw is below ``density``: one
-    ``torch.rand`` call per chunk of ``CHUNK`` entries, so blocks of whole chunks draw the same
-    stream as the whole tensor."""
+def drop_at_random_(flat: torch.Tensor, density: float, key: int, start: int = 0) -> None:
+    """Zero each entry of a flat tensor unless its uniform draw is below ``density`` (the float32
+    nearest to it, as torch compares), in place; ``flat`` holds the tensor's entries from flat
+    index ``start`` on, whose draws are uniforms ``start, start + 1, ...`` of the stream ``key``.
+
+    Float32 CPU tensors go through the C loops (``mt_dare_drop``: the draws made in cache, on every
+    core); elsewhere one :func:`.philox.uniform` per chunk of ``CHUNK`` entries, made on the
+    tensor's device. Both multiply by the 0/1 mask, so they give the same bits."""
+    library = native.available_for(flat)
+    if library is not None:
+        pointer = flat.data_ptr()
+        native.parallel(
+            lambda begin, end: library.mt_dare_drop(pointer, key, start, begin, end, density),
+            flat.numel(),
+        )
+        return
+    offset = start
     for chunk in _chunks(flat):
-        uniform = torch.rand(chunk.numel(), generator=generator, dtype=torch.float32)
-        chunk.mul_(uniform.lt_(density).to(chunk.device))
+        uniform = philox.uniform(key, offset, chunk.numel(), chunk.device)
+        chunk.mul_(uniform.lt_(density))
+        offset += chunk.numel()
 
 
 def rescale_l1_(delta: torch.Tensor, l1_before: float, l1_after: float) -> None:
@@ -366,7 +379,7 @@ def della_prune_(
     density: float,
     epsilon: float,
     rescale: bool,
-    generator: torch.Generator,
+    key: int,
 ) -> torch.Tensor:
     """DELLA's MagPrune, in place: in each row (a 1-D tensor is one row; rows run along dimension
     1, as in mergekit), the entry of ascending magnitude rank r among n is kept with probability
@@ -376,9 +389,10 @@ def della_prune_(
     unstable double argsort ranks them arbitrarily): on float32 CPU tensors a radix sort in the C
     loops, threads over rows (``native.mt_della_rows``), elsewhere ``torch.sort``; both give the
     same bits. A row of one entry has p = density (mergekit fails there). Entry j is kept when
-    u_j < p_j, u drawn from ``generator`` in row-major order block by block, so a seed gives the
-    same mask on every device and thread count. With ``rescale`` the kept entries are scaled to
-    the task vector's L1 norm (a whole-tensor statistic; everything else is row-local).
+    u_j < p_j, u_j the Philox uniform of j's flat index in the rows (row-major: the tensor's own
+    flat index for one or two dimensions) in the stream ``key``, so a seed gives the same mask on
+    every device and thread count. With ``rescale`` the kept entries are scaled to the task
+    vector's L1 norm (a whole-tensor statistic; everything else is row-local).
     """
     if density >= 1.0:
         return delta
@@ -386,7 +400,7 @@ def della_prune_(
         return delta.zero_()
     rows = _as_rows(delta)
     norms = L1Norms() if rescale else None
-    della_rows_(rows, density, epsilon, generator, norms)
+    della_rows_(rows, density, epsilon, key, norms)
     if delta.dim() > 2:
         _restore_rows(delta, rows)
     if norms is not None:
@@ -404,8 +418,9 @@ class L1Norms:
 
 
 def della_rows(width: int) -> int:
-    """Rows DELLA prunes per random draw: as many as fit one ``CHUNK`` (at least one). A tensor
-    merged in blocks of a multiple of these rows draws the same stream as whole."""
+    """Rows DELLA prunes per step: as many as fit one ``CHUNK`` (at least one). The L1 norms are
+    summed per step, so a tensor merged in blocks of a multiple of these rows sums them as whole
+    (the draws themselves depend on the flat index only)."""
     return max(1, CHUNK // max(width, 1))
 
 
@@ -413,21 +428,25 @@ def della_rows_(
     rows: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    key: int,
     norms: L1Norms | None = None,
+    start: int = 0,
 ) -> None:
-    """DELLA's drop over consecutive rows (0 < density < 1), :func:`della_rows` rows per draw;
-    with ``norms``, each draw's rows' L1 norm is added before and after, in order."""
+    """DELLA's drop over consecutive rows (0 < density < 1) whose first entry is flat index
+    ``start`` of the tensor, :func:`della_rows` rows per step; with ``norms``, each step's rows'
+    L1 norm is added before and after, in order. The C loops make the draws row by row in cache;
+    the torch path makes them with :func:`.philox.uniform` on the rows' device."""
     width = rows.shape[1]
     positions = torch.arange(width, dtype=torch.int64, device=rows.device)
     library = native.available_for(rows)
+    offset = start
     for block in rows.split(della_rows(width)):
         if norms is not None:
             norms.before = add_l1(norms.before, block.reshape(-1))
-        uniform = torch.rand(block.numel(), generator=generator, dtype=torch.float32)
         if library is not None:
-            _della_rows_native(library, block, uniform, density, epsilon)
+            _della_rows_native(library, block, key, offset, density, epsilon)
         else:
+            uniform = philox.uniform(key, offset, block.numel(), rows.device)
             order = torch.sort(block.abs(), dim=1, stable=True).indices
             ranks = torch.empty(block.shape, dtype=torch.float32, device=rows.device)
             ranks.scatter_(1, order, positions.to(torch.float32).expand_as(ranks))
@@ -437,21 +456,23 @@ def della_rows_(
                 probability = probability.mul_(2).mul_(epsilon).add_(density - epsilon)
             else:
                 probability = ranks.fill_(density)
-            keep = uniform.view(block.shape).to(rows.device).lt_(probability)
+            keep = uniform.view(block.shape).lt_(probability)
             block.mul_(keep)
         if norms is not None:
             norms.after = add_l1(norms.after, block.reshape(-1))
+        offset += block.numel()
 
 
 def _della_rows_native(
-    library: Any, block: torch.Tensor, uniform: torch.Tensor, density: float, epsilon: float
+    library: Any, block: torch.Tensor, key: int, offset: int, density: float, epsilon: float
 ) -> None:
-    """One block of rows through the C loops, the rows split across the worker threads."""
+    """One block of rows (its first entry flat index ``offset``) through the C loops, the rows
+    split across the worker threads."""
     width = block.shape[1]
 
     def rows(start: int, end: int) -> None:
         status = library.mt_della_rows(
-            block.data_ptr(), uniform.data_ptr(), width, start, end,
+            block.data_ptr(), key, offset, width, start, end,
             density - epsilon, epsilon, density,
         )  # fmt: skip
         if status != 0:
@@ -508,13 +529,13 @@ def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> t
     for index, delta in enumerate(deltas):
         delta.sub_(base)
         if sparsify == "random":
-            generator = tensor_generator(inputs.seed, inputs.name, index)
-            random_drop_(delta, densities[index], bool(params.get("rescale", True)), generator)
+            key = tensor_seed(inputs.seed, inputs.name, index)
+            random_drop_(delta, densities[index], bool(params.get("rescale", True)), key)
         if sparsify == "della":
-            generator = tensor_generator(inputs.seed, inputs.name, index)
+            key = tensor_seed(inputs.seed, inputs.name, index)
             epsilon = float(inputs.model_params[index].get("epsilon", 0.15))
             rescale = bool(params.get("rescale", True))
-            della_prune_(delta, densities[index], epsilon, rescale, generator)
+            della_prune_(delta, densities[index], epsilon, rescale, key)
     for index, delta in enumerate(deltas):
         if sparsify == "magnitude":
             magnitude_prune_(delta, densities[index])
@@ -613,8 +634,8 @@ def _merge_native(
         )
         density = densities[index]
         if sparsify == "random":
-            generator = tensor_generator(inputs.seed, inputs.name, index)
-            random_drop_(delta, density, bool(inputs.params.get("rescale", True)), generator)
+            key = tensor_seed(inputs.seed, inputs.name, index)
+            random_drop_(delta, density, bool(inputs.params.get("rescale", True)), key)
         if sparsify != "magnitude" or density >= 1.0:
             patterns.append(0)  # |d| >= 0 always, and every tie is before the cutoff: keep all
             cutoffs.append(count)

@@ -13,9 +13,11 @@ from the blocks of the first passes:
   counted on from block to block (:class:`RankWindow`). With ``rescale`` a third pass sums the L1
   norm of what is kept.
 - DARE and DELLA (two passes with ``rescale``, else one): the L1 norms before and after the drop,
-  summed in float64 per draw of the random stream, in the same order as whole (blocks hold whole
-  draws: the registry's alignment); the stream is drawn again, from a fresh generator, on the
-  merging pass.
+  summed in float64 per chunk (DARE) or per step of rows (DELLA), in the same order as whole
+  (blocks hold whole chunks or steps: the registry's alignment). The draws are counter-based
+  (:mod:`.philox`): the block starting at flat index ``start`` draws uniforms ``start, start + 1,
+  ...`` of its task vector's stream, so the merging pass draws them again with no generator state
+  carried from block to block or pass to pass.
 
 Each block is then merged by the same code as the whole tensor (the C loops where they apply), so
 the result has the same bits whatever the block size.
@@ -31,7 +33,7 @@ import torch
 
 from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
-from mergetui.methods.inputs import TensorInputs, tensor_generator
+from mergetui.methods.inputs import TensorInputs, tensor_seed
 from mergetui.methods.task_arithmetic import (
     L1Norms,
     RankWindow,
@@ -161,7 +163,8 @@ class _TaskVectorBlocks:
     top: dict[int, _TopK] = field(default_factory=dict)
     outliers: dict[int, _Outliers] = field(default_factory=dict)
     norms: dict[int, L1Norms] = field(default_factory=dict)
-    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    #: per randomly dropped task vector, the key of its Philox stream
+    keys: dict[int, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         params = self.context.params
@@ -182,15 +185,15 @@ class _TaskVectorBlocks:
                 self.outliers[index] = _outliers(count, density, models[index])
             if self.rescale and self.sparsify != "magnitude":
                 self.norms[index] = L1Norms()
+            if self.sparsify in ("random", "della"):
+                self.keys[index] = tensor_seed(self.context.seed, self.context.name, index)
 
     # -- the passes that gather statistics ------------------------------------------------------
     def observe(self, pass_index: int, inputs: TensorInputs, start: int) -> None:
         base = inputs.require_base()
         if self.sparsify in ("random", "della"):
-            if start == 0:
-                self._fresh_generators()
             for index, norms in self.norms.items():
-                self._drop(index, inputs.models[index].sub_(base), norms)
+                self._drop(index, inputs.models[index].sub_(base), norms, start)
             return
         if self.sparsify == "outliers" and pass_index == 2:  # with rescale: the kept L1 norms
             if start == 0:
@@ -222,29 +225,23 @@ class _TaskVectorBlocks:
             return [(index, top.selection) for index, top in self.top.items()]
         return [(i, o.selection) for i, o in self.outliers.items() if o.selection is not None]
 
-    def _drop(self, index: int, delta: torch.Tensor, norms: L1Norms | None) -> None:
-        """DARE's or DELLA's random drop of one block of a task vector, adding to ``norms``."""
+    def _drop(self, index: int, delta: torch.Tensor, norms: L1Norms | None, start: int) -> None:
+        """DARE's or DELLA's random drop of the block of a task vector that starts at flat index
+        ``start``, adding to ``norms``."""
         density = self.densities[index]
         if self.sparsify == "della":
             if density <= 0.0:
                 delta.zero_()
                 return
             epsilon = float(self.context.model_params[index].get("epsilon", 0.15))
-            della_rows_(delta, density, epsilon, self.generators[index], norms)
+            della_rows_(delta, density, epsilon, self.keys[index], norms, start)
             return
         flat = _flat(delta)
         if norms is not None:
             norms.before = add_l1(norms.before, flat)
-        drop_at_random_(flat, density, self.generators[index])
+        drop_at_random_(flat, density, self.keys[index], start)
         if norms is not None:
             norms.after = add_l1(norms.after, flat)
-
-    def _fresh_generators(self) -> None:
-        self.generators = {
-            index: tensor_generator(self.context.seed, self.context.name, index)
-            for index, density in enumerate(self.densities)
-            if density < 1.0
-        }
 
     # -- the merging pass -----------------------------------------------------------------------
     def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
@@ -254,8 +251,8 @@ class _TaskVectorBlocks:
         deltas = [model.sub_(base) for model in inputs.models]
         for index, delta in enumerate(deltas):
             norms = self.norms.get(index)
-            if index in self.generators:
-                self._drop(index, delta, None)
+            if index in self.keys:
+                self._drop(index, delta, None, start)
             outliers = self.outliers.get(index)
             if outliers is not None and not outliers.keep_all:
                 if outliers.window is None:
@@ -290,8 +287,6 @@ class _TaskVectorBlocks:
                 self._settle_outliers()
             for outliers in self.outliers.values():
                 outliers.restart()
-        if self.sparsify in ("random", "della"):
-            self._fresh_generators()
 
     def _settle_outliers(self) -> None:
         """Breadcrumbs' bounds and the counts below them, once both histograms are in."""
