@@ -91,7 +91,7 @@ def main() -> None:
     delta = torch.randn(args.entries, generator=torch.Generator().manual_seed(1))
     work = torch.empty_like(delta)
 
-    def timed(call: Callable[[torch.Tensor], None]) -> float:
+    def timed(call: Callable[[torch.Tensor], object]) -> float:
         def once() -> None:
             work.copy_(delta)
             call(work)

@@ -47,7 +47,8 @@ def block(counter: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     negative number with the same low 64 bits (two's complement, as CPU and CUDA integer
     multiplies do; the all-ones known answer checks it), so ``p & 0xFFFFFFFF`` is the low word and
     ``(p >> 32) & 0xFFFFFFFF`` the high one (the mask drops the arithmetic shift's sign bits)."""
-    return _rounds(*(counter[:, word].clone() for word in range(4)), key=key)
+    c0, c1, c2, c3 = (counter[:, word].clone() for word in range(4))
+    return _rounds(c0, c1, c2, c3, key)
 
 
 def _rounds(
