@@ -741,3 +741,30 @@ def test_yaml_tokenizer_block_round_trips(tmp_path: Path) -> None:
         base_dir=tmp_path,
     )
     assert plain.tokenizer == "org/code" and not plain.tokens
+
+
+def test_export_says_how_to_extract_what_lora_rank_asks_for(tmp_path: Path) -> None:
+    """mergekit has no key for extracting an adapter after the merge: the export says which
+    mergekit command does it, instead of dropping ``output.lora_rank`` silently."""
+    from mergetui.recipe.mergekit_yaml import recipe_to_mergekit
+
+    recipe = parse_recipe(
+        textwrap.dedent(
+            """\
+            [merge]
+            method = "ties"
+            base = "org/base"
+            [[models]]
+            model = "org/code"
+            weight = 1.0
+            density = 0.5
+            [output]
+            path = "./out"
+            lora_rank = 32
+            lora_path = "./code-lora"
+            """
+        )
+    )
+    text = recipe_to_mergekit(recipe, target_dir=tmp_path)
+    assert "# output.lora_rank = 32 has no mergekit key" in text
+    assert "--base org/base --out-path code-lora --max-rank 32" in text

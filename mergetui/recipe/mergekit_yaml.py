@@ -704,6 +704,13 @@ def recipe_to_mergekit(recipe: Recipe, *, target_dir: Path | None = None) -> str
             "tensor name;\n# mergekit draws from one global generator (--random-seed), so its "
             "masks differ.\n"
         )
+    if recipe.lora_rank is not None:
+        lora_dir = recipe.lora_dir
+        header += (
+            f"# output.lora_rank = {recipe.lora_rank} has no mergekit key: after the merge, run\n"
+            f"#   mergekit-extract-lora --model OUTPUT --base {ref(recipe.base or '')} "
+            f"--out-path {lora_dir.name if lora_dir else 'ADAPTER'} --max-rank {recipe.lora_rank}\n"
+        )
     return header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None, width=100)
 
 
