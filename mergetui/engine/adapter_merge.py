@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergetui import __version__
-from mergetui.engine.executor import _discard, _publish
+from mergetui.engine.executor import discard_partial, publish_output
 from mergetui.engine.plan import existing_ancestor, resolve_device
 from mergetui.engine.progress import (
     ProgressCallback,
@@ -438,7 +438,7 @@ def _check_saved_whole(adapters: list[LoraAdapter]) -> list[str]:
         for name in names:
             mine, spec = first.tensors[name], other.tensors[name]
             same = (mine.shape, mine.dtype) == (spec.shape, spec.dtype) and torch.equal(
-                first._read(name), other._read(name)
+                first.read_tensor(name), other.read_tensor(name)
             )
             if not same:
                 raise CompatibilityError(
@@ -647,17 +647,17 @@ def run_adapter_merge(
         pause_point("publish", stop)
         if stop.is_set():
             raise MergeCancelled("adapter merge cancelled; the partial output was removed")
-        _publish(partial, out)
+        publish_output(partial, out)
     except KeyboardInterrupt:
-        _discard(partial)
+        discard_partial(partial)
         raise MergeCancelled(
             f"adapter merge interrupted; the partial output was removed and {out} was left as it was"
         ) from None
     except MergeCancelled:
-        _discard(partial)
+        discard_partial(partial)
         raise
     except Exception as exc:
-        _discard(partial)
+        discard_partial(partial)
         where = f" at {run.current}" if run.current else ""
         detail = str(exc) if isinstance(exc, MergeTuiError) else f"{type(exc).__name__}: {exc}"
         raise MergeFailed(
@@ -763,8 +763,8 @@ class _Run:
                     self.current = module.module
                     factors = [
                         LoraFactors(
-                            a=self._read(adapter, target.pieces["A"]),
-                            b=self._read(adapter, target.pieces["B"]),
+                            a=self._read_piece(adapter, target.pieces["A"]),
+                            b=self._read_piece(adapter, target.pieces["B"]),
                             scale=target.scale,
                         )
                         for adapter, target in zip(plan.adapters, module.inputs, strict=True)
@@ -790,7 +790,7 @@ class _Run:
                     self.current = name
                     stored = getattr(torch, first.tensors[name].dtype)
                     self.bytes_read += first.tensors[name].nbytes
-                    writer.write(name, first._read(name).to(stored))  # read on the CPU
+                    writer.write(name, first.read_tensor(name).to(stored))  # read on the CPU
                     self.bytes_written = writer.bytes_written
                     self.done += 1
                     self.emit(TensorEvent(**self.progress()))
@@ -802,8 +802,8 @@ class _Run:
         os.replace(files[0], adapter_file)  # one shard, named as PEFT names it
         return [adapter_file]
 
-    def _read(self, adapter: LoraAdapter, name: str) -> torch.Tensor:
-        tensor = adapter._read(name)  # float32, on the CPU
+    def _read_piece(self, adapter: LoraAdapter, name: str) -> torch.Tensor:
+        tensor = adapter.read_tensor(name)  # float32, on the CPU
         self.bytes_read += adapter.tensors[name].nbytes
         return tensor.to(self.plan.device)
 

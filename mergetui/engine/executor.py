@@ -155,17 +155,17 @@ def run_merge(
         pause_point("publish", stop)
         if stop.is_set():
             raise MergeCancelled("merge cancelled; the partial output was removed")
-        _publish(partial, out)
+        publish_output(partial, out)
     except KeyboardInterrupt:
-        _discard(partial)
+        discard_partial(partial)
         raise MergeCancelled(
             f"merge interrupted; the partial output was removed and {out} was left as it was"
         ) from None
     except MergeCancelled:
-        _discard(partial)
+        discard_partial(partial)
         raise
     except Exception as exc:
-        _discard(partial)
+        discard_partial(partial)
         where = f" at tensor {run.current}" if run.current else ""
         detail = str(exc) if isinstance(exc, MergeTuiError) else f"{type(exc).__name__}: {exc}"
         raise MergeFailed(f"merge failed{where}: {detail}; the partial output was removed") from exc
@@ -187,7 +187,7 @@ def run_merge(
     return result
 
 
-def _publish(partial: Path, out: Path) -> None:
+def publish_output(partial: Path, out: Path) -> None:
     """Move the finished folder into place; an old output is removed only after the new one is in."""
     if out.exists():
         old = out.parent / f".{out.name}.mergetui-old-{os.getpid()}"
@@ -198,7 +198,7 @@ def _publish(partial: Path, out: Path) -> None:
         os.rename(partial, out)
 
 
-def _discard(partial: Path) -> None:
+def discard_partial(partial: Path) -> None:
     shutil.rmtree(partial, ignore_errors=True)
 
 

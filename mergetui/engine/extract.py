@@ -23,7 +23,7 @@ file order: both weights read into float32 on ``device``, subtracted, decomposed
 appended to ``adapter_model.safetensors``. The file's header is reserved up front at its largest
 possible size (ranks are only known after each SVD when a cut-off is used) and rewritten with the
 actual shapes at the end. The adapter is built in a hidden sibling folder and renamed into place
-only when complete, as merges are (:func:`mergetui.engine.executor._publish`).
+only when complete, as merges are (:func:`mergetui.engine.executor.publish_output`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mergetui import __version__
-from mergetui.engine.executor import _discard, _publish
+from mergetui.engine.executor import discard_partial, publish_output
 from mergetui.engine.layers import is_pre_weight, layer_index
 from mergetui.engine.plan import existing_ancestor
 from mergetui.engine.progress import (
@@ -785,7 +785,7 @@ def run_extraction(
         plan.close()
         raise
     partial = out.parent / f".{out.name}.mergetui-partial-{os.getpid()}"
-    _discard(partial)
+    discard_partial(partial)
     run = _Extraction(plan, emit, stop)
     writer: AdapterWriter | None = None
     try:
@@ -812,7 +812,7 @@ def run_extraction(
         if stop.is_set():
             raise MergeCancelled("extraction cancelled; the partial adapter was removed")
         adapter_bytes = (partial / ADAPTER_FILE).stat().st_size
-        _publish(partial, out)
+        publish_output(partial, out)
     except KeyboardInterrupt:
         _abort(writer, partial)
         raise MergeCancelled(
@@ -883,7 +883,7 @@ def _lora_bias(plan: ExtractPlan, run: _Extraction) -> tuple[bool, str]:
 def _abort(writer: AdapterWriter | None, partial: Path) -> None:
     if writer is not None:
         writer.abort()
-    _discard(partial)
+    discard_partial(partial)
 
 
 def extract_lora(

@@ -100,7 +100,9 @@ class LoraAdapter:
                 )
         return problems
 
-    def _read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    def read_tensor(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """One of the adapter's tensors (or its rows ``[start, end)``) in float32 on the CPU:
+        folding reads A and B this way, and so does ``lora merge``."""
         import torch
 
         if self._state is not None:
@@ -122,18 +124,18 @@ class LoraAdapter:
         rows = (start_row, start_row + tensor.shape[0]) if tensor.dim() > 1 else None
         replacement = self.replacements.get(name)
         if replacement is not None:
-            tensor = self._read(replacement, rows).to(tensor.device)
+            tensor = self.read_tensor(replacement, rows).to(tensor.device)
         module, _, leaf = name.rpartition(".")
         target = self.targets.get(module)
         if target is None:
             return tensor
         if leaf == "weight" and "A" in target.pieces and "B" in target.pieces:
-            a = self._read(target.pieces["A"]).to(tensor.device)
-            b = self._read(target.pieces["B"]).to(tensor.device)
+            a = self.read_tensor(target.pieces["A"]).to(tensor.device)
+            b = self.read_tensor(target.pieces["B"]).to(tensor.device)
             transposed = target.embedding or self.config.get("fan_in_fan_out", False)
             _add_product_rows_(tensor, b, a, transposed, target.scale, start_row)
         elif leaf == "bias" and "B_bias" in target.pieces:
-            bias = self._read(target.pieces["B_bias"]).to(tensor.device)
+            bias = self.read_tensor(target.pieces["B_bias"]).to(tensor.device)
             tensor = tensor.add_(bias, alpha=target.scale)
         return tensor
 
