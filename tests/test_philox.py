@@ -201,6 +201,16 @@ def test_dare_drop_gives_the_same_bits_in_c_and_torch_on_any_thread_count(
 
 
 @pytest.mark.parametrize("mode", ["1", "0"])
+def test_dare_drop_of_an_empty_tensor_is_a_no_op(
+    mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MERGETUI_NATIVE", mode)
+    empty = torch.empty(0)
+    drop_at_random_(empty, 0.5, KEY, 3)
+    assert empty.numel() == 0
+
+
+@pytest.mark.parametrize("mode", ["1", "0"])
 def test_dare_drop_in_pieces_at_their_offsets_equals_the_whole(
     mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -354,7 +354,7 @@ def drop_at_random_(flat: torch.Tensor, density: float, key: int, start: int = 0
     core); elsewhere one :func:`.philox.uniform` per chunk of ``CHUNK`` entries, made on the
     tensor's device. Both multiply by the 0/1 mask, so they give the same bits."""
     library = native.available_for(flat)
-    if library is not None:
+    if library is not None and flat.numel() > 0:
         pointer = flat.data_ptr()
         native.parallel(
             lambda begin, end: library.mt_dare_drop(pointer, key, start, begin, end, density),
