@@ -45,7 +45,7 @@ def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
     how = METHODS[method].block_plan(embed.shape, embed.params, tuple(embed.model_params))
     assert isinstance(how, BlockPlan)
     assert embed.passes == how.passes and embed.block_rows % how.align_rows == 0
-    if how.align_rows > 1:  # whole chunks of sums or random draws
+    if how.align_rows > 1:  # whole chunks of sums
         assert embed.block_rows * 256 % KERNEL_CHUNK_ELEMENTS == 0
     assert_same_bits(whole, blocked)
 
@@ -90,7 +90,7 @@ def test_parameters_that_change_the_passes_give_the_whole_tensor_bits(
     method: str, global_lines: str, per_model: list[str], wide: dict[str, Path], tmp_path: Path
 ) -> None:
     """Breadcrumbs' rescale adds a pass for the kept L1 norms and aligns blocks to whole chunks;
-    DELLA without rescale merges in one pass, still in whole draws of its random stream."""
+    DELLA without rescale merges in one pass, in blocks of its whole steps of rows."""
     models = [wide["ft_a"], wide["ft_c"]]
     text = _tuned(
         method_recipe(method, wide["base"], models, tmp_path / "whole"), global_lines, per_model
@@ -174,16 +174,16 @@ def test_a_lora_folded_in_blocks_gives_the_whole_tensor_bits(
 def test_blocks_that_cannot_be_made_small_enough_are_named(
     wide: dict[str, Path], tmp_path: Path
 ) -> None:
-    """DARE's blocks hold whole 1M-entry draws (4096 rows of 256): with room for less, the plan
-    says which tensor overruns the budget and why, instead of quietly exceeding it."""
+    """DARE's blocks hold whole 1M-entry chunks of its L1 sums (4096 rows of 256): with room for
+    less, the plan says which tensor overruns the budget and why, instead of quietly exceeding
+    it."""
     text = method_recipe("dare_ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "o")
     plan = build_plan(parse_recipe(text, base_dir=tmp_path))
     squeeze(plan, 6 << 20)
     assert plan.memory is not None
     over = dict(plan.memory.over_budget)
     assert over["model.embed_tokens.weight"] == (
-        "is merged in blocks of at least 4096 rows (whole chunks of dare_ties's sums or random "
-        "draws)"
+        "is merged in blocks of at least 4096 rows (whole chunks of dare_ties's sums)"
     )
     squeeze(plan, 64 << 20)
     assert plan.memory.over_budget == ()

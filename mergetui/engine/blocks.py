@@ -179,7 +179,7 @@ def plan_memory(
                         (
                             tensor.name,
                             f"is merged in blocks of at least {rows} rows (whole chunks of "
-                            f"{method.name}'s sums or random draws)",
+                            f"{method.name}'s sums)",
                         )
                     )
             elif reason and float_bytes + OUTPUT_COPIES * output_bytes > working:
