@@ -317,7 +317,7 @@ def open_recipe(recipe: RecipeArg) -> None:
     from mergetui.tui.state import RecipeDraft
 
     with guard():
-        draft = RecipeDraft.from_recipe(_load(recipe))
+        draft = RecipeDraft.from_recipe(_load(recipe, adapters=True))  # an [adapters] one too
     create_app(draft=draft).run()
 
 

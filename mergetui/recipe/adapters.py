@@ -95,6 +95,42 @@ COMBINATIONS: dict[str, CombinationInfo] = {
 SIGN_METHODS = ("total", "frequency")
 SVD_DRIVERS = ("gesvd", "gesvdj", "gesvda")
 
+
+@dataclass(frozen=True)
+class AdapterOption:
+    """An option of ``[adapters]`` that only some combination types take, for forms (the TUI's
+    method step builds its fields from these, so a form and the validation agree on which
+    options a type takes): ``flag`` names the :class:`CombinationInfo` field that says so."""
+
+    key: str
+    kind: type
+    flag: str
+    help: str
+
+
+#: The options that depend on the combination type, in the order forms show them.
+ADAPTER_OPTIONS: tuple[AdapterOption, ...] = (
+    AdapterOption(
+        "density", float, "density", "the fraction of each adapter's entries kept, in (0, 1]"
+    ),
+    AdapterOption(
+        "majority_sign", str, "sign", "how the sign of each entry is elected: total or frequency"
+    ),
+    AdapterOption("rank", int, "svd", "the output's rank (default: the largest input rank)"),
+    AdapterOption("svd_clamp", float, "svd", "clamp the SVD's factors at this quantile, in (0, 1]"),
+    AdapterOption("seed", int, "random", "seeds DARE's masks: a seed gives the same adapter"),
+)
+
+
+def combination_options(combination: str) -> tuple[AdapterOption, ...]:
+    """The options of :data:`ADAPTER_OPTIONS` a combination type takes (none for an unknown
+    one: the validator names it)."""
+    info = COMBINATIONS.get(combination)
+    if info is None:
+        return ()
+    return tuple(option for option in ADAPTER_OPTIONS if getattr(info, option.flag))
+
+
 #: The version adapter-merge recipes are written as (read: 1 or 2). Releases before ``[adapters]``
 #: refuse the unknown key by name whatever the version, so no version number is required.
 ADAPTER_RECIPE_VERSION = 2

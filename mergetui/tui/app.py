@@ -22,6 +22,7 @@ from textual.worker import Worker, WorkerState
 
 from mergetui.jobs import RUNNING, SWEEP, Job, job_to_reattach
 from mergetui.logs import setup_logging
+from mergetui.tui.screens.adapter_method import AdapterMethodScreen
 from mergetui.tui.screens.base import error_text
 from mergetui.tui.screens.check import CheckScreen
 from mergetui.tui.screens.compare import CompareScreen
@@ -124,13 +125,15 @@ class MergeTuiApp(App[None]):
         saved = RecipeDraft.load_autosave()
         if saved is None:
             return
-        names = ", ".join(m.model for m in saved.models) or (
-            f"{len(saved.slices)} slice(s)" if saved.slices else "no models"
-        )
-        question = (
-            f"Restore the recipe you were building last time?\n\n"
-            f"method {saved.method}, base {saved.base or '(none)'}, models: {names}"
-        )
+        if saved.is_adapter_merge:
+            names = ", ".join(a.lora for a in saved.adapters) or "none"
+            what = f"adapter merge ({saved.combination}), adapters: {names}"
+        else:
+            names = ", ".join(m.model for m in saved.models) or (
+                f"{len(saved.slices)} slice(s)" if saved.slices else "no models"
+            )
+            what = f"method {saved.method}, base {saved.base or '(none)'}, models: {names}"
+        question = f"Restore the recipe you were building last time?\n\n{what}"
 
         def answer(choice: str | None) -> None:
             if choice == "restore":
@@ -153,10 +156,10 @@ class MergeTuiApp(App[None]):
         """Show a merge or a sweep found running (or finished unseen) and load its recipe (a
         sweep's starting recipe) as the draft."""
         from mergetui.errors import MergeTuiError
-        from mergetui.recipe import load_recipe
+        from mergetui.recipe import load_any_recipe
 
         try:
-            self.draft = RecipeDraft.from_recipe(load_recipe(job.recipe_file))
+            self.draft = RecipeDraft.from_recipe(load_any_recipe(job.recipe_file))
         except MergeTuiError as exc:
             self.report_error(f"cannot read the recipe of {job.folder}", exc)
         if job.kind == SWEEP:
@@ -171,7 +174,11 @@ class MergeTuiApp(App[None]):
         self.push_screen(CheckScreen())
 
     def action_method(self) -> None:
-        self.push_screen(MethodScreen())
+        """The method step of the draft's kind: merge methods, or adapter combination types."""
+        if self.draft.is_adapter_merge:
+            self.push_screen(AdapterMethodScreen())
+        else:
+            self.push_screen(MethodScreen())
 
     def action_run(self) -> None:
         """Start the merge; while one runs, show it again instead (one merge at a time)."""
@@ -183,6 +190,13 @@ class MergeTuiApp(App[None]):
         self.push_screen(RunScreen())
 
     def action_compare(self) -> None:
+        if self.draft.is_adapter_merge:  # the compare step loads models, not a lone adapter
+            self.notify(
+                "compare runs models side by side; load the merged adapter on its base with "
+                "PEFT, or fold it in with a model merge (lora = ...)",
+                severity="warning",
+            )
+            return
         self.push_screen(CompareScreen())
 
     def action_models(self) -> None:
@@ -194,6 +208,13 @@ class MergeTuiApp(App[None]):
         if job is not None and job.outcome().state == RUNNING:
             self.push_screen(SweepMonitorScreen(job))
             self.notify("a sweep is running: here it is (cancel it to start another)")
+            return
+        if self.draft.is_adapter_merge:
+            self.notify(
+                "a sweep merges and scores variants of a model merge; switch step 1 to "
+                "Merge models",
+                severity="warning",
+            )
             return
         self.push_screen(SweepScreen())
 

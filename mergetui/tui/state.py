@@ -42,6 +42,22 @@ class ModelDraft:
 
 
 @dataclass
+class AdapterDraft:
+    """One ``[[adapters.sources]]`` entry of an adapter merge: a PEFT adapter folder and its
+    weight (a number once valid; the text as typed until then, for the validator to name)."""
+
+    lora: str
+    weight: float | str = 1.0
+
+
+#: What a draft merges: models (``[merge]`` and ``[[models]]``) or LoRA adapters (``[adapters]``).
+MODELS, ADAPTERS = "models", "adapters"
+#: The adapter merge's output when the user has not named one (beside the model merge's default).
+DEFAULT_ADAPTER_OUTPUT = "./merged-adapter"
+DEFAULT_OUTPUT = "./merged"
+
+
+@dataclass
 class RecipeDraft:
     """The recipe being built: what the steps edit, in the shape of the recipe's data.
 
@@ -55,7 +71,7 @@ class RecipeDraft:
     models: list[ModelDraft] = field(default_factory=list)
     method: str = "ties"
     parameters: dict[str, Any] = field(default_factory=dict)
-    output: str = "./merged"
+    output: str = DEFAULT_OUTPUT
     dtype: str | None = None
     device: str = "auto"
     #: an int once valid; the text as typed until then, so validation can say what is wrong
@@ -78,6 +94,25 @@ class RecipeDraft:
     merge_extra: dict[str, Any] = field(default_factory=dict)
     #: likewise the other ``[output]`` keys (``shard_size``)
     output_extra: dict[str, Any] = field(default_factory=dict)
+    #: ``output.lora_rank``: extract a LoRA adapter of (merged − base) of this rank after the
+    #: merge; None when not asked for, an int once valid, the text as typed until then
+    lora_rank: int | str | None = None
+    #: ``output.lora_path``: where that adapter goes ("" for the default, ``<output>-lora``)
+    lora_path: str = ""
+    #: :data:`MODELS` or :data:`ADAPTERS`: which of the two kinds of recipe the draft is; the
+    #: other kind's entries are kept while the user switches back and forth, but not saved
+    kind: str = MODELS
+    #: an adapter merge's ``[[adapters.sources]]`` (``base`` above is its optional base)
+    adapters: list[AdapterDraft] = field(default_factory=list)
+    #: ``adapters.combination``: one of :data:`mergetui.recipe.adapters.COMBINATIONS`
+    combination: str = "svd"
+    #: the other ``[adapters]`` keys as recipe data (density, majority_sign, rank, svd_clamp,
+    #: seed, device, …), each a value once it reads as one, else the text as typed
+    adapter_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_adapter_merge(self) -> bool:
+        return self.kind == ADAPTERS
 
     @property
     def uses_v2(self) -> bool:
@@ -115,6 +150,8 @@ class RecipeDraft:
 
     def to_data(self) -> dict[str, Any]:
         """The draft as recipe data (the TOML's structure), for validation and saving."""
+        if self.is_adapter_merge:
+            return self._adapter_data()
         merge: dict[str, Any] = {"method": self.method, "device": self.device, "seed": self.seed}
         if self.base:
             merge["base"] = self.base
@@ -146,13 +183,40 @@ class RecipeDraft:
             data["slices"] = copy.deepcopy(self.slices)
         if models or not self.slices:  # both given: validation says to choose
             data["models"] = models
-        data["output"] = {"path": self.output, **copy.deepcopy(self.output_extra)}
+        output: dict[str, Any] = {"path": self.output, **copy.deepcopy(self.output_extra)}
+        if self.lora_rank is not None:
+            output["lora_rank"] = self.lora_rank
+            if self.lora_path:
+                output["lora_path"] = self.lora_path
+        data["output"] = output
         return data
+
+    def _adapter_data(self) -> dict[str, Any]:
+        """An adapter merge's recipe data, its keys in the recipe layer's order
+        (``adapter_recipe_to_data``), any key it does not know kept for the validator to name."""
+        from mergetui.recipe.adapters import ADAPTER_KEYS, ADAPTER_RECIPE_VERSION
+
+        options = copy.deepcopy(self.adapter_options)
+        table: dict[str, Any] = {"combination": self.combination}
+        for key in ADAPTER_KEYS:
+            if key in options:
+                table[key] = options.pop(key)
+        table.update(options)
+        if self.base:
+            table["base"] = self.base
+        table["sources"] = [{"lora": s.lora, "weight": s.weight} for s in self.adapters]
+        return {
+            "version": ADAPTER_RECIPE_VERSION,
+            "adapters": table,
+            "output": {"path": self.output},
+        }
 
     @classmethod
     def from_data(cls, data: dict[str, Any], base_dir: Path) -> RecipeDraft:
         """A draft from recipe data that may not validate yet (an autosave of work in progress)."""
         data = copy.deepcopy(data)  # lists and tables in it are the draft's own from now on
+        if isinstance(data.get("adapters"), dict):
+            return cls._from_adapter_data(data, base_dir)
         merge = data.get("merge", {})
         models = []
         for row in data.get("models", []):
@@ -180,7 +244,31 @@ class RecipeDraft:
             pad_to_multiple_of=pad if pad is None or type(pad) is int else str(pad),
             chat_template=None if template is None else str(template),
             merge_extra={k: v for k, v in merge.items() if k not in DRAFT_MERGE_KEYS},
-            output_extra={k: v for k, v in output.items() if k != "path"},
+            output_extra={
+                k: v for k, v in output.items() if k not in ("path", "lora_rank", "lora_path")
+            },
+            lora_rank=output.get("lora_rank"),
+            lora_path=str(output.get("lora_path", "")),
+        )
+
+    @classmethod
+    def _from_adapter_data(cls, data: dict[str, Any], base_dir: Path) -> RecipeDraft:
+        table = data["adapters"]
+        sources = table.pop("sources", [])
+        adapters = [
+            AdapterDraft(str(s.get("lora", "")), s.get("weight", 1.0))
+            for s in (sources if isinstance(sources, list) else [])
+            if isinstance(s, dict)
+        ]
+        output = data.get("output", {})
+        return cls(
+            kind=ADAPTERS,
+            base=str(table.pop("base", "")),
+            combination=str(table.pop("combination", "svd")),
+            adapters=adapters,
+            adapter_options=table,
+            output=str(output.get("path", DEFAULT_ADAPTER_OUTPUT)),
+            base_dir=base_dir,
         )
 
     def slice_lines(self) -> list[str]:
@@ -225,7 +313,7 @@ class RecipeDraft:
 
     @property
     def is_empty(self) -> bool:
-        return not self.base and not self.models and not self.slices
+        return not self.base and not self.models and not self.slices and not self.adapters
 
     def autosave(self) -> None:
         """Write the draft, valid or not, where the next start finds it."""
@@ -277,8 +365,25 @@ class RecipeDraft:
         output = self.output.rstrip("/") or "merged"
         return f"{output}.toml"
 
+    def switch_kind(self, kind: str) -> None:
+        """Make the draft a model merge or an adapter merge; an output still at one kind's
+        default takes the other's, so the adapter does not land in the model's folder name."""
+        if kind == self.kind:
+            return
+        self.kind = kind
+        defaults = {MODELS: DEFAULT_OUTPUT, ADAPTERS: DEFAULT_ADAPTER_OUTPUT}
+        if self.output in defaults.values():
+            self.output = defaults[kind]
+
     def to_recipe(self) -> Any:
-        """Validate the draft into a :class:`~mergetui.recipe.Recipe` (raises RecipeError)."""
+        """Validate the draft into a :class:`~mergetui.recipe.Recipe`, or an
+        :class:`~mergetui.recipe.AdapterRecipe` for an adapter merge (raises RecipeError)."""
+        if self.is_adapter_merge:
+            from mergetui.recipe.adapters import validate_adapter_recipe_data
+
+            return validate_adapter_recipe_data(
+                self.to_data(), base_dir=self.base_dir, source_file="(draft)"
+            )
         from mergetui.recipe.validate import validate_recipe_data
 
         return validate_recipe_data(self.to_data(), base_dir=self.base_dir, source_file="(draft)")

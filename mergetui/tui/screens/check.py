@@ -1,8 +1,13 @@
-"""Step 2: the compatibility report, read from config.json and safetensors headers only."""
+"""Step 2: the compatibility report, read from config.json and safetensors headers only.
+
+For an adapter merge, the adapter-merge planner's check instead (the one ``mergetui check`` and
+``mergetui run`` make): each adapter's rank, alpha, target modules and base from its config and
+tensor headers, checked against each other and against the base's headers when one is given. A
+problem it finds is shown as an error here (not as a failed check): the draft is what to fix."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.text import Text
@@ -14,6 +19,67 @@ from textual.widgets import Button, Checkbox, DataTable, Footer, Header, Label, 
 from textual.worker import Worker
 
 from mergetui.tui.screens.base import StepScreen, error_text
+
+if TYPE_CHECKING:
+    from mergetui.tui.state import RecipeDraft
+
+#: the rows of an adapter merge's table: label, key of the report's adapter entries
+ADAPTER_ROWS = (
+    ("weight", "weight"),
+    ("rank (r)", "r"),
+    ("lora_alpha", "lora_alpha"),
+    ("target modules", "target_modules"),
+    ("trained on", "base_model"),
+)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "?"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in sorted(value))
+    return str(value)
+
+
+def adapter_check(draft: RecipeDraft) -> dict[str, Any]:
+    """The adapter-merge planner's report for the draft (see
+    :func:`mergetui.engine.lora_steps.adapter_report`), each adapter with its target modules and
+    base from its config too. A problem with the recipe (every one the validator finds) or with
+    the adapters (the planner stops at the first) becomes an error of a report that is not ok;
+    anything else is a bug and raises."""
+    from mergetui.engine.lora_steps import adapter_report, plan_adapter_recipe
+    from mergetui.errors import MergeTuiError, RecipeError
+
+    def failed(messages: list[str]) -> dict[str, Any]:
+        return {
+            "kind": "adapters",
+            "adapters": [{"lora": a.lora, "weight": a.weight} for a in draft.adapters],
+            "problems": [{"severity": "error", "message": m} for m in messages],
+            "ok": False,
+        }
+
+    try:
+        recipe = draft.to_recipe()
+    except RecipeError as exc:
+        return failed(list(exc.problems))
+    try:
+        plan = plan_adapter_recipe(recipe, force=True)  # an existing output is the run's concern
+    except MergeTuiError as exc:
+        return failed([str(exc)])
+    try:
+        report = adapter_report(plan)
+        sources = zip(report["adapters"], plan.adapters, draft.adapters, strict=True)
+        for entry, adapter, typed in sources:
+            targets = adapter.config.get("target_modules")
+            entry["target_modules"] = [targets] if isinstance(targets, str) else targets
+            entry["base_model"] = adapter.base_model_name
+            entry["lora"] = typed.lora  # as the recipe names it, like the models' references
+    finally:
+        plan.close()
+    # the base and output as the recipe names them too (the report's are resolved)
+    report["base"] = draft.base or None
+    report["output"] = draft.output
+    return report
 
 
 class CheckScreen(StepScreen):
@@ -68,6 +134,13 @@ merge.
         yield Footer()
 
     def on_mount(self) -> None:
+        if self.draft.is_adapter_merge:
+            self.query_one("#check-title", Label).update(
+                "2 · Check: the adapters' ranks, modules and base, from configs and headers"
+            )
+            self.query_one("#check-status", Static).update(
+                "checking… (configs and headers only, no weights are read)"
+            )
         self.run_check()
 
     @work(
@@ -80,6 +153,10 @@ merge.
     def run_check(self) -> None:
         """Any error (a model not found, or a bug) ends the worker: the app reports it and
         :meth:`worker_failed` shows it in place of "checking…"."""
+        if self.draft.is_adapter_merge:
+            report = adapter_check(self.draft)
+            self.app.call_from_thread(self._show_adapter_report, report)
+            return
         from mergetui.engine.plan import build_plan
         from mergetui.engine.report import plan_report
 
@@ -179,6 +256,46 @@ merge.
         ack = self.query_one("#ack", Checkbox)
         ack.display = bool(self.warnings)
         ack.disabled = not (report["ok"] and self.warnings)
+        self._update_next()
+
+    def _show_adapter_report(self, report: dict[str, Any]) -> None:
+        """One column per adapter (weight, rank, alpha, target modules, base), the problems and
+        what the merge will make."""
+        table = self.query_one("#check-table", DataTable)
+        adapters = report.get("adapters", [])
+        table.add_columns("", *[f"adapters[{i}]" for i in range(len(adapters))])
+        for label, key in ADAPTER_ROWS:
+            table.add_row(label, *[_cell(adapter.get(key)) for adapter in adapters])
+        self.references = [f"adapters[{i}]: {a['lora']}" for i, a in enumerate(adapters)]
+        if adapters:
+            table.move_cursor(column=1)
+        self._show_reference(table.cursor_column)
+        problems = report["problems"]
+        self.report = report
+        verdict = "[b green]compatible[/]" if report["ok"] else "[b red]not compatible[/]"
+        self.query_one("#check-status", Static).update(verdict)
+        self.query_one("#check-problems", Static).update(
+            Text("\n").join(
+                Text.assemble((f"{p['severity']}: ", "bold red"), p["message"]) for p in problems
+            )
+            if problems
+            else "no problems found"
+        )
+        lines = []
+        if report["ok"]:
+            from mergetui.units import format_bytes
+
+            lines.append(
+                f"combination {report['combination']}: {report['summary']}\n"
+                f"output: {report['output']} (rank {report['rank']}, {report['modules']} "
+                f"modules; reads {format_bytes(report['bytes_to_read'])} on {report['device']})"
+            )
+            lines.append(
+                f"checked against the base's headers: {report['base']}"
+                if report["base"]
+                else "no base given: the adapters are checked against each other only"
+            )
+        self.query_one("#check-estimates", Static).update(Text("\n".join(lines)))
         self._update_next()
 
     @on(DataTable.ColumnHighlighted, "#check-table")

@@ -194,7 +194,10 @@ in the TOML and kept as given.
 
 Then the output folder, the dtype (default: the base's), the device (`auto` takes a GPU when there
 is one), the seed (for DARE) and the **memory budget** (`max_memory`, e.g. `4GiB`; empty: 1 GiB):
-tensors too large for it are merged in blocks of rows, and step 2 shows how. **Ctrl+S** saves the recipe (and shows the headless command);
+tensors too large for it are merged in blocks of rows, and step 2 shows how. **LoRA rank**
+(`output.lora_rank`) extracts a LoRA adapter of that rank of (merged − base) once the merge is
+in place (it needs a base), into **LoRA path** (default `<output>-lora`), as `mergetui lora
+extract` does. **Ctrl+S** saves the recipe (and shows the headless command);
 **Ctrl+R** runs the merge.
 
 """ + "\n".join(f"- **{m.name}**: {m.summary} {m.when_to_use}" for m in METHODS.values())
@@ -251,6 +254,21 @@ tensors too large for it are merged in blocks of rows, and step 2 shows how. **C
                     classes="param-help",
                 )
                 yield Input(draft.max_memory, placeholder="1GiB", id="out-max-memory")
+                yield Label(
+                    "output.lora_rank: after the merge, extract a LoRA adapter of rank R of "
+                    "(merged − base) (empty: none)",
+                    classes="param-help",
+                )
+                yield Input(
+                    "" if draft.lora_rank is None else str(draft.lora_rank),
+                    placeholder="e.g. 64 (empty: no adapter)",
+                    id="out-lora-rank",
+                )
+                yield Label(
+                    "output.lora_path: the adapter's folder (default: <output.path>-lora)",
+                    classes="param-help",
+                )
+                yield Input(draft.lora_path, placeholder="<output.path>-lora", id="out-lora-path")
                 yield Label("save the recipe as", classes="model-title")
                 with Horizontal(classes="row"):
                     yield Input(draft.default_save_path(), id="save-path")
@@ -513,7 +531,10 @@ tensors too large for it are merged in blocks of rows, and step 2 shows how. **C
         self.draft.dtype = None if event.value is Select.NULL else str(event.value)
         self._validate()
 
-    @on(Input.Changed, "#out-path, #out-device, #out-seed, #out-max-memory")
+    @on(
+        Input.Changed,
+        "#out-path, #out-device, #out-seed, #out-max-memory, #out-lora-rank, #out-lora-path",
+    )
     def output_changed(self, event: Input.Changed) -> None:
         draft = self.draft
         value = event.value.strip()
@@ -526,6 +547,11 @@ tensors too large for it are merged in blocks of rows, and step 2 shows how. **C
             draft.device = value
         elif event.input.id == "out-max-memory":
             draft.max_memory = value
+        elif event.input.id == "out-lora-rank":
+            # like the seed: a number once it is one, else the text, for the validator to name
+            draft.lora_rank = None if not value else int(value) if value.isdigit() else value
+        elif event.input.id == "out-lora-path":
+            draft.lora_path = value
         else:
             draft.seed = int(value) if value.lstrip("-").isdigit() else value
         self._validate()
@@ -640,4 +666,7 @@ tensors too large for it are merged in blocks of rows, and step 2 shows how. **C
                 Text("\n").join(unread) if unread else Text("✓ valid recipe", "bold green")
             )
         self._show_vocabulary_problems(found)
+        for key in ("lora_rank", "lora_path"):  # their own problems mark their fields
+            field = self.query_one(f"#out-{key.replace('_', '-')}", Input)
+            field.set_class(any(p.startswith(f"output.{key}") for p in found), "-invalid")
         self.query_one("#preview", Static).update(data_to_toml(draft.to_data()))

@@ -1,6 +1,11 @@
 """Step 1: the base model and the models to merge (folders or Hub ids), each with an optional
 LoRA adapter; models in the HF cache to pick from; a Hub search with each model's details before
-anything is downloaded, and downloads in the background."""
+anything is downloaded, and downloads in the background.
+
+Or, switched to *Merge LoRA adapters* (the one-line choice at the top), the same rows hold PEFT
+adapter folders with their weights, combined into one adapter (an ``[adapters]`` recipe): the
+base is optional there (the adapters are only checked against its headers), and the HF cache and
+Hub panels are hidden, because an adapter merge reads local adapter folders only."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from textual.widgets import (
     Input,
     Label,
     ProgressBar,
+    Select,
     Static,
     TabbedContent,
     TabPane,
@@ -28,7 +34,7 @@ from textual.widgets import (
 from textual.worker import Worker
 
 from mergetui.tui.screens.base import StepScreen, error_text
-from mergetui.tui.state import ModelDraft
+from mergetui.tui.state import ADAPTERS, MODELS, AdapterDraft, ModelDraft
 from mergetui.tui.widgets.paths import PathSuggester
 from mergetui.units import format_bytes, format_count
 
@@ -56,7 +62,26 @@ one), and **Search the Hub** finds models by name: the highlighted one's size, a
 files show before anything is downloaded; **Download** fetches it in the background.
 
 Ctrl+N checks compatibility, before any weight is read.
+
+**Merge LoRA adapters** (the choice at the top): combine PEFT LoRA adapters trained on one base
+into one adapter, as PEFT's `add_weighted_adapter` does (`mergetui lora merge`). Each row is an
+adapter folder (with `adapter_config.json`) and its weight (default 1; negative subtracts it).
+The base is optional: given, the adapters are checked against its tensor headers (no weight is
+read). Step 3 then offers PEFT's combination types instead of the merge methods.
 """
+    #: the title line after the kind choice, per kind
+    TITLES = {
+        MODELS: "the base, then each model (folder or Hub id)",
+        ADAPTERS: "PEFT adapter folders of one base, weighted",
+    }
+    #: the fields' placeholders per kind: base, row, and the field beside the row
+    PLACEHOLDERS = {
+        MODELS: ("base model (optional for linear)", "model to merge"),
+        ADAPTERS: (
+            "base model (optional: the adapters are checked against its headers)",
+            "LoRA adapter folder (adapter_config.json)",
+        ),
+    }
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,16 +90,28 @@ Ctrl+N checks compatibility, before any weight is read.
     def compose(self) -> ComposeResult:
         base_dir = self.draft.base_dir
         yield Header()
+        kind = self.draft.kind
         with VerticalScroll(id="models-step"):
-            yield Label("1 · Models: the base, then each model to merge (folder or org/name@rev)")
+            with Horizontal(id="kind-row"):
+                yield Label("1 · ")
+                yield Select(
+                    [("Merge models", MODELS), ("Merge LoRA adapters", ADAPTERS)],
+                    value=kind,
+                    allow_blank=False,
+                    compact=True,
+                    id="kind",
+                )
+                yield Label(f": {self.TITLES[kind]}", id="kind-title")
             yield Input(
-                placeholder="base model (optional for linear)",
+                placeholder=self.PLACEHOLDERS[kind][0],
                 id="base",
                 suggester=PathSuggester(base_dir),
             )
             with Horizontal(classes="row"):
                 yield Input(
-                    placeholder="model to merge", id="model", suggester=PathSuggester(base_dir)
+                    placeholder=self.PLACEHOLDERS[kind][1],
+                    id="model",
+                    suggester=PathSuggester(base_dir),
                 )
                 yield Input(
                     placeholder="LoRA (optional)",
@@ -82,10 +119,17 @@ Ctrl+N checks compatibility, before any weight is read.
                     classes="third",
                     suggester=PathSuggester(base_dir),
                 )
+                yield Input(placeholder="weight (1)", id="weight", classes="weight")
                 yield Button("Add", id="add", variant="primary")
                 yield Button("Browse…", id="browse")
             yield DataTable(id="chosen", cursor_type="row")
             yield Static("", id="slices-note", classes="param-help")
+            yield Static(
+                "An adapter merge reads local PEFT folders only (Browse… picks one); step 3 "
+                "offers the combination types.",
+                id="adapters-note",
+                classes="param-help",
+            )
             with Horizontal(classes="row"):
                 yield Button("Up", id="up")
                 yield Button("Down", id="down")
@@ -108,7 +152,6 @@ Ctrl+N checks compatibility, before any weight is read.
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#chosen", DataTable).add_columns("#", "model", "LoRA")
         self.show_draft()
         self.query_one("#cached", DataTable).add_columns("model", "revision", "size", "offline")
         self.query_one("#hub-results", DataTable).add_columns(
@@ -120,10 +163,12 @@ Ctrl+N checks compatibility, before any weight is read.
     def show_draft(self) -> None:
         """Fill the fields from the app's draft (on mount, and when a saved draft is restored)."""
         draft = self.draft
+        self.query_one("#kind", Select).value = draft.kind
+        self._show_kind()
         self.query_one("#base", Input).value = draft.base
         self._refresh_chosen()
         note = self.query_one("#slices-note", Static)
-        note.display = bool(draft.slices)
+        note.display = bool(draft.slices) and not draft.is_adapter_merge
         if draft.slices:  # models added above could not join them: say where they are edited
             note.update(
                 Text(
@@ -132,15 +177,54 @@ Ctrl+N checks compatibility, before any weight is read.
                 )
             )
 
+    # -- the kind of merge -------------------------------------------------------------------------
+    @on(Select.Changed, "#kind")
+    def kind_changed(self, event: Select.Changed) -> None:
+        if event.value == self.draft.kind or event.value is Select.NULL:
+            return
+        self.draft.switch_kind(str(event.value))
+        self._show_kind()
+        self._refresh_chosen()
+        self.query_one("#slices-note").display = (
+            bool(self.draft.slices) and not self.draft.is_adapter_merge
+        )
+
+    def _show_kind(self) -> None:
+        """The fields, table columns and panels of the draft's kind (models or adapters)."""
+        kind = self.draft.kind
+        adapters = kind == ADAPTERS
+        self.query_one("#kind-title", Label).update(f": {self.TITLES[kind]}")
+        base_text, row_text = self.PLACEHOLDERS[kind]
+        self.query_one("#base", Input).placeholder = base_text
+        self.query_one("#model", Input).placeholder = row_text
+        self.query_one("#lora").display = not adapters
+        self.query_one("#weight").display = adapters
+        self.query_one("#sources").display = not adapters
+        self.query_one("#adapters-note").display = adapters
+        chosen = self.query_one("#chosen", DataTable)
+        chosen.clear(columns=True)
+        chosen.add_columns(*(("#", "adapter", "weight") if adapters else ("#", "model", "LoRA")))
+
+    @property
+    def _rows(self) -> list[Any]:
+        """The draft's entries this step lists: its models, or its adapters."""
+        draft = self.draft
+        return draft.adapters if draft.is_adapter_merge else draft.models
+
     # -- the chosen models -------------------------------------------------------------------------
     def _refresh_chosen(self, select: int | None = None) -> None:
         draft = self.draft
         chosen = self.query_one("#chosen", DataTable)
         chosen.clear()
-        for index, entry in enumerate(draft.models):
-            chosen.add_row(str(index), entry.model, entry.lora or "")
-        if select is not None and draft.models:
-            chosen.move_cursor(row=max(0, min(select, len(draft.models) - 1)))
+        if draft.is_adapter_merge:
+            for index, adapter in enumerate(draft.adapters):
+                chosen.add_row(str(index), adapter.lora, str(adapter.weight))
+        else:
+            for index, entry in enumerate(draft.models):
+                chosen.add_row(str(index), entry.model, entry.lora or "")
+        rows = self._rows
+        if select is not None and rows:
+            chosen.move_cursor(row=max(0, min(select, len(rows) - 1)))
 
     def _add(self, model: str, lora: str = "") -> None:
         model = model.strip()
@@ -151,13 +235,34 @@ Ctrl+N checks compatibility, before any weight is read.
         draft.models.append(ModelDraft(model, lora.strip()))
         self._refresh_chosen(select=len(draft.models) - 1)
 
+    def _add_adapter(self, folder: str, weight_text: str) -> None:
+        """An adapter row; its weight as typed when it is not a number (step 3 and the check
+        show the validator's reason, and step 3 edits it)."""
+        folder = folder.strip()
+        if not folder:
+            self.app.notify("type an adapter folder first", severity="warning")
+            return
+        text = weight_text.strip()
+        weight: float | str = 1.0
+        if text:
+            try:
+                weight = float(text)
+            except ValueError:
+                weight = text
+        self.draft.adapters.append(AdapterDraft(folder, weight))
+        self._refresh_chosen(select=len(self.draft.adapters) - 1)
+
     @on(Button.Pressed, "#add")
-    @on(Input.Submitted, "#model, #lora")
+    @on(Input.Submitted, "#model, #lora, #weight")
     def add_model(self) -> None:
         field, lora = self.query_one("#model", Input), self.query_one("#lora", Input)
-        self._add(field.value, lora.value)
+        weight = self.query_one("#weight", Input)
+        if self.draft.is_adapter_merge:
+            self._add_adapter(field.value, weight.value)
+        else:
+            self._add(field.value, lora.value)
         if field.value.strip():
-            field.value = lora.value = ""
+            field.value = lora.value = weight.value = ""
             field.focus()
 
     @on(Button.Pressed, "#browse")
@@ -169,19 +274,20 @@ Ctrl+N checks compatibility, before any weight is read.
             if folder is None:
                 return
             is_adapter = (Path(folder) / "adapter_config.json").is_file()
-            self.query_one("#lora" if is_adapter else "#model", Input).value = folder
+            as_lora = is_adapter and not self.draft.is_adapter_merge
+            self.query_one("#lora" if as_lora else "#model", Input).value = folder
 
         self.app.push_screen(BrowseScreen(self.draft.base_dir), picked)
 
     @on(Button.Pressed, "#remove")
     def remove_model(self) -> None:
-        """Remove the selected model (the last one when none is selected)."""
-        draft = self.draft
-        if not draft.models:
+        """Remove the selected row (the last one when none is selected)."""
+        rows = self._rows
+        if not rows:
             return
         row = self.query_one("#chosen", DataTable).cursor_row
-        index = row if 0 <= row < len(draft.models) else len(draft.models) - 1
-        draft.models.pop(index)
+        index = row if 0 <= row < len(rows) else len(rows) - 1
+        rows.pop(index)
         self._refresh_chosen(select=index)
 
     @on(Button.Pressed, "#up")
@@ -193,13 +299,13 @@ Ctrl+N checks compatibility, before any weight is read.
         self.action_move(1)
 
     def action_move(self, step: int) -> None:
-        """Move the selected model up or down the merge order."""
-        draft = self.draft
+        """Move the selected row up or down the merge order."""
+        rows = self._rows
         index = self.query_one("#chosen", DataTable).cursor_row
         target = index + step
-        if not (0 <= index < len(draft.models) and 0 <= target < len(draft.models)):
+        if not (0 <= index < len(rows) and 0 <= target < len(rows)):
             return
-        draft.models[index], draft.models[target] = draft.models[target], draft.models[index]
+        rows[index], rows[target] = rows[target], rows[index]
         self._refresh_chosen(select=target)
 
     @on(Input.Changed, "#base")
@@ -241,7 +347,8 @@ Ctrl+N checks compatibility, before any weight is read.
 
     @on(DataTable.RowSelected, "#cached")
     def add_cached(self, event: DataTable.RowSelected) -> None:
-        self._add(str(event.row_key.value))
+        if not self.draft.is_adapter_merge:
+            self._add(str(event.row_key.value))
 
     # -- the Hub -----------------------------------------------------------------------------------
     @on(Input.Submitted, "#hub-query")

@@ -5,14 +5,22 @@ down, and Cancel is a SIGTERM, which the CLI handles like Ctrl-C: the partial ou
 The job is detached from the terminal (:mod:`mergetui.jobs`), so it survives a dropped SSH session
 and the next ``mergetui`` reattaches to it. The screen only reads the JSON progress events the CLI
 writes (the same ones scripts get).
+
+The same screen runs the LoRA jobs of a recipe: an adapter merge (``[adapters]``: no ``plan``
+event, its progress counts the adapter's tensors, and at the end the adapter's folder and size),
+and a model merge with ``output.lora_rank``, whose stream goes on after the merge's ``phase``
+with the extraction's tensors (shown as the extraction phase), an ``extracted`` event (the
+adapter's rank, folder and size, shown at the end) and the one ``done``.
 """
 
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from typing import Any
 
+from rich.markup import escape
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -26,6 +34,7 @@ from mergetui.events import (
     DoneEvent,
     DownloadEvent,
     ErrorEvent,
+    ExtractedEvent,
     GpuUse,
     PhaseEvent,
     PlanEvent,
@@ -73,6 +82,13 @@ parents.
         self.merge_gpus: list[GpuUse] | None = None  # the merge's GPU, from its events
         self.merge_event: ProgressEvent | None = None
         self.gpu_timer: Timer | None = None  # samples nvidia-smi while the merge runs
+        #: the job is an adapter merge (its recipe says ``[adapters]``): no model to compare
+        self.adapter_merge = False
+        #: ``merge``, then ``extract`` once tensors come after a phase (output.lora_rank)
+        self.stage = "merge"
+        self._after_phase = False
+        self.extracted: ExtractedEvent | None = None
+        self.done: DoneEvent | None = None
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -105,6 +121,7 @@ parents.
                 f"reattached to the merge started {started} (job {self.job.folder.name})"
             )
         self.merge_app.watched_job = self.job
+        self.adapter_merge = _is_adapter_recipe(self.job)
         self.outcome = "running"
         self.poll()
         self.set_interval(self.POLL_S, self.poll, name="job-poll")
@@ -143,8 +160,20 @@ parents.
                 self.query_one("#run-progress", ProgressBar).update(total=event.tensors_total)
             elif isinstance(event, (PhaseEvent, CancelledEvent, ErrorEvent)):
                 log.write_line(f"{event.kind}: {event.message}")
+                self._after_phase = isinstance(event, PhaseEvent)
             elif isinstance(event, DoneEvent):
+                self.done = event
                 log.write_line(f"done: {event.output}")
+            elif isinstance(event, ExtractedEvent):
+                self.extracted = event
+                log.write_line(
+                    f"extracted: a rank-{event.rank} LoRA adapter of "
+                    f"{format_bytes(event.adapter_bytes)} → {event.output}"
+                )
+            elif isinstance(event, ProgressEvent) and self._after_phase and self.stage == "merge":
+                # a tensor after the merge's phases: the extraction (output.lora_rank) has begun
+                self.stage = "extract"
+                log.write_line("extracting the LoRA adapter of (merged − base)…")
             if isinstance(event, DownloadEvent):
                 self.query_one("#run-status", Static).update(
                     f"downloading {event.repo_id}: {format_bytes(event.bytes_done)} of "
@@ -224,8 +253,9 @@ parents.
         bar = self.query_one("#run-progress", ProgressBar)
         bar.update(total=event.tensors_total, progress=event.tensors_done)
         eta = event.eta_s
+        what = "extracting the LoRA adapter: " if self.stage == "extract" else ""
         self.query_one("#run-status", Static).update(
-            f"{event.tensors_done}/{event.tensors_total} tensors · {event.tensor_name}"
+            f"{what}{event.tensors_done}/{event.tensors_total} tensors · {event.tensor_name}"
         )
         self.query_one("#run-figures", Static).update(
             f"{format_bytes(event.throughput_bytes_s)}/s · elapsed "
@@ -244,16 +274,21 @@ parents.
     def _finish(self, outcome: str, message: str) -> None:
         self.outcome = outcome
         colour = {"done": "green", "cancelled": "yellow"}.get(outcome, "red")
-        self.query_one("#run-status", Static).update(f"[b {colour}]{outcome}[/]: {message}")
-        # nothing left to cancel: the button goes, and a finished merge leads on to Compare
+        adapter = self._adapter_line() if outcome == "done" else ""
+        self.query_one("#run-status", Static).update(
+            f"[b {colour}]{outcome}[/]: {message}" + (f"\n{escape(adapter)}" if adapter else "")
+        )
+        # nothing left to cancel: the button goes, and a finished merge leads on to Compare (not
+        # an adapter merge's: compare runs models)
         self.query_one("#cancel", Button).display = False
         compare = self.query_one("#compare", Button)
-        compare.disabled = outcome != "done"
+        compare.disabled = outcome != "done" or self.adapter_merge
         bar = self.query_one("#run-progress", ProgressBar)
         if outcome == "done":
             self.merge_app.mark_saved()  # the output holds mergetui.toml
-            compare.variant = "success"
-            compare.focus()
+            if not self.adapter_merge:
+                compare.variant = "success"
+                compare.focus()
             if bar.total:
                 bar.update(progress=bar.total)
         self.app.notify(
@@ -261,6 +296,19 @@ parents.
             title=outcome,
             severity="information" if outcome == "done" else "warning",
         )
+
+    def _adapter_line(self) -> str:
+        """The LoRA adapter a finished job made: the extracted one (output.lora_rank), or the
+        adapter merge's output; "" for a plain model merge."""
+        if self.extracted is not None:
+            event = self.extracted
+            return (
+                f"LoRA adapter (rank {event.rank}, {format_bytes(event.adapter_bytes)}): "
+                f"{event.output}"
+            )
+        if self.adapter_merge and self.done is not None:
+            return f"LoRA adapter ({format_bytes(self.done.bytes_written)}): {self.done.output}"
+        return ""
 
     @on(Button.Pressed, "#cancel")
     def cancel(self) -> None:
@@ -282,3 +330,16 @@ parents.
                 f"cannot read the GPUs through nvidia-smi ({error_text(error)}); VRAM shows the "
                 "merge's own GPU from its progress events"
             )
+
+
+def _is_adapter_recipe(job: Job) -> bool:
+    """Whether a job runs an adapter merge: its recipe has ``[adapters]`` (read as TOML, cheap)."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    try:
+        return "adapters" in tomllib.loads(job.recipe_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
