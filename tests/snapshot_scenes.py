@@ -19,6 +19,8 @@ from typing import Any
 from mergetui.events import (
     DoneEvent,
     Event,
+    ExtractedEvent,
+    PhaseEvent,
     PlanEvent,
     StartEvent,
     SweptEvent,
@@ -148,6 +150,44 @@ path = "merged-vocab"
 """
 
 
+#: The adapters of the adapter-merge scenes: name → seed (rank 8, q_proj and v_proj of the base).
+SCENE_ADAPTERS = {"code": 31, "math": 32}
+
+
+def save_scene_adapters(base: Path, folder: Path) -> dict[str, Path]:
+    """Real PEFT adapters of the scenes' base (seeded factors), whose config names the base as
+    the recipe does (``models/base``), so the check shows the same text on every machine."""
+    from test_lora_merge import _save_adapter
+
+    paths = {name: folder / name for name in SCENE_ADAPTERS}
+    for name, seed in SCENE_ADAPTERS.items():
+        if (paths[name] / "adapter_config.json").is_file():
+            continue
+        _save_adapter(
+            base, paths[name], seed, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]
+        )
+        config_file = paths[name] / "adapter_config.json"
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+        config["base_model_name_or_path"] = "models/base"
+        config_file.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    return paths
+
+
+def make_adapter_draft(workspace: Path) -> Any:
+    """An adapter merge of the two scene adapters: TIES on the deltas, cut to rank 8."""
+    from mergetui.tui.state import ADAPTERS, AdapterDraft, RecipeDraft
+
+    return RecipeDraft(
+        kind=ADAPTERS,
+        base="models/base",
+        adapters=[AdapterDraft("adapters/code", 0.6), AdapterDraft("adapters/math", 0.4)],
+        combination="ties_svd",
+        adapter_options={"density": 0.5, "rank": 8},
+        output="merged-adapter",
+        base_dir=workspace,
+    )
+
+
 def record_job(workspace: Path, state: Path) -> None:
     """A finished job folder as a merge leaves it, with events written by a real merge earlier
     (the numbers are fixed so the run step renders the same every time)."""
@@ -188,6 +228,83 @@ def record_job(workspace: Path, state: Path) -> None:
         )
         events.append(TensorEvent(**progress))
     events.append(DoneEvent(**progress, output="merged"))
+    (folder / "events.jsonl").write_text(
+        "".join(e.to_json() + "\n" for e in events), encoding="utf-8"
+    )
+    (folder / "stderr.log").write_text("", encoding="utf-8")
+    (folder / "exit.json").write_text(json.dumps({"exit_code": 0, "ended": 1}), encoding="utf-8")
+
+
+def record_lora_job(workspace: Path, state: Path) -> None:
+    """A finished merge with ``output.lora_rank = 8``: the merge's events, its phases, then the
+    extraction's tensors, ``extracted`` and the one ``done`` (fixed numbers, as for
+    :func:`record_job`)."""
+    folder = state / "runs" / "20261129-140000"
+    folder.mkdir(parents=True, exist_ok=True)
+    recipe = (workspace / "recipe.toml").read_text(encoding="utf-8")
+    (folder / "recipe.toml").write_text(recipe + "lora_rank = 8\n", encoding="utf-8")
+    (folder / "job.json").write_text(
+        json.dumps({"pid": 0, "pid_created": 0, "started": 0, "output": "merged"}),
+        encoding="utf-8",
+    )
+    total, per_tensor = 21, 12_000
+
+    def progress(done: int, of: int, name: str, elapsed: float) -> dict[str, Any]:
+        return dict(
+            tensors_done=done,
+            tensors_total=of,
+            tensor_name=name,
+            bytes_read=done * per_tensor,
+            bytes_to_read=of * per_tensor,
+            bytes_written=done * 8_000,
+            elapsed_s=elapsed,
+            throughput_bytes_s=240_000.0,
+            eta_s=(of - done) * 0.05,
+            rss_bytes=(400 + (done % 5) * 8) * 1024**2,
+            peak_rss_bytes=440 * 1024**2,
+        )
+
+    events: list[Event] = [
+        StartEvent(version="0.1.0", command="run"),
+        PlanEvent(
+            method="ties",
+            device="cpu",
+            output="merged",
+            tensors_total=total,
+            bytes_to_read=total * per_tensor,
+            ok=True,
+        ),
+    ]
+    for done in range(1, total + 1):
+        name = f"model.layers.{min(done // 10, 1)}.mlp.up_proj.weight"
+        events.append(TensorEvent(**progress(done, total, name, done * 0.05)))
+    last = progress(total, total, "", total * 0.05)
+    events.append(PhaseEvent(**last, message="writing config, tokenizer and model card"))
+    events.append(
+        PhaseEvent(
+            **last,
+            message="merged into merged; then extract a rank-8 LoRA adapter of (merged − base) "
+            "into merged-lora",
+        )
+    )
+    modules = [
+        f"model.layers.{i}.{p}" for i in range(2) for p in ("self_attn.q_proj", "mlp.up_proj")
+    ]
+    for done, module in enumerate(modules, 1):
+        events.append(TensorEvent(**progress(done, len(modules), module, 1.0 + done * 0.1)))
+    extraction = progress(len(modules), len(modules), "", 1.5)
+    events.append(PhaseEvent(**extraction, message="writing adapter_config.json and README.md"))
+    events.append(
+        ExtractedEvent(
+            output="merged-lora",
+            rank=8,
+            target_modules=["q_proj", "up_proj"],
+            modules_to_save=[],
+            adapter_bytes=98_304,
+            modules=[],
+        )
+    )
+    events.append(DoneEvent(**{**last, "elapsed_s": 1.6}, output="merged"))
     (folder / "events.jsonl").write_text(
         "".join(e.to_json() + "\n" for e in events), encoding="utf-8"
     )
@@ -287,6 +404,8 @@ def prepare(workspace: Path, models: dict[str, Path]) -> Path:
     if not (workspace / "models" / "ft-chatml" / "config.json").is_file():
         save_chat_finetune(models["base"], workspace / "models" / "ft-chatml")
     (workspace / "vocab.toml").write_text(VOCAB_RECIPE, encoding="utf-8")
+    save_scene_adapters(models["base"], workspace / "adapters")
+    make_adapter_draft(workspace).save(Path("adapters.toml"))
     (workspace / "tasks").mkdir(exist_ok=True)
     (workspace / "tasks" / "add.jsonl").write_text(
         "".join(json.dumps(row) + "\n" for row in SWEEP_TASK_ROWS), encoding="utf-8"
@@ -357,8 +476,8 @@ async def check_step(pilot: Any) -> None:
     await _settle(
         pilot,
         lambda: (
-            _text(pilot.app, "#check-status")
-            not in ("", "checking… (headers only, no weights are read)")
+            _text(pilot.app, "#check-status") != ""
+            and not _text(pilot.app, "#check-status").startswith("checking")
         ),
     )
 
@@ -433,14 +552,18 @@ async def help_overlay(pilot: Any) -> None:
 #: recorded sweep; run_before)
 SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
     "1-models": ("draft", models_step),
+    "1-models-adapters": ("adapters", models_step),
     "2-check": ("draft", check_step),
     "2-check-slices": ("slices", check_step),
     "2-check-vocabulary": ("vocab", check_step),
+    "2-check-adapters": ("adapters", check_step),
     "3-method": ("draft", method_step),
     "3-method-gradient": ("draft", method_gradient_step),
     "3-method-slices": ("slices", method_step),
     "3-method-vocabulary": ("vocab", method_vocabulary_step),
+    "3-method-adapters": ("adapters", method_step),
     "4-run": ("job", run_step),
+    "4-run-lora": ("lora-job", run_step),
     "5-compare": ("draft", compare_step),
     "6-sweep": ("draft", sweep_step),
     "6-sweep-monitor": ("sweep-job", sweep_monitor_step),
@@ -450,19 +573,24 @@ SCENES: dict[str, tuple[str, Callable[[Any], Awaitable[None]]]] = {
 
 def scene_app(kind: str, workspace: Path, state: Path) -> Any:
     """The app a scene starts from: the workspace's recipe (``slices``: its recipe of slices,
-    ``vocab``: its recipe of models whose vocabularies differ) opened, or (``job``,
-    ``sweep-job``) a fresh start that finds the recorded merge or sweep and reattaches to it."""
-    from mergetui.recipe import load_recipe
+    ``vocab``: its recipe of models whose vocabularies differ, ``adapters``: its adapter merge)
+    opened, or (``job``, ``sweep-job``, ``lora-job``: a merge that extracted an adapter) a fresh
+    start that finds the recorded merge or sweep and reattaches to it."""
+    from mergetui.recipe import load_any_recipe, load_recipe
     from mergetui.tui.app import create_app
     from mergetui.tui.state import RecipeDraft
 
     runs = state / "runs"
-    if kind in ("job", "sweep-job"):
-        (record_job if kind == "job" else record_sweep_job)(workspace, state)
+    recorders = {"job": record_job, "sweep-job": record_sweep_job, "lora-job": record_lora_job}
+    if kind in recorders:
+        recorders[kind](workspace, state)
         return create_app(workspace)
     if runs.exists():
         import shutil
 
         shutil.rmtree(runs)
+    if kind == "adapters":
+        adapters = load_any_recipe(workspace / "adapters.toml")
+        return create_app(draft=RecipeDraft.from_recipe(adapters))
     recipe = workspace / {"slices": "slices.toml", "vocab": "vocab.toml"}.get(kind, "recipe.toml")
     return create_app(draft=RecipeDraft.from_recipe(load_recipe(recipe)))

@@ -88,7 +88,7 @@ folder. Every change is validated at once with the rules `mergetui run` applies.
         yield Header()
         with Horizontal(id="method-step"):
             with VerticalScroll(id="method-form"):
-                yield Label("3 · Combination: how the LoRA adapters become one")
+                yield Label("3 · Combination: how the adapters become one")
                 yield Select(
                     [(f"{name} — {info.summary}", name) for name, info in COMBINATIONS.items()],
                     value=draft.combination if draft.combination in COMBINATIONS else Select.NULL,
