@@ -170,6 +170,11 @@ async def _adapter_flow(tmp_path: Path, models: dict[str, Path], adapters: dict[
         assert method.query_one("#combination", Select).value == "ties_svd"
         assert method.query_one("#a-density", Input).value == "0.5"
         assert method.query_one("#w1", Input).value == "0.4"
+        # sweeps and compare are for model merges: they say so and stay where they are
+        reopened.action_sweep()
+        reopened.action_compare()
+        await pilot.pause()
+        assert reopened.screen is method
 
 
 def test_the_check_shows_what_the_adapter_planner_refuses(
@@ -242,3 +247,52 @@ async def _lora_rank_flow(tmp_path: Path, models: dict[str, Path]) -> None:
         await pilot.pause()
         assert isinstance(reopened.screen, MethodScreen)
         assert reopened.screen.query_one("#out-lora-rank", Input).value == "4"
+
+
+def test_an_adapter_draft_is_autosaved_and_an_adapter_job_reattached(
+    tmp_path: Path, adapters: dict[str, Path]
+) -> None:
+    """The autosave keeps the draft's kind; a running or unseen adapter-merge job found at start
+    loads its ``[adapters]`` recipe back as the draft."""
+    from mergetui.recipe import load_any_recipe
+    from mergetui.tui.state import ADAPTERS, AdapterDraft, RecipeDraft
+
+    draft = RecipeDraft(
+        kind=ADAPTERS,
+        adapters=[AdapterDraft(str(adapters["a"]), 0.6), AdapterDraft(str(adapters["b"]), "x")],
+        combination="dare_linear",
+        adapter_options={"density": 0.3, "seed": 7},
+        base_dir=tmp_path,
+    )
+    draft.autosave()
+    restored = RecipeDraft.load_autosave()
+    assert restored is not None and restored.is_adapter_merge
+    assert restored.to_data() == draft.to_data()  # the weight as typed ("x") too
+
+    draft.adapters[1].weight = 0.4
+    draft.output = str(tmp_path / "out")
+    draft.save(Path("adapters.toml"))
+    asyncio.run(_reattach_flow(tmp_path, load_any_recipe(tmp_path / "adapters.toml")))
+
+
+async def _reattach_flow(tmp_path: Path, recipe: Any) -> None:
+    import os
+
+    from mergetui.jobs import jobs_dir
+    from mergetui.recipe import recipe_to_toml
+    from mergetui.tui.screens.run import RunScreen
+
+    folder = jobs_dir() / "20261130-000000"
+    folder.mkdir(parents=True)
+    (folder / "recipe.toml").write_text(recipe_to_toml(recipe, absolute_paths=True))
+    (folder / "job.json").write_text(
+        json.dumps({"pid": os.getpid() + 10**6, "pid_created": 0, "started": 1, "output": "x"})
+    )
+    (folder / "events.jsonl").write_text("")
+    (folder / "exit.json").write_text(json.dumps({"exit_code": 2, "ended": 2}))
+    app = create_app(tmp_path)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.pause()
+        assert isinstance(app.screen, RunScreen) and app.screen.adapter_merge
+        assert app.draft.is_adapter_merge and app.draft.combination == "dare_linear"
+        assert app.screen.query_one("#compare", Button).disabled
