@@ -1211,10 +1211,19 @@ def table_from_results(paths: Sequence[Path], markdown: Path) -> int:
             f"{result['cache_mode']}; {machine['cpus']} CPUs, torch {machine['torch']}"
         )
         captions.setdefault(setting, []).append(path.name)
-    caption = "; ".join(f"{setting} ({', '.join(files)})" for setting, files in captions.items())
+    for (method, tool), row in rows.items():  # the speed-up of the rows shown, maybe from two runs
+        mt = rows.get((method, "mergetui"))
+        if tool == "mergekit" and mt and mt.get("wall_s") and row.get("wall_s"):
+            row["time_ratio_mk_mt"] = row["wall_s"] / mt["wall_s"]
+    caption = "; ".join(
+        f"{setting} ({', '.join(files) if len(files) <= 3 else f'{len(files)} result files'})"
+        for setting, files in captions.items()
+    )
     caption += "."
     markdown.parent.mkdir(parents=True, exist_ok=True)
-    markdown.write_text(markdown_table(list(rows.values()), inputs, caption, []))
+    order = {method: index for index, method in enumerate(METHOD_TABLE)}
+    ordered = sorted(rows.values(), key=lambda row: order.get(row["method"], len(order)))
+    markdown.write_text(markdown_table(ordered, inputs, caption, []))
     print(f"Markdown table written to {markdown}")
     return 0
 

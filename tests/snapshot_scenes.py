@@ -514,6 +514,10 @@ async def method_vocabulary_step(pilot: Any) -> None:
 
 async def run_step(pilot: Any) -> None:
     await _settle(pilot, lambda: getattr(pilot.app.screen, "outcome", "") == "done")
+    # the "reattached" toast times out after a few seconds: whether it is still up when the
+    # picture is taken depends on the machine's speed, so it is cleared first
+    pilot.app.clear_notifications()
+    await _settle(pilot, lambda: True)
 
 
 async def compare_step(pilot: Any) -> None:

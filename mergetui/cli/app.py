@@ -196,11 +196,10 @@ def run(
 
 def _execute_adapters(recipe: Any, *, force: bool, as_json: bool, dry_run: bool) -> None:
     """Plan, check and run an adapter-merge recipe, as ``mergetui lora merge`` runs it."""
-    from mergetui.cli.render import ProgressView, render_adapter_report
-    from mergetui.engine.adapter_merge import run_adapter_merge
+    from mergetui.cli.lora import run_planned_adapter_merge
+    from mergetui.cli.render import render_adapter_report
     from mergetui.engine.lora_steps import adapter_report, plan_adapter_recipe
     from mergetui.events import PlanEvent
-    from mergetui.units import format_bytes, format_duration
 
     pause_point("before-plan")
     plan = plan_adapter_recipe(recipe, force=force or dry_run)
@@ -223,22 +222,7 @@ def _execute_adapters(recipe: Any, *, force: bool, as_json: bool, dry_run: bool)
         else:
             render_adapter_report(console, report)
         raise typer.Exit(0)
-    with signals_stop_the_merge(ignore_after=True) as cancel:
-        if as_json:
-            run_adapter_merge(plan, force=force, on_event=emit, cancel=cancel)
-            return
-        console.print(
-            f"combining {len(plan.adapters)} adapters ({plan.request.combination}, "
-            f"{len(plan.modules)} modules) on {plan.device} → {plan.output_dir}",
-            markup=False,
-        )
-        with ProgressView(console) as view:
-            result = run_adapter_merge(plan, force=force, on_event=view.update, cancel=cancel)
-    console.print(
-        f"[green]done[/green] in {format_duration(result.elapsed_s)}: rank {result.rank}, read "
-        f"{format_bytes(result.bytes_read)}, wrote {format_bytes(result.bytes_written)}"
-    )
-    console.print(f"output: {result.output_dir}", markup=False, highlight=False)
+    run_planned_adapter_merge(plan, force=force, as_json=as_json)
 
 
 def _execute(

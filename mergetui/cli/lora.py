@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -146,13 +146,10 @@ def merge(
 ) -> None:
     """Combine LoRA adapters of one base into one adapter, as PEFT's add_weighted_adapter does,
     without reading the base model."""
-    from mergetui.cli.render import ProgressView
     from mergetui.engine.adapter_merge import (
         AdapterMergeRequest,
         plan_adapter_merge,
-        run_adapter_merge,
     )
-    from mergetui.units import format_bytes, format_duration
 
     if as_json:
         start_stream("lora merge")
@@ -173,17 +170,27 @@ def merge(
     )
     with guard(as_json):
         plan = plan_adapter_merge(request, force=force)
-        with signals_stop_the_merge(ignore_after=True) as cancel:
-            if as_json:
-                run_adapter_merge(plan, force=force, on_event=emit, cancel=cancel)
-                return
-            console.print(
-                f"combining {len(plan.adapters)} adapters ({combination}, {len(plan.modules)} "
-                f"modules) on {plan.device} → {plan.output_dir}",
-                markup=False,
-            )
-            with ProgressView(console) as view:
-                result = run_adapter_merge(plan, force=force, on_event=view.update, cancel=cancel)
+        run_planned_adapter_merge(plan, force=force, as_json=as_json)
+
+
+def run_planned_adapter_merge(plan: Any, *, force: bool, as_json: bool) -> None:
+    """Run a planned adapter merge (from ``lora merge`` or an ``[adapters]`` recipe) with
+    Ctrl-C and SIGTERM stopping it cleanly: JSON events, or a progress bar and a summary."""
+    from mergetui.cli.render import ProgressView
+    from mergetui.engine.adapter_merge import run_adapter_merge
+    from mergetui.units import format_bytes, format_duration
+
+    with signals_stop_the_merge(ignore_after=True) as cancel:
+        if as_json:
+            run_adapter_merge(plan, force=force, on_event=emit, cancel=cancel)
+            return
+        console.print(
+            f"combining {len(plan.adapters)} adapters ({plan.request.combination}, "
+            f"{len(plan.modules)} modules) on {plan.device} → {plan.output_dir}",
+            markup=False,
+        )
+        with ProgressView(console) as view:
+            result = run_adapter_merge(plan, force=force, on_event=view.update, cancel=cancel)
     console.print(
         f"[green]done[/green] in {format_duration(result.elapsed_s)}: rank {result.rank}, read "
         f"{format_bytes(result.bytes_read)}, wrote {format_bytes(result.bytes_written)}"

@@ -122,8 +122,11 @@ def extract(
         ),
     ] = True,
     device: Annotated[
-        str, typer.Option(help="Where to compute the SVDs: cpu, cuda, cuda:N or auto.")
-    ] = "cpu",
+        str,
+        typer.Option(
+            help="Where to compute the SVDs: auto (a GPU when there is one), cpu, cuda, cuda:N."
+        ),
+    ] = "auto",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     as_json: JsonOpt = False,
 ) -> None:

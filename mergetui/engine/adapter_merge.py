@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergetui import __version__
-from mergetui.engine.executor import discard_partial, publish_output
-from mergetui.engine.plan import existing_ancestor, resolve_device
+from mergetui.engine.executor import check_output_folder, discard_partial, publish_output
+from mergetui.engine.plan import resolve_device
 from mergetui.engine.progress import (
     ProgressCallback,
     current_rss,
@@ -52,7 +52,6 @@ from mergetui.errors import (
     MergeCancelled,
     MergeFailed,
     MergeTuiError,
-    OutputError,
     SourceError,
     UsageError,
 )
@@ -578,30 +577,10 @@ def _target_modules(adapters: list[LoraAdapter], modules: list[ModulePlan]) -> A
 def check_output(request: AdapterMergeRequest, force: bool) -> None:
     """Refuse an output that exists (without ``force``), overlaps an adapter or the base, or
     cannot be written."""
-    out = request.output.expanduser().resolve()
-    inputs = [*request.adapters, *([request.base] if request.base is not None else [])]
-    for source in inputs:
-        folder = source.expanduser().resolve()
-        if out == folder or out in folder.parents or folder in out.parents:
-            raise OutputError(
-                f"the output {out} overlaps the input {source}; inputs are never written to — "
-                "choose another output folder"
-            )
-    if out.exists():
-        if not force:
-            raise OutputError(
-                f"output {out} already exists; pass --force to replace it (the old one is "
-                "removed only after the new one is complete)"
-            )
-        if not out.is_dir():
-            raise OutputError(
-                f"output {out} exists and is not a folder; remove it or choose another"
-            )
-    probe = existing_ancestor(out.parent)
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(
-            f"cannot write the output under {probe}: permission denied; choose a writable folder"
-        )
+    inputs = [("the input adapter", folder) for folder in request.adapters]
+    if request.base is not None:
+        inputs.append(("the input base", request.base))
+    check_output_folder(request.output, inputs, force, option="output folder")
 
 
 # -- running -------------------------------------------------------------------------------------

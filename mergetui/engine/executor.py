@@ -25,7 +25,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -83,17 +83,29 @@ class MergeResult:
 
 def check_output_location(plan: MergePlan, force: bool) -> None:
     """Refuse outputs that exist (without ``force``), overlap a source, or cannot be written."""
-    out = plan.recipe.output_dir.resolve()
+    inputs = []
     for source in plan.sources:
-        folders = [source.checkpoint.directory.resolve()]
+        inputs.append((f"the source {source.label}", source.checkpoint.directory))
         if source.lora is not None:
-            folders.append(source.lora.directory.resolve())
-        for folder in folders:
-            if out == folder or out in folder.parents or folder in out.parents:
-                raise OutputError(
-                    f"output.path {out} overlaps the source {source.label} at {folder}; sources are "
-                    "never written to — choose another output.path"
-                )
+            inputs.append((f"the source {source.label}", source.lora.directory))
+    check_output_folder(plan.recipe.output_dir, inputs, force, option="output.path")
+
+
+def check_output_folder(
+    output: Path, inputs: Sequence[tuple[str, Path]], force: bool, *, option: str
+) -> Path:
+    """The output folder, resolved; refused when it overlaps an input folder (sources are never
+    written to), exists (without ``force``), is a file, or cannot be created. One check for
+    merges, adapter merges and extractions; ``option`` is what the user changes to fix it
+    (``output.path``, ``-o/--output``), each input is (how to name it, its folder)."""
+    out = output.expanduser().resolve()
+    for label, directory in inputs:
+        folder = directory.expanduser().resolve()
+        if out == folder or out in folder.parents or folder in out.parents:
+            raise OutputError(
+                f"{option} {out} overlaps {label} at {folder}; sources are never written to — "
+                f"choose another {option}"
+            )
     if out.exists():
         if not force:
             raise OutputError(
@@ -102,14 +114,14 @@ def check_output_location(plan: MergePlan, force: bool) -> None:
             )
         if not out.is_dir():
             raise OutputError(
-                f"output {out} exists and is not a folder; remove it or change output.path"
+                f"output {out} exists and is not a folder; remove it or change {option}"
             )
     probe = existing_ancestor(out.parent)
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise OutputError(
-            f"cannot write the output under {probe}: permission denied; choose a "
-            "writable output.path"
+            f"cannot write the output under {probe}: permission denied; choose a writable {option}"
         )
+    return out
 
 
 def run_merge(

@@ -41,9 +41,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from mergetui import __version__
-from mergetui.engine.executor import discard_partial, publish_output
+from mergetui.engine.executor import check_output_folder, discard_partial, publish_output
 from mergetui.engine.layers import is_pre_weight, layer_index
-from mergetui.engine.plan import existing_ancestor
 from mergetui.engine.progress import (
     ProgressCallback,
     current_rss,
@@ -57,7 +56,6 @@ from mergetui.errors import (
     MergeCancelled,
     MergeFailed,
     MergeTuiError,
-    OutputError,
     UsageError,
 )
 from mergetui.events import DoneEvent, ExtractedEvent, ExtractedModule, PhaseEvent, TensorEvent
@@ -189,28 +187,8 @@ def _check_options(options: ExtractOptions) -> ExtractOptions:
 def check_output(output: Path, sources: list[Checkpoint], force: bool) -> Path:
     """The output folder, resolved; refused when it exists (without ``force``), overlaps a
     source, or cannot be written."""
-    out = output.expanduser().resolve()
-    for source in sources:
-        folder = source.directory.resolve()
-        if out == folder or out in folder.parents or folder in out.parents:
-            raise OutputError(
-                f"output {out} overlaps {source.label} at {folder}; sources are never written to — "
-                "choose another -o/--output"
-            )
-    if out.exists():
-        if not force:
-            raise OutputError(
-                f"output {out} already exists; pass --force to replace it (the old one is removed "
-                "only after the new adapter is complete)"
-            )
-        if not out.is_dir():
-            raise OutputError(
-                f"output {out} exists and is not a folder; remove it or choose another"
-            )
-    probe = existing_ancestor(out.parent)
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot write the adapter under {probe}: permission denied")
-    return out
+    inputs = [(source.label, source.directory) for source in sources]
+    return check_output_folder(output, inputs, force, option="-o/--output")
 
 
 def _vocab_rows(checkpoint: Checkpoint) -> int | None:

@@ -18,5 +18,9 @@ def nearswap(inputs: TensorInputs) -> torch.Tensor:
     base = inputs.require_base()
     (other,) = inputs.models
     t = float(inputs.params["t"])
-    weight = (t / (base - other).abs_().clamp_(min=_MIN_DISTANCE)).clamp_(min=0, max=1)
-    return weight * other + (1 - weight) * base
+    # In place, in two tensor-sized buffers (the registry's work_buffers): ``t / x`` is torch's
+    # ``x.reciprocal() * t`` and ``1 - w`` is ``-w + 1``, so the bits are those of the formula.
+    weight = (base - other).abs_().clamp_(min=_MIN_DISTANCE).reciprocal_().mul_(t)
+    weight.clamp_(min=0, max=1)
+    merged = weight * other
+    return merged.add_(weight.neg_().add_(1).mul_(base))

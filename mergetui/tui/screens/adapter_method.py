@@ -29,6 +29,7 @@ from mergetui.recipe.adapters import (
     combination_options,
 )
 from mergetui.tui.screens.base import StepScreen
+from mergetui.tui.widgets.recipe_side import recipe_side, save_row
 
 #: an option's field id (``a-density``), and a source's weight field (``w0``)
 OPTION_PREFIX = "a-"
@@ -119,18 +120,8 @@ folder. Every change is validated at once with the rules `mergetui run` applies.
                     classes="param-help",
                 )
                 yield Input(draft.output, id="out-path")
-                yield Label("save the recipe as", classes="model-title")
-                with Horizontal(classes="row"):
-                    yield Input(draft.default_save_path(), id="save-path")
-                    yield Button("Save (ctrl+s)", id="save", variant="success")
-                yield Static(
-                    f"headless, once saved: mergetui run {draft.default_save_path()}",
-                    id="headless",
-                    classes="param-help",
-                )
-            with Vertical(id="method-side"):
-                yield Static("", id="problems")
-                yield Static("", id="preview", markup=False)
+                yield from save_row(draft.default_save_path())
+            yield from recipe_side()
         yield Footer()
 
     async def on_mount(self) -> None:

@@ -33,6 +33,7 @@ from mergetui.recipe.schema import CHAT_TEMPLATE_NAMES, looks_like_template
 from mergetui.recipe.vocab import MISSING_TOKEN_RULES, TOKENIZER_CHOICES, model_index
 from mergetui.tui import values
 from mergetui.tui.screens.base import StepScreen
+from mergetui.tui.widgets.recipe_side import recipe_side, save_row
 
 if TYPE_CHECKING:
     from mergetui.tui.state import RecipeDraft
@@ -269,18 +270,8 @@ extract` does. **Ctrl+S** saves the recipe (and shows the headless command);
                     classes="param-help",
                 )
                 yield Input(draft.lora_path, placeholder="<output.path>-lora", id="out-lora-path")
-                yield Label("save the recipe as", classes="model-title")
-                with Horizontal(classes="row"):
-                    yield Input(draft.default_save_path(), id="save-path")
-                    yield Button("Save (ctrl+s)", id="save", variant="success")
-                yield Static(
-                    f"headless, once saved: mergetui run {draft.default_save_path()}",
-                    id="headless",
-                    classes="param-help",
-                )
-            with Vertical(id="method-side"):
-                yield Static("", id="problems")
-                yield Static("", id="preview", markup=False)
+                yield from save_row(draft.default_save_path())
+            yield from recipe_side()
         yield Footer()
 
     async def on_mount(self) -> None:

@@ -1,0 +1,26 @@
+"""The parts the two form screens of step 3 share (model methods and adapter combinations): the
+row that saves the recipe, and the side panel with its problems and TOML preview."""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import Button, Input, Label, Static
+
+
+def save_row(save_path: str) -> ComposeResult:
+    """Where to save the recipe, the Save button, and the headless command that replays it."""
+    yield Label("save the recipe as", classes="model-title")
+    with Horizontal(classes="row"):
+        yield Input(save_path, id="save-path")
+        yield Button("Save (ctrl+s)", id="save", variant="success")
+    yield Static(
+        f"headless, once saved: mergetui run {save_path}", id="headless", classes="param-help"
+    )
+
+
+def recipe_side() -> ComposeResult:
+    """The recipe's problems and its live TOML preview, beside the form."""
+    with Vertical(id="method-side"):
+        yield Static("", id="problems")
+        yield Static("", id="preview", markup=False)
