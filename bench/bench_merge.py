@@ -1032,6 +1032,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--generate-only", action="store_true", help="only generate the models")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     parser.add_argument(
+        "--keep-outputs",
+        action="store_true",
+        help="keep each method's merged outputs under WORKDIR/runs (default: removed once measured)",
+    )
+    parser.add_argument(
         "--from-json",
         type=Path,
         nargs="+",
@@ -1317,6 +1322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs += run_job(job, commands, outputs, args.repeats, cache_mode)
         if args.compare and (result := compare_job(job, outputs)) is not None:
             comparisons[job.method] = result
+        if not args.keep_outputs:  # every method's outputs kept would fill the disk (40 GB at 500M)
+            for folder in outputs.values():
+                shutil.rmtree(folder, ignore_errors=True)
 
     print()
     rows = summarize(runs, floors, help_times)
