@@ -71,8 +71,8 @@ read). Step 3 then offers PEFT's combination types instead of the merge methods.
 """
     #: the title line after the kind choice, per kind
     TITLES = {
-        MODELS: "the base, then each model (folder or Hub id)",
-        ADAPTERS: "PEFT adapter folders of one base, weighted",
+        MODELS: "the base, then each model",
+        ADAPTERS: "PEFT adapters of one base",
     }
     #: the fields' placeholders per kind: base, row, and the field beside the row
     PLACEHOLDERS = {
@@ -93,7 +93,7 @@ read). Step 3 then offers PEFT's combination types instead of the merge methods.
         kind = self.draft.kind
         with VerticalScroll(id="models-step"):
             with Horizontal(id="kind-row"):
-                yield Label("1 · ")
+                yield Label("1 · Models: ")
                 yield Select(
                     [("Merge models", MODELS), ("Merge LoRA adapters", ADAPTERS)],
                     value=kind,
@@ -101,7 +101,7 @@ read). Step 3 then offers PEFT's combination types instead of the merge methods.
                     compact=True,
                     id="kind",
                 )
-                yield Label(f": {self.TITLES[kind]}", id="kind-title")
+                yield Label(f" — {self.TITLES[kind]}", id="kind-title")
             yield Input(
                 placeholder=self.PLACEHOLDERS[kind][0],
                 id="base",
@@ -193,7 +193,7 @@ read). Step 3 then offers PEFT's combination types instead of the merge methods.
         """The fields, table columns and panels of the draft's kind (models or adapters)."""
         kind = self.draft.kind
         adapters = kind == ADAPTERS
-        self.query_one("#kind-title", Label).update(f": {self.TITLES[kind]}")
+        self.query_one("#kind-title", Label).update(f" — {self.TITLES[kind]}")
         base_text, row_text = self.PLACEHOLDERS[kind]
         self.query_one("#base", Input).placeholder = base_text
         self.query_one("#model", Input).placeholder = row_text
