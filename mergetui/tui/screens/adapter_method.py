@@ -11,7 +11,6 @@ would give; what the adapters' files say (ranks, modules, base) is the check ste
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from rich.text import Text
@@ -29,7 +28,7 @@ from mergetui.recipe.adapters import (
     combination_options,
 )
 from mergetui.tui.screens.base import StepScreen
-from mergetui.tui.widgets.recipe_side import recipe_side, save_row
+from mergetui.tui.widgets.recipe_side import recipe_side, save_recipe, save_row
 
 #: an option's field id (``a-density``), and a source's weight field (``w0``)
 OPTION_PREFIX = "a-"
@@ -255,17 +254,4 @@ folder. Every change is validated at once with the rules `mergetui run` applies.
     @on(Button.Pressed, "#save")
     def action_save(self) -> None:
         """Save the ``[adapters]`` recipe through the recipe layer's writer (it validates)."""
-        from mergetui.errors import MergeTuiError
-
-        draft = self.draft
-        path = Path(
-            self.query_one("#save-path", Input).value.strip() or draft.default_save_path()
-        ).expanduser()
-        try:
-            saved = draft.save(path)
-        except MergeTuiError as exc:
-            self.app.notify(str(exc).splitlines()[0], severity="error", title="not saved")
-            return
-        self.merge_app.mark_saved()
-        self.query_one("#headless", Static).update(f"headless: mergetui run {saved}")
-        self.app.notify(f"replay headless with: mergetui run {saved}", title=f"saved {saved}")
+        save_recipe(self)

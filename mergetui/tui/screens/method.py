@@ -17,7 +17,6 @@ models, and what is wrong with a value is the recipe validator's message, shown 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.text import Text
@@ -33,7 +32,7 @@ from mergetui.recipe.schema import CHAT_TEMPLATE_NAMES, looks_like_template
 from mergetui.recipe.vocab import MISSING_TOKEN_RULES, TOKENIZER_CHOICES, model_index
 from mergetui.tui import values
 from mergetui.tui.screens.base import StepScreen
-from mergetui.tui.widgets.recipe_side import recipe_side, save_row
+from mergetui.tui.widgets.recipe_side import recipe_side, save_recipe, save_row
 
 if TYPE_CHECKING:
     from mergetui.tui.state import RecipeDraft
@@ -570,22 +569,9 @@ extract` does. **Ctrl+S** saves the recipe (and shows the headless command);
 
     @on(Button.Pressed, "#save")
     def action_save(self) -> None:
-        from mergetui.errors import MergeTuiError
-
-        draft = self.draft
         if self._unread():
             return
-        path = Path(
-            self.query_one("#save-path", Input).value.strip() or draft.default_save_path()
-        ).expanduser()
-        try:
-            saved = draft.save(path)
-        except MergeTuiError as exc:
-            self.app.notify(str(exc).splitlines()[0], severity="error", title="not saved")
-            return
-        self.merge_app.mark_saved()
-        self.query_one("#headless", Static).update(f"headless: mergetui run {saved}")
-        self.app.notify(f"replay headless with: mergetui run {saved}", title=f"saved {saved}")
+        save_recipe(self)
 
     @on(Input.Changed)
     def field_changed(self, event: Input.Changed) -> None:
