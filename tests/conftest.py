@@ -9,6 +9,7 @@ import hashlib
 import os
 import textwrap
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -233,3 +234,26 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "ft_a": save_finetune(base, root / "ft_a", seed=11, scale=0.02),
         "ft_c": save_finetune(base, root / "ft_c", seed=12, scale=0.02),
     }
+
+
+@pytest.fixture
+def many_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """The C loops' pool with 7 workers (on any machine), restored afterwards."""
+    from mergetui.methods import native
+
+    native._pool()  # the original pool exists first, so monkeypatch restores it
+    pool = ThreadPoolExecutor(7, thread_name_prefix="test-workers")
+    monkeypatch.setitem(native._state, "pool", pool)
+    monkeypatch.setitem(native._state, "workers", 7)
+    yield 7
+    pool.shutdown()
+
+
+@pytest.fixture
+def one_worker(monkeypatch: pytest.MonkeyPatch) -> int:
+    """The C loops run on the calling thread only."""
+    from mergetui.methods import native
+
+    native._pool()
+    monkeypatch.setitem(native._state, "workers", 1)
+    return 1

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -78,24 +76,6 @@ def c_uniform(library: Any, key: int, start: int, count: int, pieces: list[int])
     for begin, end in zip(bounds, bounds[1:], strict=False):
         library.mt_philox_uniform(out.data_ptr(), key, start, begin, end)
     return out
-
-
-@pytest.fixture
-def many_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
-    """The C loops' pool with 7 workers (on any machine), restored afterwards."""
-    native._pool()  # the original pool exists first, so monkeypatch restores it
-    pool = ThreadPoolExecutor(7, thread_name_prefix="test-philox")
-    monkeypatch.setitem(native._state, "pool", pool)
-    monkeypatch.setitem(native._state, "workers", 7)
-    yield 7
-    pool.shutdown()
-
-
-@pytest.fixture
-def one_worker(monkeypatch: pytest.MonkeyPatch) -> int:
-    native._pool()
-    monkeypatch.setitem(native._state, "workers", 1)
-    return 1
 
 
 # --- the algorithm ---------------------------------------------------------------------------------

@@ -402,3 +402,44 @@ void mt_add_scaled(float *restrict mean, const float *restrict unit, int64_t sta
         mean[i] = mean[i] + scaled;
     }
 }
+
+/* Float64 sums of |x| (squares = 0) or of x * x rounded to float (squares = 1) over the chunks
+ * [first, last) of a flat tensor of `count` entries cut into chunks of `chunk` entries (the last
+ * one shorter), one sum per chunk into sums[c]. The order is fixed so that the torch path
+ * (sums.py) reproduces it bit for bit: entry j of a chunk goes to lane j % LANES, each lane adds
+ * its terms in index order starting from 0, and the lanes are then added 0, 1, ..., LANES - 1.
+ * The lanes are independent, so the compiler vectorizes them without reassociating anything. */
+#define LANES 8
+static inline float sum_term(float x, int32_t squares) {
+    if (squares) return x * x;
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    bits &= 0x7fffffffu;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+static double chunk_sum(const float *restrict values, int64_t n, int32_t squares) {
+    double lanes[LANES] = {0};
+    int64_t i = 0;
+    if (squares) {
+        for (; i + LANES <= n; i += LANES)
+            for (int l = 0; l < LANES; l++) lanes[l] += (double)sum_term(values[i + l], 1);
+    } else {
+        for (; i + LANES <= n; i += LANES)
+            for (int l = 0; l < LANES; l++) lanes[l] += (double)sum_term(values[i + l], 0);
+    }
+    for (int l = 0; i < n; i++, l++) lanes[l] += (double)sum_term(values[i], squares);
+    double total = lanes[0];
+    for (int l = 1; l < LANES; l++) total += lanes[l];
+    return total;
+}
+
+void mt_chunk_sums(const float *restrict values, int64_t count, int64_t chunk, int64_t first,
+                   int64_t last, int32_t squares, double *restrict sums) {
+    for (int64_t c = first; c < last; c++) {
+        const int64_t begin = c * chunk;
+        const int64_t end = begin + chunk < count ? begin + chunk : count;
+        sums[c] = chunk_sum(values + begin, end - begin, squares);
+    }
+}

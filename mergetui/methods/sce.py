@@ -29,6 +29,7 @@ import torch
 from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
+from mergetui.methods.sums import add_squares
 from mergetui.methods.task_arithmetic import (
     CHUNK,
     _flat,
@@ -103,14 +104,6 @@ def _drop_where_zero_(deltas: list[torch.Tensor], kept_variance: torch.Tensor) -
         dropped = kept_variance[start : start + CHUNK] == 0
         for delta in deltas:
             delta[start : start + CHUNK].masked_fill_(dropped, 0.0)
-
-
-def add_squares(total: Any, flat: torch.Tensor) -> Any:
-    """``total`` plus the sum of squares of ``flat``, summed chunk by chunk in float64 (on the
-    tensor's device): blocks of whole chunks, added in order, give the same float as whole."""
-    for chunk in flat.split(CHUNK):
-        total = total + chunk.square().sum(dtype=torch.float64)
-    return total
 
 
 def _weights(squares: list[Any], count: int) -> list[float]:

@@ -30,9 +30,9 @@ import torch
 
 from mergetui.methods import native, philox
 from mergetui.methods.inputs import TensorInputs, tensor_seed
+from mergetui.methods.sums import CHUNK as CHUNK  # re-exported: the other kernels chunk as these do
+from mergetui.methods.sums import add_l1 as add_l1
 
-#: Elements per chunk for temporaries (4 MiB of float32).
-CHUNK = 1 << 20
 _RESCALE_EPS = 1e-7
 _WEIGHT_SUM_EPS = 1e-8
 
@@ -499,14 +499,6 @@ def _restore_rows(delta: torch.Tensor, rows: torch.Tensor) -> None:
 
 def _l1(flat: torch.Tensor) -> float:
     return float(add_l1(0, flat))
-
-
-def add_l1(total: Any, flat: torch.Tensor) -> Any:
-    """``total`` plus the L1 norm of ``flat``, summed chunk by chunk in float64: blocks of whole
-    chunks, added in order, give the same float as the whole tensor."""
-    for chunk in _chunks(flat):
-        total = total + chunk.abs().sum(dtype=torch.float64)
-    return total
 
 
 def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> torch.Tensor:
