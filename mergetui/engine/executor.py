@@ -429,6 +429,8 @@ class _Run:
                     self.done += whole
                     self.emit(TensorEvent(**self.progress()))
                     if whole:
+                        if os.environ.get("XTRIMEACH"):
+                            give_back_freed()
                         pause_point("tensor", stop, self.done)
             _put(write_queue, _DONE, stop)
             finished = True

@@ -406,10 +406,10 @@ void mt_add_scaled(float *restrict mean, const float *restrict unit, int64_t sta
 /* Float64 sums of |x| (squares = 0) or of x * x rounded to float (squares = 1) over the chunks
  * [first, last) of a flat tensor of `count` entries cut into chunks of `chunk` entries (the last
  * one shorter), one sum per chunk into sums[c]. The order is fixed so that the torch path
- * (sums.py) reproduces it bit for bit: entry j of a chunk goes to lane j % LANES, each lane adds
- * its terms in index order starting from 0, and the lanes are then added 0, 1, ..., LANES - 1.
+ * (sums.py) reproduces it bit for bit: entry j of a chunk goes to lane j % SUM_LANES, each lane adds
+ * its terms in index order starting from 0, and the lanes are then added 0, 1, ..., SUM_LANES - 1.
  * The lanes are independent, so the compiler vectorizes them without reassociating anything. */
-#define LANES 8
+#define SUM_LANES 8
 static inline float sum_term(float x, int32_t squares) {
     if (squares) return x * x;
     uint32_t bits;
@@ -420,18 +420,18 @@ static inline float sum_term(float x, int32_t squares) {
 }
 
 static double chunk_sum(const float *restrict values, int64_t n, int32_t squares) {
-    double lanes[LANES] = {0};
+    double lanes[SUM_LANES] = {0};
     int64_t i = 0;
     if (squares) {
-        for (; i + LANES <= n; i += LANES)
-            for (int l = 0; l < LANES; l++) lanes[l] += (double)sum_term(values[i + l], 1);
+        for (; i + SUM_LANES <= n; i += SUM_LANES)
+            for (int l = 0; l < SUM_LANES; l++) lanes[l] += (double)sum_term(values[i + l], 1);
     } else {
-        for (; i + LANES <= n; i += LANES)
-            for (int l = 0; l < LANES; l++) lanes[l] += (double)sum_term(values[i + l], 0);
+        for (; i + SUM_LANES <= n; i += SUM_LANES)
+            for (int l = 0; l < SUM_LANES; l++) lanes[l] += (double)sum_term(values[i + l], 0);
     }
     for (int l = 0; i < n; i++, l++) lanes[l] += (double)sum_term(values[i], squares);
     double total = lanes[0];
-    for (int l = 1; l < LANES; l++) total += lanes[l];
+    for (int l = 1; l < SUM_LANES; l++) total += lanes[l];
     return total;
 }
 

@@ -25,7 +25,7 @@ from mergetui.methods import native
 
 #: Entries per chunk (the kernels' ``CHUNK``; blocks of a tensor hold whole chunks).
 CHUNK = 1 << 20
-#: Interleaved float64 accumulators per chunk (``LANES`` in native_kernels.c).
+#: Interleaved float64 accumulators per chunk (``SUM_LANES`` in native_kernels.c).
 LANES = 8
 
 
