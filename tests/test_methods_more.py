@@ -105,12 +105,17 @@ def sorted_reference(delta: torch.Tensor, density: float, gamma: float) -> torch
     return delta * mask.reshape(delta.shape)
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize(
     ("density", "gamma"), [(0.5, 0.01), (0.3, 0.2), (0.9, 0.5), (0.2, 0.0), (0.05, 0.9)]
 )
-def test_breadcrumbs_selection_equals_a_full_sort(density: float, gamma: float) -> None:
+def test_breadcrumbs_selection_equals_a_full_sort(
+    density: float, gamma: float, native: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By the C loops (the rank window fused, "1") and by torch ops ("0")."""
     from mergetui.methods.task_arithmetic import outlier_prune_
 
+    monkeypatch.setenv("MERGETUI_NATIVE", native)
     generator = torch.Generator().manual_seed(3)
     delta = torch.randn(37, 29, generator=generator)
     expected = sorted_reference(delta, density, gamma)
@@ -320,20 +325,61 @@ def test_every_method_declares_how_it_divides_and_the_statistics_are_real() -> N
         assert not torch.equal(halves, whole), name
 
 
+@pytest.mark.parametrize("native", ["1", "0"])
 @pytest.mark.parametrize(("density", "gamma"), [(0.5, 0.01), (0.3, 0.2), (0.9, 0.05), (0.2, 0.0)])
 def test_breadcrumbs_across_chunks_with_many_ties_equals_a_full_sort(
-    density: float, gamma: float, monkeypatch: pytest.MonkeyPatch
+    density: float, gamma: float, native: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Equal magnitudes at a bound that span several chunks are ranked in index order across
-    them (bf16-rounded values repeat a lot; chunks of 64 entries)."""
+    """Equal magnitudes at a bound that span several chunks (or the C loops' threads) are ranked
+    in index order across them (bf16-rounded values repeat a lot; chunks of 64 entries)."""
     from mergetui.methods import task_arithmetic
 
+    monkeypatch.setenv("MERGETUI_NATIVE", native)
     monkeypatch.setattr(task_arithmetic, "CHUNK", 64)
     generator = torch.Generator().manual_seed(11)
     delta = (torch.randn(41, 23, generator=generator) * 4).round() / 4
     expected = sorted_reference(delta, density, gamma)
     kept = task_arithmetic.outlier_prune_(delta.clone(), density, gamma, rescale=False)
     assert torch.equal(kept, expected)
+
+
+@pytest.mark.parametrize("workers", ["many_workers", "one_worker"])
+def test_breadcrumbs_window_in_c_gives_the_torch_bits_with_ties_nan_and_inf(
+    workers: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused C window against the torch ops on a tensor the threads split, with ties at both
+    bounds spanning the threads' ranges, infinities, NaNs and negative zeros; and in blocks, the
+    window's counts carried from block to block."""
+    from mergetui.methods import native as native_loops
+    from mergetui.methods import task_arithmetic
+
+    if native_loops.library() is None:
+        pytest.skip("no C compiler here")
+    request.getfixturevalue(workers)
+    generator = torch.Generator().manual_seed(21)
+    delta = (torch.randn(300_007, generator=generator) * 8).round() / 8
+    delta[::997] = float("inf")
+    delta[5::1201] = float("-inf")
+    delta[7::1301] = float("nan")
+    delta[::17] = -0.0
+    results = []
+    for mode in ("1", "0"):
+        monkeypatch.setenv("MERGETUI_NATIVE", mode)
+        kept = task_arithmetic.outlier_prune_(delta.clone(), 0.4, 0.05, rescale=False)
+        results.append(kept.view(torch.int32))
+    assert torch.equal(results[0], results[1])
+    total = delta.numel()
+    start, count = task_arithmetic.outlier_ranks(total, 0.4, 0.05)
+    monkeypatch.setenv("MERGETUI_NATIVE", "0")
+    flat = delta.clone()
+    low, _ = task_arithmetic._kth_largest(flat, total - start)
+    high, _ = task_arithmetic._kth_largest(flat, total - (start + count) + 1)
+    below = [int(torch.count_nonzero(flat.abs() < bound)) for bound in (low, high)]
+    window = task_arithmetic.RankWindow(low, high, start, start + count, below)
+    monkeypatch.setenv("MERGETUI_NATIVE", "1")
+    for block in flat.split(40_000):
+        window.keep_(block)
+    assert torch.equal(flat.view(torch.int32), results[1])
 
 
 def karcher_reference(tensors: list[torch.Tensor], max_iter: int, tol: float) -> torch.Tensor:

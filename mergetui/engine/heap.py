@@ -40,6 +40,7 @@ def keep_heap_small() -> None:
     if libc is None or _state.get("tuned"):
         return
     import os
+
     for option, value in (
         (_M_MMAP_THRESHOLD, int(os.environ.get("XMMAP", 1 << 20))),
         (_M_TRIM_THRESHOLD, int(os.environ.get("XTRIM", 4 << 20))),

@@ -103,6 +103,9 @@ def _declare(library: ctypes.CDLL) -> None:
         "mt_dare_drop": (None, [_PTR, _U64, _I64, _I64, _I64, ctypes.c_float]),
         "mt_karcher_term": (None, [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, ctypes.c_float]),
         "mt_add_scaled": (None, [_PTR, _PTR, _I64, _I64, ctypes.c_float]),
+        "mt_keep_window": (
+            None, [_PTR, _I64, _I64, ctypes.c_uint32, ctypes.c_uint32, _I64, _I64, _I64, _I64],
+        ),
         "mt_chunk_sums": (None, [_PTR, _I64, _I64, _I64, _I64, ctypes.c_int32, _PTR]),
         "mt_ties_elect": (
             None,

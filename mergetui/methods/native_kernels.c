@@ -148,6 +148,26 @@ static inline float masked(float x, uint32_t mask) {
     return x;
 }
 
+/* Breadcrumbs' rank window on [start, end) of a flat tensor, in place: an entry is kept when its
+ * magnitude's pattern lies strictly between `low` and `high`, or equals one of them and its index
+ * is in that bound's [from, to) (the equal entries whose rank by magnitude falls inside the window:
+ * ranks of equal entries follow their index, so they are a range of indices, which RankWindow
+ * finds with mt_tie_cutoff); every other entry becomes +0.0, as the torch path's masked_fill_.
+ * The bounds are finite or infinite magnitudes, never NaN patterns (the caller checks). */
+void mt_keep_window(float *restrict values, int64_t start, int64_t end, uint32_t low,
+                    uint32_t high, int64_t low_from, int64_t low_to, int64_t high_from,
+                    int64_t high_to) {
+    for (int64_t i = start; i < end; i++) {
+        const uint32_t bits = magnitude_bits(values[i]);
+        const uint32_t inside = (uint32_t)(bits > low) & (uint32_t)(bits < high);
+        const uint32_t at_low =
+            (uint32_t)(bits == low) & (uint32_t)(i >= low_from) & (uint32_t)(i < low_to);
+        const uint32_t at_high =
+            (uint32_t)(bits == high) & (uint32_t)(i >= high_from) & (uint32_t)(i < high_to);
+        values[i] = masked(values[i], 0u - (inside | at_low | at_high));
+    }
+}
+
 /* TIES sign election on [start, end) for `models` task vectors, result into base:
  *   v_j = w_j * d_j where d_j is kept (|d_j| above its threshold, or equal to it before its tie
  *   cutoff), else 0; s = sign(sum_j v_j) with 0 counting as +; agreeing entries (v_j * s > 0) are

@@ -34,6 +34,8 @@ from mergetui.methods.sums import CHUNK as CHUNK  # re-exported: the other kerne
 from mergetui.methods.sums import add_l1 as add_l1
 
 _RESCALE_EPS = 1e-7
+#: The bit pattern of +inf: magnitudes above it are NaNs, which compare unlike their patterns.
+_INFINITY_PATTERN = 0x7F800000
 _WEIGHT_SUM_EPS = 1e-8
 
 
@@ -287,11 +289,18 @@ def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
     low, _ = _kth_largest(flat, total - start)  # the magnitude of ascending rank start
     high, _ = _kth_largest(flat, total - stop + 1)  # ... and of rank stop - 1
     ranks = RankWindow(low, high, start, stop, [])
-    ranks.below = [0] * len(ranks.bounds)
-    for chunk in _chunks(flat):
-        magnitude = chunk.abs()
-        for index, bound in enumerate(ranks.bounds):
-            ranks.below[index] += int(torch.count_nonzero(magnitude < bound))
+    library = native.available_for(flat)
+    patterns = [int(bound.view(torch.int32)) for bound in ranks.bounds]
+    if library is not None and max(patterns) <= _INFINITY_PATTERN:
+        for pattern in patterns:
+            above, equal = native_counts(library, "mt_count_pattern", flat, 2, pattern).tolist()
+            ranks.below.append(total - above - equal)  # NaNs are above every pattern, as here
+    else:
+        ranks.below = [0] * len(ranks.bounds)
+        for chunk in _chunks(flat):
+            magnitude = chunk.abs()
+            for index, bound in enumerate(ranks.bounds):
+                ranks.below[index] += int(torch.count_nonzero(magnitude < bound))
     ranks.keep_(flat)
 
 
@@ -315,6 +324,11 @@ class RankWindow:
     def keep_(self, flat: torch.Tensor) -> None:
         """Zero the entries of ``flat`` (the next entries of the tensor) outside the window."""
         bounds = self.bounds
+        library = native.available_for(flat)
+        patterns = [int(bound.view(torch.int32)) for bound in bounds]
+        if library is not None and max(patterns) <= _INFINITY_PATTERN:
+            self._keep_native_(library, flat, patterns)
+            return
         for chunk in _chunks(flat):
             magnitude = chunk.abs()
             keep = (magnitude > self.low) & (magnitude < self.high)
@@ -324,6 +338,38 @@ class RankWindow:
                 keep |= equal & (ranks >= self.start) & (ranks < self.stop)
                 self.below[index] += int(torch.count_nonzero(equal))  # later entries rank after
             chunk.masked_fill_(~keep, 0.0)
+
+    def _keep_native_(self, library: Any, flat: torch.Tensor, patterns: list[int]) -> None:
+        """:meth:`keep_` by the C loops: an entry equal to a bound has rank ``below`` plus the
+        number of equal entries before it, so the kept ones are those between two tie cutoffs
+        (no chunk-sized temporaries: one counting pass per bound and one fused pass)."""
+        count, pointer = flat.numel(), flat.data_ptr()
+
+        def cutoff(pattern: int, wanted: int) -> int:
+            return library.mt_tie_cutoff(pointer, 0, count, pattern, wanted) if wanted > 0 else 0
+
+        ranges = []
+        for index, pattern in enumerate(patterns):
+            below = self.below[index]
+            ranges.append((cutoff(pattern, self.start - below), cutoff(pattern, self.stop - below)))
+            self.below[index] += count_equal(library, flat, pattern)
+        low, high = patterns[0], patterns[-1]
+        (low_from, low_to), (high_from, high_to) = ranges[0], ranges[-1]
+        native.parallel(
+            lambda begin, end: library.mt_keep_window(
+                pointer, begin, end, low, high, low_from, low_to, high_from, high_to
+            ),
+            count,
+        )
+
+
+def count_equal(library: Any, flat: torch.Tensor, pattern: int) -> int:
+    """How many |x| of a flat float32 CPU tensor have exactly the bit pattern ``pattern``."""
+
+    def piece(start: int, end: int) -> int:
+        return int(library.mt_count_equal(flat.data_ptr(), start, end, pattern))
+
+    return sum(native.parallel(piece, flat.numel()))
 
 
 def random_drop_(delta: torch.Tensor, density: float, rescale: bool, key: int) -> torch.Tensor:

@@ -42,6 +42,7 @@ from mergetui.methods.task_arithmetic import (
     add_l1,
     bucket_histogram,
     combine_,
+    count_equal,
     della_rows_,
     drop_at_random_,
     elect_native_,
@@ -322,7 +323,7 @@ class _TaskVectorBlocks:
             if wanted <= 0:
                 cutoffs.append(0)
                 continue
-            equal = _count_equal(library, flat, top.pattern)
+            equal = count_equal(library, flat, top.pattern)
             if equal >= wanted:
                 cutoffs.append(
                     library.mt_tie_cutoff(flat.data_ptr(), 0, count, top.pattern, wanted)
@@ -344,12 +345,3 @@ def _outliers(count: int, density: float, model_params: dict[str, Any]) -> _Outl
     if start == 0 and stop >= count:
         return _Outliers(start, stop, None, keep_all=True)
     return _Outliers(start, stop, BlockedSelection((count - start, count - stop + 1)))
-
-
-def _count_equal(library: Any, flat: torch.Tensor, pattern: int) -> int:
-    """How many |x| of a flat float32 CPU tensor have exactly the bit pattern ``pattern``."""
-
-    def piece(start: int, end: int) -> int:
-        return int(library.mt_count_equal(flat.data_ptr(), start, end, pattern))
-
-    return sum(native.parallel(piece, flat.numel()))
