@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from mergetui.engine.executor import run_merge
 from mergetui.engine.plan import MergePlan, build_plan
-from mergetui.methods import fusion, sce, task_arithmetic
+from mergetui.methods import fusion, sce, sums
 from mergetui.methods.blocked import TensorContext
 from mergetui.methods.inputs import TensorInputs
 from mergetui.methods.registry import METHODS, BlockPlan
@@ -202,8 +202,8 @@ def test_sce_kernel_in_blocks_of_whole_small_chunks_matches_whole(
     """Chunks of 64 entries and rows of 16: blocks of 12 rows hold three chunks (the alignment
     the squares need) and cut the groups of equal variances anywhere; the last block is short."""
     monkeypatch.setenv("MERGETUI_NATIVE", native)
-    monkeypatch.setattr(sce, "CHUNK", 64)
-    monkeypatch.setattr(task_arithmetic, "CHUNK", 64)
+    monkeypatch.setattr(sums, "CHUNK", 64)  # the squares' chunks
+    monkeypatch.setattr(sce, "elementwise_chunk", lambda like: 64)
     generator = torch.Generator().manual_seed(31)
     base = torch.randint(-8, 9, (50, 16), generator=generator).float() / 8
     models = [base + torch.randint(-2, 3, (50, 16), generator=generator) / 8 for _ in range(3)]

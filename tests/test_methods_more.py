@@ -447,7 +447,7 @@ def test_ram_in_small_chunks_gives_the_same_bits(
     models = [base + 0.1 * torch.randn(33, 29, generator=generator) ** 3 for _ in range(3)]
     params = {"epsilon": 0.01, "r": 0.5, "alpha": 5.0} if method == "ramplus_tl" else {}
     whole = run(method, base, models, **params)
-    monkeypatch.setattr(ram_module, "CHUNK", 100)
+    monkeypatch.setattr(ram_module, "elementwise_chunk", lambda like: 100)
     assert torch.equal(run(method, base, models, **params), whole)
 
 

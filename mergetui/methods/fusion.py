@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
-from mergetui.methods.task_arithmetic import CHUNK, pattern_as_float
+from mergetui.methods.sums import elementwise_chunk
+from mergetui.methods.task_arithmetic import pattern_as_float
 from mergetui.methods.task_arithmetic_blocks import BlockedSelection
 
 _SOFTMAX_EPS = 1e-8
@@ -178,7 +179,7 @@ def _top_bins(keys: torch.Tensor) -> torch.Tensor:
 def _top_counts(flat: torch.Tensor) -> torch.Tensor:
     """How many scores of a flat float32 tensor fall in each top-16-bit bin, chunk by chunk."""
     counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
-    for chunk in flat.split(CHUNK):
+    for chunk in flat.split(elementwise_chunk(flat)):  # whole-number counts: any chunking
         counts += torch.bincount(_top_bins(_order_keys(chunk)), minlength=_RADIX)
     return counts
 
@@ -187,7 +188,7 @@ def _bucket_counts(flat: torch.Tensor, bucket: int) -> torch.Tensor:
     """How many scores of the top-16-bit bin ``bucket`` have each low 16 bits, chunk by chunk
     (the other scores go to an extra bin that is dropped)."""
     counts = torch.zeros(_RADIX + 1, dtype=torch.int64, device=flat.device)
-    for chunk in flat.split(CHUNK):
+    for chunk in flat.split(elementwise_chunk(flat)):  # whole-number counts: any chunking
         keys = _order_keys(chunk)
         low = torch.where(_top_bins(keys) == bucket, keys.bitwise_and(0xFFFF), _RADIX)
         counts += torch.bincount(low, minlength=_RADIX + 1)

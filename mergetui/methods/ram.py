@@ -19,7 +19,7 @@ import torch
 
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
-from mergetui.methods.task_arithmetic import CHUNK
+from mergetui.methods.sums import elementwise_chunk
 
 
 def ram(inputs: TensorInputs) -> torch.Tensor:
@@ -53,8 +53,9 @@ def _merge_changes(
     """Add each entry's unique change (scaled by ``scales``) or the mean of its shared changes to
     the base, chunk by chunk, in place."""
     flat_base = base.view(-1)
-    for start in range(0, flat_base.numel(), CHUNK):
-        parts = [delta[start : start + CHUNK] for delta in deltas]
+    step = elementwise_chunk(flat_base)
+    for start in range(0, flat_base.numel(), step):
+        parts = [delta[start : start + step] for delta in deltas]
         changed, counts = _masks(parts, epsilon)
         unique, shared = counts == 1, counts > 1
         divisor = counts.clamp_(min=1).to(parts[0].dtype)
@@ -65,7 +66,7 @@ def _merge_changes(
             if scales is not None:
                 unique_part.mul_(scales[index])
             merged.add_(unique_part.add_(part.mul_(shared).div_(divisor)))
-        flat_base[start : start + CHUNK].add_(merged)
+        flat_base[start : start + step].add_(merged)
     return base
 
 
@@ -87,8 +88,9 @@ class _ChangeCounts:
         self.unique = [0] * models
 
     def add(self, deltas: list[torch.Tensor], epsilon: float) -> None:
-        for start in range(0, deltas[0].numel(), CHUNK):
-            changed, counts = _masks([d[start : start + CHUNK] for d in deltas], epsilon)
+        step = elementwise_chunk(deltas[0])
+        for start in range(0, deltas[0].numel(), step):
+            changed, counts = _masks([d[start : start + step] for d in deltas], epsilon)
             unique, shared = counts == 1, counts > 1
             for index, mask in enumerate(changed):
                 self.shared[index] += int(torch.count_nonzero(mask & shared))

@@ -29,9 +29,8 @@ import torch
 from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
-from mergetui.methods.sums import add_squares
+from mergetui.methods.sums import add_squares, elementwise_chunk
 from mergetui.methods.task_arithmetic import (
-    CHUNK,
     _flat,
     keep_above_,
     keep_largest_,
@@ -85,13 +84,14 @@ def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
     """The population variance across the flat task vectors, element by element (chunk by
     chunk, so the temporaries stay small; the values do not depend on the chunks)."""
     variance = torch.empty_like(deltas[0])
-    for start in range(0, variance.numel(), CHUNK):
-        parts = [d[start : start + CHUNK] for d in deltas]
+    step = elementwise_chunk(variance)
+    for start in range(0, variance.numel(), step):
+        parts = [d[start : start + step] for d in deltas]
         mean = parts[0].clone()
         for part in parts[1:]:
             mean.add_(part)
         mean.div_(len(parts))
-        chunk = variance[start : start + CHUNK].zero_()
+        chunk = variance[start : start + step].zero_()
         for part in parts:
             chunk.add_((part - mean).square_())
         chunk.div_(len(parts))
@@ -100,10 +100,11 @@ def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
 
 def _drop_where_zero_(deltas: list[torch.Tensor], kept_variance: torch.Tensor) -> None:
     """Zero the task vectors wherever the selection zeroed (or found zero) the variance."""
-    for start in range(0, kept_variance.numel(), CHUNK):
-        dropped = kept_variance[start : start + CHUNK] == 0
+    step = elementwise_chunk(kept_variance)
+    for start in range(0, kept_variance.numel(), step):
+        dropped = kept_variance[start : start + step] == 0
         for delta in deltas:
-            delta[start : start + CHUNK].masked_fill_(dropped, 0.0)
+            delta[start : start + step].masked_fill_(dropped, 0.0)
 
 
 def _weights(squares: list[Any], count: int) -> list[float]:
@@ -119,8 +120,9 @@ def _elect_(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float]
     """Add to the flat ``base`` the weighted mean of the entries agreeing with the majority sign
     (that of the sum; zero counts as +), chunk by chunk; element-wise, so any block of the tensor
     gets the whole tensor's bits. Works in place in the deltas."""
-    for start in range(0, base.numel(), CHUNK):
-        parts = [d[start : start + CHUNK] for d in deltas]
+    step = elementwise_chunk(base)
+    for start in range(0, base.numel(), step):
+        parts = [d[start : start + step] for d in deltas]
         total = parts[0].clone()
         for part in parts[1:]:
             total.add_(part)
@@ -131,7 +133,7 @@ def _elect_(base: torch.Tensor, deltas: list[torch.Tensor], weights: list[float]
             agrees = (part.sign() == majority).to(part.dtype).mul_(weight)
             merged.add_(part.mul_(agrees))
             divisor.add_(agrees)
-        base[start : start + CHUNK].add_(merged.div_(divisor.clamp_(min=_DIVISOR_MIN)))
+        base[start : start + step].add_(merged.div_(divisor.clamp_(min=_DIVISOR_MIN)))
 
 
 # --- a tensor merged in blocks of rows ----------------------------------------------------------

@@ -32,6 +32,7 @@ from mergetui.methods import native, philox
 from mergetui.methods.inputs import TensorInputs, tensor_seed
 from mergetui.methods.sums import CHUNK as CHUNK  # re-exported: the other kernels chunk as these do
 from mergetui.methods.sums import add_l1 as add_l1
+from mergetui.methods.sums import elementwise_chunk
 
 _RESCALE_EPS = 1e-7
 #: The bit pattern of +inf: magnitudes above it are NaNs, which compare unlike their patterns.
@@ -215,7 +216,7 @@ def keep_above_(flat: torch.Tensor, threshold: torch.Tensor, ties_to_keep: int) 
     """Zero the entries of a flat tensor below ``threshold`` in magnitude, and those equal to it
     beyond the first ``ties_to_keep``, in place; returns the quota left for the blocks after this
     one (a tensor merged in blocks carries it on)."""
-    for chunk in _chunks(flat):
+    for chunk in flat.split(elementwise_chunk(flat)):
         magnitude = chunk.abs()
         if ties_to_keep <= 0:
             chunk.masked_fill_(magnitude <= threshold, 0.0)
