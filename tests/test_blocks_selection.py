@@ -261,3 +261,20 @@ def test_the_block_rules_follow_the_parameters_and_the_shape() -> None:
     assert fusion_spec.block_plan((100, 7), {}, ({},)) == BlockPlan(3)
     reason = fusion_spec.block_plan((4, 5, 6), {}, ({},))
     assert reason == "arcee_fusion works on rows and the tensor has 3 dimensions"
+
+
+@pytest.mark.parametrize("group_entries", [64, 40, 1])
+def test_fusion_scores_by_groups_of_rows_give_the_whole_tensor_bits(
+    group_entries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole-tensor path scores rows a group at a time (small temporaries): groups of 4 rows,
+    of 1 row (a lone row is summed as one of two), and the 3-D and 1-D shapes."""
+    generator = torch.Generator().manual_seed(33)
+    for shape in [(37, 16), (5, 3, 16), (16,)]:
+        base = torch.randn(shape, generator=generator)
+        other = base + 0.05 * torch.randn(shape, generator=generator)
+        whole = fusion._group_importance(other, base)
+        monkeypatch.setattr(fusion, "elementwise_chunk", lambda like: group_entries)
+        grouped = fusion._importance(other, base)
+        monkeypatch.undo()
+        assert torch.equal(grouped.view(torch.int32), whole.view(torch.int32)), shape

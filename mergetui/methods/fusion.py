@@ -71,7 +71,27 @@ def _take_outliers_(
 def _importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """|other − base| times the KL divergence, per row (the last axis), of softmax(other) from
     softmax(base), each with 1e-8 added. Every row's scores depend on that row alone, bit for bit
-    (softmax works row by row; :func:`_row_sums`), so a block of rows gets the whole tensor's."""
+    (softmax works row by row; :func:`_row_sums`), so a block of rows gets the whole tensor's.
+
+    For the same reason the rows are scored a group at a time (about ``elementwise_chunk``
+    entries), into one scores tensor: the five tensor-sized temporaries of the formula become
+    small ones the heap reuses, not fresh memory faulted in page by page."""
+    if other.dim() < 2:
+        return _group_importance(other, base)
+    width = other.shape[-1]
+    other_rows, base_rows = other.reshape(-1, width), base.reshape(-1, width)
+    group = max(1, elementwise_chunk(other) // max(width, 1))
+    if group >= other_rows.shape[0]:
+        return _group_importance(other, base)
+    scores = torch.empty_like(other_rows)
+    for start in range(0, other_rows.shape[0], group):
+        end = start + group
+        scores[start:end] = _group_importance(other_rows[start:end], base_rows[start:end])
+    return scores.view(other.shape)
+
+
+def _group_importance(other: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """:func:`_importance` of all the rows given at once."""
     p = F.softmax(other, dim=-1).add_(_SOFTMAX_EPS)
     q = F.softmax(base, dim=-1).add_(_SOFTMAX_EPS)
     terms = p * torch.log(p / q)
