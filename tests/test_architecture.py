@@ -21,6 +21,7 @@ SHARED = {
     "mergetui.units",
     "mergetui.logs",
     "mergetui.gpus",
+    "mergetui.openmp",
     "mergetui.methods.registry",
 }
 ALLOWED_EXTRA = {"cli": {"demo", "jobs"}, "tui": {"demo", "jobs"}}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -160,3 +161,41 @@ class _GuessingLibrary:
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._library, name)
+
+
+def test_openmp_waits_are_set_unless_the_user_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The entry point's OpenMP wait policy (mergetui.openmp): set on a clean environment, and a
+    user's own setting of either variable keeps both as the user has them."""
+    from mergetui.openmp import OPENMP_WAITS, tune_openmp_waits
+
+    for name in OPENMP_WAITS:
+        monkeypatch.delenv(name, raising=False)
+    tune_openmp_waits()
+    assert {name: os.environ[name] for name in OPENMP_WAITS} == OPENMP_WAITS
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    tune_openmp_waits()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_the_merge_process_gets_the_openmp_waits() -> None:
+    """``python -m mergetui`` sets them before torch loads libgomp (a child process reports its
+    environment after the entry point ran)."""
+    import subprocess
+    import sys
+
+    from mergetui.openmp import OPENMP_WAITS
+
+    env = {k: v for k, v in os.environ.items() if k not in OPENMP_WAITS}
+    script = (
+        "import os, sys\n"
+        "sys.argv = ['mergetui', '--help']\n"
+        "from mergetui.cli import main\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        f"print({{k: os.environ.get(k) for k in {sorted(OPENMP_WAITS)!r}}}, file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert repr(dict(sorted(OPENMP_WAITS.items()))) in done.stderr

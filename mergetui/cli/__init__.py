@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import sys
 
+from mergetui.openmp import tune_openmp_waits
+
 __all__ = ["main"]
 
 
 def main() -> None:
     """Console-script entry point."""
+    tune_openmp_waits()  # before anything imports torch
     if len(sys.argv) == 1:
         from mergetui.tui.app import create_app
 
