@@ -1,11 +1,14 @@
-"""The loader's buffer pool: reuse, a cap on what it keeps, and read-ahead held back by the budget."""
+"""The loader's buffer pool: reuse, a cap on what it keeps, and read-ahead held back by the budget;
+the output pieces' pool: reuse by dtype and size within its cap."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from mergetui.engine.buffers import BufferPool
+import torch
+
+from mergetui.engine.buffers import BufferPool, OutputPieces
 
 
 def test_released_buffers_are_reused_smallest_fit_first() -> None:
@@ -78,3 +81,24 @@ def test_reserve_returns_false_when_stopped_while_waiting() -> None:
 def test_a_single_tensor_larger_than_the_budget_is_still_granted() -> None:
     pool = BufferPool(budget_bytes=100)
     assert pool.reserve(1000, threading.Event())
+
+
+def test_output_pieces_are_reused_by_dtype_and_size_within_the_cap() -> None:
+    pieces = OutputPieces(cap_bytes=3 * 64 * 2)
+    first = pieces.take((8, 8), torch.bfloat16)
+    pieces.give_back(first)
+    again = pieces.take((4, 16), torch.bfloat16)  # same dtype and size, another shape
+    assert again.data_ptr() == first.data_ptr() and again.shape == (4, 16)
+    other = pieces.take((64,), torch.float16)  # another dtype: a new piece
+    assert other.data_ptr() != first.data_ptr()
+    pieces.give_back(again)
+    pieces.give_back(other)
+    assert pieces._held_bytes == 2 * 64 * 2
+    big = pieces.take((128,), torch.bfloat16)  # 256 bytes: free pieces are dropped for it
+    assert pieces._held_bytes <= pieces.cap_bytes
+    assert big.data_ptr() not in {first.data_ptr(), other.data_ptr()}
+    lent = [pieces.take((128,), torch.bfloat16) for _ in range(3)]  # lent alone above the cap
+    assert pieces._held_bytes == 4 * 256
+    for piece in [*lent, big]:
+        pieces.give_back(piece)
+    assert pieces._held_bytes <= pieces.cap_bytes

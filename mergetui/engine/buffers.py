@@ -87,3 +87,49 @@ class BufferPool:
         with self._changed:
             self._held_bytes -= sum(b.numel() * 4 for b in self._free)
             self._free.clear()
+
+
+class OutputPieces:
+    """Host tensors the merge converts its results into, handed back by the writer once written.
+
+    A fresh tensor per output piece is memory faulted in page by page: for a 500M merge, 1 GB and
+    about 250K page faults, in every merge. Shapes repeat from layer to layer, so a piece that has
+    been written is reused for the next of its dtype and size. What the pool holds, lent and free
+    together, stays within ``cap_bytes`` (the output copies the memory plan already counts): free
+    pieces are dropped, largest first, to make room for a size that is not free.
+    """
+
+    def __init__(self, cap_bytes: int) -> None:
+        self.cap_bytes = cap_bytes
+        self._free: dict[tuple[Any, int], list[torch.Tensor]] = {}
+        self._held_bytes = 0
+        self._lock = threading.Lock()
+
+    def take(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        """A CPU tensor of ``shape`` and ``dtype`` (contents undefined)."""
+        import torch
+
+        numel = math.prod(shape)
+        with self._lock:
+            free = self._free.get((dtype, numel))
+            if free:
+                return free.pop().view(tuple(shape))
+            nbytes = numel * dtype.itemsize
+            self._drop_free(self.cap_bytes - nbytes)
+            self._held_bytes += nbytes
+        return torch.empty(tuple(shape), dtype=dtype)
+
+    def give_back(self, piece: torch.Tensor) -> None:
+        """A piece from :meth:`take`, written and no longer used."""
+        with self._lock:
+            self._free.setdefault((piece.dtype, piece.numel()), []).append(piece.reshape(-1))
+            self._drop_free(self.cap_bytes)
+
+    def _drop_free(self, limit: int) -> None:
+        while self._held_bytes > limit:
+            sizes = [(key[1] * key[0].itemsize, key) for key, free in self._free.items() if free]
+            if not sizes:
+                return  # the lent pieces alone are above the limit
+            nbytes, key = max(sizes, key=lambda size: size[0])
+            self._free[key].pop()
+            self._held_bytes -= nbytes

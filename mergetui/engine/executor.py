@@ -30,7 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergetui.engine.buffers import BufferPool
+from mergetui.engine.blocks import OUTPUT_COPIES
+from mergetui.engine.buffers import BufferPool, OutputPieces
 from mergetui.engine.heap import give_back_freed, keep_heap_small
 from mergetui.engine.layout import TensorInput
 from mergetui.engine.outputs import write_support_files
@@ -239,6 +240,7 @@ class _Run:
         self.by_role = {s.role: s for s in plan.sources}
         assert plan.memory is not None  # build_plan sets it
         self.buffers = BufferPool(plan.memory.pool_bytes)
+        self.output_pieces = OutputPieces(OUTPUT_COPIES * plan.memory.largest_output_bytes)
 
     def progress(self) -> dict[str, Any]:
         """The fields every progress event carries, as they stand now."""
@@ -365,8 +367,11 @@ class _Run:
         files: list[Path],
     ) -> None:
         try:
-            for written, (name, data, rows) in enumerate(_drain(in_queue, self.cancel), start=1):
+            for written, item in enumerate(_drain(in_queue, self.cancel), start=1):
+                name, data, rows, pooled = item
                 writer.write(name, data, rows)
+                if pooled:  # written: the next piece of its size may reuse it
+                    self.output_pieces.give_back(data)
                 self.bytes_written = writer.bytes_written
                 pause_point("write", self.cancel, written)
             if not self.cancel.is_set():  # the end marker arrived: every tensor is in
@@ -420,17 +425,16 @@ class _Run:
                         raise loaded.error
                     self.current = loaded.tensor.name
                     piece = loaded.piece
+                    pooled = loaded.raw is None  # else the result is the loaded tensor itself
                     result = self._compute(loaded)
                     if result is not None:
                         rows = None if piece is None else (piece.start, piece.end)
-                        _put(write_queue, (loaded.tensor.name, result, rows), stop)
+                        _put(write_queue, (loaded.tensor.name, result, rows, pooled), stop)
                     del result, loaded
                     whole = piece is None or piece.last  # the tensor is complete
                     self.done += whole
                     self.emit(TensorEvent(**self.progress()))
                     if whole:
-                        if os.environ.get("XTRIMEACH"):
-                            give_back_freed()
                         pause_point("tensor", stop, self.done)
             _put(write_queue, _DONE, stop)
             finished = True
@@ -493,7 +497,8 @@ class _Run:
                 "parameters (huge weights?)"
             )
         # A copy in every case: the result may live in a buffer the loader reuses next.
-        output = result.to(dtype=getattr(torch, tensor.dtype), device="cpu", copy=True)
+        output = self.output_pieces.take(result.shape, getattr(torch, tensor.dtype))
+        output.copy_(result)
         del result
         self._release(loaded)
         return output

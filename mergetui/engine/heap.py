@@ -39,11 +39,9 @@ def keep_heap_small() -> None:
     libc = _libc()
     if libc is None or _state.get("tuned"):
         return
-    import os
-
     for option, value in (
-        (_M_MMAP_THRESHOLD, int(os.environ.get("XMMAP", 1 << 20))),
-        (_M_TRIM_THRESHOLD, int(os.environ.get("XTRIM", 4 << 20))),
+        (_M_MMAP_THRESHOLD, 1 << 20),
+        (_M_TRIM_THRESHOLD, 4 << 20),
         (_M_ARENA_MAX, 2),
     ):
         if libc.mallopt(option, value) != 1:
