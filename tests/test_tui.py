@@ -241,7 +241,10 @@ async def _run_flow(tmp_path: Path, models: dict[str, Path], merge_gate: MergeGa
         # the merge is over: nothing to cancel any more, and Compare is the way on
         assert not run.query_one("#cancel", Button).display
         compare = run.query_one("#compare", Button)
-        assert not compare.disabled and compare.has_focus
+        assert not compare.disabled
+        # focus() takes effect on a later turn of the message loop (call_later), which a busy
+        # machine may not have reached when the outcome is first seen
+        await _wait_until(pilot, lambda: compare.has_focus, "Compare to take the focus")
         await pilot.press("escape")
         await pilot.pause()
         app.screen.query_one("#save-path", Input).value = "replay.toml"
