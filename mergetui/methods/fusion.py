@@ -48,8 +48,7 @@ def arcee_fusion(inputs: TensorInputs) -> torch.Tensor:
     kernel = _FusionBlocks(flat.numel())
     kernel.selection.observe_top(flat)
     kernel.selection.observe_bucket(flat)
-    threshold = _threshold([kernel._value(k, flat.device) for k in kernel.from_top])
-    return _take_outliers_(base, other, importance, threshold)
+    return _take_outliers_(base, other, importance, kernel.found_threshold(flat.device))
 
 
 def quartile_ranks(count: int) -> list[int]:
@@ -172,9 +171,13 @@ class _FusionBlocks:
         base = inputs.require_base()
         (other,) = inputs.models
         if start == 0:
-            self.threshold = _threshold([self._value(k, base.device) for k in self.from_top])
+            self.threshold = self.found_threshold(base.device)
         assert self.threshold is not None
         return _take_outliers_(base, other, _importance(other, base), self.threshold)
+
+    def found_threshold(self, device: torch.device) -> torch.Tensor:
+        """Q₂ + 1.5·(Q₃ − Q₁), once both histograms have seen every score."""
+        return _threshold([self._value(k, device) for k in self.from_top])
 
     def _value(self, from_top: int, device: torch.device) -> torch.Tensor:
         """The score of that rank: its bin is offset by half the radix (:func:`_top_bins`)."""

@@ -290,9 +290,9 @@ def _keep_ranks_(flat: torch.Tensor, start: int, count: int) -> None:
     low, _ = _kth_largest(flat, total - start)  # the magnitude of ascending rank start
     high, _ = _kth_largest(flat, total - stop + 1)  # ... and of rank stop - 1
     ranks = RankWindow(low, high, start, stop, [])
-    library = native.available_for(flat)
-    patterns = [int(bound.view(torch.int32)) for bound in ranks.bounds]
-    if library is not None and max(patterns) <= _INFINITY_PATTERN:
+    native_window = ranks.native_patterns(flat)
+    if native_window is not None:
+        library, patterns = native_window
         for pattern in patterns:
             above, equal = native_counts(library, "mt_count_pattern", flat, 2, pattern).tolist()
             ranks.below.append(total - above - equal)  # NaNs are above every pattern, as here
@@ -325,10 +325,9 @@ class RankWindow:
     def keep_(self, flat: torch.Tensor) -> None:
         """Zero the entries of ``flat`` (the next entries of the tensor) outside the window."""
         bounds = self.bounds
-        library = native.available_for(flat)
-        patterns = [int(bound.view(torch.int32)) for bound in bounds]
-        if library is not None and max(patterns) <= _INFINITY_PATTERN:
-            self._keep_native_(library, flat, patterns)
+        native_window = self.native_patterns(flat)
+        if native_window is not None:
+            self._keep_native_(*native_window, flat)
             return
         for chunk in _chunks(flat):
             magnitude = chunk.abs()
@@ -340,7 +339,17 @@ class RankWindow:
                 self.below[index] += int(torch.count_nonzero(equal))  # later entries rank after
             chunk.masked_fill_(~keep, 0.0)
 
-    def _keep_native_(self, library: Any, flat: torch.Tensor, patterns: list[int]) -> None:
+    def native_patterns(self, flat: torch.Tensor) -> tuple[Any, list[int]] | None:
+        """The C library and the bounds' bit patterns when the C loops handle ``flat``; None for
+        the torch ops (not a float32 CPU tensor, or a NaN bound, whose pattern compares unlike
+        its value)."""
+        library = native.available_for(flat)
+        patterns = [int(bound.view(torch.int32)) for bound in self.bounds]
+        if library is None or max(patterns) > _INFINITY_PATTERN:
+            return None
+        return library, patterns
+
+    def _keep_native_(self, library: Any, patterns: list[int], flat: torch.Tensor) -> None:
         """:meth:`keep_` by the C loops: an entry equal to a bound has rank ``below`` plus the
         number of equal entries before it, so the kept ones are those between two tie cutoffs
         (no chunk-sized temporaries: one counting pass per bound and one fused pass)."""
