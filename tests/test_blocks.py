@@ -21,7 +21,7 @@ from conftest import method_recipe, save_llama
 from mergetui.engine.blocks import DEFAULT_MAX_MEMORY
 from mergetui.engine.executor import run_merge
 from mergetui.engine.plan import build_plan
-from mergetui.methods.registry import KERNEL_CHUNK_ELEMENTS, METHODS, BlockPlan
+from mergetui.methods.registry import METHODS, BlockPlan, rows_per_chunk
 from mergetui.recipe.toml_io import parse_recipe, recipe_to_toml
 
 EXE = [sys.executable, "-m", "mergetui"]
@@ -33,7 +33,7 @@ def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
     method: str, wide: dict[str, Path], tmp_path: Path
 ) -> None:
     """A budget of 6 MiB for buffers puts the embedding and lm_head (4M entries) in blocks: of
-    whole 1M-entry chunks for DARE, of a few hundred rows otherwise."""
+    whole row chunks (4096 rows of 256) for DARE, of a few hundred rows otherwise."""
     models = [wide["ft_a"], wide["ft_c"]]
     whole_text = method_recipe(method, wide["base"], models, tmp_path / "whole", dtype="bfloat16")
     whole, _ = merge(whole_text, tmp_path)
@@ -45,8 +45,8 @@ def test_every_method_that_can_be_blocked_gives_the_whole_tensor_bits(
     how = METHODS[method].block_plan(embed.shape, embed.params, tuple(embed.model_params))
     assert isinstance(how, BlockPlan)
     assert embed.passes == how.passes and embed.block_rows % how.align_rows == 0
-    if how.align_rows > 1:  # whole chunks of sums
-        assert embed.block_rows * 256 % KERNEL_CHUNK_ELEMENTS == 0
+    if how.align_rows > 1:  # whole row chunks of sums
+        assert embed.block_rows % rows_per_chunk(256) == 0
     assert_same_bits(whole, blocked)
 
 
@@ -174,7 +174,7 @@ def test_a_lora_folded_in_blocks_gives_the_whole_tensor_bits(
 def test_blocks_that_cannot_be_made_small_enough_are_named(
     wide: dict[str, Path], tmp_path: Path
 ) -> None:
-    """DARE's blocks hold whole 1M-entry chunks of its L1 sums (4096 rows of 256): with room for
+    """DARE's blocks hold whole row chunks of its L1 sums (4096 rows of 256): with room for
     less, the plan says which tensor overruns the budget and why, instead of quietly exceeding
     it."""
     text = method_recipe("dare_ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "o")
@@ -183,7 +183,7 @@ def test_blocks_that_cannot_be_made_small_enough_are_named(
     assert plan.memory is not None
     over = dict(plan.memory.over_budget)
     assert over["model.embed_tokens.weight"] == (
-        "is merged in blocks of at least 4096 rows (whole chunks of dare_ties's sums)"
+        "is merged in blocks of at least 4096 rows (whole row chunks of dare_ties's sums)"
     )
     squeeze(plan, 64 << 20)
     assert plan.memory.over_budget == ()

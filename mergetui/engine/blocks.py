@@ -178,7 +178,7 @@ def plan_memory(
                     over.append(
                         (
                             tensor.name,
-                            f"is merged in blocks of at least {rows} rows (whole chunks of "
+                            f"is merged in blocks of at least {rows} rows (whole row chunks of "
                             f"{method.name}'s sums)",
                         )
                     )

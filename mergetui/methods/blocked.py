@@ -11,7 +11,7 @@ the last one (``merge``), exactly as the whole tensor would be merged — the sa
 tests check method by method.
 
 The same bits need the same arithmetic: a sum is taken over the same chunks in the same order
-whole and in blocks (blocks are aligned to whole chunks: ``BlockPlan.align_rows``), a random
+whole and in blocks (blocks are aligned to whole row chunks: ``BlockPlan.align_rows``), a random
 stream is drawn in the same calls, and an order statistic is found exactly (a radix selection
 over the blocks, :class:`~mergetui.methods.task_arithmetic_blocks.BlockedSelection`). Where it is
 simpler, the whole-tensor kernel is the block kernel run over the tensor as one block

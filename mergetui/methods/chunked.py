@@ -30,6 +30,7 @@ import torch
 from mergetui.methods.blocked import TensorContext
 from mergetui.methods.inputs import TensorInputs
 from mergetui.methods.registry import rows_per_chunk
+from mergetui.methods.sums import chunk_elements as chunk_elements  # re-exported
 
 
 class MultiPassKernel(Protocol):
@@ -61,12 +62,6 @@ def merge_whole(kernel: MultiPassKernel, inputs: TensorInputs) -> torch.Tensor:
     for pass_index in range(kernel.passes - 1):
         kernel.observe(pass_index, inputs, 0)
     return kernel.merge(inputs, 0)
-
-
-def chunk_elements(shape: Sequence[int]) -> int:
-    """Entries in one row chunk of a tensor of ``shape`` (a 1-D tensor's rows are its entries)."""
-    width = math.prod(shape[1:]) if len(shape) > 1 else 1
-    return rows_per_chunk(width) * width
 
 
 def check_aligned(context: TensorContext, start: int) -> None:

@@ -144,13 +144,14 @@ class Blocks:
     #: Reading passes over a tensor merged in blocks, the last one merging: the first ones gather
     #: the statistics (``MethodSpec.block_kernel`` says how).
     passes: int = 1
-    #: Blocks must hold a multiple of this many elements (counted from the tensor's start): a
-    #: statistic summed chunk by chunk in float64 then adds the same chunks in the same order, so
-    #: blocks give the same bits. (DARE's and DELLA's random draws need no alignment: they are
-    #: counter-based, a function of the flat index, ``mergetui.methods.philox``.)
-    align_elements: int = 1
+    #: Blocks must hold whole row chunks (:func:`rows_per_chunk` rows, counted from the tensor's
+    #: start): a statistic summed chunk by chunk in float64 then adds the same chunks in the same
+    #: order, so blocks give the same bits. Row chunks, not a fixed count of entries, so that the
+    #: smallest block stays a few MiB at any width. (DARE's and DELLA's random draws need no
+    #: alignment: they are counter-based, a function of the flat index, ``methods.philox``.)
+    row_chunks: bool = False
     #: When the passes or the alignment depend on the parameters or the shape: decides per tensor
-    #: instead of ``passes`` and ``align_elements``, which are then left at their defaults.
+    #: instead of ``passes`` and ``row_chunks``, which are then left at their defaults.
     rule: BlockRule | None = None
 
     @property
@@ -258,7 +259,7 @@ class MethodSpec:
         if self.blocks.unit == "rows" and len(shape) != 2:
             return f"{self.name} works on rows and the tensor has {len(shape)} dimensions"
         passes = 1 if self.blocks.independent else self.blocks.passes
-        return BlockPlan(passes, rows_aligned_to(self.blocks.align_elements, _width(shape)))
+        return BlockPlan(passes, rows_per_chunk(_width(shape)) if self.blocks.row_chunks else 1)
 
     def load_block_kernel(self) -> Callable[..., Any]:
         """Import and return the factory of per-tensor block kernels (see
@@ -387,11 +388,11 @@ def _breadcrumbs_blocks(
     shape: tuple[int, ...], params: Mapping[str, Any], model_params: tuple[Mapping[str, Any], ...]
 ) -> BlockPlan | str:
     """The magnitudes bounding the kept ranks: the top 16 bits, then the low 16 bits, then the
-    merge; with ``rescale`` a pass for the kept L1 norms between (summed per whole chunk)."""
+    merge; with ``rescale`` a pass for the kept L1 norms between (summed per row chunk)."""
     if not _sparsifies(model_params):
         return BlockPlan()
     if bool(params.get("rescale", False)):
-        return BlockPlan(4, rows_aligned_to(KERNEL_CHUNK_ELEMENTS, _width(shape)))
+        return BlockPlan(4, rows_per_chunk(_width(shape)))
     return BlockPlan(3)
 
 
@@ -418,9 +419,9 @@ def _sce_blocks(
 ) -> BlockPlan | str:
     """With ``select_topk`` < 1, the variance threshold's top 16 bits (and the nonzero count),
     its low 16 bits, then the masking and the mean squares, then the merge; else the squares and
-    the merge. The squares are summed per whole chunk, so blocks hold whole chunks."""
+    the merge. The squares are summed per row chunk, so blocks hold whole row chunks."""
     passes = 4 if float(params.get("select_topk", 1.0)) < 1.0 else 2
-    return BlockPlan(passes, rows_aligned_to(KERNEL_CHUNK_ELEMENTS, _width(shape)))
+    return BlockPlan(passes, rows_per_chunk(_width(shape)))
 
 
 def _arcee_fusion_blocks(
@@ -444,7 +445,7 @@ def rows_per_chunk(width: int) -> int:
     """Rows in one chunk of the row-chunked kernels (model_stock, nuslerp, multislerp: see
     :mod:`mergetui.methods.chunked`): as many whole rows of ``width`` entries as fit in
     ``KERNEL_CHUNK_ELEMENTS``, in a multiple that keeps chunks 64-byte aligned, at least one such
-    multiple. Unlike whole 1M-entry chunks, any width gives chunks of a few MiB, so blocks aligned
+    multiple. Unlike chunks of exactly 1M entries, any width gives chunks of a few MiB, so blocks aligned
     to them stay small whatever the width."""
     width = max(width, 1)
     step = rows_aligned_to(_ROW_CHUNK_ALIGNMENT, width)
@@ -532,7 +533,7 @@ METHODS: dict[str, MethodSpec] = {
                 "elements",
                 ("both tensors' norms and their dot product",),
                 passes=2,
-                align_elements=KERNEL_CHUNK_ELEMENTS,
+                row_chunks=True,
             ),
             block_kernel="mergetui.methods.slerp:slerp_blocks",
         ),
@@ -562,9 +563,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
-            blocks=Blocks(
-                "elements", (_RESCALE_STATISTIC,), passes=2, align_elements=KERNEL_CHUNK_ELEMENTS
-            ),
+            blocks=Blocks("elements", (_RESCALE_STATISTIC,), passes=2, row_chunks=True),
             block_kernel=f"{_TA_BLOCKS}:dare_ties_blocks",
         ),
         MethodSpec(
@@ -575,9 +574,7 @@ METHODS: dict[str, MethodSpec] = {
             params=(_WEIGHT, _DENSITY, _normalize(False), _rescale(True), _LAMBDA),
             needs_base=True,
             randomized=True,
-            blocks=Blocks(
-                "elements", (_RESCALE_STATISTIC,), passes=2, align_elements=KERNEL_CHUNK_ELEMENTS
-            ),
+            blocks=Blocks("elements", (_RESCALE_STATISTIC,), passes=2, row_chunks=True),
             block_kernel=f"{_TA_BLOCKS}:dare_linear_blocks",
         ),
         MethodSpec(

@@ -15,7 +15,7 @@ top 16 bits and their nonzero count, the histogram of low 16 bits inside the thr
 (the exact radix selection of TIES in blocks), then the masking (equal variances at the threshold
 kept lowest index first, the quota carried from block to block) and the mean squares, then the
 merge: four passes; two (the squares, the merge) when every element is kept. The squares are summed
-chunk by chunk in float64, and blocks hold whole chunks (the registry's ``align_elements``), so
+row chunk by row chunk in float64, and blocks hold whole row chunks (the registry's ``row_chunks``), so
 the weights, and the result, have the same bits as whole.
 """
 
@@ -29,7 +29,7 @@ import torch
 from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
-from mergetui.methods.sums import add_squares, elementwise_chunk
+from mergetui.methods.sums import add_squares, chunk_elements, elementwise_chunk
 from mergetui.methods.task_arithmetic import (
     _flat,
     keep_above_,
@@ -46,11 +46,12 @@ def sce(inputs: TensorInputs) -> torch.Tensor:
     base = inputs.require_base()
     if not inputs.models:
         return base
+    chunk = chunk_elements(base.shape)
     deltas = [_flat(model.sub_(base)) for model in inputs.models]
     fraction = select_fraction(inputs.params)
     if fraction < 1.0:
         _select_(deltas, fraction)
-    weights = _weights([add_squares(0, delta) for delta in deltas], deltas[0].numel())
+    weights = _weights([add_squares(0, delta, chunk) for delta in deltas], deltas[0].numel())
     _elect_(_flat(base), deltas, weights)
     return base
 
@@ -177,7 +178,8 @@ class _SceBlocks:
             self._start_masking(deltas[0].device)
             self.squares = [0] * len(deltas)
         self._mask_(deltas)
-        self.squares = [add_squares(s, d) for s, d in zip(self.squares, deltas, strict=True)]
+        chunk = chunk_elements(self.context.shape)
+        self.squares = [add_squares(s, d, chunk) for s, d in zip(self.squares, deltas, strict=True)]
 
     def _observe_variance(self, pass_index: int, variance: torch.Tensor, start: int) -> None:
         library = native.available_for(variance)

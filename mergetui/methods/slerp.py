@@ -20,7 +20,7 @@ from mergetui.methods.chunked import (
     task_vector,
 )
 from mergetui.methods.inputs import TensorInputs
-from mergetui.methods.task_arithmetic import CHUNK
+from mergetui.methods.sums import chunk_elements
 
 #: Above this |cos θ| the two tensors are treated as (anti)parallel and lerped, as mergekit does.
 PARALLEL_THRESHOLD = 0.9995
@@ -44,14 +44,18 @@ def slerp(inputs: TensorInputs) -> torch.Tensor:
 
 class _SlerpSums:
     """The squared norms of both tensors and their dot product, summed chunk by chunk (float32
-    within a chunk of ``CHUNK`` entries, float64 across them): a tensor merged in blocks of whole
-    chunks adds the same numbers in the same order as whole, so gets the same coefficients."""
+    within a row chunk, :func:`.sums.chunk_elements`, float64 across them): a tensor merged in
+    blocks of whole row chunks adds the same numbers in the same order as whole, so gets the same
+    coefficients."""
 
     def __init__(self) -> None:
         self.square0 = self.square1 = self.dot = 0.0
 
     def add(self, v0: torch.Tensor, v1: torch.Tensor) -> None:
-        for c0, c1 in zip(v0.reshape(-1).split(CHUNK), v1.reshape(-1).split(CHUNK), strict=True):
+        """Add the sums of ``v0`` and ``v1``: whole tensors, or the same block of whole row chunks
+        of each (a block's rows are as wide as the tensor's, so its chunks are the tensor's)."""
+        chunk = chunk_elements(v0.shape)
+        for c0, c1 in zip(v0.reshape(-1).split(chunk), v1.reshape(-1).split(chunk), strict=True):
             self.square0 += float(torch.dot(c0, c0))
             self.square1 += float(torch.dot(c1, c1))
             self.dot += float(torch.dot(c0, c1))

@@ -2,10 +2,13 @@
 
 DARE's and DELLA's rescale (L1 norms before and after the drop), breadcrumbs' rescale and SCE's
 weights (sums of squares) need one float64 total per task vector. The total must be the same
-float whether the tensor is merged whole or in blocks, so it is summed per chunk of ``CHUNK``
-entries and the chunks' sums are added in order. Within a chunk the order is fixed too, so that
-the C loops and torch give the same bits: entry j goes to lane ``j % LANES``, each lane adds its
-terms in index order starting from 0, and the lanes are then added in order.
+float whether the tensor is merged whole or in blocks, so it is summed per chunk and the chunks'
+sums are added in order; blocks hold whole chunks. A chunk is a row chunk
+(:func:`chunk_elements`: whole rows, about ``CHUNK`` entries), not a fixed ``CHUNK`` entries, so
+that blocks of whole chunks stay a few MiB at any width: at 5376 entries a row, whole 1M-entry
+chunks would need blocks of 4096 rows, 88 MiB per input. Within a chunk the order is fixed too,
+so that the C loops and torch give the same bits: entry j goes to lane ``j % LANES``, each lane
+adds its terms in index order starting from 0, and the lanes are then added in order.
 
 Why not ``chunk.abs().sum(dtype=torch.float64)``: its order is torch's own (it cannot be
 reproduced in C), and it allocates two chunk-sized temporaries per call (the magnitudes and their
@@ -17,11 +20,14 @@ devices, or ``MERGETUI_NATIVE=0``) emulates the lanes with a sequential ``cumsum
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from mergetui.methods import native
+from mergetui.methods.registry import rows_per_chunk
 
 #: Entries per chunk (the kernels' ``CHUNK``; blocks of a tensor hold whole chunks).
 CHUNK = 1 << 20
@@ -36,6 +42,13 @@ ELEMENTWISE_CHUNK = 1 << 17
 LANES = 8
 
 
+def chunk_elements(shape: Sequence[int]) -> int:
+    """Entries in one row chunk of a tensor of ``shape``: ``rows_per_chunk`` whole rows (a 1-D
+    tensor's rows are its entries, so its chunks are ``CHUNK`` entries)."""
+    width = math.prod(shape[1:]) if len(shape) > 1 else 1
+    return rows_per_chunk(width) * width
+
+
 def elementwise_chunk(like: torch.Tensor) -> int:
     """Entries per chunk of an element-by-element loop over tensors like ``like``: small on the
     CPU (see ``ELEMENTWISE_CHUNK``), ``CHUNK`` elsewhere (a GPU's caching allocator reuses its
@@ -43,29 +56,30 @@ def elementwise_chunk(like: torch.Tensor) -> int:
     return ELEMENTWISE_CHUNK if like.device.type == "cpu" else CHUNK
 
 
-def add_l1(total: Any, flat: torch.Tensor) -> Any:
-    """``total`` plus the L1 norm of the flat tensor ``flat`` (a float, or a float64 tensor on
-    ``flat``'s device)."""
-    return _add_sums(total, flat, squares=False)
+def add_l1(total: Any, flat: torch.Tensor, chunk: int) -> Any:
+    """``total`` plus the L1 norm of the flat tensor ``flat`` summed per ``chunk`` entries (a
+    float, or a float64 tensor on ``flat``'s device). ``chunk``: :func:`chunk_elements` of the
+    whole tensor's shape, whether ``flat`` is all of it or a block of whole chunks."""
+    return _add_sums(total, flat, chunk, squares=False)
 
 
-def add_squares(total: Any, flat: torch.Tensor) -> Any:
+def add_squares(total: Any, flat: torch.Tensor, chunk: int) -> Any:
     """``total`` plus the sum of squares (each rounded to float32, as ``flat.square()``) of the
-    flat tensor ``flat``."""
-    return _add_sums(total, flat, squares=True)
+    flat tensor ``flat``, summed per ``chunk`` entries as :func:`add_l1`."""
+    return _add_sums(total, flat, chunk, squares=True)
 
 
-def _add_sums(total: Any, flat: torch.Tensor, squares: bool) -> Any:
+def _add_sums(total: Any, flat: torch.Tensor, chunk: int, squares: bool) -> Any:
     if flat.numel() == 0:
         return total
     library = native.available_for(flat)
     if library is not None and flat.is_contiguous():
-        chunk_count = -(-flat.numel() // CHUNK)
+        chunk_count = -(-flat.numel() // chunk)
         sums = torch.empty(chunk_count, dtype=torch.float64)
         pointer, count = flat.data_ptr(), flat.numel()
         native.parallel(
             lambda first, last: library.mt_chunk_sums(
-                pointer, count, CHUNK, first, last, int(squares), sums.data_ptr()
+                pointer, count, chunk, first, last, int(squares), sums.data_ptr()
             ),
             chunk_count,
             align=1,
@@ -73,8 +87,8 @@ def _add_sums(total: Any, flat: torch.Tensor, squares: bool) -> Any:
         for chunk_sum in sums.tolist():  # in chunk order, as the torch path adds them
             total = total + chunk_sum
         return total
-    for chunk in flat.split(CHUNK):
-        total = total + chunk_sum_torch(chunk, squares)
+    for piece in flat.split(chunk):
+        total = total + chunk_sum_torch(piece, squares)
     return total
 
 

@@ -32,7 +32,7 @@ from mergetui.methods import native, philox
 from mergetui.methods.inputs import TensorInputs, tensor_seed
 from mergetui.methods.sums import CHUNK as CHUNK  # re-exported: the other kernels chunk as these do
 from mergetui.methods.sums import add_l1 as add_l1
-from mergetui.methods.sums import elementwise_chunk
+from mergetui.methods.sums import chunk_elements, elementwise_chunk
 
 _RESCALE_EPS = 1e-7
 #: The bit pattern of +inf: magnitudes above it are NaNs, which compare unlike their patterns.
@@ -243,10 +243,11 @@ def outlier_prune_(
     if density >= 1.0:
         return delta
     flat = _flat(delta)
-    l1_before = _l1(flat) if rescale else 0.0
+    chunk = chunk_elements(delta.shape)
+    l1_before = _l1(flat, chunk) if rescale else 0.0
     _keep_ranks_(flat, *outlier_ranks(flat.numel(), density, gamma))
     if rescale:
-        l1_after = _l1(flat)
+        l1_after = _l1(flat, chunk)
         if l1_before >= _RESCALE_EPS and l1_after >= _RESCALE_EPS:
             delta.mul_(l1_before / l1_after)
     return delta
@@ -394,10 +395,11 @@ def random_drop_(delta: torch.Tensor, density: float, rescale: bool, key: int) -
     if density >= 1.0:
         return delta
     flat = _flat(delta)
-    l1_before = _l1(flat) if rescale else 0.0
+    chunk = chunk_elements(delta.shape)
+    l1_before = _l1(flat, chunk) if rescale else 0.0
     drop_at_random_(flat, density, key)
     if rescale:
-        rescale_l1_(delta, l1_before, _l1(flat))
+        rescale_l1_(delta, l1_before, _l1(flat, chunk))
     return delta
 
 
@@ -498,7 +500,7 @@ def della_rows_(
     offset = start
     for block in rows.split(della_rows(width)):
         if norms is not None:
-            norms.before = add_l1(norms.before, block.reshape(-1))
+            norms.before = add_l1(norms.before, block.reshape(-1), CHUNK)
         if library is not None:
             _della_rows_native(library, block, key, offset, density, epsilon)
         else:
@@ -515,7 +517,7 @@ def della_rows_(
             keep = uniform.view(block.shape).lt_(probability)
             block.mul_(keep)
         if norms is not None:
-            norms.after = add_l1(norms.after, block.reshape(-1))
+            norms.after = add_l1(norms.after, block.reshape(-1), CHUNK)
         offset += block.numel()
 
 
@@ -553,8 +555,8 @@ def _restore_rows(delta: torch.Tensor, rows: torch.Tensor) -> None:
     delta.copy_(rows.view(shape).movedim(-1, 1))
 
 
-def _l1(flat: torch.Tensor) -> float:
-    return float(add_l1(0, flat))
+def _l1(flat: torch.Tensor, chunk: int) -> float:
+    return float(add_l1(0, flat, chunk))
 
 
 def _merge(inputs: TensorInputs, sparsify: str | None, sign_election: bool) -> torch.Tensor:

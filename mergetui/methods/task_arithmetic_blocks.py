@@ -13,7 +13,7 @@ from the blocks of the first passes:
   counted on from block to block (:class:`RankWindow`). With ``rescale`` a third pass sums the L1
   norm of what is kept.
 - DARE and DELLA (two passes with ``rescale``, else one): the L1 norms before and after the drop,
-  summed in float64 per chunk (DARE) or per step of rows (DELLA), in the same order as whole
+  summed in float64 per row chunk (DARE) or per step of rows (DELLA), in the same order as whole
   (blocks hold whole chunks or steps: the registry's alignment). The draws are counter-based
   (:mod:`.philox`): the block starting at flat index ``start`` draws uniforms ``start, start + 1,
   ...`` of its task vector's stream, so the merging pass draws them again with no generator state
@@ -34,6 +34,7 @@ import torch
 from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs, tensor_seed
+from mergetui.methods.sums import chunk_elements
 from mergetui.methods.task_arithmetic import (
     L1Norms,
     RankWindow,
@@ -175,6 +176,8 @@ class _TaskVectorBlocks:
         self.normalize = bool(params.get("normalize", False))
         self.scale = float(params.get("lambda", 1.0))
         self.rescale = bool(params.get("rescale", self.sparsify != "outliers"))
+        #: the L1 norms' chunk (blocks hold whole ones: the registry's ``row_chunks``)
+        self.chunk = chunk_elements(self.context.shape)
         count = self.context.numel
         for index, density in enumerate(self.densities):
             if density >= 1.0:
@@ -205,7 +208,7 @@ class _TaskVectorBlocks:
                     outliers.window.keep_(delta)
                 elif not outliers.keep_all:
                     continue  # nothing kept: the norm after stays 0
-                self.norms[index].after = add_l1(self.norms[index].after, delta)
+                self.norms[index].after = add_l1(self.norms[index].after, delta, self.chunk)
             return
         selections = dict(self._selections())
         for index in sorted(selections.keys() | self.norms.keys()):
@@ -219,7 +222,7 @@ class _TaskVectorBlocks:
                     selection.observe_bucket(delta, library)
             l1 = self.norms.get(index)
             if pass_index == 0 and l1 is not None:  # breadcrumbs' rescale: the L1 before
-                l1.before = add_l1(l1.before, delta)
+                l1.before = add_l1(l1.before, delta, self.chunk)
 
     def _selections(self) -> list[tuple[int, BlockedSelection]]:
         if self.sparsify == "magnitude":
@@ -239,10 +242,10 @@ class _TaskVectorBlocks:
             return
         flat = _flat(delta)
         if norms is not None:
-            norms.before = add_l1(norms.before, flat)
+            norms.before = add_l1(norms.before, flat, self.chunk)
         drop_at_random_(flat, density, self.keys[index], start)
         if norms is not None:
-            norms.after = add_l1(norms.after, flat)
+            norms.after = add_l1(norms.after, flat, self.chunk)
 
     # -- the merging pass -----------------------------------------------------------------------
     def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
