@@ -102,15 +102,21 @@ def _statistics(kernel: Any) -> list[float]:
     return [kernel.sums.square0, kernel.sums.square1, kernel.sums.dot]
 
 
-def _observed(
-    case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]], rows: int
-) -> tuple[Any, Any]:
-    """The case's block kernel after every pass but the merging one, over blocks of ``rows``."""
+def _case(
+    case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]]
+) -> tuple[Any, dict[str, Any], list[dict[str, Any]], torch.Tensor, list[torch.Tensor]]:
+    """The case's method, its parameters with defaults, the base and as many models as it has."""
     method, given, given_each = CASES[case]
     params, model_params = _filled(method, given, given_each)
     base, models = tensors
-    models = models[: len(model_params)]
-    spec = METHODS[method]
+    return METHODS[method], params, model_params, base, models[: len(model_params)]
+
+
+def _observed(
+    case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]], rows: int
+) -> tuple[Any, BlockPlan]:
+    """The case's block kernel after every pass but the merging one, over blocks of ``rows``."""
+    spec, params, model_params, base, models = _case(case, tensors)
     how = spec.block_plan(SHAPE, params, tuple(model_params))
     assert isinstance(how, BlockPlan)
     context = TensorContext(NAME, SHAPE, dict(params), tuple(model_params), SEED)
@@ -137,29 +143,16 @@ def test_the_sums_over_blocks_of_row_chunks_are_the_whole_tensor_sums(
 def test_blocks_of_row_chunks_at_an_odd_width_give_the_whole_tensor_bits(
     case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]]
 ) -> None:
-    method, given, given_each = CASES[case]
-    params, model_params = _filled(method, given, given_each)
-    base, models = tensors
-    models = models[: len(model_params)]
-    spec = METHODS[method]
-    how = spec.block_plan(SHAPE, params, tuple(model_params))
-    assert isinstance(how, BlockPlan) and how.passes >= 2
-    assert how.align_rows == rows_per_chunk(3000) == 348
-
+    spec, params, model_params, base, models = _case(case, tensors)
+    kernel, how = _observed(case, tensors, rows_per_chunk(SHAPE[1]))
+    assert how.passes >= 2 and how.align_rows == rows_per_chunk(3000) == 348
     whole = spec.load_kernel()(_inputs(base, models, params, model_params))
-    context = TensorContext(NAME, SHAPE, dict(params), tuple(model_params), SEED)
-    kernel = spec.load_block_kernel()(context)
     starts = range(0, SHAPE[0], how.align_rows)
-    for pass_index in range(how.passes - 1):
-        for start in starts:
-            rows = slice(start, start + how.align_rows)
-            kernel.observe(
-                pass_index, _inputs(base, models, params, model_params, rows), start * 3000
-            )
     blocked = torch.cat(
         [
             kernel.merge(
-                _inputs(base, models, params, model_params, slice(s, s + how.align_rows)), s * 3000
+                _inputs(base, models, params, model_params, slice(s, s + how.align_rows)),
+                s * SHAPE[1],
             )
             for s in starts
         ]

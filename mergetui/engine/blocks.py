@@ -9,10 +9,11 @@ that two fit. Methods whose math needs a whole-tensor statistic read the tensor 
 (the registry's ``blocks.passes``); the result has the same bits as whole (:mod:`mergetui.methods
 .blocked`).
 
-Some tensors are always merged whole: a method with statistics but no block kernel, rows that
-are realigned to another vocabulary first (unless the realignment only cuts off rows appended
-after the output's, which blocks of the stored rows then skip), a method working on rows of a
-tensor that has more than two dimensions. A LoRA adapter folded into a tensor is folded block by
+Some tensors are always merged whole: a method with statistics but no block kernel, a method
+working on rows of a tensor that has more than two dimensions, rows realigned to another
+vocabulary with a LoRA adapter folded in. Realigned rows are otherwise read in blocks of output
+rows, each input's rows gathered from where they are stored (:class:`~mergetui.engine.vocabulary
+.RowAlignment`), with a pass first for each whole-tensor mean the alignment needs. A LoRA adapter folded into a tensor is folded block by
 block (its ``B @ A`` made in the same groups of rows either way). When one of them does not fit, the plan says which
 and why, and what budget would do: an error when the user set ``max_memory``, a warning when the
 default was in force.
@@ -25,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mergetui.engine.layout import PlannedTensor
-from mergetui.methods.registry import BlockPlan, MethodSpec
+from mergetui.methods.registry import BlockPlan, MethodSpec, rows_per_chunk
 from mergetui.sources.lora import product_rows
 from mergetui.units import format_bytes
 
@@ -92,8 +93,10 @@ def block_plan(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> Blo
     if not tensor.merge:  # copied as stored, block by block
         return BlockPlan()
     vocabulary = tensor.vocabulary
-    if vocabulary is not None and not vocabulary.keeps_stored_rows(r.role for r in tensor.reads):
-        return "its rows are realigned to the output vocabulary first"
+    roles = [read.role for read in tensor.reads]
+    realigned = vocabulary is not None and not vocabulary.keeps_stored_rows(roles)
+    if realigned and has_lora:
+        return "its rows are realigned to the output vocabulary and a LoRA adapter is folded in"
     how = (
         BlockPlan()
         if tensor.copy
@@ -102,6 +105,12 @@ def block_plan(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> Blo
     if has_lora and isinstance(how, BlockPlan):  # B @ A made in the same groups of rows as whole
         group = product_rows(tensor.numel // tensor.shape[0])
         how = BlockPlan(how.passes, math.lcm(how.align_rows, group))
+    if realigned and isinstance(how, BlockPlan):
+        assert vocabulary is not None
+        statistics = vocabulary.alignment_statistics(roles)
+        if statistics:  # a pass for each mean, summed in groups of rows that blocks hold whole
+            group = rows_per_chunk(tensor.numel // tensor.shape[0])
+            how = BlockPlan(how.passes + len(statistics), math.lcm(how.align_rows, group))
     return how
 
 

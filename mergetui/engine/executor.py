@@ -44,7 +44,7 @@ from mergetui.engine.progress import (
     peak_rss,
 )
 from mergetui.engine.report import plan_event
-from mergetui.engine.vocabulary import align_rows
+from mergetui.engine.vocabulary import RowAlignment, align_rows
 from mergetui.engine.writer import OutputTensor, ShardedWriter
 from mergetui.errors import (
     CompatibilityError,
@@ -281,10 +281,17 @@ class _Run:
                     name = tensor.name
                     if index + 1 < len(tensors):
                         self._will_need(tensors[index + 1])
-                    for piece in _pieces(tensor):
-                        loaded = self._load(tensor, staging, piece)
+                    alignment = _realignment(tensor)
+                    statistics = () if alignment is None else alignment.statistics
+                    for piece in _pieces(tensor, statistics):
+                        if alignment is not None and piece is not None:
+                            loaded = self._load_realigned(tensor, staging, piece, alignment)
+                        else:
+                            loaded = self._load(tensor, staging, piece)
                         if loaded is None:  # stopped while waiting for buffer budget
                             return
+                        if piece is not None and piece.statistic is not None:
+                            continue  # the loader gathered the alignment's statistic itself
                         _put(out_queue, loaded, self.cancel)
                         if self.cancel.is_set():
                             return
@@ -352,6 +359,56 @@ class _Run:
                 loaded.models.append(values[read])
         return loaded
 
+    def _load_realigned(
+        self, tensor: PlannedTensor, staging: Staging, piece: _Piece, alignment: RowAlignment
+    ) -> _Loaded | None:
+        """Read one block of output rows of a tensor whose rows are realigned to the output
+        vocabulary: each input's kept rows gathered from where they are stored (runs of
+        consecutive rows), then the default and padding rows put in. A piece of a statistic's
+        pass only adds to the alignment's sums: its buffers go back at once."""
+        import torch
+
+        shape = (piece.end - piece.start, *tensor.shape[1:])
+        width = math.prod(tensor.shape[1:])
+        nbytes = math.prod(shape) * 4 * len(tensor.reads)
+        if not self.buffers.reserve(nbytes, self.cancel):
+            return None
+        loaded = _Loaded(tensor, reserved_bytes=nbytes, piece=piece)
+        names = {read.role: read.name for read in tensor.reads}
+        blocks: dict[str, torch.Tensor] = {}
+        for read in tensor.reads:
+            buffer = self.buffers.take(shape, self.plan.device)
+            loaded.buffers.append(buffer)
+            checkpoint = self.by_role[read.role].checkpoint
+            for at, row, count in alignment.runs(read.role, piece.start, piece.end):
+                self.bytes_read += checkpoint.read_into(
+                    read.name, buffer[at : at + count], staging, row * width
+                )
+            blocks[read.role] = buffer
+
+        def stored_row(role: str, row: int) -> torch.Tensor:
+            out = torch.empty(tensor.shape[1:], dtype=torch.float32, device=self.plan.device)
+            checkpoint = self.by_role[role].checkpoint
+            self.bytes_read += checkpoint.read_into(names[role], out, staging, row * width)
+            return out
+
+        if piece.statistic != "base_mean":
+            alignment.fill(blocks, piece.start, stored_row)
+        if piece.statistic is not None:
+            alignment.observe(piece.statistic, blocks, piece.start)
+            if piece.end == tensor.shape[0]:
+                alignment.finish(piece.statistic, loaded.buffers[0])
+            self._release(loaded)
+            return loaded
+        if "padding" in alignment.statistics:
+            alignment.fill_padding(blocks, piece.start)
+        for read in tensor.reads:
+            if read is tensor.base:
+                loaded.base = blocks[read.role]
+            elif read not in tensor.for_alignment:
+                loaded.models.append(blocks[read.role])
+        return loaded
+
     def _stored_shape(self, tensor: PlannedTensor, read: TensorInput) -> tuple[int, ...]:
         """The shape ``read`` has on disk: the output's, except for rows not yet aligned."""
         if tensor.vocabulary is None:
@@ -368,7 +425,7 @@ class _Run:
     ) -> None:
         try:
             for written, item in enumerate(_drain(in_queue, self.cancel), start=1):
-                name, data, rows, pooled = item
+                name, data, pooled, rows = item
                 writer.write(name, data, rows)
                 if pooled:  # written: the next piece of its size may reuse it
                     self.output_pieces.give_back(data)
@@ -425,12 +482,11 @@ class _Run:
                         raise loaded.error
                     self.current = loaded.tensor.name
                     piece = loaded.piece
-                    pooled = loaded.raw is None  # else the result is the loaded tensor itself
-                    result = self._compute(loaded)
-                    if result is not None:
+                    computed = self._compute(loaded)
+                    if computed is not None:
                         rows = None if piece is None else (piece.start, piece.end)
-                        _put(write_queue, (loaded.tensor.name, result, rows, pooled), stop)
-                    del result, loaded
+                        _put(write_queue, (loaded.tensor.name, *computed, rows), stop)
+                    del computed, loaded
                     whole = piece is None or piece.last  # the tensor is complete
                     self.done += whole
                     self.emit(TensorEvent(**self.progress()))
@@ -451,9 +507,10 @@ class _Run:
         self.current = ""
         return files
 
-    def _compute(self, loaded: _Loaded) -> torch.Tensor | None:
-        """Merge and convert one loaded tensor, or block of one; None for a block that only
-        feeds the statistics of a later pass."""
+    def _compute(self, loaded: _Loaded) -> tuple[torch.Tensor, bool] | None:
+        """Merge and convert one loaded tensor, or block of one: the output and whether it came
+        from the output-piece pool (the writer gives it back once written); None for a block that
+        only feeds the statistics of a later pass."""
         import torch
 
         plan = self.plan
@@ -468,7 +525,7 @@ class _Run:
                         f"{self.by_role[first.role].label} and {self.by_role[read.role].label}; "
                         "integer tensors cannot be merged — make them identical or drop that model"
                     )
-            return reference
+            return reference, False  # an integer tensor, written as read
         if tensor.copy:
             result = loaded.models[0] if loaded.models else loaded.base
             assert result is not None  # a copied tensor has exactly one input
@@ -501,7 +558,7 @@ class _Run:
         output.copy_(result)
         del result
         self._release(loaded)
-        return output
+        return output, True
 
     def _release(self, loaded: _Loaded) -> None:
         self.buffers.release(loaded.buffers, loaded.reserved_bytes)
@@ -524,7 +581,7 @@ class _Run:
             )
             self.block_kernel = self.plan.method.load_block_kernel()(context)
         assert self.block_kernel is not None
-        if piece.pass_index < tensor.passes - 1:
+        if not piece.merging:
             self.block_kernel.observe(piece.pass_index, inputs, piece.first)
             return None
         result = self.block_kernel.merge(inputs, piece.first)
@@ -537,26 +594,48 @@ class _Run:
 class _Piece:
     """One block of rows of a tensor merged in blocks, in one reading pass."""
 
-    pass_index: int
+    pass_index: int  # the method's pass (0 for a pass of the vocabulary alignment's)
     start: int
     end: int
     first: int  # the block's first element, counted in the whole flat tensor
     last: bool  # the tensor's last block of its last pass
+    merging: bool = True  # a block of the method's last pass, which merges
+    #: the vocabulary alignment's statistic this pass gathers (the loader's own), else None
+    statistic: str | None = None
 
 
-def _pieces(tensor: PlannedTensor) -> Iterator[_Piece | None]:
+def _pieces(tensor: PlannedTensor, statistics: tuple[str, ...] = ()) -> Iterator[_Piece | None]:
     """The pieces the loader reads for ``tensor``: None for the whole tensor, else its blocks of
-    rows, pass after pass."""
+    rows, pass after pass: first a pass per statistic of the vocabulary alignment, then the
+    method's passes."""
     if tensor.block_rows is None:
         yield None
         return
     rows = tensor.shape[0]
     width = math.prod(tensor.shape[1:])
-    for pass_index in range(tensor.passes):
-        for start in range(0, rows, tensor.block_rows):
+    starts = range(0, rows, tensor.block_rows)
+    for statistic in statistics:
+        for start in starts:
             end = min(rows, start + tensor.block_rows)
-            last = pass_index == tensor.passes - 1 and end == rows
-            yield _Piece(pass_index, start, end, start * width, last)
+            yield _Piece(0, start, end, start * width, False, False, statistic)
+    passes = tensor.passes - len(statistics)
+    for pass_index in range(passes):
+        for start in starts:
+            end = min(rows, start + tensor.block_rows)
+            merging = pass_index == passes - 1
+            yield _Piece(pass_index, start, end, start * width, merging and end == rows, merging)
+
+
+def _realignment(tensor: PlannedTensor) -> RowAlignment | None:
+    """The row alignment of a tensor merged in blocks whose rows move to the output vocabulary;
+    None when it is merged whole (aligned as it is read) or keeps its stored rows."""
+    vocabulary = tensor.vocabulary
+    if tensor.block_rows is None or vocabulary is None:
+        return None
+    roles = [read.role for read in tensor.reads]
+    if vocabulary.keeps_stored_rows(roles):
+        return None
+    return RowAlignment(vocabulary, roles, tensor.name, tuple(tensor.shape[1:]))
 
 
 @dataclass

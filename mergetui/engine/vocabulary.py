@@ -34,11 +34,12 @@ from typing import TYPE_CHECKING
 from mergetui.engine.layers import is_pre_weight, layer_index
 from mergetui.engine.layout import TensorInput
 from mergetui.errors import MergeFailed
+from mergetui.methods.registry import rows_per_chunk
 from mergetui.recipe.vocab import MISSING_TOKEN_RULES, TokenOverride, model_index
 from mergetui.sources.vocabulary import AddedToken, Vocabulary, read_vocabulary
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Callable, Iterable
 
     import torch
 
@@ -178,6 +179,19 @@ class VocabularyPlan:
             return False
         identity = list(range(count))
         return all(self.maps.get(role) == identity for role in roles)
+
+    def alignment_statistics(self, roles: Iterable[str]) -> tuple[str, ...]:
+        """The whole-tensor means aligning these roles' rows needs before any row is final (see
+        :class:`RowAlignment`): ``"base_mean"`` when some role lacks a token and the rule is
+        ``base_mean``, ``"padding"`` when the output has rows past its last token."""
+        roles = list(roles)
+        found = []
+        missing = any(-1 in self.maps[role] for role in roles)
+        if self.missing_rule == "base_mean" and self.base_role in roles and missing:
+            found.append("base_mean")
+        if self.rows > len(self.tokens):
+            found.append("padding")
+        return tuple(found)
 
     def token_ids(self) -> dict[str, int]:
         return {token: index for index, token in enumerate(self.tokens) if token is not None}
@@ -673,16 +687,210 @@ def describe(plan: VocabularyPlan) -> list[str]:
 # -- the rows themselves (run time) ---------------------------------------------------------------
 
 
+class RowAlignment:
+    """One vocabulary-indexed tensor's rows put in output order: whole, or a block of output rows
+    at a time, with the same bits either way.
+
+    A block of output rows ``[start, end)`` is first *gathered*: each role's stored row for every
+    output token it keeps (:meth:`runs` says which stored rows, in runs of consecutive ones; the
+    other rows are filled later). :meth:`fill` then puts in the default rows (an override's row, or
+    the missing-token rule: ``borrow`` takes the holders' rows, which the block has gathered) and
+    :meth:`fill_padding` the padding rows. Two defaults are whole-tensor means, found first
+    (:attr:`statistics`): the base's mean row (``missing_tokens = "base_mean"``) and each role's
+    mean token row (padding rows). Both are summed per group of :attr:`group` output rows, float64
+    across groups in order, so blocks of whole groups sum what the whole tensor sums; a tensor in
+    blocks is read once more for each (:meth:`VocabularyPlan.alignment_statistics`).
+    """
+
+    def __init__(
+        self, plan: VocabularyPlan, roles: list[str], name: str, tail: tuple[int, ...]
+    ) -> None:
+        import torch
+
+        self.plan = plan
+        self.roles = roles
+        self.name = name
+        self.tail = tail
+        self.count = len(plan.tokens)
+        self.group = rows_per_chunk(math.prod(tail))
+        self.maps = {role: torch.tensor(plan.maps[role], dtype=torch.long) for role in roles}
+        forced = torch.zeros(self.count, dtype=torch.bool)
+        for index, (override, _, _) in plan.overrides.items():
+            forced[index] = override.force
+        #: [roles, tokens]: the role has the token
+        self.present = torch.stack([self.maps[role] >= 0 for role in roles])
+        #: per role, the output tokens whose row is the role's own stored row
+        self.keep = {role: (self.maps[role] >= 0) & ~forced for role in roles}
+        self.needs_default = (~self.present).any(dim=0) | forced
+        self.base = plan.base_role if plan.base_role in roles else None
+        self.statistics = plan.alignment_statistics(roles)
+        self.base_mean: torch.Tensor | None = None
+        self.padding: dict[str, torch.Tensor] = {}
+        self._totals: dict[str, torch.Tensor] = {}
+        self._summed_rows = 0
+
+    # -- gathering ------------------------------------------------------------------------------
+    def runs(self, role: str, start: int, end: int) -> list[tuple[int, int, int]]:
+        """The stored rows ``role`` has for output rows ``[start, end)`` (forced ones too: the
+        base's mean counts them), as runs of consecutive ones: ``(row in the block, first stored
+        row, rows)``."""
+        stored = self.maps[role][start : min(end, self.count)].tolist()
+        found: list[tuple[int, int, int]] = []
+        for offset, row in enumerate(stored):
+            if row < 0:
+                continue
+            if found:
+                at, first, length = found[-1]
+                if at + length == offset and first + length == row:
+                    found[-1] = (at, first, length + 1)
+                    continue
+            found.append((offset, row, 1))
+        return found
+
+    def gather(self, role: str, stored: torch.Tensor) -> torch.Tensor:
+        """All of ``role``'s rows in output order, from its whole stored tensor (a new tensor of
+        ``plan.rows`` rows; the rows still to fill are left as they come)."""
+        import torch
+
+        out = torch.empty((self.plan.rows, *self.tail), dtype=stored.dtype, device=stored.device)
+        has = (self.maps[role] >= 0).nonzero().flatten().to(stored.device)
+        out[has] = stored[self.maps[role].to(stored.device)[has]]
+        return out
+
+    # -- the whole-tensor means -----------------------------------------------------------------
+    def observe(self, statistic: str, blocks: dict[str, torch.Tensor], start: int) -> None:
+        """Add a block's rows to ``statistic``'s sums: for ``"base_mean"`` the gathered block
+        (the base's own rows), for ``"padding"`` the block once :meth:`fill` has run."""
+        import torch
+
+        end = min(start + len(next(iter(blocks.values()))), self.count)
+        if start % self.group:
+            raise ValueError(
+                f"{self.name}: a block starts at row {start}, inside a group of {self.group} rows"
+            )
+        for first in range(start, end, self.group):
+            last = min(first + self.group, end)
+            if statistic == "base_mean":
+                assert self.base is not None
+                own = (self.maps[self.base][first:last] >= 0).to(blocks[self.base].device)
+                rows = blocks[self.base][first - start : last - start][own]
+                self._add(self.base, rows.to(torch.float64).sum(dim=0))
+                self._summed_rows += len(rows)
+            else:
+                for role in self.roles:
+                    rows = blocks[role][first - start : last - start]
+                    self._add(role, rows.to(torch.float64).sum(dim=0))
+
+    def _add(self, role: str, total: torch.Tensor) -> None:
+        if role in self._totals:
+            self._totals[role].add_(total)
+        else:
+            self._totals[role] = total
+
+    def finish(self, statistic: str, like: torch.Tensor) -> None:
+        """Turn ``statistic``'s sums into its mean rows (float32, on ``like``'s device)."""
+        import torch
+
+        totals, self._totals = self._totals, {}
+        if statistic == "base_mean":
+            assert self.base is not None
+            if self._summed_rows:
+                self.base_mean = (totals[self.base] / self._summed_rows).to(torch.float32)
+            return
+        for role in self.roles:
+            total = totals.get(role)
+            if total is None:
+                total = torch.zeros(self.tail, dtype=torch.float64, device=like.device)
+            self.padding[role] = (total / max(self.count, 1)).to(torch.float32)
+
+    # -- filling --------------------------------------------------------------------------------
+    def fill(
+        self,
+        blocks: dict[str, torch.Tensor],
+        start: int,
+        stored_row: Callable[[str, int], torch.Tensor],
+    ) -> None:
+        """Put the default rows into a gathered block of output rows starting at ``start``.
+        ``stored_row(role, row)``: one stored row of a role (an override's)."""
+        import torch
+
+        end = min(start + len(next(iter(blocks.values()))), self.count)
+        wanted = (self.needs_default[start:end].nonzero().flatten() + start).tolist()
+        if not wanted:
+            return
+        defaults = self._default_rows(blocks, start, wanted, stored_row)
+        use = torch.tensor(wanted, dtype=torch.long)
+        for role in self.roles:
+            takes = ~self.keep[role][use]
+            if bool(takes.any()):
+                out = blocks[role]
+                at = (use[takes] - start).to(out.device)
+                out[at] = defaults[takes.to(defaults.device)]
+
+    def fill_padding(self, blocks: dict[str, torch.Tensor], start: int) -> None:
+        """Put each role's mean token row into the block's rows past the last token."""
+        for role, out in blocks.items():
+            first = max(self.count - start, 0)
+            if first < len(out):
+                out[first:] = self.padding[role]
+
+    def _default_rows(
+        self,
+        blocks: dict[str, torch.Tensor],
+        start: int,
+        wanted: list[int],
+        stored_row: Callable[[str, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """The default row of each token in ``wanted`` (an override's row, else the
+        missing-token rule), as one [len(wanted), ...] matrix."""
+        import torch
+
+        plan = self.plan
+        first = blocks[self.roles[0]]
+        defaults = torch.zeros((len(wanted), *self.tail), dtype=first.dtype, device=first.device)
+        for slot, index in enumerate(wanted):
+            override = plan.overrides.get(index)
+            if override is not None:
+                entry, role, row = override
+                if role is None:
+                    continue  # zero
+                if role not in blocks:
+                    raise MergeFailed(
+                        f"tensor {self.name}: [merge.tokens] {entry.token!r} takes its row from "
+                        f"{role}, which has no input to this tensor"
+                    )
+                assert row is not None
+                defaults[slot] = stored_row(role, row)
+                continue
+            if plan.missing_rule == "zero":
+                continue
+            if plan.missing_rule == "base_mean":
+                if self.base_mean is not None:
+                    defaults[slot] = self.base_mean
+                continue
+            # borrow: the holders' own rows, which the block has gathered at this token's row
+            holders = [self.roles[k] for k in self.present[:, index].nonzero().flatten().tolist()]
+            if len(holders) == 1:
+                defaults[slot] = blocks[holders[0]][index - start]
+            elif not holders:
+                continue
+            elif self.base is not None and self.base in holders:
+                defaults[slot] = blocks[self.base][index - start]
+            else:
+                total = torch.zeros_like(defaults[slot])
+                for role in holders:
+                    total += blocks[role][index - start]
+                defaults[slot] = total / len(holders)
+        return defaults
+
+
 def align_rows(
     plan: VocabularyPlan, tensors: dict[str, torch.Tensor], name: str
 ) -> dict[str, torch.Tensor]:
     """Each role's tensor with its rows in output order, ``plan.rows`` long (float32 in, float32
-    out). ``tensors`` holds every input of one vocabulary-indexed tensor, in the order the defaults
-    are averaged in (the base first)."""
-    import torch
-
+    out): the whole tensor as one block of :class:`RowAlignment`. ``tensors`` holds every input of
+    one vocabulary-indexed tensor, in the order the defaults are averaged in (the base first)."""
     roles = list(tensors)
-    count = len(plan.tokens)
     first = tensors[roles[0]]
     tail = tuple(first.shape[1:])
     for role, tensor in tensors.items():
@@ -692,84 +900,21 @@ def align_rows(
                 f"the others [{', '.join(map(str, ('rows', *tail)))}]; only the vocabulary "
                 "dimension may differ"
             )
-    device = first.device
-    maps = {role: torch.tensor(plan.maps[role], dtype=torch.long, device=device) for role in roles}
-    present = torch.stack([maps[role] >= 0 for role in roles])  # [models, tokens]
-    forced = torch.zeros(count, dtype=torch.bool, device=device)
-    for index, (override, _, _) in plan.overrides.items():
-        forced[index] = override.force
-    needs_default = (~present).any(dim=0) | forced
-    wanted = needs_default.nonzero().flatten().tolist()
-    defaults = _default_rows(plan, tensors, maps, present, wanted, name)
-    aligned = {}
-    for role in roles:
-        source = tensors[role]
-        out = torch.empty((plan.rows, *tail), dtype=source.dtype, device=device)
-        keep = (maps[role] >= 0) & ~forced
-        kept = keep.nonzero().flatten()
-        out[kept] = source[maps[role][kept]]
-        if wanted:
-            use = torch.tensor(wanted, dtype=torch.long, device=device)
-            takes = ~keep[use]
-            out[use[takes]] = defaults[takes]
-        if plan.rows > count:
-            out[count:] = out[:count].mean(dim=0)
-        aligned[role] = out
-    return aligned
+    alignment = RowAlignment(plan, roles, name, tail)
+    blocks = {role: alignment.gather(role, tensors[role]) for role in roles}
 
+    def stored_row(role: str, row: int) -> torch.Tensor:
+        return tensors[role][row]
 
-def _default_rows(
-    plan: VocabularyPlan,
-    tensors: dict[str, torch.Tensor],
-    maps: dict[str, torch.Tensor],
-    present: torch.Tensor,
-    wanted: list[int],
-    name: str,
-) -> torch.Tensor:
-    """The default row of each token in ``wanted`` (an override's row, else the missing-token
-    rule), as one [len(wanted), ...] matrix."""
-    import torch
-
-    roles = list(tensors)
-    first = tensors[roles[0]]
-    defaults = torch.zeros((len(wanted), *first.shape[1:]), dtype=first.dtype, device=first.device)
-    base = plan.base_role if plan.base_role in tensors else None
-    base_mean = None
-    if plan.missing_rule == "base_mean" and base is not None:
-        own = maps[base][maps[base] >= 0]
-        base_mean = tensors[base][own].mean(dim=0)
-    for slot, index in enumerate(wanted):
-        override = plan.overrides.get(index)
-        if override is not None:
-            entry, role, row = override
-            if role is None:
-                continue  # zero
-            if role not in tensors:
-                raise MergeFailed(
-                    f"tensor {name}: [merge.tokens] {entry.token!r} takes its row from {role}, "
-                    "which has no input to this tensor"
-                )
-            defaults[slot] = tensors[role][row]
-            continue
-        if plan.missing_rule == "zero":
-            continue
-        if plan.missing_rule == "base_mean":
-            if base_mean is not None:
-                defaults[slot] = base_mean
-            continue
-        holders = [roles[k] for k in present[:, index].nonzero().flatten().tolist()]
-        if len(holders) == 1:
-            defaults[slot] = tensors[holders[0]][maps[holders[0]][index]]
-        elif not holders:
-            continue
-        elif base is not None and base in holders:
-            defaults[slot] = tensors[base][maps[base][index]]
-        else:
-            total = torch.zeros_like(defaults[slot])
-            for role in holders:
-                total += tensors[role][maps[role][index]]
-            defaults[slot] = total / len(holders)
-    return defaults
+    if "base_mean" in alignment.statistics:
+        alignment.observe("base_mean", blocks, 0)
+        alignment.finish("base_mean", first)
+    alignment.fill(blocks, 0, stored_row)
+    if "padding" in alignment.statistics:
+        alignment.observe("padding", blocks, 0)
+        alignment.finish("padding", first)
+        alignment.fill_padding(blocks, 0)
+    return blocks
 
 
 # -- the layout, changed to match ---------------------------------------------------------------
