@@ -8,7 +8,8 @@ three with TIES four ways and prints wall time and peak RSS (``/usr/bin/time -v`
 
 - ``same``: three models that share the base's tokenizer (nothing to align), as a floor;
 - ``base``, ``union``: the fine-tunes with added tokens, aligned to the base's vocabulary or to the
-  union;
+  union, and to the union with ``missing_tokens = "base_mean"`` and padding rows (two whole-table
+  means, each a reading pass of its own when the tensor goes in blocks);
 - with ``--mergekit-venv``, mergekit's ``tokenizer_source: union`` on the same inputs.
 
 It also prints how long the plan takes (reading three tokenizers of 128k tokens, no weight).
@@ -80,12 +81,13 @@ def timed(command: list[str]) -> tuple[float, float]:
     return wall, int(rss.group(1)) / 1024 if rss else float("nan")
 
 
-def recipe(folder: Path, models: list[str], tokenizer: str, out: str) -> Path:
+def recipe(folder: Path, models: list[str], tokenizer: str, out: str, extra: str = "") -> Path:
+    """A TIES recipe of ``models`` onto ./base with ``tokenizer``; ``extra``: more [merge] lines."""
     entries = "".join(f'[[models]]\nmodel = "{m}"\nweight = 1.0\n' for m in models)
     path = folder / f"{out}.toml"
     path.write_text(
         f'version = 2\n[merge]\nmethod = "ties"\nbase = "./base"\ntokenizer = "{tokenizer}"\n'
-        f'device = "cpu"\n[merge.parameters]\ndensity = 0.5\n{entries}'
+        f'device = "cpu"\n{extra}[merge.parameters]\ndensity = 0.5\n{entries}'
         f'[output]\npath = "./{out}"\n'
     )
     return path
@@ -116,13 +118,20 @@ def main() -> None:
     started = time.perf_counter()
     build_plan(load_recipe(plan_recipe), device="cpu").close()
     plan_s = time.perf_counter() - started
-    for name, models, tokenizer in (
-        ("same (nothing to align)", ["./same-a", "./same-b"], "base"),
-        ("tokenizer = base", ["./chat", "./domain"], "base"),
-        ("tokenizer = union", ["./chat", "./domain"], "union"),
+    for name, models, tokenizer, extra in (
+        ("same (nothing to align)", ["./same-a", "./same-b"], "base", ""),
+        ("tokenizer = base", ["./chat", "./domain"], "base", ""),
+        ("tokenizer = union", ["./chat", "./domain"], "union", ""),
+        # padding rows and the base's mean row: two passes first for the means
+        (
+            "union, base_mean, pad_to_multiple_of = 64",
+            ["./chat", "./domain"],
+            "union",
+            'missing_tokens = "base_mean"\npad_to_multiple_of = 64\n',
+        ),
     ):
         out = re.sub(r"\W+", "-", name).strip("-")
-        path = recipe(folder, models, tokenizer, out)
+        path = recipe(folder, models, tokenizer, out, extra)
         wall, rss = timed([*mergetui, "run", str(path), "--force", "--json"])
         rows.append((f"mergetui, {name}", wall, rss))
     if args.mergekit_venv:

@@ -734,18 +734,20 @@ class RowAlignment:
         """The stored rows ``role`` has for output rows ``[start, end)`` (forced ones too: the
         base's mean counts them), as runs of consecutive ones: ``(row in the block, first stored
         row, rows)``."""
-        stored = self.maps[role][start : min(end, self.count)].tolist()
-        found: list[tuple[int, int, int]] = []
-        for offset, row in enumerate(stored):
-            if row < 0:
-                continue
-            if found:
-                at, first, length = found[-1]
-                if at + length == offset and first + length == row:
-                    found[-1] = (at, first, length + 1)
-                    continue
-            found.append((offset, row, 1))
-        return found
+        import torch
+
+        stored = self.maps[role][start : min(end, self.count)]
+        offsets = (stored >= 0).nonzero().flatten()
+        if not len(offsets):
+            return []
+        rows = stored[offsets]
+        begins = torch.ones(len(offsets), dtype=torch.bool)
+        begins[1:] = (offsets[1:] != offsets[:-1] + 1) | (rows[1:] != rows[:-1] + 1)
+        firsts = begins.nonzero().flatten()
+        lengths = torch.diff(firsts, append=torch.tensor([len(offsets)]))
+        return list(
+            zip(offsets[firsts].tolist(), rows[firsts].tolist(), lengths.tolist(), strict=True)
+        )
 
     def gather(self, role: str, stored: torch.Tensor) -> torch.Tensor:
         """All of ``role``'s rows in output order, from its whole stored tensor (a new tensor of
