@@ -362,3 +362,27 @@ def test_a_merge_cancelled_between_blocks_leaves_nothing_behind(
     assert seen  # the first tensor (the embedding) was in blocks
     assert not (tmp_path / "out").exists()
     assert not list(tmp_path.glob(".out.mergetui-partial-*"))
+
+
+def test_a_bin_checkpoint_in_blocks_gives_the_whole_tensor_bits(
+    wide: dict[str, Path], tmp_path: Path
+) -> None:
+    """A pickled checkpoint cannot be read in part: it is unpickled once and every block copies
+    its rows out of it (not a copy of the whole tensor per block)."""
+    import shutil
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(wide["ft_a"] / "config.json", pickled)
+    torch.save(tensors_of(wide["ft_a"]), pickled / "pytorch_model.bin")
+    text = method_recipe("ties", wide["base"], [pickled, wide["ft_c"]], tmp_path / "whole")
+    whole, _ = merge(text, tmp_path)
+    blocked, plan = merge(text.replace("whole", "blocked"), tmp_path, working=6 << 20)
+    embed = next(t for t in plan.tensors if t.name == "model.embed_tokens.weight")
+    assert embed.block_rows is not None and embed.shape[0] // embed.block_rows >= 2
+    assert_same_bits(whole, blocked)
+    reference = merge(
+        method_recipe("ties", wide["base"], [wide["ft_a"], wide["ft_c"]], tmp_path / "st"),
+        tmp_path,
+    )[0]
+    assert_same_bits(reference, whole)

@@ -203,12 +203,18 @@ class Checkpoint:
 
         spec = self.tensors[name]
         if self.format == "bin":
-            state = self._bin_state.get(spec.file)
-            if state is None:
-                state = self._bin_state[spec.file] = load_bin_state(spec.file)
-            stored = state[name] if rows is None else state[name][rows[0] : rows[1]]
-            return stored.clone()
+            stored = self._bin_tensor(name)
+            return (stored if rows is None else stored[rows[0] : rows[1]]).clone()
         return read_spec(spec, self._fd(spec.file), rows)
+
+    def _bin_tensor(self, name: str) -> torch.Tensor:
+        """Tensor ``name`` of a .bin checkpoint as unpickled (the file's state is kept once
+        loaded: pickles cannot be read in part). To be read, not written."""
+        spec = self.tensors[name]
+        state = self._bin_state.get(spec.file)
+        if state is None:
+            state = self._bin_state[spec.file] = load_bin_state(spec.file)
+        return state[name]
 
     def _fd(self, path: Path) -> int:
         with self._lock:  # the loader and the merge thread read from separate threads
@@ -237,7 +243,9 @@ class Checkpoint:
             )
         itemsize = spec.nbytes // max(spec.numel, 1)
         if self.format == "bin" or spec.nbytes == 0:
-            flat.copy_(self.read(name).reshape(-1)[start : start + wanted])
+            # no copy of the whole tensor per call: blocks and gathered rows read it many times
+            stored = self._bin_tensor(name) if self.format == "bin" else self.read(name)
+            flat.copy_(stored.reshape(-1)[start : start + wanted])
             return wanted * itemsize
         dtype = getattr(torch, spec.dtype)
         per_slice = max(1, staging.nbytes // itemsize)
