@@ -10,7 +10,9 @@ current one and the writer appends the previous result to its shard. Memory stay
 plan's budget (:mod:`mergetui.engine.blocks`): a tensor too large for it goes through the three
 stages as blocks of rows — read, merged and appended to its shard block by block, in as many
 reading passes as the method's statistics need — and the loader never reads ahead past the
-budget. The output is built in a hidden sibling
+budget. Rows realigned to another vocabulary are gathered block by block by the loader, which
+also runs the passes for the alignment's means itself (:class:`~mergetui.engine.vocabulary
+.RowAlignment`). The output is built in a hidden sibling
 folder (``.NAME.mergetui-partial-PID``) and renamed into place only when everything, support files
 included, is written; any error, Ctrl-C or cancel request removes that folder. Sources are only ever
 opened for reading, and an output folder that overlaps a source is refused up front.
