@@ -218,6 +218,7 @@ MODES = [
     ("nuslerp", {"nuslerp_flatten": False}),
     ("nuslerp", {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
     ("multislerp", {"normalize_weights": True, "eps": 1e-8}),
+    ("karcher", {"max_iter": 10, "tol": 1e-5}),
 ]
 
 

@@ -404,35 +404,19 @@ def karcher_reference(tensors: list[torch.Tensor], max_iter: int, tol: float) ->
 
 
 @pytest.mark.parametrize("spread", [0.5, 0.01, 1e-4])
-def test_karcher_stopping_when_steps_stop_shrinking_agrees_with_running_every_step(
-    spread: float,
-) -> None:
-    """With a tol float32 cannot reach, mergekit runs all max_iter steps; mergetui stops once a
-    step is no shorter than the last, at rounding noise: the results agree to float32 precision."""
+def test_karcher_is_the_float64_mean_to_float32_rounding(spread: float) -> None:
+    """The iteration runs in float64 on the models' Gram matrix (summed in float64), so the
+    result is mergekit's iteration run in float64, to float32 rounding, even with a tol no
+    float32 arithmetic reaches. mergekit's own float32 steps cannot resolve angles under about
+    3e-4 (cos θ rounds to 1): for models 1e-4 apart its mean is about 1e-4 off."""
     generator = torch.Generator().manual_seed(12)
     centre = torch.randn(64, 48, generator=generator)
     models = [centre + spread * torch.randn(64, 48, generator=generator) for _ in range(3)]
-    expected = karcher_reference(models, max_iter=50, tol=1e-12)
+    exact = karcher_reference([m.double() for m in models], max_iter=50, tol=1e-12)
     out = run("karcher", None, models, max_iter=50, tol=1e-12)
-    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-7)
-
-
-@pytest.mark.parametrize("spread", [0.5, 0.01])
-def test_karcher_c_loops_give_the_torch_paths_bits(
-    spread: float, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    from mergetui.methods import native
-
-    if native.library() is None:
-        pytest.skip("no C compiler here")
-    generator = torch.Generator().manual_seed(13)
-    centre = torch.randn(300, 70, generator=generator)
-    models = [centre + spread * torch.randn(300, 70, generator=generator) for _ in range(3)]
-    results = []
-    for mode in ("1", "0"):
-        monkeypatch.setenv("MERGETUI_NATIVE", mode)
-        results.append(run("karcher", None, models, max_iter=20, tol=1e-9).view(torch.int32))
-    assert torch.equal(results[0], results[1])
+    torch.testing.assert_close(out.double(), exact, rtol=1e-6, atol=1e-6)
+    in_float32 = karcher_reference(models, max_iter=50, tol=1e-12).double()
+    assert float((out.double() - exact).abs().max()) <= float((in_float32 - exact).abs().max())
 
 
 @pytest.mark.parametrize("method", ["ram", "ramplus_tl"])

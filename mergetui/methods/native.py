@@ -101,8 +101,6 @@ def _declare(library: ctypes.CDLL) -> None:
         "mt_philox4x32_10": (None, [_PTR, _U64]),
         "mt_philox_uniform": (None, [_PTR, _U64, _I64, _I64, _I64]),
         "mt_dare_drop": (None, [_PTR, _U64, _I64, _I64, _I64, ctypes.c_float]),
-        "mt_karcher_term": (None, [_PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, ctypes.c_float]),
-        "mt_add_scaled": (None, [_PTR, _PTR, _I64, _I64, ctypes.c_float]),
         "mt_keep_window": (
             None, [_PTR, _I64, _I64, ctypes.c_uint32, ctypes.c_uint32, _I64, _I64, _I64, _I64],
         ),

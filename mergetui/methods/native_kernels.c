@@ -401,28 +401,6 @@ int64_t mt_della_rows(float *restrict delta, uint64_t key, int64_t offset, int64
     return 0;
 }
 
-/* One model's term of a Karcher step on [start, end): tangent += c * (unit - dot * mean), rounded
- * as torch rounds the op-by-op form (a product, a difference, a product, a sum). */
-void mt_karcher_term(float *restrict tangent, const float *restrict unit,
-                     const float *restrict mean, int64_t start, int64_t end, float dot,
-                     float coefficient) {
-    for (int64_t i = start; i < end; i++) {
-        float step = mean[i] * dot;
-        step = unit[i] - step;
-        step = step * coefficient;
-        tangent[i] = tangent[i] + step;
-    }
-}
-
-/* mean += unit * weight on [start, end), rounded as torch's out-of-place product and in-place sum. */
-void mt_add_scaled(float *restrict mean, const float *restrict unit, int64_t start, int64_t end,
-                   float weight) {
-    for (int64_t i = start; i < end; i++) {
-        float scaled = unit[i] * weight;
-        mean[i] = mean[i] + scaled;
-    }
-}
-
 /* Float64 sums of |x| (squares = 0) or of x * x rounded to float (squares = 1) over the chunks
  * [first, last) of a flat tensor of `count` entries cut into chunks of `chunk` entries (the last
  * one shorter), one sum per chunk into sums[c]. The order is fixed so that the torch path

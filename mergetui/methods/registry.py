@@ -473,6 +473,11 @@ def _row_chunk_blocks(
     return rule
 
 
+def _karcher_passes(params: Mapping[str, Any], model_params: tuple[Any, ...]) -> int:
+    """The Gram matrix, then the weighted sum; a single model is its own mean."""
+    return 1 if len(model_params) == 1 else 2
+
+
 def _model_stock_passes(params: Mapping[str, Any], model_params: tuple[Any, ...]) -> int:
     """Per row with ``filter_wise`` (each row chunk merged on its own); else the pairwise dots and
     norms over the whole tensor first."""
@@ -703,9 +708,14 @@ METHODS: dict[str, MethodSpec] = {
                 ),
             ),
             min_models=1,
-            work_buffers=3,
+            work_buffers=0,  # row-chunk temporaries only: the iteration runs on the Gram matrix
             notes=("The base, if given, is not averaged: list it under [[models]] to include it.",),
-            blocks=Blocks("elements", ("the norms, and the mean direction found by iteration",)),
+            blocks=Blocks(
+                "elements",
+                ("the models' pairwise dot products, which the mean direction's iteration needs",),
+                rule=_row_chunk_blocks("karcher", _karcher_passes),
+            ),
+            block_kernel="mergetui.methods.stock:karcher_blocks",
         ),
         MethodSpec(
             name="nearswap",

@@ -12,11 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.chunked import (
     ChunkSums,
@@ -139,79 +137,120 @@ def karcher(inputs: TensorInputs) -> torch.Tensor:
     scaled by their mean norm: a fixed-point iteration of at most ``max_iter`` steps that stops when
     the tangent step is shorter than ``tol``.
 
-    mergekit 0.1.5's arithmetic, operation for operation, with differences that only save work:
-    the directions are made in place, every step reuses one buffer (no tensor-sized allocations),
-    on float32 CPU tensors each model's term is one fused pass of the C loops (same roundings),
-    and the iteration also stops when a step is no shorter than the one before. In
-    exact arithmetic the steps shrink every time; when they stop shrinking, float32 cannot resolve
-    the angles any more (cos θ rounds to within 6e-8 of 1, so θ never falls below ~3e-4 and a
-    ``tol`` under that is never met), and further steps only move the mean by rounding noise.
-    mergekit runs out its ``max_iter`` steps there; the results agree to float32 precision.
+    mergekit 0.1.5's iteration, step for step, with two differences. The mean direction never
+    leaves the span of the models' directions (it starts as their weighted sum, and each step adds
+    a combination of them), so it is kept as one coefficient per model, and every dot product and
+    norm the iteration needs comes from the models' Gram matrix: a first pass sums it in float64
+    (per row chunk, then across them in order, :mod:`.chunked`), the iteration runs on those few
+    numbers in float64, and a second pass writes the weighted sum of the models. So a tensor merged in blocks
+    of row chunks gets the same bits, and no tensor-sized buffer is held in between. And the
+    iteration also stops when a step is no shorter than the one before (in exact arithmetic the
+    steps shrink every time; mergekit's float32 steps stop shrinking at rounding noise and it runs
+    out its ``max_iter`` there). The results agree with mergekit's to float32 precision; mergekit's
+    float32 norms of whole tensors are the less exact.
     """
-    tensors = list(inputs.models)
-    if len(tensors) == 1:
-        return tensors[0]
-    max_iter = int(inputs.params.get("max_iter", 10))
-    tol = float(inputs.params.get("tol", 1e-5))
-    alphas = [1.0 / len(tensors)] * len(tensors)
-    norms = [torch.linalg.vector_norm(t) for t in tensors]
-    units = [
-        t.zero_() if float(n) == 0.0 else t.div_(n) for t, n in zip(tensors, norms, strict=True)
-    ]
-    valid = [i for i, n in enumerate(norms) if float(n) > tol]
+    if len(inputs.models) == 1:
+        return inputs.models[0]
+    return merge_whole(_KarcherBlocks(context_of(inputs)), inputs)
+
+
+def karcher_blocks(context: TensorContext) -> BlockKernel:
+    return _KarcherBlocks(context)
+
+
+@dataclass
+class _KarcherBlocks:
+    """The Karcher mean by row chunks: the models' Gram matrix, then their weighted sum."""
+
+    context: TensorContext
+    sums: ChunkSums = field(default_factory=ChunkSums)
+    weights: list[float] | None = None
+    passes: int = 2
+
+    def __post_init__(self) -> None:
+        self.count = len(self.context.model_params)
+        self.pairs = list(itertools.combinations_with_replacement(range(self.count), 2))
+
+    def observe(self, pass_index: int, inputs: TensorInputs, start: int) -> None:
+        check_aligned(self.context, start)
+        for _, models in chunks_of(None, inputs.models):
+            # float64 products: near-parallel directions differ in the 8th digit of their dot
+            # product, which a float32 sum loses (and the iteration then wanders)
+            flat = [model.reshape(-1).to(torch.float64) for model in models]
+            self.sums.add(*(torch.dot(flat[i], flat[j]) for i, j in self.pairs))
+            del flat
+
+    def merge(self, inputs: TensorInputs, start: int) -> torch.Tensor:
+        check_aligned(self.context, start)
+        models = inputs.models
+        if self.count == 1:
+            return models[0]
+        if self.weights is None:
+            totals = self.sums.result(len(self.pairs), models[0].device).tolist()
+            gram = [[0.0] * self.count for _ in range(self.count)]
+            for (i, j), total in zip(self.pairs, totals, strict=True):
+                gram[i][j] = gram[j][i] = total
+            params = self.context.params
+            self.weights = karcher_weights(
+                gram, int(params.get("max_iter", 10)), float(params.get("tol", 1e-5))
+            )
+        # Σ weight·model, one rounding per operation: any rows give their whole-tensor bits
+        for _, model_rows in chunks_of(None, models):
+            total = model_rows[0].mul_(self.weights[0])
+            for weight, rows in zip(self.weights[1:], model_rows[1:], strict=True):
+                total.add_(rows.mul_(weight))
+        return models[0]
+
+
+def karcher_weights(gram: list[list[float]], max_iter: int, tol: float) -> list[float]:
+    """The weight of each model in its Karcher mean, from the models' Gram matrix (``gram[i][j]``
+    the dot product of models i and j): mergekit 0.1.5's iteration on the mean direction's
+    coefficients over the models' unit directions, in float64."""
+    count = len(gram)
+    norms = [math.sqrt(max(gram[i][i], 0.0)) for i in range(count)]
+    alphas = [1.0 / count] * count
+    valid = [i for i in range(count) if norms[i] > tol]
     if not valid:
-        return units[0].zero_()
+        return [0.0] * count
+    # the unit directions' Gram matrix, over the models whose norm counts
+    units = [[gram[i][j] / (norms[i] * norms[j]) for j in valid] for i in valid]
     total = sum(alphas[i] for i in valid)
     weights = [alphas[i] / total for i in valid]
-    directions = [units[i] for i in valid]
-    mean = torch.zeros_like(directions[0])
-    step = torch.empty_like(mean)
-    library = native.available_for(mean) if mean.is_contiguous() else None
-    for weight, unit in zip(weights, directions, strict=True):
-        if library is not None and unit.is_contiguous():
-            _fused(library.mt_add_scaled, mean, unit, weight)
-        else:
-            mean += torch.mul(unit, weight, out=step)
-    mean_norm = torch.linalg.vector_norm(mean)
-    if float(mean_norm) < tol:
-        mean.copy_(directions[0])
-    else:
-        mean.div_(mean_norm)
-    tangent = torch.empty_like(mean)
+
+    def dots(coefficients: list[float]) -> list[float]:
+        """Each direction's dot product with the combination ``coefficients`` of them."""
+        return [sum(row[k] * c for k, c in enumerate(coefficients)) for row in units]
+
+    def norm(coefficients: list[float]) -> float:
+        products = zip(coefficients, dots(coefficients), strict=True)
+        return math.sqrt(max(sum(c * d for c, d in products), 0.0))
+
+    mean_norm = norm(weights)
+    first = [1.0] + [0.0] * (len(valid) - 1)  # where the directions cancel: the first one
+    mean = first if mean_norm < tol else [c / mean_norm for c in weights]
     previous = float("inf")
     for _ in range(max_iter):
-        tangent.zero_()
-        for weight, unit in zip(weights, directions, strict=True):
-            dot = torch.clamp(torch.dot(mean.flatten(), unit.flatten()), -1.0, 1.0)
-            theta = torch.arccos(dot)
-            if float(theta) < tol:
+        tangent = [0.0] * len(valid)
+        for index, dot in enumerate(dots(mean)):
+            dot = max(-1.0, min(1.0, dot))
+            theta = math.acos(dot)
+            if theta < tol:
                 continue
-            coefficient = weight * (theta / torch.sin(theta))
-            if library is not None and unit.is_contiguous():
-                _fused(library.mt_karcher_term, tangent, unit, mean, float(dot), float(coefficient))
-                continue
-            torch.mul(mean, dot, out=step)  # unit - dot·mean, scaled, as mergekit rounds it
-            torch.sub(unit, step, out=step)
-            tangent += step.mul_(coefficient)
-        tangent_norm = torch.linalg.vector_norm(tangent)
-        if float(tangent_norm) < tol or float(tangent_norm) >= previous:
+            coefficient = weights[index] * (theta / math.sin(theta))
+            tangent[index] += coefficient  # coefficient · (unit − dot · mean)
+            for k, c in enumerate(mean):
+                tangent[k] -= coefficient * dot * c
+        tangent_norm = norm(tangent)
+        if tangent_norm < tol or tangent_norm >= previous:
             break
-        previous = float(tangent_norm)
-        mean.mul_(torch.cos(tangent_norm)).add_(
-            tangent.div_(tangent_norm).mul_(torch.sin(tangent_norm))
-        )
-        unit_norm = torch.linalg.vector_norm(mean)
-        if float(unit_norm) > tol:
-            mean.div_(unit_norm)
-    scale = sum(alpha * norm for alpha, norm in zip(alphas, norms, strict=True))
-    return mean.mul_(scale)
-
-
-def _fused(function: Any, target: torch.Tensor, *arguments: Any) -> None:
-    """``function(target, tensors..., start, end, scalars...)`` over the elements on every core."""
-    tensors = [a.data_ptr() for a in arguments if isinstance(a, torch.Tensor)]
-    scalars = [a for a in arguments if not isinstance(a, torch.Tensor)]
-    native.parallel(
-        lambda start, end: function(target.data_ptr(), *tensors, start, end, *scalars),
-        target.numel(),
-    )
+        previous = tangent_norm
+        cosine, sine = math.cos(tangent_norm), math.sin(tangent_norm)
+        mean = [cosine * m + sine * t / tangent_norm for m, t in zip(mean, tangent, strict=True)]
+        unit_norm = norm(mean)
+        if unit_norm > tol:
+            mean = [c / unit_norm for c in mean]
+    scale = sum(alpha * n for alpha, n in zip(alphas, norms, strict=True))
+    result = [0.0] * count
+    for k, i in enumerate(valid):
+        result[i] = scale * mean[k] / norms[i]
+    return result
