@@ -236,6 +236,29 @@ def wide(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def fused_experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A base and two fine-tunes of a Mixtral stored in transformers 5's fused layout, whose
+    experts' weights are 3-D tensors (experts × rows × columns: gate_up_proj 4 × 8192 × 256)."""
+    import torch
+    from test_mergekit_architectures import rewrite_fused
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    root = tmp_path_factory.mktemp("fused")
+    config = MixtralConfig(
+        **{**TINY_LLAMA, "hidden_size": 256, "intermediate_size": 4096, "num_hidden_layers": 1},
+        num_local_experts=4,
+        num_experts_per_tok=2,
+    )
+    found = {}
+    for name, seed in (("base", 50), ("ft_a", 51), ("ft_c", 52)):
+        torch.manual_seed(seed)
+        MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(root / name)
+        rewrite_fused(root / name)
+        found[name] = root / name
+    return found
+
+
 @pytest.fixture
 def many_workers(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
     """The C loops' pool with 7 workers (on any machine), restored afterwards."""

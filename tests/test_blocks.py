@@ -183,7 +183,8 @@ def test_blocks_that_cannot_be_made_small_enough_are_named(
     assert plan.memory is not None
     over = dict(plan.memory.over_budget)
     assert over["model.embed_tokens.weight"] == (
-        "is merged in blocks of at least 4096 rows (whole row chunks of dare_ties's sums)"
+        "is merged in blocks of at least 4096 rows (the smallest block dare_ties's sums and ranks "
+        "allow)"
     )
     squeeze(plan, 64 << 20)
     assert plan.memory.over_budget == ()
@@ -303,46 +304,22 @@ def test_check_shows_the_budget_and_the_blocks_it_implies(
     assert report["estimates"]["peak_ram_bytes"] <= 450 << 20
 
 
-@pytest.fixture(scope="module")
-def fused_experts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A base and two fine-tunes of a Mixtral stored in transformers 5's fused layout, whose
-    experts' weights are 3-D tensors (experts × rows × columns: gate_up_proj 4 × 8192 × 256)."""
-    from test_mergekit_architectures import rewrite_fused
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    root = tmp_path_factory.mktemp("fused")
-    config = MixtralConfig(
-        vocab_size=64,
-        hidden_size=256,
-        intermediate_size=4096,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-    )
-    found = {}
-    for name, seed in (("base", 50), ("ft_a", 51), ("ft_c", 52)):
-        torch.manual_seed(seed)
-        MixtralForCausalLM(config).to(torch.bfloat16).save_pretrained(root / name)
-        rewrite_fused(root / name)
-        found[name] = root / name
-    return found
-
-
 def test_a_budget_the_method_cannot_keep_is_an_error_naming_tensor_and_reason(
     fused_experts: dict[str, Path], write_recipe: Callable[..., Path], tmp_path: Path
 ) -> None:
-    """DELLA ranks along rows, which blocks of the first axis of a 3-D tensor (a fused Mixtral's
-    experts) do not hold whole, so those tensors are merged whole: with an explicit budget too
-    small for them, check says so before any weight is read."""
+    """DELLA's blocks of a fused Mixtral's experts hold at least one expert (8192 × 256: its
+    rows along dimension 1 are 8192 long, its L1 norms summed per 128 of them): with an explicit
+    budget too small for that, check says so before any weight is read."""
     models = [fused_experts["ft_a"], fused_experts["ft_c"]]
     recipe = write_recipe(method_recipe("della", fused_experts["base"], models, tmp_path / "out"))
-    done = _cli("check", str(recipe), "--max-memory", "450MiB")
+    done = _cli("check", str(recipe), "--max-memory", "400MiB")
     assert done.returncode != 0
     text = " ".join((done.stdout + done.stderr).split())
-    assert "merge.max_memory 450.0 MiB cannot be kept" in text
-    assert "is merged whole because della works on rows and the tensor has 3 dimensions" in text
+    assert "merge.max_memory 400.0 MiB cannot be kept" in text
+    assert (
+        "model.layers.0.mlp.experts.gate_up_proj is merged in blocks of at least 1 row (the "
+        "smallest block della's sums and ranks allow)" in text
+    )
     assert "set max_memory to at least" in text
     default = _cli("check", str(recipe))  # the default budget: a warning, and the merge may run
     assert default.returncode == 0, default.stdout + default.stderr

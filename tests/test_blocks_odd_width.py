@@ -15,15 +15,12 @@ from typing import Any
 
 import pytest
 import torch
+from blocks_helpers import KernelCase
 
 from mergetui.engine.blocks import DEFAULT_MAX_MEMORY, OUTPUT_COPIES, working_bytes
-from mergetui.methods.blocked import TensorContext
-from mergetui.methods.inputs import TensorInputs
 from mergetui.methods.registry import METHODS, BlockPlan, rows_per_chunk
 
 SHAPE = (900, 3000)
-NAME = "model.layers.3.mlp.down_proj.weight"
-SEED = 11
 
 CASES: dict[str, tuple[str, dict[str, Any], list[dict[str, Any]]]] = {
     "dare_ties": (
@@ -61,34 +58,10 @@ def tensors() -> tuple[torch.Tensor, list[torch.Tensor]]:
     return base, [base + delta for delta in deltas]
 
 
-def _filled(
-    method: str, params: dict[str, Any], model_params: list[dict[str, Any]]
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Method-wide and per-model parameters with the registry's defaults, as the plan resolves
-    them."""
-    spec = METHODS[method]
-    defaults = [p for p in spec.params if not p.required]
-    wide = {p.name: p.default for p in defaults if p.scope == "global"}
-    each = {p.name: p.default for p in defaults if p.scope == "model"}
-    return {**wide, **params}, [{**each, **given} for given in model_params]
-
-
-def _inputs(
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    params: dict[str, Any],
-    model_params: list[dict[str, Any]],
-    rows: slice = slice(None),
-) -> TensorInputs:
-    """Fresh copies of ``rows`` of every input, as the engine reads them for each block."""
-    return TensorInputs(
-        name=NAME,
-        base=base[rows].clone(),
-        models=[model[rows].clone() for model in models],
-        model_params=[dict(p) for p in model_params],
-        params=dict(params),
-        seed=SEED,
-    )
+def _case(case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]]) -> KernelCase:
+    method, params, model_params = CASES[case]
+    base, models = tensors
+    return KernelCase.of(method, params, model_params, base, models)
 
 
 def _statistics(kernel: Any) -> list[float]:
@@ -102,63 +75,26 @@ def _statistics(kernel: Any) -> list[float]:
     return [kernel.sums.square0, kernel.sums.square1, kernel.sums.dot]
 
 
-def _case(
-    case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]]
-) -> tuple[Any, dict[str, Any], list[dict[str, Any]], torch.Tensor, list[torch.Tensor]]:
-    """The case's method, its parameters with defaults, the base and as many models as it has."""
-    method, given, given_each = CASES[case]
-    params, model_params = _filled(method, given, given_each)
-    base, models = tensors
-    return METHODS[method], params, model_params, base, models[: len(model_params)]
-
-
-def _observed(
-    case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]], rows: int
-) -> tuple[Any, BlockPlan]:
-    """The case's block kernel after every pass but the merging one, over blocks of ``rows``."""
-    spec, params, model_params, base, models = _case(case, tensors)
-    how = spec.block_plan(SHAPE, params, tuple(model_params))
-    assert isinstance(how, BlockPlan)
-    context = TensorContext(NAME, SHAPE, dict(params), tuple(model_params), SEED)
-    kernel = spec.load_block_kernel()(context)
-    for pass_index in range(how.passes - 1):
-        for start in range(0, SHAPE[0], rows):
-            block = _inputs(base, models, params, model_params, slice(start, start + rows))
-            kernel.observe(pass_index, block, start * SHAPE[1])
-    return kernel, how
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_the_sums_over_blocks_of_row_chunks_are_the_whole_tensor_sums(
     case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]]
 ) -> None:
-    whole, _ = _observed(case, tensors, SHAPE[0])
-    blocked, how = _observed(case, tensors, how_rows := rows_per_chunk(SHAPE[1]))
-    assert how.align_rows == how_rows
-    assert _statistics(whole) == _statistics(blocked)
-    assert all(total != 0 for total in _statistics(whole))
+    kernel_case = _case(case, tensors)
+    assert kernel_case.block_plan().align_rows == rows_per_chunk(SHAPE[1]) == 348
+    whole = _statistics(kernel_case.observed(SHAPE[0]))
+    assert whole == _statistics(kernel_case.observed(348))
+    assert all(total != 0 for total in whole)
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_blocks_of_row_chunks_at_an_odd_width_give_the_whole_tensor_bits(
     case: str, tensors: tuple[torch.Tensor, list[torch.Tensor]]
 ) -> None:
-    spec, params, model_params, base, models = _case(case, tensors)
-    kernel, how = _observed(case, tensors, rows_per_chunk(SHAPE[1]))
-    assert how.passes >= 2 and how.align_rows == rows_per_chunk(3000) == 348
-    whole = spec.load_kernel()(_inputs(base, models, params, model_params))
-    starts = range(0, SHAPE[0], how.align_rows)
-    blocked = torch.cat(
-        [
-            kernel.merge(
-                _inputs(base, models, params, model_params, slice(s, s + how.align_rows)),
-                s * SHAPE[1],
-            )
-            for s in starts
-        ]
-    )
-    assert torch.equal(whole.view(torch.int32), blocked.view(torch.int32))
-    assert not torch.equal(whole, base)  # the merge did something
+    kernel_case = _case(case, tensors)
+    assert kernel_case.block_plan().passes >= 2
+    whole = kernel_case.whole()
+    assert torch.equal(whole.view(torch.int32), kernel_case.in_blocks(348).view(torch.int32))
+    assert not torch.equal(whole, kernel_case.base)  # the merge did something
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "slerp", "sce", "breadcrumbs"])

@@ -9,9 +9,8 @@ that two fit. Methods whose math needs a whole-tensor statistic read the tensor 
 (the registry's ``blocks.passes``); the result has the same bits as whole (:mod:`mergetui.methods
 .blocked`).
 
-Some tensors are always merged whole: a method with statistics but no block kernel, a method
-working on rows of a tensor that has more than two dimensions, rows realigned to another
-vocabulary with a LoRA adapter folded in. Realigned rows are otherwise read in blocks of output
+Some tensors are always merged whole: one-dimensional ones (a row of norms or biases: small), a
+method's whose rule says so, rows realigned to another vocabulary with a LoRA adapter folded in. Realigned rows are otherwise read in blocks of output
 rows, each input's rows gathered from where they are stored (:class:`~mergetui.engine.vocabulary
 .RowAlignment`), with a pass first for each whole-tensor mean the alignment needs. A LoRA adapter folded into a tensor is folded block by
 block (its ``B @ A`` made in the same groups of rows either way). When one of them does not fit, the plan says which
@@ -187,8 +186,9 @@ def plan_memory(
                     over.append(
                         (
                             tensor.name,
-                            f"is merged in blocks of at least {rows} rows (whole row chunks of "
-                            f"{method.name}'s sums)",
+                            f"is merged in blocks of at least {rows} "
+                            f"{'row' if rows == 1 else 'rows'} (the smallest block "
+                            f"{method.name}'s sums and ranks allow)",
                         )
                     )
             elif reason and float_bytes + OUTPUT_COPIES * output_bytes > working:

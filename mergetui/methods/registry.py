@@ -402,14 +402,18 @@ def _della_blocks(name: str) -> BlockRule:
         params: Mapping[str, Any],
         model_params: tuple[Mapping[str, Any], ...],
     ) -> BlockPlan | str:
-        """Ranks are per row and the L1 norms are summed per ``CHUNK // width`` rows, so blocks
-        hold whole steps of rows; ``rescale`` adds a pass for the L1 norms around the drop."""
-        if len(shape) != 2:
-            return f"{name} works on rows and the tensor has {len(shape)} dimensions"
+        """Ranks are per row, along dimension 1 (a tensor of more dimensions has
+        ``prod(shape[2:])`` such rows per index of the first axis, which blocks of that axis hold
+        whole), and the L1 norms are summed per step of ``CHUNK // shape[1]`` rows, so blocks
+        hold whole steps; ``rescale`` adds a pass for the L1 norms around the drop."""
+        if len(shape) < 2:
+            return f"{name} works on rows and the tensor has 1 dimension"
         if not _sparsifies(model_params):
             return BlockPlan()
-        rows = max(1, KERNEL_CHUNK_ELEMENTS // max(_width(shape), 1))
-        return BlockPlan(2 if bool(params.get("rescale", True)) else 1, rows)
+        step = max(1, KERNEL_CHUNK_ELEMENTS // max(shape[1], 1))
+        rows_per_index = math.prod(shape[2:])
+        aligned = step // math.gcd(step, rows_per_index) if rows_per_index else 1
+        return BlockPlan(2 if bool(params.get("rescale", True)) else 1, aligned)
 
     return rule
 
@@ -428,10 +432,9 @@ def _arcee_fusion_blocks(
     shape: tuple[int, ...], params: Mapping[str, Any], model_params: tuple[Mapping[str, Any], ...]
 ) -> BlockPlan | str:
     """The quartiles' top 16 bits, their low 16 bits, then the merge; a row's scores need that
-    row's KL divergence along the last axis, which blocks of the first axis hold whole only on
-    matrices."""
-    if len(shape) != 2:
-        return f"arcee_fusion works on rows and the tensor has {len(shape)} dimensions"
+    row's KL divergence along the last axis, which blocks of the first axis hold whole."""
+    if len(shape) < 2:
+        return "arcee_fusion works on rows and the tensor has 1 dimension"
     return BlockPlan(3)
 
 

@@ -38,8 +38,10 @@ from mergetui.methods.sums import chunk_elements
 from mergetui.methods.task_arithmetic import (
     L1Norms,
     RankWindow,
+    _as_rows,
     _flat,
     _from_top,
+    _restore_rows,
     add_l1,
     bucket_histogram,
     combine_,
@@ -238,7 +240,12 @@ class _TaskVectorBlocks:
                 delta.zero_()
                 return
             epsilon = float(self.context.model_params[index].get("epsilon", 0.15))
-            della_rows_(delta, density, epsilon, self.keys[index], norms, start)
+            # rows along dimension 1, as whole: a block of the first axis holds whole ones, and
+            # its first entry has the same flat index in the rows' layout as in the tensor's
+            rows = _as_rows(delta)
+            della_rows_(rows, density, epsilon, self.keys[index], norms, start)
+            if delta.dim() > 2:
+                _restore_rows(delta, rows)
             return
         flat = _flat(delta)
         if norms is not None:
