@@ -259,8 +259,15 @@ def test_the_block_rules_follow_the_parameters_and_the_shape() -> None:
     assert sce_spec.block_plan((4096, 512), {"select_topk": 0.5}, ({},)) == BlockPlan(4, 2048)
     assert sce_spec.block_plan((8, 4, 4), {"select_topk": 1.0}, ({},)) == BlockPlan(2, 1 << 16)
     assert fusion_spec.block_plan((100, 7), {}, ({},)) == BlockPlan(3)
-    reason = fusion_spec.block_plan((4, 5, 6), {}, ({},))
-    assert reason == "arcee_fusion works on rows and the tensor has 3 dimensions"
+    assert fusion_spec.block_plan((4, 5, 6), {}, ({},)) == BlockPlan(3)  # rows: the last axis
+    reason = fusion_spec.block_plan((4096,), {}, ({},))
+    assert reason == "arcee_fusion works on rows and the tensor has 1 dimension"
+    della = METHODS["della"]
+    dense = ({"density": 0.5},)
+    assert della.block_plan((256, 4096), {}, dense) == BlockPlan(2, 256)  # steps of 256 rows
+    # 4 × 8192 × 256: rows of 8192 along dimension 1, 256 per expert, steps of 128
+    assert della.block_plan((4, 8192, 256), {"rescale": False}, dense) == BlockPlan(1, 1)
+    assert della.block_plan((6, 8192, 64), {}, dense) == BlockPlan(2, 2)
 
 
 @pytest.mark.parametrize("group_entries", [64, 40, 1])
