@@ -15,7 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from blocks_helpers import assert_same_bits, merge
+import torch
+from blocks_helpers import assert_same_bits, merge, tensors_of
 from conftest import method_recipe, save_llama
 
 from mergetui.methods.registry import METHODS, BlockPlan, rows_per_chunk
@@ -115,3 +116,52 @@ def test_realigned_rows_in_blocks_give_the_whole_tensor_bits(
             assert tensor.block_rows % rows_per_chunk(512) == 0
     assert plan.memory is not None and plan.memory.over_budget == ()
     assert_same_bits(whole, blocked)
+
+
+@pytest.fixture(scope="module")
+def slim_adapter(vocabularies: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the slim fine-tune's embedding and head: its rows are realigned (one
+    row lower from ``t6`` on), so gathered runs start inside the adapter's product groups."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(4)
+    model = AutoModelForCausalLM.from_pretrained(vocabularies["slim"], dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "lm_head"])
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:  # PEFT starts one of each pair at zero
+                param.normal_(0, 0.05)
+    folder = tmp_path_factory.mktemp("slim-adapter")
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_realigned_rows_with_a_lora_adapter_in_blocks_give_the_whole_tensor_bits(
+    vocabularies: dict[str, Path], slim_adapter: Path, tmp_path: Path
+) -> None:
+    """The adapter's ``B @ A`` is made in groups of stored rows; a gathered run that starts or
+    ends inside a group reads that group whole, so each row gets the product the whole tensor
+    gives it (an override row taken from the adapted model too)."""
+    _, lines, tokens, _ = CASES["forced-and-borrowed-rows"]
+    models = [vocabularies["chat"], vocabularies["slim"]]
+    text = method_recipe("ties", vocabularies["base"], models, tmp_path / "whole")
+    text = text.replace("seed = 7\n", f"seed = 7\n{lines}pad_to_multiple_of = 64\n")
+    text = text.replace("version = 1", "version = 2")
+    text = text.replace("[merge.parameters]\n", f"[merge.tokens]\n{tokens}[merge.parameters]\n")
+    head, chat, slim = text.split("[[models]]\n")
+    text = "[[models]]\n".join([head, chat, f'lora = "{slim_adapter}"\n{slim}'])
+    whole, _ = merge(text, tmp_path)
+    blocked, plan = merge(text.replace("whole", "blocked"), tmp_path, working=24 << 20)
+    for name in VOCABULARY_TENSORS:
+        tensor = next(t for t in plan.tensors if t.name == name)
+        assert tensor.block_rows is not None and tensor.shape[0] // tensor.block_rows >= 2
+    assert_same_bits(whole, blocked)
+    plain = merge(
+        text.replace(f'lora = "{slim_adapter}"\n', "").replace("whole", "plain"), tmp_path
+    )
+    assert not torch.equal(
+        tensors_of(plain[0])[VOCABULARY_TENSORS[0]], tensors_of(whole)[VOCABULARY_TENSORS[0]]
+    )  # the adapter was folded in

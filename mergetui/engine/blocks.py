@@ -9,13 +9,14 @@ that two fit. Methods whose math needs a whole-tensor statistic read the tensor 
 (the registry's ``blocks.passes``); the result has the same bits as whole (:mod:`mergetui.methods
 .blocked`).
 
-Some tensors are always merged whole: one-dimensional ones (a row of norms or biases: small), a
-method's whose rule says so, rows realigned to another vocabulary with a LoRA adapter folded in. Realigned rows are otherwise read in blocks of output
+Some tensors are always merged whole: one-dimensional ones (a row of norms or biases: small), and
+those a method's block rule keeps whole. Rows realigned to another vocabulary are read in blocks of output
 rows, each input's rows gathered from where they are stored (:class:`~mergetui.engine.vocabulary
-.RowAlignment`), with a pass first for each whole-tensor mean the alignment needs. A LoRA adapter folded into a tensor is folded block by
-block (its ``B @ A`` made in the same groups of rows either way). When one of them does not fit, the plan says which
-and why, and what budget would do: an error when the user set ``max_memory``, a warning when the
-default was in force.
+.RowAlignment`), with a pass first for each whole-tensor mean the alignment needs. A LoRA
+adapter folded into a tensor is folded block by block, its ``B @ A`` made in the same groups of
+rows either way (gathered rows read the groups they start or end inside whole). When a tensor
+does not fit, the plan says which and why, and what budget would do: an error when the user set
+``max_memory``, a warning when the default was in force.
 """
 
 from __future__ import annotations
@@ -94,14 +95,13 @@ def block_plan(tensor: PlannedTensor, method: MethodSpec, has_lora: bool) -> Blo
     vocabulary = tensor.vocabulary
     roles = [read.role for read in tensor.reads]
     realigned = vocabulary is not None and not vocabulary.keeps_stored_rows(roles)
-    if realigned and has_lora:
-        return "its rows are realigned to the output vocabulary and a LoRA adapter is folded in"
     how = (
         BlockPlan()
         if tensor.copy
         else method.block_plan(tensor.shape, tensor.params, tuple(tensor.model_params))
     )
-    if has_lora and isinstance(how, BlockPlan):  # B @ A made in the same groups of rows as whole
+    if has_lora and not realigned and isinstance(how, BlockPlan):
+        # B @ A made in the same groups of rows as whole (gathered rows read whole groups)
         group = product_rows(tensor.numel // tensor.shape[0])
         how = BlockPlan(how.passes, math.lcm(how.align_rows, group))
     if realigned and isinstance(how, BlockPlan):

@@ -60,6 +60,7 @@ from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
 from mergetui.pauses import pause_point
 from mergetui.sources.checkpoint import Staging
+from mergetui.sources.lora import product_rows
 
 if TYPE_CHECKING:
     import torch
@@ -371,28 +372,23 @@ class _Run:
         import torch
 
         shape = (piece.end - piece.start, *tensor.shape[1:])
-        width = math.prod(tensor.shape[1:])
         nbytes = math.prod(shape) * 4 * len(tensor.reads)
         if not self.buffers.reserve(nbytes, self.cancel):
             return None
         loaded = _Loaded(tensor, reserved_bytes=nbytes, piece=piece)
-        names = {read.role: read.name for read in tensor.reads}
+        reads = {read.role: read for read in tensor.reads}
         blocks: dict[str, torch.Tensor] = {}
         for read in tensor.reads:
             buffer = self.buffers.take(shape, self.plan.device)
             loaded.buffers.append(buffer)
-            checkpoint = self.by_role[read.role].checkpoint
             for at, row, count in alignment.runs(read.role, piece.start, piece.end):
-                self.bytes_read += checkpoint.read_into(
-                    read.name, buffer[at : at + count], staging, row * width
-                )
+                self._read_stored_rows(read, buffer[at : at + count], row, staging)
             blocks[read.role] = buffer
 
         def stored_row(role: str, row: int) -> torch.Tensor:
-            out = torch.empty(tensor.shape[1:], dtype=torch.float32, device=self.plan.device)
-            checkpoint = self.by_role[role].checkpoint
-            self.bytes_read += checkpoint.read_into(names[role], out, staging, row * width)
-            return out
+            out = torch.empty((1, *tensor.shape[1:]), dtype=torch.float32, device=self.plan.device)
+            self._read_stored_rows(reads[role], out, row, staging)
+            return out[0]
 
         if piece.statistic != "base_mean":
             alignment.fill(blocks, piece.start, stored_row)
@@ -410,6 +406,37 @@ class _Run:
             elif read not in tensor.for_alignment:
                 loaded.models.append(blocks[read.role])
         return loaded
+
+    def _read_stored_rows(
+        self, read: TensorInput, out: torch.Tensor, row: int, staging: Staging
+    ) -> None:
+        """Stored rows ``[row, row + len(out))`` of ``read`` into ``out`` (float32), with the
+        source's LoRA adapter folded in exactly as into the whole tensor: its product is made in
+        the same groups of stored rows (:func:`~mergetui.sources.lora.product_rows`), so the
+        groups a run of rows starts or ends inside are read whole into a small temporary (about
+        1M entries at a time) and only the run's rows are kept."""
+        import torch
+
+        source = self.by_role[read.role]
+        width = math.prod(out.shape[1:])
+        if source.lora is None:
+            self.bytes_read += source.checkpoint.read_into(read.name, out, staging, row * width)
+            return
+        stored = source.checkpoint.tensors[read.name].shape[0]
+        group = product_rows(width)
+        rows_at_once = max(1, (1 << 20) // max(group * width, 1)) * group
+        end = row + len(out)
+        first = row // group * group
+        while first < end:
+            last = min(first + rows_at_once, stored)
+            rows = torch.empty(
+                (last - first, *out.shape[1:]), dtype=torch.float32, device=out.device
+            )
+            self.bytes_read += source.checkpoint.read_into(read.name, rows, staging, first * width)
+            rows = source.lora.apply(read.name, rows, first)
+            low, high = max(first, row), min(last, end)
+            out[low - row : high - row] = rows[low - first : high - first]
+            first = last
 
     def _stored_shape(self, tensor: PlannedTensor, read: TensorInput) -> tuple[int, ...]:
         """The shape ``read`` has on disk: the output's, except for rows not yet aligned."""
