@@ -15,6 +15,31 @@ from pathlib import Path
 import pytest
 from mergekit_ref import MergekitReference, build_zoo, mergekit_session
 
+#: The device the CUDA checks run on (``bench/gpu_check.sh`` runs the tests marked ``cuda``);
+#: ``MERGETUI_CHECK_DEVICE=cpu`` dry-runs them on the CPU.
+CHECK_DEVICE = os.environ.get("MERGETUI_CHECK_DEVICE", "cuda")
+
+
+def check_device_marks() -> list[pytest.MarkDecorator]:
+    """The marks of a test that runs on :data:`CHECK_DEVICE`: ``cuda``, skipped without a GPU."""
+    import torch
+
+    return [
+        pytest.mark.cuda,
+        pytest.mark.skipif(
+            CHECK_DEVICE.startswith("cuda") and not torch.cuda.is_available(),
+            reason="no CUDA device here; bench/gpu_check.sh runs these on a GPU machine",
+        ),
+    ]
+
+
+def on_check_device(test: Callable[..., None]) -> Callable[..., None]:
+    """Mark one test with :func:`check_device_marks`."""
+    for mark in check_device_marks():
+        test = mark(test)
+    return test
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from blocks_helpers import KernelCase, assert_same_bits, merge
-from conftest import method_recipe
+from blocks_helpers import KernelCase, assert_same_bits, merge, tensors_of
+from conftest import CHECK_DEVICE, method_recipe, on_check_device
 
 #: rows of 8192 along dimension 1: steps of 128 rows, so blocks of 2 experts (64 rows each)
 SHAPE = (6, 8192, 64)
@@ -75,3 +75,27 @@ def test_a_fused_mixtral_in_blocks_of_experts_gives_the_whole_merge(
     assert gate_up.block_rows is not None and gate_up.block_rows < gate_up.shape[0]
     assert plan.memory is not None and plan.memory.over_budget == ()
     assert_same_bits(whole, blocked)
+
+
+@on_check_device
+@pytest.mark.parametrize("method", ["della", "karcher"])
+def test_a_fused_mixtral_in_blocks_on_the_check_device(
+    method: str, fused_experts: dict[str, Path], tmp_path: Path
+) -> None:
+    """On the GPU (``bench/gpu_check.sh``): blocks of experts give the whole merge's bits on the
+    device, and the CPU's result to float tolerance (DELLA's draws: the CPU's bits)."""
+    models = [fused_experts["ft_a"], fused_experts["ft_c"]]
+
+    def text_for(output: str, device: str) -> str:
+        return method_recipe(
+            method, fused_experts["base"], models, tmp_path / output, device=device
+        )
+
+    on_cpu, _ = merge(text_for("on-cpu", "cpu"), tmp_path)
+    whole, _ = merge(text_for("whole", CHECK_DEVICE), tmp_path)
+    blocked, plan = merge(text_for("blocked", CHECK_DEVICE), tmp_path, working=120 << 20)
+    assert any(t.block_rows for t in plan.tensors if len(t.shape) == 3)
+    assert_same_bits(whole, blocked)
+    expected, found = tensors_of(on_cpu), tensors_of(whole)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(found[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from blocks_helpers import assert_same_bits, merge, tensors_of
-from conftest import method_recipe, save_llama
+from conftest import CHECK_DEVICE, method_recipe, on_check_device, save_llama
 
 from mergetui.methods.registry import METHODS, BlockPlan, rows_per_chunk
 
@@ -165,3 +165,34 @@ def test_realigned_rows_with_a_lora_adapter_in_blocks_give_the_whole_tensor_bits
     assert not torch.equal(
         tensors_of(plain[0])[VOCABULARY_TENSORS[0]], tensors_of(whole)[VOCABULARY_TENSORS[0]]
     )  # the adapter was folded in
+
+
+@on_check_device
+@pytest.mark.parametrize("case", ["base_mean-padded", "forced-and-borrowed-rows"])
+def test_realigned_rows_in_blocks_on_the_check_device(
+    case: str, vocabularies: dict[str, Path], tmp_path: Path
+) -> None:
+    """On the GPU (``bench/gpu_check.sh``): blocks of realigned rows give the bits of the whole
+    realignment on the device, and the CPU's result to float tolerance."""
+    method, lines, tokens, _ = CASES[case]
+    models = [vocabularies["chat"], vocabularies["slim"]]
+
+    def text_for(output: str, device: str) -> str:
+        text = method_recipe(method, vocabularies["base"], models, tmp_path / output, device=device)
+        text = text.replace("seed = 7\n", f"seed = 7\n{lines}").replace(
+            "version = 1", "version = 2"
+        )
+        if tokens:
+            text = text.replace(
+                "[merge.parameters]\n", f"[merge.tokens]\n{tokens}[merge.parameters]\n"
+            )
+        return text
+
+    on_cpu, _ = merge(text_for("on-cpu", "cpu"), tmp_path)
+    whole, _ = merge(text_for("whole", CHECK_DEVICE), tmp_path)
+    blocked, plan = merge(text_for("blocked", CHECK_DEVICE), tmp_path, working=24 << 20)
+    assert all(tensor.block_rows for tensor in plan.tensors if tensor.vocabulary is not None)
+    assert_same_bits(whole, blocked)
+    expected, found = tensors_of(on_cpu), tensors_of(whole)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(found[name], tensor, rtol=1e-5, atol=1e-6, msg=name)

@@ -7,12 +7,11 @@ the CPU instead (a dry run of the check, so it cannot fail on the GPU machine fo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import method_recipe
+from conftest import CHECK_DEVICE, check_device_marks, method_recipe
 from safetensors.torch import load_file
 
 from mergetui.engine.executor import run_merge
@@ -21,14 +20,8 @@ from mergetui.events import Event, ProgressEvent
 from mergetui.methods.registry import METHODS
 from mergetui.recipe import parse_recipe
 
-DEVICE = os.environ.get("MERGETUI_CHECK_DEVICE", "cuda")
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(
-        DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-        reason="no CUDA device here; bench/gpu_check.sh runs these on a GPU machine",
-    ),
-]
+DEVICE = CHECK_DEVICE
+pytestmark = check_device_marks()
 
 
 def _merge(
@@ -111,8 +104,9 @@ def test_blocks_on_cuda_give_the_whole_tensor_bits(
 ) -> None:
     """The blocked engine on the device: the embedding and lm_head (64 x 32) go in blocks of a
     few rows, with the same bits as the same merge done whole on the device. (DARE needs blocks
-    of whole 1M-entry chunks, more than these models have: ``bench/gpu_check.py`` checks it on
-    the bench models.)"""
+    of whole row chunks, about 1M entries, more than these models have: ``bench/gpu_check.py``
+    checks it on the bench models. Realigned vocabularies, Karcher and DELLA on fused experts
+    have their device checks beside their block tests: ``-m cuda`` runs them all.)"""
     from mergetui.engine.blocks import plan_memory
     from mergetui.engine.layout import out_element_size
 
