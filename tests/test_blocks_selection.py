@@ -285,3 +285,28 @@ def test_fusion_scores_by_groups_of_rows_give_the_whole_tensor_bits(
         grouped = fusion._importance(other, base)
         monkeypatch.undo()
         assert torch.equal(grouped.view(torch.int32), whole.view(torch.int32)), shape
+
+
+@pytest.mark.parametrize("workers", ["many_workers", "one_worker"])
+def test_fusion_histograms_in_c_count_what_torch_counts(
+    workers: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The order keys' histograms (the quartiles' radix selection) by the C loops on any number
+    of threads: the counts of the torch ops, signed zeros and both signs included."""
+    from mergetui.methods import native
+
+    if native.library() is None:
+        pytest.skip("no C compiler here")
+    request.getfixturevalue(workers)
+    generator = torch.Generator().manual_seed(21)
+    scores = torch.randn(1_000_003, generator=generator)
+    scores = scores * torch.exp(torch.randn(1_000_003, generator=generator) * 3)
+    scores[::17], scores[::19] = -0.0, 0.0
+    top = fusion._top_counts(scores)
+    bins = [int(b) for b in torch.nonzero(top).flatten()[::400]]
+    buckets = [fusion._bucket_counts(scores, b) for b in bins]
+    monkeypatch.setenv("MERGETUI_NATIVE", "0")
+    assert torch.equal(top, fusion._top_counts(scores)) and int(top.sum()) == scores.numel()
+    for b, counts in zip(bins, buckets, strict=True):
+        assert torch.equal(counts, fusion._bucket_counts(scores, b)), b
+    assert len(bins) > 10

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from mergetui.methods import native
 from mergetui.methods.blocked import BlockKernel, TensorContext
 from mergetui.methods.inputs import TensorInputs
 from mergetui.methods.sums import elementwise_chunk
-from mergetui.methods.task_arithmetic import pattern_as_float
+from mergetui.methods.task_arithmetic import native_counts, pattern_as_float
 from mergetui.methods.task_arithmetic_blocks import BlockedSelection
 
 _SOFTMAX_EPS = 1e-8
@@ -204,7 +205,12 @@ def _top_bins(keys: torch.Tensor) -> torch.Tensor:
 
 
 def _top_counts(flat: torch.Tensor) -> torch.Tensor:
-    """How many scores of a flat float32 tensor fall in each top-16-bit bin, chunk by chunk."""
+    """How many scores of a flat float32 tensor fall in each top-16-bit bin: by the C loops on
+    every core (``mt_key_top_histogram``) where they run, else by torch ops chunk by chunk (the
+    same counts)."""
+    library = native.available_for(flat)
+    if library is not None and flat.is_contiguous():
+        return native_counts(library, "mt_key_top_histogram", flat, _RADIX)
     counts = torch.zeros(_RADIX, dtype=torch.int64, device=flat.device)
     for chunk in flat.split(elementwise_chunk(flat)):  # whole-number counts: any chunking
         counts += torch.bincount(_top_bins(_order_keys(chunk)), minlength=_RADIX)
@@ -212,8 +218,12 @@ def _top_counts(flat: torch.Tensor) -> torch.Tensor:
 
 
 def _bucket_counts(flat: torch.Tensor, bucket: int) -> torch.Tensor:
-    """How many scores of the top-16-bit bin ``bucket`` have each low 16 bits, chunk by chunk
-    (the other scores go to an extra bin that is dropped)."""
+    """How many scores of the top-16-bit bin ``bucket`` have each low 16 bits: by the C loops
+    (``mt_key_bucket``, which skip runs of 64 with none in the bin) where they run, else by torch
+    ops chunk by chunk (the other scores go to an extra bin that is dropped)."""
+    library = native.available_for(flat)
+    if library is not None and flat.is_contiguous():
+        return native_counts(library, "mt_key_bucket", flat, _RADIX + 1, bucket)[:_RADIX]
     counts = torch.zeros(_RADIX + 1, dtype=torch.int64, device=flat.device)
     for chunk in flat.split(elementwise_chunk(flat)):  # whole-number counts: any chunking
         keys = _order_keys(chunk)

@@ -91,6 +91,8 @@ def _declare(library: ctypes.CDLL) -> None:
         "mt_kth_largest_bits": (_I64, [_PTR, _I64, _I64]),
         "mt_count_pattern": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_top_histogram": (None, [_PTR, _I64, _I64, _PTR]),
+        "mt_key_top_histogram": (None, [_PTR, _I64, _I64, _PTR]),
+        "mt_key_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_count_equal": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32]),
         "mt_tie_cutoff": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32, _I64]),

@@ -111,6 +111,40 @@ void mt_bucket(const float *restrict values, int64_t start, int64_t end, uint32_
     counts[RADIX] += count;
 }
 
+/* The top-16-bit bin, in [0, RADIX), of a float's order key: its bits for x >= +0, the magnitude
+ * bits flipped below (so keys order like the values, signs included), as a signed 32-bit integer
+ * shifted right by 16 and offset by half the radix (fusion.py's _order_keys and _top_bins). */
+static inline uint32_t order_key(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return bits & 0x80000000u ? bits ^ 0x7fffffffu : bits;
+}
+
+static inline uint32_t key_top_bin(uint32_t key) { return (key >> 16) ^ 0x8000u; }
+
+/* Histogram of the order keys' top-16-bit bins on [start, end). */
+void mt_key_top_histogram(const float *restrict values, int64_t start, int64_t end,
+                          int64_t *restrict histogram) {
+    for (int64_t i = start; i < end; i++) histogram[key_top_bin(order_key(values[i]))]++;
+}
+
+/* On [start, end): a histogram of the low 16 bits of the order keys whose top-16-bit bin is
+ * `bin` (counts[0..RADIX-1]; counts[RADIX] is left alone), runs of 64 skipped when none is in it,
+ * as mt_bucket does. */
+void mt_key_bucket(const float *restrict values, int64_t start, int64_t end, uint32_t bin,
+                   int64_t *restrict counts) {
+    for (int64_t run = start; run < end; run += 64) {
+        const int64_t stop = end - run < 64 ? end : run + 64;
+        uint32_t inside = 0;
+        for (int64_t i = run; i < stop; i++) inside += key_top_bin(order_key(values[i])) == bin;
+        if (inside == 0) continue;
+        for (int64_t i = run; i < stop; i++) {
+            const uint32_t key = order_key(values[i]);
+            if (key_top_bin(key) == bin) counts[key & 0xffffu]++;
+        }
+    }
+}
+
 /* How many magnitudes on [start, end) have exactly the bit pattern `pattern`. */
 int64_t mt_count_equal(const float *restrict values, int64_t start, int64_t end,
                        uint32_t pattern) {
