@@ -450,3 +450,29 @@ def test_keep_largest_gives_the_same_entries_on_both_paths(monkeypatch: pytest.M
         kept.append(task_arithmetic.keep_largest_(values.clone(), 2000))
     assert torch.equal(kept[0], kept[1])
     assert int(torch.count_nonzero(kept[0])) == 2000
+
+
+@pytest.mark.parametrize("workers", ["many_workers", "one_worker"])
+def test_sce_drop_in_c_gives_masked_fills_bits(
+    workers: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SCE's drop where the kept variance is zero, by the C loops on any number of threads: the
+    bits of torch's masked_fill_ (+0 dropped, -0 and NaN variances, NaN and infinite entries)."""
+    from mergetui.methods import native, sce
+
+    if native.library() is None:
+        pytest.skip("no C compiler here")
+    request.getfixturevalue(workers)
+    generator = torch.Generator().manual_seed(17)
+    variance = torch.randn(300_001, generator=generator).abs()
+    variance[::3], variance[::7], variance[5] = 0.0, -0.0, float("nan")
+    deltas = [torch.randn(300_001, generator=generator) for _ in range(3)]
+    deltas[0][::11], deltas[1][::13], deltas[2][3::5] = -0.0, float("nan"), float("-inf")
+    in_c = [delta.clone() for delta in deltas]
+    sce._drop_where_zero_(in_c, variance)
+    monkeypatch.setenv("MERGETUI_NATIVE", "0")
+    in_torch = [delta.clone() for delta in deltas]
+    sce._drop_where_zero_(in_torch, variance)
+    for c_result, torch_result in zip(in_c, in_torch, strict=True):
+        assert torch.equal(c_result.view(torch.int32), torch_result.view(torch.int32))
+    assert not torch.equal(in_c[0], deltas[0])  # it dropped something

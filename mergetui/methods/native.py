@@ -92,6 +92,7 @@ def _declare(library: ctypes.CDLL) -> None:
         "mt_count_pattern": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_top_histogram": (None, [_PTR, _I64, _I64, _PTR]),
         "mt_key_top_histogram": (None, [_PTR, _I64, _I64, _PTR]),
+        "mt_zero_where_zero": (None, [_PTR, ctypes.c_int32, _PTR, _I64, _I64]),
         "mt_key_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_bucket": (None, [_PTR, _I64, _I64, ctypes.c_uint32, _PTR]),
         "mt_count_equal": (_I64, [_PTR, _I64, _I64, ctypes.c_uint32]),

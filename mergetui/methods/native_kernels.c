@@ -145,6 +145,17 @@ void mt_key_bucket(const float *restrict values, int64_t start, int64_t end, uin
     }
 }
 
+/* SCE's drop on [start, end): every task vector's entry becomes +0 where the kept variance is 0
+ * (what torch's masked_fill_ gives; a NaN variance keeps the entry). masked_fill_ walks its mask
+ * one element at a time; this loop vectorises. */
+void mt_zero_where_zero(float *const *deltas, int32_t count, const float *restrict variance,
+                        int64_t start, int64_t end) {
+    for (int32_t k = 0; k < count; k++) {
+        float *restrict delta = deltas[k];
+        for (int64_t i = start; i < end; i++) delta[i] = variance[i] == 0.0f ? 0.0f : delta[i];
+    }
+}
+
 /* How many magnitudes on [start, end) have exactly the bit pattern `pattern`. */
 int64_t mt_count_equal(const float *restrict values, int64_t start, int64_t end,
                        uint32_t pattern) {

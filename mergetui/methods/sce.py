@@ -100,7 +100,20 @@ def _variance(deltas: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _drop_where_zero_(deltas: list[torch.Tensor], kept_variance: torch.Tensor) -> None:
-    """Zero the task vectors wherever the selection zeroed (or found zero) the variance."""
+    """Zero the task vectors wherever the selection zeroed (or found zero) the variance: by the C
+    loops on every core where they run (torch's ``masked_fill_`` goes element by element: a
+    quarter of SCE's time), else by torch ops chunk by chunk (the same +0s)."""
+    library = native.available_for(kept_variance)
+    if library is not None and all(d.is_contiguous() for d in [kept_variance, *deltas]):
+        pointers = native.pointer_array(deltas)
+        variance = kept_variance.data_ptr()
+        native.parallel(
+            lambda start, end: library.mt_zero_where_zero(
+                pointers, len(deltas), variance, start, end
+            ),
+            kept_variance.numel(),
+        )
+        return
     step = elementwise_chunk(kept_variance)
     for start in range(0, kept_variance.numel(), step):
         dropped = kept_variance[start : start + step] == 0
