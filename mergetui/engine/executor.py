@@ -355,11 +355,7 @@ class _Run:
             self.buffers.release(loaded.buffers, loaded.reserved_bytes)
             loaded.buffers.clear()
             loaded.reserved_bytes = 0
-        for read in tensor.reads:
-            if read is tensor.base:
-                loaded.base = values[read]
-            elif read not in tensor.for_alignment:
-                loaded.models.append(values[read])
+        loaded.hand_over(values)
         return loaded
 
     def _load_realigned(
@@ -400,11 +396,7 @@ class _Run:
             return loaded
         if "padding" in alignment.statistics:
             alignment.fill_padding(blocks, piece.start)
-        for read in tensor.reads:
-            if read is tensor.base:
-                loaded.base = blocks[read.role]
-            elif read not in tensor.for_alignment:
-                loaded.models.append(blocks[read.role])
+        loaded.hand_over({read: blocks[read.role] for read in tensor.reads})
         return loaded
 
     def _read_stored_rows(
@@ -642,16 +634,14 @@ def _pieces(tensor: PlannedTensor, statistics: tuple[str, ...] = ()) -> Iterator
         return
     rows = tensor.shape[0]
     width = math.prod(tensor.shape[1:])
-    starts = range(0, rows, tensor.block_rows)
+    blocks = [(s, min(rows, s + tensor.block_rows)) for s in range(0, rows, tensor.block_rows)]
     for statistic in statistics:
-        for start in starts:
-            end = min(rows, start + tensor.block_rows)
+        for start, end in blocks:
             yield _Piece(0, start, end, start * width, False, False, statistic)
     passes = tensor.passes - len(statistics)
     for pass_index in range(passes):
-        for start in starts:
-            end = min(rows, start + tensor.block_rows)
-            merging = pass_index == passes - 1
+        merging = pass_index == passes - 1
+        for start, end in blocks:
             yield _Piece(pass_index, start, end, start * width, merging and end == rows, merging)
 
 
@@ -679,6 +669,15 @@ class _Loaded:
     models: list[torch.Tensor] = field(default_factory=list)
     buffers: list[torch.Tensor] = field(default_factory=list)
     reserved_bytes: int = 0
+
+    def hand_over(self, values: dict[TensorInput, torch.Tensor]) -> None:
+        """Give the kernel its inputs: the base, and the models in order (not what was read for
+        the vocabulary alignment only)."""
+        for read in self.tensor.reads:
+            if read is self.tensor.base:
+                self.base = values[read]
+            elif read not in self.tensor.for_alignment:
+                self.models.append(values[read])
 
 
 @dataclass

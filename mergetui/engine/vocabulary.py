@@ -765,7 +765,7 @@ class RowAlignment:
         (the base's own rows), for ``"padding"`` the block once :meth:`fill` has run."""
         import torch
 
-        end = min(start + len(next(iter(blocks.values()))), self.count)
+        end = self._token_end(blocks, start)
         if start % self.group:
             raise ValueError(
                 f"{self.name}: a block starts at row {start}, inside a group of {self.group} rows"
@@ -782,6 +782,10 @@ class RowAlignment:
                 for role in self.roles:
                     rows = blocks[role][first - start : last - start]
                     self._add(role, rows.to(torch.float64).sum(dim=0))
+
+    def _token_end(self, blocks: dict[str, torch.Tensor], start: int) -> int:
+        """Where the block's token rows end: its end, or the first padding row."""
+        return min(start + len(next(iter(blocks.values()))), self.count)
 
     def _add(self, role: str, total: torch.Tensor) -> None:
         if role in self._totals:
@@ -816,7 +820,7 @@ class RowAlignment:
         ``stored_row(role, row)``: one stored row of a role (an override's)."""
         import torch
 
-        end = min(start + len(next(iter(blocks.values()))), self.count)
+        end = self._token_end(blocks, start)
         wanted = (self.needs_default[start:end].nonzero().flatten() + start).tolist()
         if not wanted:
             return

@@ -456,14 +456,28 @@ def della_prune_(
         return delta
     if density <= 0.0:
         return delta.zero_()
-    rows = _as_rows(delta)
     norms = L1Norms() if rescale else None
-    della_rows_(rows, density, epsilon, key, norms)
-    if delta.dim() > 2:
-        _restore_rows(delta, rows)
+    della_drop_(delta, density, epsilon, key, norms)
     if norms is not None:
         rescale_l1_(delta, float(norms.before), float(norms.after))
     return delta
+
+
+def della_drop_(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    key: int,
+    norms: L1Norms | None,
+    start: int = 0,
+) -> None:
+    """DELLA's drop over the rows along dimension 1 of ``delta`` (the whole task vector, or a
+    block of its first axis whose first entry is flat index ``start``: a block holds whole rows,
+    and that entry has the same flat index in the rows' layout as in the tensor's)."""
+    rows = _as_rows(delta)
+    della_rows_(rows, density, epsilon, key, norms, start)
+    if delta.dim() > 2:
+        _restore_rows(delta, rows)
 
 
 @dataclasses.dataclass

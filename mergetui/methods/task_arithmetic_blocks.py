@@ -38,15 +38,13 @@ from mergetui.methods.sums import chunk_elements
 from mergetui.methods.task_arithmetic import (
     L1Norms,
     RankWindow,
-    _as_rows,
     _flat,
     _from_top,
-    _restore_rows,
     add_l1,
     bucket_histogram,
     combine_,
     count_equal,
-    della_rows_,
+    della_drop_,
     drop_at_random_,
     elect_native_,
     keep_above_,
@@ -240,12 +238,7 @@ class _TaskVectorBlocks:
                 delta.zero_()
                 return
             epsilon = float(self.context.model_params[index].get("epsilon", 0.15))
-            # rows along dimension 1, as whole: a block of the first axis holds whole ones, and
-            # its first entry has the same flat index in the rows' layout as in the tensor's
-            rows = _as_rows(delta)
-            della_rows_(rows, density, epsilon, self.keys[index], norms, start)
-            if delta.dim() > 2:
-                _restore_rows(delta, rows)
+            della_drop_(delta, density, epsilon, self.keys[index], norms, start)
             return
         flat = _flat(delta)
         if norms is not None:
